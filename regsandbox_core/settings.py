@@ -1,0 +1,131 @@
+"""Platform settings, read from ``REGSANDBOX_*`` environment variables.
+
+Every process of the platform builds one :class:`Settings` through :func:`get_settings`.
+Defaults describe the embedded single-machine start (``make up``): every service on
+127.0.0.1, SQLite and files under the data directory ``var/``.
+"""
+
+from __future__ import annotations
+
+import functools
+import sys
+from pathlib import Path
+
+from pydantic import Field, field_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+PROJECT_ROOT = Path(__file__).resolve().parent.parent
+
+
+class Settings(BaseSettings):
+    """Settings shared by all services; each field is one ``REGSANDBOX_<NAME>`` variable."""
+
+    model_config = SettingsConfigDict(env_prefix="REGSANDBOX_", extra="ignore")
+
+    data_dir: Path = Field(
+        default=PROJECT_ROOT / "var",
+        description="Data directory holding databases, extracts, keys, reports and mail. Default: var/ in the checkout.",
+    )
+    host: str = Field(default="127.0.0.1", description="Address every service listens on.")
+    admin_api_port: int = Field(default=8700, description="Port of admin_api and the web console.")
+    hub_port: int = Field(default=8701, description="Public port of JupyterHub (configurable-http-proxy).")
+    hub_api_port: int = Field(default=8702, description="Port of the JupyterHub REST API behind the proxy.")
+    proxy_api_port: int = Field(default=8703, description="Port of the configurable-http-proxy REST API.")
+    mlflow_port: int = Field(default=8704, description="Port of the MLflow tracking server.")
+    database_url: str | None = Field(
+        default=None,
+        description="SQLAlchemy URL of the admin database. Default: SQLite file <data_dir>/admin.db. "
+        "Production: postgresql+psycopg://user@host:5432/regsandbox.",
+    )
+    smtp_host: str = Field(default="127.0.0.1", description="SMTP relay that receives report emails.")
+    smtp_port: int = Field(default=8725, description="Port of the SMTP relay. The embedded sink listens here.")
+    smtp_timeout: float = Field(default=10.0, description="Seconds to wait for the SMTP relay before a send fails.")
+    mail_from: str = Field(default="regsandbox@localhost", description="Sender address of report emails.")
+    scheduler_poll_seconds: float = Field(
+        default=3.0, description="Seconds between two polls of the scheduler for on-demand runs and schedule changes."
+    )
+    sandbox_python: Path = Field(
+        default=Path(sys.prefix) / "bin" / "python",
+        description="Interpreter that sandbox servers and kernels run with. Every sandbox Unix user must be able to execute it.",
+    )
+    unix_prefix: str = Field(
+        default="rs-", description="Prefix of the Unix users and groups created for modellers and institutions."
+    )
+    sandbox_home_root: Path = Field(
+        default=Path("/home"), description="Folder under which sandbox Unix users get their home (mode 0700)."
+    )
+    mlflow_workers: int = Field(default=1, description="Number of gunicorn/uvicorn workers of the MLflow server.")
+
+    @field_validator("data_dir", "sandbox_home_root", mode="after")
+    @classmethod
+    def _absolute(cls, value: Path) -> Path:
+        return value.expanduser().resolve()
+
+    @property
+    def admin_api_url(self) -> str:
+        return f"http://{self.host}:{self.admin_api_port}"
+
+    @property
+    def hub_url(self) -> str:
+        return f"http://{self.host}:{self.hub_port}"
+
+    @property
+    def mlflow_url(self) -> str:
+        return f"http://{self.host}:{self.mlflow_port}"
+
+    @property
+    def sqlalchemy_url(self) -> str:
+        return self.database_url or f"sqlite:///{self.data_dir / 'admin.db'}"
+
+    # Layout of the data directory. Services create what they own; `regsandbox init` creates all.
+    @property
+    def secrets_dir(self) -> Path:
+        return self.data_dir / "secrets"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.data_dir / "keys"
+
+    @property
+    def extracts_dir(self) -> Path:
+        return self.data_dir / "extracts"
+
+    @property
+    def warehouse_dir(self) -> Path:
+        return self.data_dir / "warehouse"
+
+    @property
+    def mlflow_dir(self) -> Path:
+        return self.data_dir / "mlflow"
+
+    @property
+    def hub_dir(self) -> Path:
+        return self.data_dir / "hub"
+
+    @property
+    def reports_dir(self) -> Path:
+        return self.data_dir / "reports"
+
+    @property
+    def mail_dir(self) -> Path:
+        return self.data_dir / "mail"
+
+    @property
+    def logs_dir(self) -> Path:
+        return self.data_dir / "logs"
+
+    @property
+    def run_dir(self) -> Path:
+        """Folder of pid files of the processes that `regsandbox up` started."""
+        return self.data_dir / "run"
+
+    @property
+    def credentials_file(self) -> Path:
+        """Demo credentials, printed once and readable only by the operator (0600)."""
+        return self.data_dir / "credentials.txt"
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """Return the settings of this process, read once from the environment."""
+    return Settings()
