@@ -40,6 +40,10 @@ class Settings(BaseSettings):
     smtp_host: str = Field(default="127.0.0.1", description="SMTP relay that receives report emails.")
     smtp_port: int = Field(default=8725, description="Port of the SMTP relay. The embedded sink listens here.")
     smtp_timeout: float = Field(default=10.0, description="Seconds to wait for the SMTP relay before a send fails.")
+    smtp_sink: bool = Field(
+        default=True,
+        description="Start the embedded SMTP sink with `regsandbox up`. Set false when smtp_host is a real relay.",
+    )
     mail_from: str = Field(default="regsandbox@localhost", description="Sender address of report emails.")
     scheduler_poll_seconds: float = Field(
         default=3.0, description="Seconds between two polls of the scheduler for on-demand runs and schedule changes."
