@@ -98,7 +98,8 @@ def ensure_tokenisation_key(settings: Settings, institution_code: str) -> bytes:
     path = tokenisation_key_path(settings, institution_code)
     if path.exists():
         return path.read_bytes()
-    path.parent.mkdir(parents=True, exist_ok=True)
+    settings.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
     os.chmod(settings.keys_dir, 0o700)
     key = _random.token_bytes(32)
     write_private_file(path, key)

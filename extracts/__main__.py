@@ -1,0 +1,3 @@
+from extracts.cli import main
+
+raise SystemExit(main())
