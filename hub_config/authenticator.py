@@ -19,6 +19,7 @@ SERVICE_NAME = "hub"
 
 MESSAGE_USER_DISABLED = "账号已停用，请联系系统管理员。"
 MESSAGE_SERVICE_UNAVAILABLE = "身份认证服务暂时不可用，请稍后重试；如持续出现请联系系统管理员。"
+MESSAGE_TOO_MANY_ATTEMPTS = "登录失败次数过多，账号已暂时锁定，请 15 分钟后再试或联系系统管理员。"
 
 
 def service_headers(service_token: str) -> dict[str, str]:
@@ -123,6 +124,10 @@ class AdminApiAuthenticator(Authenticator):
         if response.status_code == 403:
             self.log.info("admin_api reports account %r as disabled (%s)", username, _error_code(response))
             raise web.HTTPError(403, MESSAGE_USER_DISABLED)
+        if response.status_code == 429:
+            self.log.warning("admin_api locked sign-in of %r after repeated failures", username)
+            detail = _error_detail(response) or MESSAGE_TOO_MANY_ATTEMPTS
+            raise web.HTTPError(429, detail)
         if response.status_code != 200:
             self.log.error(
                 "admin_api login check for %r returned HTTP %s (%s)",
@@ -188,6 +193,15 @@ class AdminApiAuthenticator(Authenticator):
                 "display_name": account.get("display_name") or name,
             },
         }
+
+
+def _error_detail(response: httpx.Response) -> str | None:
+    """Return the Chinese ``detail`` of an admin_api error body, or None when there is none."""
+    try:
+        detail = response.json().get("detail")
+    except (ValueError, AttributeError):
+        return None
+    return detail if isinstance(detail, str) else None
 
 
 def _error_code(response: httpx.Response) -> str:

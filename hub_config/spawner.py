@@ -480,6 +480,9 @@ class InstitutionSpawner(LocalProcessSpawner):
                 "MLFLOW_TRACKING_URI": self.mlflow_url,
                 "MLFLOW_TRACKING_USERNAME": self.user.name,
                 "MLFLOW_TRACKING_PASSWORD": mlflow_password(_platform_secrets(self.platform_settings), self.user.name),
+                # Sandboxes have no route out; MLflow's usage telemetry would only time out.
+                "MLFLOW_DISABLE_TELEMETRY": "true",
+                "DO_NOT_TRACK": "true",
             }
         )
         return env

@@ -134,7 +134,7 @@ def _process_specs(settings: Settings) -> list[ProcessSpec]:
             name="admin_api",
             argv=[str(VENV_BIN / "uvicorn"), "admin_api.app:create_app", "--factory",
                   "--host", host, "--port", str(settings.admin_api_port), "--no-access-log"],
-            env=env, cwd=PROJECT_ROOT, ready=http_ok(f"{settings.admin_api_url}/openapi.json"),
+            env=env, cwd=PROJECT_ROOT, ready=http_ok(f"{settings.admin_api_url}/healthz"),
             description="管理服务与控制台", url=f"{settings.admin_api_url}/console/",
         ),
         ProcessSpec(
@@ -149,7 +149,7 @@ def _process_specs(settings: Settings) -> list[ProcessSpec]:
         ProcessSpec(
             name="hub",
             argv=[str(VENV_BIN / "jupyterhub"), "-f", str(PROJECT_ROOT / "hub_config" / "jupyterhub_config.py")],
-            env=env, cwd=settings.hub_dir, ready=http_ok(f"{settings.hub_url}/hub/api"),
+            env=env, cwd=settings.hub_dir, ready=http_ok(f"{settings.hub_url}/hub/api/"),
             description="JupyterHub 建模沙箱", url=f"{settings.hub_url}/hub/login",
         ),
         ProcessSpec(
@@ -176,8 +176,8 @@ def _ports(settings: Settings) -> dict[str, int]:
 def _print_banner(settings: Settings, specs: list[ProcessSpec], created: dict[str, str]) -> None:
     print("\n平台已启动，所有服务仅监听 127.0.0.1：")
     for spec in specs:
-        print(f"  {spec.description:<16} {spec.url or '（后台进程）'}")
-    print(f"  数据目录         {settings.data_dir}")
+        print(f"  {spec.description}：{spec.url or '后台运行'}")
+    print(f"  数据目录：{settings.data_dir}")
     if created:
         print("\n初始账号（仅显示这一次，已保存到 {}，权限 0600）：".format(settings.credentials_file))
         for user, password in sorted(created.items()):
@@ -293,6 +293,8 @@ def main(argv: list[str] | None = None) -> int:
     args = parser.parse_args(argv)
 
     configure_logging()
+    # One line per readiness poll would bury the operator's messages.
+    logging.getLogger("httpx").setLevel(logging.WARNING)
     settings = get_settings()
     if args.command == "init":
         try:

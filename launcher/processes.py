@@ -45,11 +45,11 @@ def port_is_open(host: str, port: int, timeout: float = 0.5) -> bool:
 
 
 def http_ok(url: str, timeout: float = 2.0) -> Callable[[], bool]:
-    """Return a readiness check that passes when ``url`` returns a status below 500."""
+    """Return a readiness check that passes when ``url`` returns 200."""
 
     def check() -> bool:
         try:
-            return httpx.get(url, timeout=timeout).status_code < 500
+            return httpx.get(url, timeout=timeout).status_code == 200
         except httpx.HTTPError:
             return False
 

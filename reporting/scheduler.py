@@ -23,7 +23,7 @@ from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 from reporting.admin_client import AdminApiClient, AdminApiError
 from reporting.config import ReportSettings
-from reporting.cron import CronExpressionError, parse_cron
+from regsandbox_core.cron import CronExpressionError, parse_cron
 from reporting.runner import run_report
 
 logger = logging.getLogger(__name__)

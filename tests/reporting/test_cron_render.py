@@ -14,7 +14,7 @@ import pytest
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook, new_output
 
 from regsandbox_core.settings import PROJECT_ROOT
-from reporting.cron import CronExpressionError, crontab_weekdays, parse_cron
+from regsandbox_core.cron import CronExpressionError, crontab_weekdays, parse_cron
 from reporting.render import render_html
 
 SHANGHAI = ZoneInfo("Asia/Shanghai")
@@ -58,7 +58,7 @@ def test_invalid_cron_rejected(expression):
     with pytest.raises(CronExpressionError) as caught:
         parse_cron(expression, "Asia/Shanghai")
 
-    assert caught.value.code == "CRON_INVALID"
+    assert caught.value.code == "INVALID_CRON"
     assert repr(expression) in caught.value.message
 
 

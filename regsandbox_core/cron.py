@@ -1,4 +1,8 @@
-"""Parsing of schedule cron expressions into APScheduler triggers."""
+"""Parsing of schedule cron expressions into APScheduler triggers, with crontab's meaning.
+
+admin_api validates schedules and the report scheduler fires them with this one parser, so an
+expression means the same in both.
+"""
 
 from __future__ import annotations
 
@@ -12,12 +16,14 @@ _WEEKDAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")
 
 
 class CronExpressionError(RegsandboxError):
-    """A schedule's cron expression is invalid (code ``CRON_INVALID``)."""
+    """A schedule's cron expression is invalid (code ``INVALID_CRON``, HTTP 422)."""
+
+    status = 422
 
 
 def _invalid(expression: str, reason: str) -> CronExpressionError:
     return CronExpressionError(
-        "CRON_INVALID",
+        "INVALID_CRON",
         f"定时表达式 {expression!r} 无效（{reason}）。请使用 5 段 crontab（分 时 日 月 周，例如 \"0 8 * * 1-5\"）"
         "或以秒开头的 6 段表达式（例如 \"*/30 * * * * *\"）。",
     )

@@ -1,0 +1,110 @@
+"""Application factory of admin_api.
+
+Run with ``uvicorn admin_api.app:create_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
+The factory refuses to start (exit with a Chinese message) when the platform secrets are
+missing or the database is not migrated to the newest revision.
+
+``app.state`` contains what the routes share: ``settings``, ``secrets``, ``engine``,
+``session_factory``, ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
+(folder against which report notebook paths resolve) and ``templates``.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+import uuid
+from collections.abc import Awaitable, Callable
+from pathlib import Path
+
+from fastapi import Depends, FastAPI, Request, Response
+from fastapi.templating import Jinja2Templates
+from sqlalchemy import Engine
+from sqlalchemy.exc import SQLAlchemyError
+
+from admin_api import console
+from admin_api.db import make_engine, make_session_factory
+from admin_api.deps import require
+from admin_api.errors import install_error_handlers
+from admin_api.migrate import current_revision, head_revision
+from admin_api.registry import MlflowRegistry, ModelRegistry
+from admin_api.routes import audit_log, identity, models, reports
+from admin_api.security import Principal
+from regsandbox_core.errors import ConfigurationError
+from regsandbox_core.secrets import load_platform_secrets
+from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
+
+logger = logging.getLogger(__name__)
+
+TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+_REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
+
+
+def _check_database(engine: Engine) -> None:
+    try:
+        revision = current_revision(engine)
+    except SQLAlchemyError as error:
+        raise ConfigurationError(
+            "DATABASE_UNAVAILABLE",
+            f"无法连接管理数据库 {engine.url.render_as_string(hide_password=True)}（{type(error).__name__}），"
+            "请检查 REGSANDBOX_DATABASE_URL 与数据库服务。",
+        ) from error
+    if revision != head_revision():
+        raise ConfigurationError(
+            "DATABASE_NOT_MIGRATED",
+            f"管理数据库版本为 {revision or '空'}，需要 {head_revision()}。请先运行 `python -m admin_api.manage migrate`。",
+        )
+
+
+async def _request_id_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
+    """Give every request an id (the caller's valid X-Request-ID, else a new one) and echo it."""
+    incoming = request.headers.get("x-request-id", "")
+    request.state.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+    response = await call_next(request)
+    response.headers["X-Request-ID"] = request.state.request_id
+    return response
+
+
+def create_app(
+    settings: Settings | None = None,
+    *,
+    registry: ModelRegistry | None = None,
+    project_root: Path | None = None,
+) -> FastAPI:
+    """Build the admin_api application.
+
+    ``registry`` replaces the MLflow adapter and ``project_root`` the folder that report
+    notebook paths are relative to (default: the checkout). Raises SystemExit with a Chinese
+    message when the secrets or the database are not ready.
+    """
+    settings = settings or get_settings()
+    try:
+        secrets = load_platform_secrets(settings)
+        engine = make_engine(settings.sqlalchemy_url)
+        _check_database(engine)
+    except ConfigurationError as error:
+        logger.error("admin_api cannot start: %s", error.code)
+        raise SystemExit(f"admin_api 无法启动：{error.message}") from error
+
+    app = FastAPI(title="regsandbox admin_api", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
+                  redoc_url=None)
+    app.state.settings = settings
+    app.state.secrets = secrets
+    app.state.engine = engine
+    app.state.session_factory = make_session_factory(engine)
+    app.state.registry = registry or MlflowRegistry(settings.mlflow_url, secrets.mlflow_admin_password)
+    app.state.project_root = (project_root or PROJECT_ROOT).resolve()
+    app.state.templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+
+    app.middleware("http")(_request_id_middleware)
+    install_error_handlers(app)
+    for module in (identity, audit_log, models, reports):
+        app.include_router(module.router, prefix="/api/v1")
+    app.include_router(console.router)
+
+    @app.get("/healthz", include_in_schema=False)
+    def health(_caller: Principal = Depends(require("public"))) -> dict[str, str]:
+        return {"status": "ok"}
+
+    logger.info("admin_api ready, database %s", engine.url.render_as_string(hide_password=True))
+    return app

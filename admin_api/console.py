@@ -1,0 +1,207 @@
+"""The Chinese web console: sign-in, model review, report schedules and the audit log.
+
+Pages are rendered on the server from ``admin_api/templates``. The session cookie
+``regsandbox_session`` (HttpOnly, SameSite=Lax) carries a random token whose SM3 digest is an
+``api_tokens`` row of kind ``console``, so logging out or disabling a user ends the session.
+Every POST form carries a CSRF token: before sign-in it must match the ``regsandbox_login_csrf``
+cookie, afterwards it is HMAC-SM3 of the session token under the platform session secret.
+"""
+
+from __future__ import annotations
+
+import secrets as _random
+from typing import Any
+from urllib.parse import quote
+
+from fastapi import APIRouter, Depends, Form, Request
+from fastapi.responses import HTMLResponse, RedirectResponse, Response
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from admin_api.audit import add_event, record_event
+from admin_api.db import utc_now
+from admin_api.deps import SESSION_COOKIE, deny, get_session, require
+from admin_api.errors import forbidden
+from admin_api.models import ROLE_NAMES, AuditEvent, ReportRun, Schedule, User
+from admin_api.security import (
+    ANONYMOUS_PRINCIPAL,
+    CONSOLE_SESSION_LIFETIME,
+    Principal,
+    allows,
+    csrf_token,
+    find_token,
+    issue_token,
+)
+from admin_api.services import REVIEW_STATUS_NAMES, authenticate, list_models, queue_run, review_model
+from regsandbox_core.crypto import constant_time_equal
+from regsandbox_core.errors import RegsandboxError
+
+router = APIRouter(prefix="/console", include_in_schema=False)
+
+LOGIN_CSRF_COOKIE = "regsandbox_login_csrf"
+
+
+def _session_csrf(request: Request) -> str:
+    return csrf_token(request.app.state.secrets.session_secret, request.cookies.get(SESSION_COOKIE, ""))
+
+
+def _check_csrf(request: Request, principal: Principal, capability: str, submitted: str) -> None:
+    if not constant_time_equal(submitted, _session_csrf(request)):
+        raise deny(request, principal, capability, forbidden(
+            "CSRF_INVALID", "表单已过期或来源无效，请刷新页面后重新提交。"
+        ))
+
+
+def _page(request: Request, name: str, principal: Principal | None, status_code: int = 200, **context: Any) -> Response:
+    base = {
+        "principal": principal,
+        "role_name": ROLE_NAMES.get(principal.role, principal.role) if principal else "",
+        "can": (lambda capability: allows(principal.role, capability)) if principal else (lambda _c: False),
+        "csrf": _session_csrf(request) if principal else "",
+        "status_names": REVIEW_STATUS_NAMES,
+    }
+    return request.app.state.templates.TemplateResponse(request, name, {**base, **context}, status_code=status_code)
+
+
+def _login_form(request: Request, error: str | None = None, status_code: int = 200) -> Response:
+    token = _random.token_urlsafe(24)
+    response = request.app.state.templates.TemplateResponse(
+        request, "login.html", {"principal": None, "csrf": token, "error": error}, status_code=status_code
+    )
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="lax", path="/console")
+    return response
+
+
+@router.get("/login", response_class=HTMLResponse)
+def login_form(request: Request, session: Session = Depends(get_session),
+               _caller: Principal = Depends(require("public"))) -> Response:
+    """Show the sign-in form, or go to the home page when already signed in."""
+    cookie = request.cookies.get(SESSION_COOKIE)
+    if cookie and find_token(session, cookie, "console") is not None:
+        return RedirectResponse("/console/", status_code=303)
+    return _login_form(request)
+
+
+@router.post("/login", response_class=HTMLResponse)
+def login(
+    request: Request,
+    username: str = Form(default="", max_length=64),
+    password: str = Form(default="", max_length=1024),
+    csrf_token_field: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    _caller: Principal = Depends(require("public")),
+) -> Response:
+    """Check the form, start a console session and go to the home page."""
+    expected = request.cookies.get(LOGIN_CSRF_COOKIE, "")
+    if not expected or not constant_time_equal(csrf_token_field, expected):
+        record_event(request, ANONYMOUS_PRINCIPAL, "console.login", f"user:{username[:64]}", "denied",
+                     {"code": "CSRF_INVALID"})
+        return _login_form(request, "表单已过期，请重新输入用户名和密码。", status_code=403)
+    try:
+        user = authenticate(session, request, username.strip(), password, action="console.login")
+    except RegsandboxError as error:
+        return _login_form(request, error.message, status_code=error.status)
+
+    token, _expires_at = issue_token(session, user, "console", CONSOLE_SESSION_LIFETIME)
+    session.commit()
+    response = RedirectResponse("/console/", status_code=303)
+    response.set_cookie(SESSION_COOKIE, token, max_age=int(CONSOLE_SESSION_LIFETIME.total_seconds()),
+                        httponly=True, samesite="lax", path="/")
+    response.delete_cookie(LOGIN_CSRF_COOKIE, path="/console")
+    return response
+
+
+@router.post("/logout")
+def logout(
+    request: Request,
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("console.use", console=True)),
+) -> Response:
+    """End the console session."""
+    _check_csrf(request, caller, "console.use", csrf)
+    row = find_token(session, request.cookies.get(SESSION_COOKIE, ""), "console")
+    if row is not None:
+        row.revoked_at = utc_now()
+    add_event(session, request, caller, "console.logout", f"user:{caller.username}")
+    session.commit()
+    response = RedirectResponse("/console/login", status_code=303)
+    response.delete_cookie(SESSION_COOKIE, path="/")
+    return response
+
+
+@router.get("/", response_class=HTMLResponse)
+def home(request: Request, session: Session = Depends(get_session),
+         caller: Principal = Depends(require("console.use", console=True))) -> Response:
+    """Show the signed-in user and the pages their role may use."""
+    user = session.scalars(select(User).where(User.username == caller.username)).one()
+    return _page(request, "home.html", caller, user=user)
+
+
+@router.get("/models", response_class=HTMLResponse)
+def models_page(request: Request, session: Session = Depends(get_session),
+                caller: Principal = Depends(require("models.read", console=True))) -> Response:
+    """Show every institution's model versions with AUC/KS and the review form."""
+    items = list_models(session, request.app.state.registry)
+    return _page(request, "models.html", caller, items=items, notice=request.query_params.get("done"), error=None)
+
+
+@router.post("/models/review", response_class=HTMLResponse)
+def review_form(
+    request: Request,
+    name: str = Form(max_length=256),
+    version: str = Form(max_length=32),
+    decision: str = Form(max_length=16),
+    comment: str = Form(default="", max_length=4000),
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("models.review", console=True)),
+) -> Response:
+    """Approve or return a model version from the review form."""
+    _check_csrf(request, caller, "models.review", csrf)
+    registry = request.app.state.registry
+    try:
+        review_model(session, request, caller, registry, name, version, decision, comment)
+    except RegsandboxError as error:
+        items = list_models(session, registry) if error.code != "REGISTRY_UNAVAILABLE" else []
+        return _page(request, "models.html", caller, status_code=error.status, items=items, notice=None,
+                     error=error.message)
+    return RedirectResponse(f"/console/models?done={quote(f'{name} 版本 {version}')}", status_code=303)
+
+
+@router.get("/schedules", response_class=HTMLResponse)
+def schedules_page(request: Request, session: Session = Depends(get_session),
+                   caller: Principal = Depends(require("schedules.read", console=True))) -> Response:
+    """List report schedules and recent runs, with a run-now button."""
+    schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
+    runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
+    return _page(request, "schedules.html", caller, schedules=schedules, runs=runs,
+                 notice=request.query_params.get("queued"), error=None)
+
+
+@router.post("/schedules/{schedule_id}/run", response_class=HTMLResponse)
+def run_now(
+    schedule_id: int,
+    request: Request,
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("runs.queue", console=True)),
+) -> Response:
+    """Queue a manual run of a schedule."""
+    _check_csrf(request, caller, "runs.queue", csrf)
+    try:
+        run = queue_run(session, request, caller, schedule_id, "manual")
+    except RegsandboxError as error:
+        schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
+        runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
+        return _page(request, "schedules.html", caller, status_code=error.status, schedules=schedules, runs=runs,
+                     notice=None, error=error.message)
+    return RedirectResponse(f"/console/schedules?queued={run.id}", status_code=303)
+
+
+@router.get("/audit", response_class=HTMLResponse)
+def audit_page(request: Request, session: Session = Depends(get_session),
+               caller: Principal = Depends(require("audit.read", console=True))) -> Response:
+    """Show the newest 200 audit events."""
+    events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(200)))
+    return _page(request, "audit.html", caller, events=events)

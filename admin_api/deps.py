@@ -1,0 +1,153 @@
+"""The authorisation dependency used by every route, and the database session dependency.
+
+``Depends(require("models.review"))`` resolves the caller into a :class:`Principal` and checks
+that its role has the capability. API routes accept a bearer token: the service token with an
+``X-Regsandbox-Service`` header, or a user's access token. Console routes accept the session
+cookie only, so a browser cookie can never drive an API write. Every denial is answered with
+401 or 403 and stored in the audit log.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+
+from fastapi import Depends, Request
+from sqlalchemy.orm import Session
+
+from admin_api.audit import record_event
+from admin_api.errors import ApiError, forbidden, unauthenticated
+from admin_api.models import ROLE_NAMES
+from admin_api.security import (
+    ANONYMOUS_PRINCIPAL,
+    CAPABILITIES,
+    SERVICE,
+    SERVICE_NAMES,
+    Principal,
+    allows,
+    find_token,
+)
+from regsandbox_core.crypto import constant_time_equal
+
+SESSION_COOKIE = "regsandbox_session"
+
+
+def get_session(request: Request) -> Iterator[Session]:
+    session: Session = request.app.state.session_factory()
+    try:
+        yield session
+    finally:
+        session.close()
+
+
+def _bearer_token(request: Request) -> str | None:
+    header = request.headers.get("authorization")
+    if not header:
+        return None
+    scheme, _, value = header.partition(" ")
+    if scheme.lower() != "bearer" or not value.strip():
+        raise unauthenticated("INVALID_TOKEN", "Authorization 请求头格式无效，应为 “Bearer <令牌>”。")
+    return value.strip()
+
+
+def _service_principal(request: Request) -> Principal:
+    name = request.headers.get("x-regsandbox-service", "")
+    if name not in SERVICE_NAMES:
+        raise unauthenticated(
+            "SERVICE_HEADER_INVALID",
+            f"服务令牌须与 X-Regsandbox-Service 请求头一起使用，取值为 {'、'.join(sorted(SERVICE_NAMES))}；"
+            f"收到的是 {name!r}。",
+        )
+    return Principal(kind=SERVICE, username=f"service:{name}", role=SERVICE)
+
+
+class _Denied(Exception):
+    """A denial whose caller is already known, so the audit event can name it."""
+
+    def __init__(self, principal: Principal, error: ApiError) -> None:
+        super().__init__(error.code)
+        self.principal = principal
+        self.error = error
+
+
+def _user_principal(session: Session, token: str, kind: str) -> Principal:
+    row = find_token(session, token, kind)
+    if row is None:
+        if kind == "console":
+            raise unauthenticated("NOT_AUTHENTICATED", "会话已过期或无效，请重新登录。")
+        raise unauthenticated("INVALID_TOKEN", "访问令牌无效或已过期，请重新调用 /api/v1/auth/token 登录。")
+    user = row.user
+    principal = Principal(kind="user", username=user.username, role=user.role, institution_code=user.institution_code)
+    if not user.is_active:
+        raise _Denied(principal, forbidden("USER_DISABLED", f"用户 {user.username} 已被停用，请联系系统管理员。"))
+    return principal
+
+
+def resolve_principal(request: Request, session: Session, *, console: bool) -> Principal:
+    """Return the caller of ``request``, or ANONYMOUS_PRINCIPAL when it sent no credentials.
+
+    Raises ApiError (401) for invalid credentials and _Denied (403) for a disabled user.
+    """
+    if console:
+        cookie = request.cookies.get(SESSION_COOKIE)
+        return _user_principal(session, cookie, "console") if cookie else ANONYMOUS_PRINCIPAL
+
+    token = _bearer_token(request)
+    if token is None:
+        return ANONYMOUS_PRINCIPAL
+    if constant_time_equal(token, request.app.state.secrets.service_token):
+        return _service_principal(request)
+    return _user_principal(session, token, "api")
+
+
+def deny(request: Request, principal: Principal, capability: str, error: ApiError) -> ApiError:
+    """Store the denial in the audit log and return ``error`` for the caller to raise."""
+    record_event(
+        request,
+        principal,
+        action=capability,
+        resource=f"{request.method} {request.url.path}",
+        outcome="denied",
+        detail={"code": error.code},
+    )
+    return error
+
+
+def require(capability: str, *, console: bool = False) -> Callable[..., Principal]:
+    """Build the dependency that admits callers whose role has ``capability``."""
+    if capability not in CAPABILITIES:
+        raise ValueError(f"unknown capability {capability!r}")
+
+    def dependency(request: Request, session: Session = Depends(get_session)) -> Principal:
+        try:
+            principal = resolve_principal(request, session, console=console)
+        except _Denied as denied:
+            raise deny(request, denied.principal, capability, denied.error) from None
+        except ApiError as error:
+            if console:
+                raise  # a console visitor without a valid session is sent to the login form
+            raise deny(request, ANONYMOUS_PRINCIPAL, capability, error) from None
+
+        request.state.principal = principal
+        if allows(principal.role, capability):
+            return principal
+        if principal.kind == "anonymous":
+            if console:
+                raise unauthenticated("NOT_AUTHENTICATED", "请先登录。")
+            raise deny(request, principal, capability, unauthenticated(
+                "NOT_AUTHENTICATED", "未提供访问令牌。请在 Authorization 请求头中提供 “Bearer <令牌>”。"
+            ))
+        role_name = ROLE_NAMES.get(principal.role, "平台服务" if principal.role == SERVICE else principal.role)
+        raise deny(request, principal, capability, forbidden(
+            "FORBIDDEN", f"当前角色（{role_name}）无权执行此操作：{CAPABILITIES[capability][0]}。"
+        ))
+
+    return dependency
+
+
+def check_institution(request: Request, principal: Principal, capability: str, institution_code: str | None) -> None:
+    """Deny an institution user access to another institution's resource (403, audited)."""
+    if principal.institution_code is None or principal.institution_code == institution_code:
+        return
+    raise deny(request, principal, capability, forbidden(
+        "INSTITUTION_FORBIDDEN", f"您只能访问本机构（{principal.institution_code}）的数据，无权访问机构 {institution_code}。"
+    ))

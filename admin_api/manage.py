@@ -1,0 +1,93 @@
+"""Operator commands of admin_api.
+
+    python -m admin_api.manage migrate                     upgrade the database to the newest revision
+    python -m admin_api.manage seed-demo                   create the demo data; prints {username: password}
+                                                           of the users created now as JSON on stdout
+    python -m admin_api.manage set-active USER --disable   disable (or --enable) a user
+
+Messages for the operator go to stderr in Chinese; exit status 0 on success, 1 on error.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from sqlalchemy import select
+from sqlalchemy.exc import SQLAlchemyError
+
+from admin_api.db import make_engine, make_session_factory, utc_now
+from admin_api.migrate import current_revision, head_revision, upgrade_to_head
+from admin_api.models import ApiToken, User
+from admin_api.seed import seed_demo
+from regsandbox_core.logs import configure_logging
+from regsandbox_core.settings import Settings, get_settings
+
+
+def _session(settings: Settings):  # type: ignore[no-untyped-def]
+    engine = make_engine(settings.sqlalchemy_url)
+    if current_revision(engine) != head_revision():
+        raise SystemExit("管理数据库尚未迁移到最新版本，请先运行 `python -m admin_api.manage migrate`。")
+    return make_session_factory(engine)()
+
+
+def migrate(settings: Settings) -> int:
+    upgrade_to_head(settings.sqlalchemy_url)
+    print(f"管理数据库已迁移到最新版本 {head_revision()}。", file=sys.stderr)
+    return 0
+
+
+def seed(settings: Settings) -> int:
+    with _session(settings) as session:
+        created = seed_demo(session, settings)
+    print(json.dumps(created, ensure_ascii=False))
+    print(f"演示数据已就绪，本次新建用户 {len(created)} 个。", file=sys.stderr)
+    return 0
+
+
+def set_active(settings: Settings, username: str, active: bool) -> int:
+    with _session(settings) as session:
+        user = session.scalars(select(User).where(User.username == username)).first()
+        if user is None:
+            print(f"用户 {username} 不存在，请检查用户名。", file=sys.stderr)
+            return 1
+        user.is_active = active
+        if not active:
+            for token in session.scalars(select(ApiToken).where(ApiToken.user_id == user.id)):
+                token.revoked_at = token.revoked_at or utc_now()
+        session.commit()
+    print(f"用户 {username} 已{'启用' if active else '停用'}。", file=sys.stderr)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="python -m admin_api.manage", description="admin_api 运维命令")
+    commands = parser.add_subparsers(dest="command", required=True)
+    commands.add_parser("migrate", help="把管理数据库升级到最新版本（alembic upgrade head）")
+    commands.add_parser("seed-demo", help="创建演示机构、用户和报告笔记本；以 JSON 输出本次新建用户的密码")
+    active = commands.add_parser("set-active", help="停用或启用一个用户")
+    active.add_argument("username", help="用户名")
+    state = active.add_mutually_exclusive_group(required=True)
+    state.add_argument("--disable", action="store_true", help="停用该用户并吊销其全部令牌与会话")
+    state.add_argument("--enable", action="store_true", help="重新启用该用户")
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    arguments = build_parser().parse_args(argv)
+    configure_logging()
+    settings = get_settings()
+    try:
+        if arguments.command == "migrate":
+            return migrate(settings)
+        if arguments.command == "seed-demo":
+            return seed(settings)
+        return set_active(settings, arguments.username, active=arguments.enable)
+    except SQLAlchemyError as error:
+        print(f"访问管理数据库失败：{type(error).__name__}。请检查 REGSANDBOX_DATABASE_URL 与数据库服务。", file=sys.stderr)
+        return 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

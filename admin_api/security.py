@@ -1,0 +1,121 @@
+"""Passwords, bearer tokens, console sessions and the role → capability table.
+
+Every route names one capability, and :data:`CAPABILITIES` lists the roles that have it. The service
+role is what callers get with the platform service token (hub, scheduler, registry sync).
+"""
+
+from __future__ import annotations
+
+import secrets
+from dataclasses import dataclass
+from datetime import datetime, timedelta
+
+from argon2 import PasswordHasher
+from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
+from sqlalchemy import delete, select
+from sqlalchemy.orm import Session
+
+from admin_api.db import utc_now
+from admin_api.models import ApiToken, User
+from regsandbox_core.crypto import hmac_sm3, sm3_hex
+
+API_TOKEN_LIFETIME = timedelta(hours=8)
+CONSOLE_SESSION_LIFETIME = timedelta(hours=8)
+SERVICE_NAMES = frozenset({"hub", "scheduler", "registry"})
+ANONYMOUS = "anonymous"
+SERVICE = "service"
+
+_hasher = PasswordHasher()  # argon2id with the library's default cost (RFC 9106 low-memory profile)
+_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+
+
+@dataclass(frozen=True)
+class Principal:
+    """The caller of a request as the authorisation dependency resolved it."""
+
+    kind: str
+    """``anonymous``, ``service`` or ``user``."""
+    username: str
+    role: str
+    institution_code: str | None = None
+
+
+ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
+
+_USERS = frozenset({"system_admin", "regulator_reviewer", "modeller", "reporter"})
+
+CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
+    # capability: (Chinese name shown in denials, roles holding it)
+    "public": ("公开访问", frozenset({ANONYMOUS, SERVICE}) | _USERS),
+    "auth.verify": ("代为核验用户登录", frozenset({SERVICE})),
+    "me.read": ("查看本人信息", _USERS),
+    "users.list": ("查看用户列表", frozenset({"system_admin", SERVICE})),
+    "institutions.read": ("查看机构信息", _USERS | {SERVICE}),
+    "audit.append": ("写入审计事件", frozenset({SERVICE})),
+    "audit.read": ("查看审计日志", frozenset({"system_admin"})),
+    "models.read": ("查看模型版本", frozenset({"regulator_reviewer", SERVICE})),
+    "models.review": ("审查模型版本", frozenset({"regulator_reviewer"})),
+    "notebooks.read": ("查看报告笔记本", frozenset({"regulator_reviewer", "system_admin", SERVICE})),
+    "notebooks.approve": ("审批报告笔记本", frozenset({"regulator_reviewer"})),
+    "schedules.read": ("查看报告调度", frozenset({"system_admin", "regulator_reviewer", SERVICE})),
+    "schedules.write": ("创建或修改报告调度", frozenset({"system_admin"})),
+    "runs.queue": ("发起报告运行", frozenset({"system_admin", "regulator_reviewer", SERVICE})),
+    "runs.read": ("查看报告运行记录", frozenset({"system_admin", "regulator_reviewer", SERVICE})),
+    "runs.work": ("领取或完成报告运行", frozenset({SERVICE})),
+    "console.use": ("使用管理控制台", _USERS),
+}
+
+
+def allows(role: str, capability: str) -> bool:
+    """Tell whether ``role`` holds ``capability``; an unknown capability is denied to every role."""
+    entry = CAPABILITIES.get(capability)
+    return entry is not None and role in entry[1]
+
+
+def hash_password(password: str) -> str:
+    return _hasher.hash(password)
+
+
+def verify_password(password_hash: str | None, password: str) -> bool:
+    """Check ``password`` against an argon2id hash; with no hash, spend the same time and fail."""
+    try:
+        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+    except (VerifyMismatchError, VerificationError, InvalidHashError):
+        return False
+
+
+def generate_password() -> str:
+    """Return a random password of 20 URL-safe characters (120 bits)."""
+    return secrets.token_urlsafe(15)
+
+
+def token_digest(token: str) -> str:
+    return sm3_hex(token.encode("utf-8"))
+
+
+def issue_token(session: Session, user: User, kind: str, lifetime: timedelta) -> tuple[str, datetime]:
+    """Store a new token of ``kind`` for ``user``, drop the user's expired ones, and return it with its expiry.
+
+    The caller commits.
+    """
+    now = utc_now()
+    session.execute(delete(ApiToken).where(ApiToken.user_id == user.id, ApiToken.expires_at < now))
+    token = secrets.token_urlsafe(32)
+    expires_at = now + lifetime
+    session.add(ApiToken(token_sm3=token_digest(token), kind=kind, user_id=user.id, expires_at=expires_at))
+    return token, expires_at
+
+
+def find_token(session: Session, token: str, kind: str) -> ApiToken | None:
+    """Return the unexpired, unrevoked token row of ``kind`` matching ``token``, or None."""
+    row = session.scalars(
+        select(ApiToken).where(ApiToken.token_sm3 == token_digest(token), ApiToken.kind == kind)
+    ).first()
+    if row is None or row.revoked_at is not None or row.expires_at <= utc_now():
+        return None
+    return row
+
+
+def csrf_token(session_secret: str, session_token: str) -> str:
+    """Return the CSRF token of a console session, derived so that it needs no storage."""
+    return hmac_sm3(session_secret.encode("utf-8"), f"csrf:{session_token}".encode("utf-8")).hex()

@@ -1,0 +1,98 @@
+"""Demo data: three banks, their modellers and reporters, a reviewer, an administrator, report notebooks.
+
+:func:`seed_demo` is idempotent: it creates only what is missing and returns the passwords of the
+users it created in this call (an empty dict when nothing was created).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+from pathlib import Path
+
+from sqlalchemy import select
+from sqlalchemy.orm import Session
+
+from admin_api.models import Institution, ReportNotebook, User
+from admin_api.security import generate_password, hash_password
+from regsandbox_core.settings import PROJECT_ROOT, Settings
+
+logger = logging.getLogger(__name__)
+
+REPORT_NOTEBOOKS_DIR = Path("notebooks") / "reports"
+
+DEMO_INSTITUTIONS = [
+    ("bank_a", "浦东示范银行甲", "银行"),
+    ("bank_b", "浦东示范银行乙", "银行"),
+    ("bank_c", "浦东示范银行丙", "银行"),
+]
+
+# (username, display name, role, institution code or None, email)
+DEMO_USERS = [
+    ("modeller_a", "李明（甲行建模）", "modeller", "bank_a", "modeller_a@bank-a.example"),
+    ("modeller_b", "王芳（乙行建模）", "modeller", "bank_b", "modeller_b@bank-b.example"),
+    ("modeller_c", "张伟（丙行建模）", "modeller", "bank_c", "modeller_c@bank-c.example"),
+    ("reporter_a", "刘洋（甲行报送）", "reporter", "bank_a", "reporter_a@bank-a.example"),
+    ("reporter_b", "陈静（乙行报送）", "reporter", "bank_b", "reporter_b@bank-b.example"),
+    ("reporter_c", "杨磊（丙行报送）", "reporter", "bank_c", "reporter_c@bank-c.example"),
+    ("reviewer", "赵敏（监管审查员）", "regulator_reviewer", None, "reviewer@regulator.example"),
+    ("sysadmin", "周强（系统管理员）", "system_admin", None, "sysadmin@regulator.example"),
+]
+
+
+def _notebook_title(path: Path) -> str:
+    """Return metadata.regsandbox.title of a notebook, else the file stem."""
+    try:
+        metadata = json.loads(path.read_text(encoding="utf-8")).get("metadata", {})
+        title = metadata.get("regsandbox", {}).get("title")
+    except (OSError, ValueError, AttributeError) as error:
+        logger.warning("cannot read the title of %s: %s", path, error)
+        title = None
+    return title.strip() if isinstance(title, str) and title.strip() else path.stem
+
+
+def register_report_notebooks(session: Session, project_root: Path = PROJECT_ROOT) -> list[ReportNotebook]:
+    """Register every notebooks/reports/*.ipynb not yet known, with status pending; the caller commits."""
+    known = set(session.scalars(select(ReportNotebook.path)))
+    created = []
+    for path in sorted((project_root / REPORT_NOTEBOOKS_DIR).glob("*.ipynb")):
+        relative = path.relative_to(project_root).as_posix()
+        if relative in known:
+            continue
+        notebook = ReportNotebook(name=_notebook_title(path), path=relative, status="pending")
+        session.add(notebook)
+        created.append(notebook)
+        logger.info("registered report notebook %s", relative)
+    return created
+
+
+def seed_demo(session: Session, settings: Settings, project_root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Create the missing demo institutions, users and report notebooks and commit.
+
+    Returns {username: password} of the users created in this call. ``settings`` names the
+    database the session belongs to; it is accepted so callers pass the same object everywhere.
+    """
+    institutions = {i.code: i for i in session.scalars(select(Institution))}
+    for code, name, kind in DEMO_INSTITUTIONS:
+        if code not in institutions:
+            institutions[code] = Institution(code=code, name=name, type=kind)
+            session.add(institutions[code])
+    session.flush()
+
+    existing = set(session.scalars(select(User.username)))
+    passwords: dict[str, str] = {}
+    for username, display_name, role, code, email in DEMO_USERS:
+        if username in existing:
+            continue
+        password = generate_password()
+        session.add(User(
+            username=username, display_name=display_name, email=email, role=role,
+            institution_id=institutions[code].id if code else None,
+            password_hash=hash_password(password), is_active=True,
+        ))
+        passwords[username] = password
+
+    register_report_notebooks(session, project_root)
+    session.commit()
+    logger.info("demo seed created %d users in %s", len(passwords), settings.sqlalchemy_url.split("@")[-1])
+    return passwords

@@ -1,0 +1,294 @@
+"""Operations shared by the API routes and the console: sign-in, model review and report runs.
+
+Each function checks its input, writes its change together with the audit event in one
+transaction, and raises :class:`~admin_api.errors.ApiError` with a Chinese message when it cannot.
+"""
+
+from __future__ import annotations
+
+import logging
+import re
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+from typing import Any
+
+from fastapi import Request
+from sqlalchemy import func, select, update
+from sqlalchemy.orm import Session
+
+from admin_api.audit import add_event, record_event
+from admin_api.db import utc_now
+from admin_api.errors import ApiError, conflict, forbidden, invalid, not_found, unauthenticated
+from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
+from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
+from admin_api.security import Principal, verify_password
+
+logger = logging.getLogger(__name__)
+
+UNASSIGNED_INSTITUTION = "未归属"
+DECISIONS = {"approved": "通过", "returned": "退回"}
+STATUS_LABELS = {"approved": "已通过", "returned": "已退回"}
+REVIEW_STATUS_NAMES = {"pending": "待审查", **STATUS_LABELS}
+
+
+# --- sign-in -----------------------------------------------------------------------------------
+
+
+def user_principal(user: User) -> Principal:
+    return Principal(kind="user", username=user.username, role=user.role, institution_code=user.institution_code)
+
+
+SIGN_IN_ACTIONS = ("auth.token", "auth.verify", "console.login")
+SIGN_IN_WINDOW = timedelta(minutes=15)
+MAX_FAILED_SIGN_INS = 10
+"""Failed sign-ins of one user name within SIGN_IN_WINDOW after which further attempts get 429."""
+
+
+def _recent_failures(session: Session, username: str) -> int:
+    since = utc_now() - SIGN_IN_WINDOW
+    query = select(func.count()).select_from(AuditEvent).where(
+        AuditEvent.actor == username,
+        AuditEvent.action.in_(SIGN_IN_ACTIONS),
+        AuditEvent.outcome == "failed",
+        AuditEvent.occurred_at >= since,
+    )
+    return session.scalar(query) or 0
+
+
+def authenticate(
+    session: Session, request: Request, username: str, password: str, *, action: str, ip: str | None = None
+) -> User:
+    """Check a user name and password; audit the outcome and return the user on success.
+
+    The password is checked before the active flag, so only a caller with the right password
+    learns that an account is disabled. After MAX_FAILED_SIGN_INS failures of one user name
+    within SIGN_IN_WINDOW (counted in the audit log) every attempt gets 429 until the window
+    has passed. The caller commits the success event.
+    """
+    if _recent_failures(session, username[:64]) >= MAX_FAILED_SIGN_INS:
+        actor = Principal(kind="user", username=username[:64], role="unknown")
+        record_event(request, actor, action, f"user:{username[:64]}", "denied", {"code": "TOO_MANY_ATTEMPTS"}, ip)
+        raise ApiError(
+            "TOO_MANY_ATTEMPTS",
+            f"用户 {username[:64]} 在 {int(SIGN_IN_WINDOW.total_seconds() // 60)} 分钟内登录失败次数过多，"
+            "请稍后再试；如忘记密码，请联系系统管理员。",
+            status=429,
+        )
+    user = session.scalars(select(User).where(User.username == username)).first()
+    if user is None or not verify_password(user.password_hash, password):
+        actor = Principal(kind="user", username=username[:64] or "(空)", role=user.role if user else "unknown",
+                          institution_code=user.institution_code if user else None)
+        record_event(request, actor, action, f"user:{username[:64]}", "failed",
+                     {"code": "INVALID_CREDENTIALS"}, ip)
+        raise unauthenticated("INVALID_CREDENTIALS", "用户名或密码错误。")
+    if not user.is_active:
+        record_event(request, user_principal(user), action, f"user:{username}", "denied", {"code": "USER_DISABLED"}, ip)
+        raise forbidden("USER_DISABLED", f"用户 {username} 已被停用，请联系系统管理员。")
+    add_event(session, request, user_principal(user), action, f"user:{username}", "success", None, ip)
+    return user
+
+
+# --- model review ------------------------------------------------------------------------------
+
+
+def _pick_metric(metrics: dict[str, Any], name: str) -> float | None:
+    """Return the metric called ``name`` (any case), else the first one ending with ``_name``."""
+    lowered = {str(key).lower(): value for key, value in metrics.items()}
+    if name in lowered:
+        return lowered[name]
+    for key in sorted(lowered):
+        if key.endswith(f"_{name}"):
+            return lowered[key]
+    return None
+
+
+def _version_key(item: dict[str, Any]) -> tuple[str, str, int, str]:
+    version = str(item["version"])
+    return (item["institution_code"] or "~", item["name"], int(version) if version.isdigit() else 0, version)
+
+
+def institution_names(session: Session) -> dict[str, str]:
+    return {code: name for code, name in session.execute(select(Institution.code, Institution.name))}
+
+
+def model_institution(name: str, known: dict[str, str]) -> str | None:
+    """Return the institution code of a registered model: its name before the first '.', if known."""
+    prefix, dot, _ = name.partition(".")
+    return prefix if dot and prefix in known else None
+
+
+def latest_reviews(session: Session) -> dict[tuple[str, str], ModelReview]:
+    latest: dict[tuple[str, str], ModelReview] = {}
+    for review in session.scalars(select(ModelReview).order_by(ModelReview.id)):
+        latest[(review.model_name, review.model_version)] = review
+    return latest
+
+
+def list_models(session: Session, registry: ModelRegistry) -> list[dict[str, Any]]:
+    """Return every registered model version with its institution, AUC/KS and review status."""
+    versions = call_registry(registry.list_model_versions)
+    known = institution_names(session)
+    reviews = latest_reviews(session)
+    items = []
+    for version in versions:
+        name, number = str(version["name"]), str(version["version"])
+        tags = {str(k): str(v) for k, v in (version.get("tags") or {}).items()}
+        metrics = dict(version.get("metrics") or {})
+        code = model_institution(name, known)
+        review = reviews.get((name, number))
+        status = review.decision if review else tags.get(f"{REVIEW_TAG_PREFIX}status", "pending")
+        items.append({
+            "name": name,
+            "version": number,
+            "run_id": version.get("run_id"),
+            "creation_timestamp": version.get("creation_timestamp"),
+            "institution_code": code,
+            "institution_name": known[code] if code else UNASSIGNED_INSTITUTION,
+            "metrics": metrics,
+            "auc": _pick_metric(metrics, "auc"),
+            "ks": _pick_metric(metrics, "ks"),
+            "tags": tags,
+            "review_status": status if status in REVIEW_STATUS_NAMES else "pending",
+            "review_comment": review.comment if review else tags.get(f"{REVIEW_TAG_PREFIX}comment"),
+            "reviewer": review.reviewer if review else tags.get(f"{REVIEW_TAG_PREFIX}reviewer"),
+            "decided_at": review.decided_at.isoformat() if review else tags.get(f"{REVIEW_TAG_PREFIX}decided_at"),
+        })
+    return sorted(items, key=_version_key)
+
+
+def review_model(
+    session: Session,
+    request: Request,
+    principal: Principal,
+    registry: ModelRegistry,
+    name: str,
+    version: str,
+    decision: str,
+    comment: str,
+) -> ModelReview:
+    """Tag a model version in MLflow with a review decision, then store and audit it in one commit.
+
+    MLflow is tagged first and no database transaction is open meanwhile, so a slow MLflow does
+    not hold a SQLite write lock, and when MLflow is unreachable nothing is stored.
+    """
+    comment = comment.strip()
+    if decision not in DECISIONS:
+        raise invalid("INVALID_DECISION", f"审查结论 {decision!r} 无效，只能是 approved（通过）或 returned（退回）。")
+    if decision == "returned" and not comment:
+        raise invalid("COMMENT_REQUIRED", "退回模型版本时必须填写审查意见，说明需要修改的内容。")
+    if len(comment) > 2000:
+        raise invalid("COMMENT_TOO_LONG", f"审查意见共 {len(comment)} 字，超过上限 2000 字，请精简后重试。")
+
+    versions = call_registry(registry.list_model_versions)
+    if not any(str(item["name"]) == name and str(item["version"]) == version for item in versions):
+        raise not_found("MODEL_VERSION_NOT_FOUND", f"模型注册中心中没有模型 {name} 的版本 {version}，请刷新列表后重试。")
+    code = model_institution(name, institution_names(session))
+    session.rollback()  # ends the read transaction before the MLflow calls
+    if code is None and decision == "approved":
+        raise conflict(
+            "MODEL_UNASSIGNED",
+            f"模型 {name} 的名称前缀不是已登记的机构代码（{UNASSIGNED_INSTITUTION}），不能审查通过；"
+            "请让建模人员按 “<机构代码>.<模型名>” 重新注册。",
+        )
+
+    decided_at = utc_now()
+    call_registry(registry.set_model_version_tags, name, version, {
+        f"{REVIEW_TAG_PREFIX}status": decision,
+        f"{REVIEW_TAG_PREFIX}comment": comment,
+        f"{REVIEW_TAG_PREFIX}reviewer": principal.username,
+        f"{REVIEW_TAG_PREFIX}decided_at": decided_at.isoformat(),
+    })
+
+    review = ModelReview(model_name=name, model_version=version, institution_code=code, decision=decision,
+                         comment=comment, reviewer=principal.username, decided_at=decided_at)
+    session.add(review)
+    add_event(session, request, principal, "models.review", f"model:{name}/{version}", "success",
+              {"decision": decision, "institution_code": code, "comment": comment})
+    try:
+        session.commit()
+    except Exception:
+        logger.error("review of model %s version %s is tagged in MLflow but could not be stored", name, version)
+        raise
+    return review
+
+
+# --- report notebooks, schedules and runs ------------------------------------------------------
+
+_EMAIL = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?"
+                    r"(?:\.[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?)+$")
+MAX_RECIPIENTS = 50
+
+
+def validate_recipients(recipients: list[str]) -> list[str]:
+    """Return the recipients stripped and without duplicates, or raise 422 INVALID_RECIPIENT."""
+    cleaned: list[str] = []
+    for recipient in recipients:
+        address = recipient.strip()
+        if len(address) > 254 or not _EMAIL.match(address):
+            raise invalid("INVALID_RECIPIENT", f"收件人 {recipient!r} 不是有效的电子邮件地址，请改为如 name@example.cn 的格式。")
+        if address.lower() not in (item.lower() for item in cleaned):
+            cleaned.append(address)
+    if not cleaned:
+        raise invalid("INVALID_RECIPIENT", "收件人列表为空，请至少填写一个电子邮件地址。")
+    if len(cleaned) > MAX_RECIPIENTS:
+        raise invalid("INVALID_RECIPIENT", f"收件人共 {len(cleaned)} 个，超过上限 {MAX_RECIPIENTS} 个。")
+    return cleaned
+
+
+def notebook_file(project_root: Path, notebook: ReportNotebook) -> Path:
+    """Return the absolute path of a registered notebook; it must stay inside the project root."""
+    path = (project_root / notebook.path).resolve()
+    if not path.is_relative_to(project_root.resolve()):
+        raise conflict("NOTEBOOK_PATH_INVALID", f"报告笔记本 {notebook.name} 的路径 {notebook.path} 不在项目目录内，已拒绝。")
+    return path
+
+
+def require_approved(notebook: ReportNotebook) -> None:
+    if notebook.status != "approved" or not notebook.sm3_digest:
+        raise conflict(
+            "NOTEBOOK_NOT_APPROVED",
+            f"报告笔记本 {notebook.name}（编号 {notebook.id}）尚未审批通过，请先由监管审查员审批后再调度。",
+        )
+
+
+def get_schedule(session: Session, schedule_id: int) -> Schedule:
+    schedule = session.get(Schedule, schedule_id)
+    if schedule is None:
+        raise not_found("SCHEDULE_NOT_FOUND", f"报告调度 {schedule_id} 不存在。")
+    return schedule
+
+
+def queue_run(session: Session, request: Request, principal: Principal, schedule_id: int, trigger: str) -> ReportRun:
+    """Queue a run of a schedule (manual runs also for disabled schedules), audit it and commit."""
+    schedule = get_schedule(session, schedule_id)
+    require_approved(schedule.notebook)
+    if trigger == "cron" and not schedule.enabled:
+        raise conflict("SCHEDULE_DISABLED", f"报告调度 {schedule.name} 已停用，不能按计划触发运行；如需运行请手动触发。")
+    run = ReportRun(schedule_id=schedule.id, trigger=trigger, status="queued", requested_by=principal.username)
+    session.add(run)
+    session.flush()
+    add_event(session, request, principal, "runs.queue", f"report_run:{run.id}", "success",
+              {"schedule_id": schedule.id, "trigger": trigger})
+    session.commit()
+    return run
+
+
+def claim_run(session: Session, request: Request, principal: Principal, run_id: int) -> ReportRun:
+    """Take a queued run with one conditional UPDATE, so of two concurrent claims exactly one wins."""
+    if session.get(ReportRun, run_id) is None:
+        raise not_found("RUN_NOT_FOUND", f"报告运行 {run_id} 不存在。")
+    session.rollback()
+
+    result = session.execute(
+        update(ReportRun)
+        .where(ReportRun.id == run_id, ReportRun.status == "queued")
+        .values(status="running", claimed_by=principal.username, claimed_at=datetime.now(UTC))
+    )
+    if result.rowcount != 1:
+        session.rollback()
+        raise conflict("RUN_ALREADY_CLAIMED", f"报告运行 {run_id} 已被领取或已结束，不能再次领取。")
+    add_event(session, request, principal, "runs.claim", f"report_run:{run_id}")
+    session.commit()
+    run = session.get(ReportRun, run_id, populate_existing=True)
+    assert run is not None
+    return run
