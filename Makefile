@@ -42,4 +42,5 @@ test: install browser
 
 # Re-pin every Python package after changing the dependencies in pyproject.toml.
 lock:
-	$(BIN)/pip freeze --exclude-editable --disable-pip-version-check > requirements.lock
+	{ echo "# Exact versions installed by make install; regenerate with make lock."; \
+	  $(BIN)/pip freeze --exclude-editable --disable-pip-version-check; } > requirements.lock

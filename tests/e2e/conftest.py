@@ -12,7 +12,7 @@ import sys
 import tempfile
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
@@ -38,6 +38,7 @@ class Platform:
     credentials: dict[str, str]
     process: subprocess.Popen
     output_path: Path
+    ports: dict[str, int] = field(default_factory=dict)
 
     def output(self) -> str:
         return self.output_path.read_text(encoding="utf-8", errors="replace")
@@ -97,7 +98,7 @@ def platform(request, postgres_database_factory) -> Iterator[Platform]:
         env=env, data_dir=data_dir, backend=request.param,
         admin_api_url=f"http://127.0.0.1:{ports['ADMIN_API']}", hub_url=f"http://127.0.0.1:{ports['HUB']}",
         mlflow_url=f"http://127.0.0.1:{ports['MLFLOW']}", smtp_port=ports["SMTP"], credentials={},
-        process=process, output_path=output_path,
+        process=process, output_path=output_path, ports=ports,
     )
     deadline = time.monotonic() + 300
     while "平台已启动" not in platform.output():
@@ -106,7 +107,6 @@ def platform(request, postgres_database_factory) -> Iterator[Platform]:
             pytest.fail(f"regsandbox up did not start:\n{platform.output()[-4000:]}")
         time.sleep(1)
     platform.credentials = _read_credentials(data_dir / "credentials.txt")
-    platform.ports = ports
 
     try:
         yield platform
