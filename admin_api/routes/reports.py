@@ -237,7 +237,9 @@ def finish(
     run.status, run.finished_at, run.archive_path = body.status, utc_now(), archive_path
     run.error_code = body.error_code if body.status == "failed" else None
     run.error_message = body.error_message if body.status == "failed" else None
-    add_event(session, request, caller, "runs.finish", f"report_run:{run.id}", "success",
+    # A failed run (e.g. SMTP unreachable) is a failed outcome in the audit log, not a successful call.
+    outcome = "success" if body.status == "succeeded" else "failed"
+    add_event(session, request, caller, "runs.finish", f"report_run:{run.id}", outcome,
               {"status": body.status, "error_code": run.error_code})
     session.commit()
     return RunOut.of(run)
