@@ -28,7 +28,7 @@ from traitlets import Bool, Float, List, Unicode, default
 from hub_config.authenticator import service_headers
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets, mlflow_password
-from regsandbox_core.settings import Settings, get_settings
+from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 
 _INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 _UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -151,6 +151,15 @@ class InstitutionSpawner(LocalProcessSpawner):
         help="""Seconds that the check "can the sandbox user run the interpreter" may take. Default 60.""",
     ).tag(config=True)
 
+    starter_notebooks = Unicode(
+        str(PROJECT_ROOT / "notebooks" / "starter"),
+        help="""Folder of example notebooks copied into each new sandbox as ``<home>/starter/``.
+
+        Files already in the home are never overwritten, so a modeller's edits survive restarts.
+        Default: ``<checkout>/notebooks/starter``. An empty string copies nothing.
+        """,
+    ).tag(config=True)
+
     @default("cmd")
     def _default_cmd(self) -> list[str]:
         return [str(Path(self.sandbox_python).parent / "jupyterhub-singleuser")]
@@ -220,6 +229,7 @@ class InstitutionSpawner(LocalProcessSpawner):
             self._home = await asyncio.to_thread(self._shared_home)
 
         await asyncio.to_thread(self._check_interpreter)
+        await asyncio.to_thread(self._copy_starter_notebooks)
         if self.sync_mlflow_permissions:
             try:
                 await asyncio.wait_for(asyncio.to_thread(self._sync_mlflow_permissions), self.mlflow_sync_timeout)
@@ -406,6 +416,28 @@ class InstitutionSpawner(LocalProcessSpawner):
             "请联系系统管理员：解释器及其所在的每一级目录都必须允许其他用户执行（例如不能位于权限为 0700 的 /root 下），"
             "可通过 REGSANDBOX_SANDBOX_PYTHON 指定位于 /opt 或 /usr 下的解释器。"
         )
+
+    def _copy_starter_notebooks(self) -> None:
+        """Copy the example notebooks into ``<home>/starter`` without overwriting the modeller's files.
+
+        The copy runs as the sandbox user, so a symlink the user placed in their home cannot
+        make root write outside it.
+        """
+        source = Path(self.starter_notebooks)
+        if not self.starter_notebooks or not source.is_dir():
+            return
+        command = ["cp", "-r", "--no-clobber", "--no-preserve=mode,ownership", f"{source}/.", f"{self._home}/starter/"]
+        if self.isolated:
+            prepare = ["runuser", "-u", self._unix_user, "--", "mkdir", "-p", f"{self._home}/starter"]
+            command = ["runuser", "-u", self._unix_user, "--", *command]
+        else:
+            prepare = ["mkdir", "-p", f"{self._home}/starter"]
+        for step in (prepare, command):
+            result = subprocess.run(step, capture_output=True, text=True, timeout=60, cwd="/")
+            if result.returncode != 0:
+                # The sandbox is still usable without the examples; log and go on.
+                self.log.warning("Copying starter notebooks for %s failed: %s", self._log_name, result.stderr.strip())
+                return
 
     def _sync_mlflow_permissions(self) -> None:
         try:

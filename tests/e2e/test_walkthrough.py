@@ -28,7 +28,6 @@ from tests.e2e.conftest import PROJECT_ROOT, UNIX_PREFIX
 
 pytestmark = [pytest.mark.slow, pytest.mark.timeout(900)]
 
-STARTER = PROJECT_ROOT / "notebooks" / "starter" / "pd_model_starter.ipynb"
 CHROMIUM_ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
                  "--disable-background-networking", "--disable-component-update", "--disable-sync"]
 
@@ -113,6 +112,14 @@ def test_modeller_a_works_in_her_sandbox(platform):
     home = pwd.getpwnam(f"{UNIX_PREFIX}modeller_a").pw_dir
     assert stat.S_IMODE(os.stat(home).st_mode) == 0o700
 
+    # The starter notebook is in her JupyterLab file browser, owned by her.
+    listing = user.http.get("/user/modeller_a/api/contents/starter", headers=user.auth)
+    assert listing.status_code == 200, listing.text
+    assert "pd_model_starter.ipynb" in {item["name"] for item in listing.json()["content"]}
+    assert Path(home, "starter", "pd_model_starter.ipynb").stat().st_uid == pwd.getpwnam(f"{UNIX_PREFIX}modeller_a").pw_uid
+    notebook = user.http.get("/user/modeller_a/api/contents/starter/pd_model_starter.ipynb",
+                             headers=user.auth).json()["content"]
+
     kernel = user.start_kernel("regsandbox")
     try:
         whoami = kernel.execute("import os, pwd; print(pwd.getpwuid(os.getuid()).pw_name)")
@@ -133,7 +140,6 @@ def test_modeller_a_works_in_her_sandbox(platform):
         by_duckdb = kernel.execute(f"sql(\"SELECT count(*) FROM read_parquet('{other}')\")")
         assert by_duckdb.error_name == "SandboxAccessError"
 
-        notebook = json.loads(STARTER.read_text(encoding="utf-8"))
         for cell in notebook["cells"]:
             if cell["cell_type"] == "code":
                 outcome = kernel.execute("".join(cell["source"]), timeout=300)
