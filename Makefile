@@ -25,9 +25,10 @@ node_modules/.installed: package.json package-lock.json
 	npm ci --no-audit --no-fund --loglevel=error
 	@touch $@
 
-# Headless Chromium for the console tests, from Debian's packages (never a downloaded browser build).
+# Headless Chromium and a CJK font for the console tests, from Debian's packages (never a
+# downloaded browser build).
 browser:
-	@command -v chromium >/dev/null || { apt-get update -q && apt-get install -y -q chromium chromium-driver; }
+	@{ command -v chromium && fc-list :lang=zh | grep -q . ; } >/dev/null 2>&1 || { apt-get update -q && apt-get install -y -q chromium chromium-driver fonts-wqy-zenhei; }
 
 up: install
 	$(BIN)/regsandbox up

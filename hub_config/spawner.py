@@ -164,6 +164,14 @@ class InstitutionSpawner(LocalProcessSpawner):
     def _default_cmd(self) -> list[str]:
         return [str(Path(self.sandbox_python).parent / "jupyterhub-singleuser")]
 
+    @default("args")
+    def _default_args(self) -> list[str]:
+        # One kernel in the launcher: "Python 3 (监管沙箱)", which new notebooks get by default.
+        return [
+            "--KernelSpecManager.allowed_kernelspecs=regsandbox",
+            "--MappingKernelManager.default_kernel_name=regsandbox",
+        ]
+
     @default("default_url")
     def _default_default_url(self) -> str:
         return "/lab"

@@ -120,6 +120,11 @@ def test_modeller_a_works_in_her_sandbox(platform):
     notebook = user.http.get("/user/modeller_a/api/contents/starter/pd_model_starter.ipynb",
                              headers=user.auth).json()["content"]
 
+    kernelspecs = user.http.get("/user/modeller_a/api/kernelspecs", headers=user.auth).json()
+    assert kernelspecs["default"] == "regsandbox"
+    assert set(kernelspecs["kernelspecs"]) == {"regsandbox"}
+    assert "进入我的沙箱" in user.http.get("/hub/home").text
+
     kernel = user.start_kernel("regsandbox")
     try:
         whoami = kernel.execute("import os, pwd; print(pwd.getpwuid(os.getuid()).pw_name)")
@@ -231,6 +236,8 @@ def test_bad_input_is_refused_and_audited(platform):
     signed_in = reporter.login()
     assert signed_in.status_code == 403
     assert "仅建模人员" in signed_in.text
+    assert "无权访问" in signed_in.text
+    assert "restarting your server" not in signed_in.text
     reporter.create_token()
     refused = reporter.start_server()
     assert refused.status_code == 403
