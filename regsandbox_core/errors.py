@@ -6,7 +6,7 @@ from __future__ import annotations
 class RegsandboxError(Exception):
     """An error with a machine-readable ``code`` and a Chinese ``message`` for the user.
 
-    ``status`` is the HTTP status an API answers with. The message names the value at
+    ``status`` is the HTTP status an API returns. The message names the value at
     fault and what to do, and never contains another institution's data.
     """
 

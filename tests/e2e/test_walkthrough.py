@@ -337,8 +337,10 @@ def test_unreachable_smtp_fails_the_run(platform):
     run = wait_for(finished, 180, message="run with SMTP down")
     assert run["status"] == "failed"
     assert run["error_code"] == "SMTP_UNREACHABLE"
-    assert any(e["action"] == "runs.finish" and e["resource"] == f"report_run:{run_id}" and e["outcome"] == "failed"
-               for e in audit_events(platform))
+    finish_events = [e for e in audit_events(platform)
+                     if e["action"] == "runs.finish" and e["resource"] == f"report_run:{run_id}"]
+    assert finish_events
+    assert finish_events[0]["outcome"] == "failed"
     assert not (platform.data_dir / "reports" / str(schedule["id"]) / str(run_id)).exists()
 
 
