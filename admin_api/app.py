@@ -18,6 +18,8 @@ from collections.abc import Awaitable, Callable
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
+from fastapi.openapi.docs import get_swagger_ui_html
+from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
@@ -25,7 +27,8 @@ from sqlalchemy.exc import SQLAlchemyError
 from admin_api import console
 from admin_api.db import make_engine, make_session_factory
 from admin_api.deps import require
-from admin_api.errors import install_error_handlers
+from admin_api.display import install_filters
+from admin_api.errors import install_error_handlers, not_found
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import audit_log, identity, models, reports
@@ -37,6 +40,18 @@ from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 logger = logging.getLogger(__name__)
 
 TEMPLATES_DIR = Path(__file__).resolve().parent / "templates"
+try:
+    import swagger_ui_bundle
+except ImportError:  # the package is a dependency; without it only /api/docs is unavailable
+    SWAGGER_UI_DIR: Path | None = None
+else:
+    SWAGGER_UI_DIR = Path(str(swagger_ui_bundle.swagger_ui_path))
+"""Swagger UI files of the swagger-ui-bundle-v2 package, so /api/docs needs no CDN."""
+DOCS_ASSETS = {
+    "swagger-ui-bundle.js": "text/javascript",
+    "swagger-ui.css": "text/css",
+    "favicon-32x32.png": "image/png",
+}
 _REQUEST_ID = re.compile(r"^[A-Za-z0-9._-]{1,64}$")
 
 
@@ -65,6 +80,34 @@ async def _request_id_middleware(request: Request, call_next: Callable[[Request]
     return response
 
 
+def _add_docs(app: FastAPI) -> None:
+    """Serve Swagger UI at /api/docs from the installed files; the page loads nothing from other hosts."""
+
+    @app.get("/api/docs", include_in_schema=False, response_class=HTMLResponse)
+    def docs(_caller: Principal = Depends(require("public"))) -> HTMLResponse:
+        if SWAGGER_UI_DIR is None:
+            logger.warning("swagger-ui-bundle-v2 is not installed, /api/docs shows the JSON link only")
+            return HTMLResponse(
+                "<!doctype html><meta charset=\"utf-8\"><title>接口文档</title>"
+                "<p>本机未安装接口文档界面（Python 包 swagger-ui-bundle-v2）。"
+                "接口说明见 <a href=\"/api/openapi.json\">/api/openapi.json</a>。</p>"
+            )
+        return get_swagger_ui_html(
+            openapi_url="/api/openapi.json",
+            title="监管沙箱管理服务接口文档",
+            swagger_js_url="/api/docs/assets/swagger-ui-bundle.js",
+            swagger_css_url="/api/docs/assets/swagger-ui.css",
+            swagger_favicon_url="/api/docs/assets/favicon-32x32.png",
+            swagger_ui_parameters={"validatorUrl": None},
+        )
+
+    @app.get("/api/docs/assets/{name}", include_in_schema=False)
+    def docs_asset(name: str, _caller: Principal = Depends(require("public"))) -> FileResponse:
+        if name not in DOCS_ASSETS or SWAGGER_UI_DIR is None:
+            raise not_found("NOT_FOUND", f"接口文档没有文件 {name}。")
+        return FileResponse(SWAGGER_UI_DIR / name, media_type=DOCS_ASSETS[name])
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -86,7 +129,7 @@ def create_app(
         logger.error("admin_api cannot start: %s", error.code)
         raise SystemExit(f"admin_api 无法启动：{error.message}") from error
 
-    app = FastAPI(title="regsandbox admin_api", version="1", docs_url="/api/docs", openapi_url="/api/openapi.json",
+    app = FastAPI(title="regsandbox admin_api", version="1", docs_url=None, openapi_url="/api/openapi.json",
                   redoc_url=None)
     app.state.settings = settings
     app.state.secrets = secrets
@@ -95,12 +138,14 @@ def create_app(
     app.state.registry = registry or MlflowRegistry(settings.mlflow_url, secrets.mlflow_admin_password)
     app.state.project_root = (project_root or PROJECT_ROOT).resolve()
     app.state.templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
+    install_filters(app.state.templates)
 
     app.middleware("http")(_request_id_middleware)
     install_error_handlers(app)
     for module in (identity, audit_log, models, reports):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(console.router)
+    _add_docs(app)
 
     @app.get("/healthz", include_in_schema=False)
     def health(_caller: Principal = Depends(require("public"))) -> dict[str, str]:

@@ -1,14 +1,17 @@
-"""The Chinese web console: sign-in, model review, report schedules and the audit log.
+"""The Chinese web console: sign-in, model review, report notebooks and schedules, and the audit log.
 
 Pages are rendered on the server from ``admin_api/templates``. The session cookie
 ``regsandbox_session`` (HttpOnly, SameSite=Lax) carries a random token whose SM3 digest is an
 ``api_tokens`` row of kind ``console``, so logging out or disabling a user ends the session.
 Every POST form carries a CSRF token: before sign-in it must match the ``regsandbox_login_csrf``
 cookie, afterwards it is HMAC-SM3 of the session token under the platform session secret.
+A form whose input is rejected shows the Chinese message on its own page. It also stores an audit
+event with outcome ``failed`` and the error code. Pages show times in 北京时间 (Asia/Shanghai).
 """
 
 from __future__ import annotations
 
+import re
 import secrets as _random
 from typing import Any
 from urllib.parse import quote
@@ -21,8 +24,8 @@ from sqlalchemy.orm import Session
 from admin_api.audit import add_event, record_event
 from admin_api.db import utc_now
 from admin_api.deps import SESSION_COOKIE, deny, get_session, require
-from admin_api.errors import forbidden
-from admin_api.models import ROLE_NAMES, AuditEvent, ReportRun, Schedule, User
+from admin_api.errors import forbidden, invalid
+from admin_api.models import ROLE_NAMES, AuditEvent, ReportNotebook, ReportRun, Schedule, User
 from admin_api.security import (
     ANONYMOUS_PRINCIPAL,
     CONSOLE_SESSION_LIFETIME,
@@ -32,7 +35,17 @@ from admin_api.security import (
     find_token,
     issue_token,
 )
-from admin_api.services import REVIEW_STATUS_NAMES, authenticate, list_models, queue_run, review_model
+from admin_api.services import (
+    REVIEW_STATUS_NAMES,
+    approve_notebook,
+    authenticate,
+    create_schedule,
+    list_models,
+    queue_run,
+    review_model,
+    update_schedule,
+    visible_models,
+)
 from regsandbox_core.crypto import constant_time_equal
 from regsandbox_core.errors import RegsandboxError
 
@@ -50,6 +63,13 @@ def _check_csrf(request: Request, principal: Principal, capability: str, submitt
         raise deny(request, principal, capability, forbidden(
             "CSRF_INVALID", "表单已过期或来源无效，请刷新页面后重新提交。"
         ))
+
+
+def _failed(request: Request, session: Session, principal: Principal, action: str, resource: str,
+            error: RegsandboxError) -> None:
+    """Store the audit event of a rejected form: outcome ``failed`` with the error code."""
+    session.rollback()
+    record_event(request, principal, action, resource, "failed", {"code": error.code})
 
 
 def _page(request: Request, name: str, principal: Principal | None, status_code: int = 200, **context: Any) -> Response:
@@ -135,14 +155,24 @@ def home(request: Request, session: Session = Depends(get_session),
          caller: Principal = Depends(require("console.use", console=True))) -> Response:
     """Show the signed-in user and the pages their role may use."""
     user = session.scalars(select(User).where(User.username == caller.username)).one()
-    return _page(request, "home.html", caller, user=user)
+    administrators = list(session.scalars(
+        select(User).where(User.role == "system_admin", User.is_active.is_(True)).order_by(User.username)
+    ))
+    return _page(request, "home.html", caller, user=user, administrators=administrators)
+
+
+def _model_items(session: Session, request: Request, caller: Principal) -> list[dict[str, Any]]:
+    return visible_models(list_models(session, request.app.state.registry), caller)
 
 
 @router.get("/models", response_class=HTMLResponse)
 def models_page(request: Request, session: Session = Depends(get_session),
                 caller: Principal = Depends(require("models.read", console=True))) -> Response:
-    """Show every institution's model versions with AUC/KS and the review form."""
-    items = list_models(session, request.app.state.registry)
+    """Show model versions with AUC/KS and review status; reviewers get the review form.
+
+    A regulator sees every institution's versions, a modeller those of their own institution.
+    """
+    items = _model_items(session, request, caller)
     return _page(request, "models.html", caller, items=items, notice=request.query_params.get("done"), error=None)
 
 
@@ -159,24 +189,50 @@ def review_form(
 ) -> Response:
     """Approve or return a model version from the review form."""
     _check_csrf(request, caller, "models.review", csrf)
-    registry = request.app.state.registry
     try:
-        review_model(session, request, caller, registry, name, version, decision, comment)
+        review_model(session, request, caller, request.app.state.registry, name, version, decision, comment)
     except RegsandboxError as error:
-        items = list_models(session, registry) if error.code != "REGISTRY_UNAVAILABLE" else []
+        _failed(request, session, caller, "models.review", f"model:{name}/{version}", error)
+        items = _model_items(session, request, caller) if error.code != "REGISTRY_UNAVAILABLE" else []
         return _page(request, "models.html", caller, status_code=error.status, items=items, notice=None,
                      error=error.message)
     return RedirectResponse(f"/console/models?done={quote(f'{name} 版本 {version}')}", status_code=303)
 
 
+_NOTICES = {
+    "queued": "已加入运行队列（运行编号 {}）。",
+    "created": "已新建报告调度（编号 {}）。",
+    "enabled": "已启用报告调度（编号 {}）。",
+    "disabled": "已停用报告调度（编号 {}）。",
+    "approved": "已审批通过报告笔记本（编号 {}），并记录了文件的 SM3 摘要。",
+}
+_RECIPIENT_SEPARATORS = re.compile(r"[\s,，;；、]+")
+
+
+def _notice(request: Request) -> str | None:
+    for key, template in _NOTICES.items():
+        value = request.query_params.get(key, "")
+        if value.isdigit():
+            return template.format(value)
+    return None
+
+
+def _schedules_page(request: Request, session: Session, caller: Principal, *, status_code: int = 200,
+                    error: str | None = None, form: dict[str, Any] | None = None) -> Response:
+    """Render the schedules page: notebooks, schedules, the new-schedule form and recent runs."""
+    notebooks = list(session.scalars(select(ReportNotebook).order_by(ReportNotebook.id)))
+    schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
+    runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
+    return _page(request, "schedules.html", caller, status_code=status_code, notebooks=notebooks,
+                 schedules=schedules, runs=runs, notice=None if error else _notice(request), error=error,
+                 form=form or {"enabled": True})
+
+
 @router.get("/schedules", response_class=HTMLResponse)
 def schedules_page(request: Request, session: Session = Depends(get_session),
                    caller: Principal = Depends(require("schedules.read", console=True))) -> Response:
-    """List report schedules and recent runs, with a run-now button."""
-    schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
-    runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
-    return _page(request, "schedules.html", caller, schedules=schedules, runs=runs,
-                 notice=request.query_params.get("queued"), error=None)
+    """List report notebooks, schedules and recent runs, with the forms the caller's role may use."""
+    return _schedules_page(request, session, caller)
 
 
 @router.post("/schedules/{schedule_id}/run", response_class=HTMLResponse)
@@ -192,11 +248,79 @@ def run_now(
     try:
         run = queue_run(session, request, caller, schedule_id, "manual")
     except RegsandboxError as error:
-        schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
-        runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
-        return _page(request, "schedules.html", caller, status_code=error.status, schedules=schedules, runs=runs,
-                     notice=None, error=error.message)
+        _failed(request, session, caller, "runs.queue", f"schedule:{schedule_id}", error)
+        return _schedules_page(request, session, caller, status_code=error.status, error=error.message)
     return RedirectResponse(f"/console/schedules?queued={run.id}", status_code=303)
+
+
+@router.post("/report-notebooks/{notebook_id}/approve", response_class=HTMLResponse)
+def approve_notebook_form(
+    notebook_id: int,
+    request: Request,
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("notebooks.approve", console=True)),
+) -> Response:
+    """Approve a report notebook as its file is now (same as POST /api/v1/report-notebooks/{id}/approve)."""
+    _check_csrf(request, caller, "notebooks.approve", csrf)
+    try:
+        approve_notebook(session, request, caller, request.app.state.project_root, notebook_id)
+    except RegsandboxError as error:
+        _failed(request, session, caller, "notebooks.approve", f"report_notebook:{notebook_id}", error)
+        return _schedules_page(request, session, caller, status_code=error.status, error=error.message)
+    return RedirectResponse(f"/console/schedules?approved={notebook_id}", status_code=303)
+
+
+def _recipient_list(text: str) -> list[str]:
+    return [part for part in _RECIPIENT_SEPARATORS.split(text) if part]
+
+
+@router.post("/schedules", response_class=HTMLResponse)
+def create_schedule_form(
+    request: Request,
+    name: str = Form(default="", max_length=1000),
+    notebook_id: str = Form(default="", max_length=20),
+    cron: str = Form(default="", max_length=1000),
+    recipients: str = Form(default="", max_length=20000),
+    enabled: str = Form(default="", max_length=10),
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("schedules.write", console=True)),
+) -> Response:
+    """Create a report schedule with the same checks as POST /api/v1/schedules."""
+    _check_csrf(request, caller, "schedules.write", csrf)
+    form = {"name": name, "notebook_id": notebook_id, "cron": cron, "recipients": recipients, "enabled": bool(enabled)}
+    try:
+        if not notebook_id.isdigit():
+            raise invalid("INVALID_NOTEBOOK", "请选择一个已审批的报告笔记本。")
+        schedule = create_schedule(session, request, caller, name=name, notebook_id=int(notebook_id), cron=cron,
+                                   recipients=_recipient_list(recipients), enabled=bool(enabled))
+    except RegsandboxError as error:
+        _failed(request, session, caller, "schedules.create", f"schedule:{name.strip()[:100]}", error)
+        return _schedules_page(request, session, caller, status_code=error.status, error=error.message, form=form)
+    return RedirectResponse(f"/console/schedules?created={schedule.id}", status_code=303)
+
+
+@router.post("/schedules/{schedule_id}/enabled", response_class=HTMLResponse)
+def toggle_schedule_form(
+    schedule_id: int,
+    request: Request,
+    enabled: str = Form(default="", max_length=10),
+    csrf: str = Form(default="", alias="csrf_token", max_length=200),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("schedules.write", console=True)),
+) -> Response:
+    """Enable or disable a schedule; only the enabled flag changes (as PATCH /api/v1/schedules/{id})."""
+    _check_csrf(request, caller, "schedules.write", csrf)
+    try:
+        if enabled not in ("true", "false"):
+            raise invalid("INVALID_ENABLED", f"启用状态 {enabled!r} 无效，只能是 true（启用）或 false（停用）。")
+        update_schedule(session, request, caller, schedule_id, enabled=enabled == "true")
+    except RegsandboxError as error:
+        _failed(request, session, caller, "schedules.update", f"schedule:{schedule_id}", error)
+        return _schedules_page(request, session, caller, status_code=error.status, error=error.message)
+    done = "enabled" if enabled == "true" else "disabled"
+    return RedirectResponse(f"/console/schedules?{done}={schedule_id}", status_code=303)
 
 
 @router.get("/audit", response_class=HTMLResponse)

@@ -3,7 +3,8 @@
 ``Depends(require("models.review"))`` resolves the caller into a :class:`Principal` and checks
 that its role has the capability. API routes accept a bearer token: the service token with an
 ``X-Regsandbox-Service`` header, or a user's access token. Console routes accept the session
-cookie only, so a browser cookie can never drive an API write. Every denial is answered with
+cookie only, so a browser cookie can never drive an API write. API routes also declare
+:data:`BEARER_SCHEME`, so the OpenAPI document tells clients how to authenticate. Every denial is answered with
 401 or 403 and stored in the audit log.
 """
 
@@ -11,7 +12,8 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator
 
-from fastapi import Depends, Request
+from fastapi import Depends, Request, Security
+from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
 from admin_api.audit import record_event
@@ -29,6 +31,16 @@ from admin_api.security import (
 from regsandbox_core.crypto import constant_time_equal
 
 SESSION_COOKIE = "regsandbox_session"
+
+BEARER_SCHEME = HTTPBearer(
+    scheme_name="BearerToken",
+    auto_error=False,
+    description=(
+        "用户访问令牌：调用 POST /api/v1/auth/token 获得，放在请求头 “Authorization: Bearer <令牌>” 中，"
+        "有效期 8 小时。平台服务使用服务令牌，并同时发送请求头 X-Regsandbox-Service（hub、scheduler 或 registry）。"
+    ),
+)
+"""Bearer scheme declared on every API route in the OpenAPI document. :func:`require` checks the token itself."""
 
 
 def get_session(request: Request) -> Iterator[Session]:
@@ -118,30 +130,45 @@ def require(capability: str, *, console: bool = False) -> Callable[..., Principa
         raise ValueError(f"unknown capability {capability!r}")
 
     def dependency(request: Request, session: Session = Depends(get_session)) -> Principal:
-        try:
-            principal = resolve_principal(request, session, console=console)
-        except _Denied as denied:
-            raise deny(request, denied.principal, capability, denied.error) from None
-        except ApiError as error:
-            if console:
-                raise  # a console visitor without a valid session is sent to the login form
-            raise deny(request, ANONYMOUS_PRINCIPAL, capability, error) from None
+        return _authorise(request, session, capability, console)
 
-        request.state.principal = principal
-        if allows(principal.role, capability):
-            return principal
-        if principal.kind == "anonymous":
-            if console:
-                raise unauthenticated("NOT_AUTHENTICATED", "请先登录。")
-            raise deny(request, principal, capability, unauthenticated(
-                "NOT_AUTHENTICATED", "未提供访问令牌。请在 Authorization 请求头中提供 “Bearer <令牌>”。"
-            ))
-        role_name = ROLE_NAMES.get(principal.role, "平台服务" if principal.role == SERVICE else principal.role)
-        raise deny(request, principal, capability, forbidden(
-            "FORBIDDEN", f"当前角色（{role_name}）无权执行此操作：{CAPABILITIES[capability][0]}。"
+    if console or capability == "public":
+        return dependency
+
+    def api_dependency(
+        request: Request,
+        session: Session = Depends(get_session),
+        _declared: HTTPAuthorizationCredentials | None = Security(BEARER_SCHEME),
+    ) -> Principal:
+        return _authorise(request, session, capability, console)
+
+    return api_dependency
+
+
+def _authorise(request: Request, session: Session, capability: str, console: bool) -> Principal:
+    """Resolve the caller and check ``capability``; every denial is audited."""
+    try:
+        principal = resolve_principal(request, session, console=console)
+    except _Denied as denied:
+        raise deny(request, denied.principal, capability, denied.error) from None
+    except ApiError as error:
+        if console:
+            raise  # a console visitor without a valid session is sent to the login form
+        raise deny(request, ANONYMOUS_PRINCIPAL, capability, error) from None
+
+    request.state.principal = principal
+    if allows(principal.role, capability):
+        return principal
+    if principal.kind == "anonymous":
+        if console:
+            raise unauthenticated("NOT_AUTHENTICATED", "请先登录。")
+        raise deny(request, principal, capability, unauthenticated(
+            "NOT_AUTHENTICATED", "未提供访问令牌。请在 Authorization 请求头中提供 “Bearer <令牌>”。"
         ))
-
-    return dependency
+    role_name = ROLE_NAMES.get(principal.role, "平台服务" if principal.role == SERVICE else principal.role)
+    raise deny(request, principal, capability, forbidden(
+        "FORBIDDEN", f"当前角色（{role_name}）无权执行此操作：{CAPABILITIES[capability][0]}。"
+    ))
 
 
 def check_institution(request: Request, principal: Principal, capability: str, institution_code: str | None) -> None:

@@ -53,7 +53,8 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "institutions.read": ("查看机构信息", _USERS | {SERVICE}),
     "audit.append": ("写入审计事件", frozenset({SERVICE})),
     "audit.read": ("查看审计日志", frozenset({"system_admin"})),
-    "models.read": ("查看模型版本", frozenset({"regulator_reviewer", SERVICE})),
+    # modellers read the versions of their own institution only (services.visible_models)
+    "models.read": ("查看模型版本", frozenset({"regulator_reviewer", "modeller", SERVICE})),
     "models.review": ("审查模型版本", frozenset({"regulator_reviewer"})),
     "notebooks.read": ("查看报告笔记本", frozenset({"regulator_reviewer", "system_admin", SERVICE})),
     "notebooks.approve": ("审批报告笔记本", frozenset({"regulator_reviewer"})),

@@ -1,4 +1,6 @@
-"""Operations shared by the API routes and the console: sign-in, model review and report runs.
+"""Operations shared by the API routes and the console.
+
+They cover sign-in, model review, report notebook approval, schedules and report runs.
 
 Each function checks its input, writes its change together with the audit event in one
 transaction, and raises :class:`~admin_api.errors.ApiError` with a Chinese message when it cannot.
@@ -14,14 +16,17 @@ from typing import Any
 
 from fastapi import Request
 from sqlalchemy import func, select, update
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event, record_event
+from admin_api.cron import parse_cron
 from admin_api.db import utc_now
 from admin_api.errors import ApiError, conflict, forbidden, invalid, not_found, unauthenticated
 from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
 from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
-from admin_api.security import Principal, verify_password
+from admin_api.security import SERVICE, Principal, verify_password
+from regsandbox_core.crypto import sm3_file
 
 logger = logging.getLogger(__name__)
 
@@ -122,6 +127,22 @@ def latest_reviews(session: Session) -> dict[tuple[str, str], ModelReview]:
     for review in session.scalars(select(ModelReview).order_by(ModelReview.id)):
         latest[(review.model_name, review.model_version)] = review
     return latest
+
+
+CROSS_INSTITUTION_ROLES = frozenset({"regulator_reviewer", "system_admin", SERVICE})
+"""Roles that see the model versions of every institution; every other role sees its own only."""
+
+
+def visible_models(items: list[dict[str, Any]], principal: Principal) -> list[dict[str, Any]]:
+    """Keep the model versions ``principal`` may read.
+
+    Regulators and platform services read all of them. Any other caller reads only the versions
+    of its own institution; 未归属 versions and a caller without an institution get nothing.
+    """
+    if principal.role in CROSS_INSTITUTION_ROLES:
+        return items
+    own = principal.institution_code
+    return [item for item in items if own is not None and item["institution_code"] == own]
 
 
 def list_models(session: Session, registry: ModelRegistry) -> list[dict[str, Any]]:
@@ -292,3 +313,109 @@ def claim_run(session: Session, request: Request, principal: Principal, run_id: 
     run = session.get(ReportRun, run_id, populate_existing=True)
     assert run is not None
     return run
+
+
+def get_notebook(session: Session, notebook_id: int) -> ReportNotebook:
+    notebook = session.get(ReportNotebook, notebook_id)
+    if notebook is None:
+        raise not_found("NOTEBOOK_NOT_FOUND", f"报告笔记本 {notebook_id} 不存在。")
+    return notebook
+
+
+def approve_notebook(
+    session: Session, request: Request, principal: Principal, project_root: Path, notebook_id: int
+) -> ReportNotebook:
+    """Approve a report notebook file as it is now: record its SM3 digest, audit and commit."""
+    notebook = get_notebook(session, notebook_id)
+    path = notebook_file(project_root, notebook)
+    try:
+        digest = sm3_file(path)
+    except OSError as error:
+        raise not_found(
+            "NOTEBOOK_FILE_NOT_FOUND", f"报告笔记本文件 {notebook.path} 无法读取（{type(error).__name__}），请确认文件存在。"
+        ) from error
+    notebook.status, notebook.sm3_digest = "approved", digest
+    notebook.approved_by, notebook.approved_at = principal.username, utc_now()
+    add_event(session, request, principal, "notebooks.approve", f"report_notebook:{notebook.id}", "success",
+              {"path": notebook.path, "sm3": digest})
+    session.commit()
+    return notebook
+
+
+MAX_SCHEDULE_NAME = 100
+
+
+def create_schedule(
+    session: Session,
+    request: Request,
+    principal: Principal,
+    *,
+    name: str,
+    notebook_id: int,
+    cron: str,
+    recipients: list[str],
+    enabled: bool,
+) -> Schedule:
+    """Create a schedule, audit it and commit.
+
+    An enabled schedule needs an approved notebook; a disabled one may wait for the approval.
+    Raises 422 for a bad name, cron expression or recipient, 404 for an unknown notebook and
+    409 for an unapproved notebook or a name in use.
+    """
+    name = name.strip()
+    if not name:
+        raise invalid("INVALID_NAME", "调度名称不能为空，请填写一个便于识别的名称，如“季度风险监测报告”。")
+    if len(name) > MAX_SCHEDULE_NAME:
+        raise invalid("INVALID_NAME", f"调度名称共 {len(name)} 个字符，超过上限 {MAX_SCHEDULE_NAME} 个，请缩短。")
+    cron, _trigger = parse_cron(cron)
+    recipients = validate_recipients(recipients)
+    notebook = get_notebook(session, notebook_id)
+    if enabled:
+        require_approved(notebook)
+    if session.scalars(select(Schedule).where(Schedule.name == name)).first() is not None:
+        raise conflict("SCHEDULE_EXISTS", f"调度名称 {name} 已被使用，请换一个名称。")
+
+    schedule = Schedule(name=name, notebook_id=notebook.id, cron=cron, recipients=recipients,
+                        enabled=enabled, created_by=principal.username)
+    session.add(schedule)
+    try:
+        session.flush()
+    except IntegrityError as error:
+        session.rollback()
+        raise conflict("SCHEDULE_EXISTS", f"调度名称 {name} 已被使用，请换一个名称。") from error
+    add_event(session, request, principal, "schedules.create", f"schedule:{schedule.id}", "success",
+              {"name": name, "notebook_id": notebook.id, "cron": cron, "enabled": enabled})
+    session.commit()
+    return schedule
+
+
+def update_schedule(
+    session: Session,
+    request: Request,
+    principal: Principal,
+    schedule_id: int,
+    *,
+    cron: str | None = None,
+    recipients: list[str] | None = None,
+    enabled: bool | None = None,
+) -> Schedule:
+    """Change the given fields of a schedule (None leaves a field as it is), audit and commit.
+
+    Enabling needs an approved notebook (409 NOTEBOOK_NOT_APPROVED).
+    """
+    schedule = get_schedule(session, schedule_id)
+    changes: dict[str, object] = {}
+    if cron is not None:
+        schedule.cron, _trigger = parse_cron(cron)
+        changes["cron"] = schedule.cron
+    if recipients is not None:
+        schedule.recipients = validate_recipients(recipients)
+        changes["recipients"] = len(schedule.recipients)
+    if enabled is not None:
+        if enabled:
+            require_approved(schedule.notebook)
+        schedule.enabled = enabled
+        changes["enabled"] = enabled
+    add_event(session, request, principal, "schedules.update", f"schedule:{schedule.id}", "success", changes)
+    session.commit()
+    return schedule

@@ -10,17 +10,20 @@ from sqlalchemy.orm import Session
 from admin_api.deps import get_session, require
 from admin_api.schemas import ReviewOut, ReviewRequest
 from admin_api.security import Principal
-from admin_api.services import list_models, review_model
+from admin_api.services import list_models, review_model, visible_models
 
 router = APIRouter()
 
 
 @router.get("/models")
 def models(
-    request: Request, session: Session = Depends(get_session), _caller: Principal = Depends(require("models.read"))
+    request: Request, session: Session = Depends(get_session), caller: Principal = Depends(require("models.read"))
 ) -> list[dict[str, Any]]:
-    """List every registered model version with institution, AUC/KS and review status."""
-    return list_models(session, request.app.state.registry)
+    """List registered model versions with institution, AUC/KS and review status.
+
+    Regulators get every institution's versions. A modeller gets the versions of their own institution only.
+    """
+    return visible_models(list_models(session, request.app.state.registry), caller)
 
 
 @router.post("/models/{name}/versions/{version}/review", response_model=ReviewOut)

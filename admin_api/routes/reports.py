@@ -7,11 +7,9 @@ from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
 from sqlalchemy import select
-from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event
-from admin_api.cron import parse_cron
 from admin_api.db import utc_now
 from admin_api.deps import get_session, require
 from admin_api.errors import conflict, invalid, not_found
@@ -27,24 +25,10 @@ from admin_api.schemas import (
     ScheduleUpdate,
 )
 from admin_api.security import Principal
-from admin_api.services import (
-    claim_run,
-    get_schedule,
-    notebook_file,
-    queue_run,
-    require_approved,
-    validate_recipients,
-)
-from regsandbox_core.crypto import sm3_file
+from admin_api import services
+from admin_api.services import claim_run, get_schedule, notebook_file, queue_run
 
 router = APIRouter()
-
-
-def _get_notebook(session: Session, notebook_id: int) -> ReportNotebook:
-    notebook = session.get(ReportNotebook, notebook_id)
-    if notebook is None:
-        raise not_found("NOTEBOOK_NOT_FOUND", f"报告笔记本 {notebook_id} 不存在。")
-    return notebook
 
 
 @router.get("/report-notebooks", response_model=list[NotebookOut])
@@ -63,19 +47,7 @@ def approve_notebook(
     caller: Principal = Depends(require("notebooks.approve")),
 ) -> NotebookOut:
     """Approve the notebook file as it is now; its SM3 digest is recorded."""
-    notebook = _get_notebook(session, notebook_id)
-    path = notebook_file(request.app.state.project_root, notebook)
-    try:
-        digest = sm3_file(path)
-    except OSError as error:
-        raise not_found(
-            "NOTEBOOK_FILE_NOT_FOUND", f"报告笔记本文件 {notebook.path} 无法读取（{type(error).__name__}），请确认文件存在。"
-        ) from error
-    notebook.status, notebook.sm3_digest = "approved", digest
-    notebook.approved_by, notebook.approved_at = caller.username, utc_now()
-    add_event(session, request, caller, "notebooks.approve", f"report_notebook:{notebook.id}", "success",
-              {"path": notebook.path, "sm3": digest})
-    session.commit()
+    notebook = services.approve_notebook(session, request, caller, request.app.state.project_root, notebook_id)
     return NotebookOut.of(notebook)
 
 
@@ -103,28 +75,10 @@ def create_schedule(
     caller: Principal = Depends(require("schedules.write")),
 ) -> ScheduleOut:
     """Create a schedule; an enabled one needs an approved notebook, a disabled one may wait for approval."""
-    name = body.name.strip()
-    if not name:
-        raise invalid("INVALID_NAME", "调度名称不能为空。")
-    cron, _trigger = parse_cron(body.cron)
-    recipients = validate_recipients(body.recipients)
-    notebook = _get_notebook(session, body.notebook_id)
-    if body.enabled:
-        require_approved(notebook)
-    if session.scalars(select(Schedule).where(Schedule.name == name)).first() is not None:
-        raise conflict("SCHEDULE_EXISTS", f"调度名称 {name} 已被使用，请换一个名称。")
-
-    schedule = Schedule(name=name, notebook_id=notebook.id, cron=cron, recipients=recipients,
-                        enabled=body.enabled, created_by=caller.username)
-    session.add(schedule)
-    try:
-        session.flush()
-    except IntegrityError as error:
-        session.rollback()
-        raise conflict("SCHEDULE_EXISTS", f"调度名称 {name} 已被使用，请换一个名称。") from error
-    add_event(session, request, caller, "schedules.create", f"schedule:{schedule.id}", "success",
-              {"name": name, "notebook_id": notebook.id, "cron": cron, "enabled": body.enabled})
-    session.commit()
+    schedule = services.create_schedule(
+        session, request, caller, name=body.name, notebook_id=body.notebook_id, cron=body.cron,
+        recipients=body.recipients, enabled=body.enabled,
+    )
     return ScheduleOut.of(schedule)
 
 
@@ -137,21 +91,9 @@ def update_schedule(
     caller: Principal = Depends(require("schedules.write")),
 ) -> ScheduleOut:
     """Change a schedule's cron, recipients or enabled flag; enabling needs an approved notebook."""
-    schedule = get_schedule(session, schedule_id)
-    changes: dict[str, object] = {}
-    if body.cron is not None:
-        schedule.cron, _trigger = parse_cron(body.cron)
-        changes["cron"] = schedule.cron
-    if body.recipients is not None:
-        schedule.recipients = validate_recipients(body.recipients)
-        changes["recipients"] = len(schedule.recipients)
-    if body.enabled is not None:
-        if body.enabled:
-            require_approved(schedule.notebook)
-        schedule.enabled = body.enabled
-        changes["enabled"] = body.enabled
-    add_event(session, request, caller, "schedules.update", f"schedule:{schedule.id}", "success", changes)
-    session.commit()
+    schedule = services.update_schedule(
+        session, request, caller, schedule_id, cron=body.cron, recipients=body.recipients, enabled=body.enabled
+    )
     return ScheduleOut.of(schedule)
 
 

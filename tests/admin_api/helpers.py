@@ -25,10 +25,10 @@ def approved_schedule(env: Env, *, fresh: bool = False) -> int:
     cached = getattr(env, "_schedule_id", None)
     if cached is not None and not fresh:
         return cached
-    with env.db() as session:
-        known = session.execute(select(ReportNotebook).where(ReportNotebook.status == "approved")).first()
     quarterly = notebook_id(env, "quarterly_risk")
-    if known is None:
+    with env.db() as session:
+        status = session.scalars(select(ReportNotebook.status).where(ReportNotebook.id == quarterly)).one()
+    if status != "approved":
         response = env.client.post(f"/api/v1/report-notebooks/{quarterly}/approve", headers=env.auth("reviewer"))
         assert response.status_code == 200, response.text
     response = env.client.post(

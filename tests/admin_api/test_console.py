@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import re
 
 from fastapi.testclient import TestClient
@@ -24,6 +25,15 @@ def _csrf(html: str) -> str:
     match = _CSRF.search(html)
     assert match, "no CSRF field on the page"
     return match.group(1)
+
+
+def _newest_event(env: Env, action: str) -> AuditEvent:
+    with env.db() as session:
+        event = session.scalars(
+            select(AuditEvent).where(AuditEvent.action == action).order_by(AuditEvent.id.desc())
+        ).first()
+    assert event is not None
+    return event
 
 
 def _login(env: Env, browser: TestClient, username: str, password: str | None = None):  # type: ignore[no-untyped-def]
@@ -120,6 +130,9 @@ def test_review_form_return_without_comment(env: Env) -> None:
 
     assert response.status_code == 422
     assert "退回模型版本时必须填写审查意见" in response.text
+    event = _newest_event(env, "models.review")
+    assert (event.actor, event.resource, event.outcome) == ("reviewer", "model:bank_c.lgd/1", "failed")
+    assert json.loads(event.detail or "{}") == {"code": "COMMENT_REQUIRED"}
 
 
 def test_review_form_bad_csrf_changes_nothing(env: Env) -> None:
@@ -139,11 +152,36 @@ def test_review_form_bad_csrf_changes_nothing(env: Env) -> None:
         assert len(list(session.scalars(select(ModelReview.id)))) == before
 
 
-def test_models_page_forbidden_for_modeller(env: Env) -> None:
+def test_models_page_modeller_own_institution_read_only(env: Env) -> None:
+    comment = f"请补充压力情景下的区分度分析-{env.backend}"
+    returned = env.client.post("/api/v1/models/bank_a.scorecard/versions/1/review", headers=env.auth("reviewer"),
+                               json={"decision": "returned", "comment": comment})
+    assert returned.status_code == 200, returned.text
     browser = _browser(env)
     _login(env, browser, "modeller_a")
 
     response = browser.get("/console/models")
+
+    assert response.status_code == 200
+    assert "<h2>本机构模型</h2>" in response.text
+    assert "<td>bank_a.scorecard</td>" in response.text
+    assert comment in response.text
+    assert "已退回" in response.text
+    for other in ("bank_b.pd_model", "bank_c.lgd", "scratch_model", "浦东示范银行乙", "未归属"):
+        assert other not in response.text
+    assert "/console/models/review" not in response.text
+
+
+def test_review_form_by_modeller_refused(env: Env) -> None:
+    browser = _browser(env)
+    _login(env, browser, "modeller_a")
+    page = browser.get("/console/models")
+
+    response = browser.post(
+        "/console/models/review",
+        data={"name": "bank_a.scorecard", "version": "1", "decision": "approved", "comment": "",
+              "csrf_token": _csrf(page.text)},
+    )
 
     assert response.status_code == 403
     assert "无权执行此操作" in response.text

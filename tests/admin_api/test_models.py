@@ -5,6 +5,8 @@ from __future__ import annotations
 from sqlalchemy import func, select
 
 from admin_api.models import ModelReview
+from admin_api.security import Principal
+from admin_api.services import visible_models
 
 from .conftest import Env
 from .helpers import audit_events
@@ -33,6 +35,41 @@ def test_models_list_all_institutions(env: Env) -> None:
     assert first["institution_name"] == "浦东示范银行甲"
     assert (first["auc"], first["ks"]) == (0.7812, 0.4123)
     assert items[("scratch_model", "1")]["institution_name"] == "未归属"
+
+
+def test_modeller_of_bank_a_never_sees_bank_b(env: Env) -> None:
+    env.registry.add("bank_b.secret_pd", "7", auc=0.8, ks=0.5)
+    env.registry.add("bank_ab.lookalike", "1", auc=0.6, ks=0.2)
+    try:
+        own = env.client.get("/api/v1/models", headers=env.auth("modeller_a"))
+        other = env.client.get("/api/v1/models", headers=env.auth("modeller_b"))
+    finally:
+        del env.registry.versions[("bank_b.secret_pd", "7")]
+        del env.registry.versions[("bank_ab.lookalike", "1")]
+
+    assert own.status_code == 200
+    assert sorted((item["name"], item["version"]) for item in own.json()) == [
+        ("bank_a.scorecard", "1"), ("bank_a.scorecard", "2")]
+    assert {item["institution_code"] for item in own.json()} == {"bank_a"}
+    assert "bank_b" not in own.text
+    assert sorted((item["name"], item["version"]) for item in other.json()) == [
+        ("bank_b.pd_model", "1"), ("bank_b.secret_pd", "7")]
+
+
+def test_models_list_refused_to_reporter(env: Env) -> None:
+    response = env.client.get("/api/v1/models", headers=env.auth("reporter_a"))
+
+    assert response.status_code == 403
+    assert response.json()["code"] == "FORBIDDEN"
+
+
+def test_visible_models_fail_closed() -> None:
+    items = [{"name": "bank_a.x", "institution_code": "bank_a"}, {"name": "scratch", "institution_code": None}]
+
+    assert visible_models(items, Principal("user", "m", "modeller", None)) == []
+    assert visible_models(items, Principal("user", "u", "unknown_role", "bank_a")) == [items[0]]
+    assert visible_models(items, Principal("user", "r", "regulator_reviewer")) == items
+    assert visible_models(items, Principal("anonymous", "anonymous", "anonymous")) == []
 
 
 def test_review_approve_stored_tagged_audited(env: Env) -> None:

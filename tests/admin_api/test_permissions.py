@@ -35,6 +35,8 @@ class Route:
     scoped: bool = False
     """Institution users get 403 when the path names another institution."""
     console: bool = False
+    listed: bool = False
+    """A list of model versions. The list returned to a modeller contains their own institution's models only."""
 
 
 ROUTES = {
@@ -48,7 +50,8 @@ ROUTES = {
         "actor": "modeller_a", "action": "hub.spawn", "resource": "server:modeller_a", "outcome": "success",
         "institution_code": "bank_a"}),
     "audit.list": Route("GET", "/api/v1/audit/events", frozenset({"system_admin"}), 200),
-    "models.list": Route("GET", "/api/v1/models", frozenset({"regulator_reviewer", "service"}), 200),
+    "models.list": Route("GET", "/api/v1/models", frozenset({"regulator_reviewer", "modeller", "service"}), 200,
+                         listed=True),
     "models.review": Route("POST", "/api/v1/models/{model}/versions/1/review", frozenset({"regulator_reviewer"}),
                            200, body={"decision": "returned", "comment": "请补充样本外验证结果"}),
     "notebooks.list": Route("GET", "/api/v1/report-notebooks",
@@ -70,7 +73,8 @@ ROUTES = {
     "runs.finish": Route("POST", "/api/v1/report-runs/{running_run}/finish", frozenset({"service"}), 200,
                          body={"status": "succeeded"}),
     "console.home": Route("GET", "/console/", ALL_USERS, 200, console=True),
-    "console.models": Route("GET", "/console/models", frozenset({"regulator_reviewer"}), 200, console=True),
+    "console.models": Route("GET", "/console/models", frozenset({"regulator_reviewer", "modeller"}), 200,
+                            console=True, listed=True),
     "console.schedules": Route("GET", "/console/schedules", frozenset({"system_admin", "regulator_reviewer"}), 200,
                                console=True),
     "console.audit": Route("GET", "/console/audit", frozenset({"system_admin"}), 200, console=True),
@@ -78,6 +82,12 @@ ROUTES = {
                             body={"name": "{model}", "version": "1", "decision": "returned", "comment": "表单退回"}),
     "console.run": Route("POST", "/console/schedules/{schedule}/run", frozenset({"system_admin", "regulator_reviewer"}),
                          303, console=True, body={}),
+    "console.approve": Route("POST", "/console/report-notebooks/{notebook}/approve",
+                             frozenset({"regulator_reviewer"}), 303, console=True, body={}),
+    "console.schedule_create": Route("POST", "/console/schedules", frozenset({"system_admin"}), 303, console=True,
+                                     body="console_schedule"),
+    "console.schedule_toggle": Route("POST", "/console/schedules/{schedule}/enabled", frozenset({"system_admin"}),
+                                     303, console=True, body={"enabled": "true"}),
     "console.logout": Route("POST", "/console/logout", ALL_USERS, 303, console=True, body={}),
 }
 
@@ -129,8 +139,27 @@ def _headers(env: Env, route: Route, role: str) -> dict[str, str]:
 def _form(env: Env, route: Route, headers: dict[str, str], institution: str) -> dict[str, str]:
     """Return the console form of ``route`` with the CSRF token of the session in ``headers``."""
     session_token = headers.get("Cookie", "=").split("=", 1)[1]
-    form = {key: value.format(model=MODEL_OF[institution]) for key, value in route.body.items()}
+    if route.body == "console_schedule":
+        approved_schedule(env)  # approves the quarterly notebook once
+        form = {"name": f"表单权限表-{secrets.token_hex(4)}", "notebook_id": str(notebook_id(env, "quarterly_risk")),
+                "cron": "30 7 * * 1-5", "recipients": "a@regulator.example", "enabled": "on"}
+    else:
+        form = {key: value.format(model=MODEL_OF[institution]) for key, value in route.body.items()}
     return {**form, "csrf_token": csrf_token(env.secrets.session_secret, session_token)}
+
+
+ALL_MODELS = {"bank_a.scorecard", "bank_b.pd_model", "bank_c.lgd", "scratch_model"}
+
+
+def _check_listed_models(route: Route, role: str, listing: Any) -> None:
+    """A modeller of bank_a sees bank_a's models only; regulators and services see every model."""
+    if route.console:
+        listed_names = {name for name in ALL_MODELS if f"<td>{name}</td>" in listing}
+    else:
+        listed_names = {item["name"] for item in listing}
+        if role == "modeller":
+            assert {item["institution_code"] for item in listing} == {OWN}
+    assert listed_names == ({MODEL_OF[OWN]} if role == "modeller" else ALL_MODELS)
 
 
 CASES = [
@@ -159,6 +188,8 @@ def test_route_permission(env: Env, route_name: str, role: str, scope: str) -> N
     expected = expected_status(route, role, scope)
     assert response.status_code == expected, response.text
     assert response.headers["X-Request-ID"] == request_id
+    if route.listed and expected == 200:
+        _check_listed_models(route, role, response.text if route.console else response.json())
     if expected in (401, 403):
         if not route.console:
             assert set(response.json()) == {"code", "detail"}

@@ -1,0 +1,115 @@
+"""Console formatting of stored values: 北京时间, Chinese names of roles and actions, audit details.
+
+:func:`install_filters` registers the functions as Jinja filters, so templates write
+``value|beijing``, ``role|role_label``, ``action|action_label`` and ``detail|detail_lines``.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import UTC, datetime
+from zoneinfo import ZoneInfo
+
+from fastapi.templating import Jinja2Templates
+
+from admin_api.models import ROLE_NAMES
+from admin_api.security import ANONYMOUS, CAPABILITIES, SERVICE
+
+BEIJING = ZoneInfo("Asia/Shanghai")
+"""Zone of every time shown on the console. The database and the API keep times in UTC."""
+
+ROLE_LABELS = {**ROLE_NAMES, SERVICE: "平台服务", ANONYMOUS: "匿名访问者", "unknown": "未知用户"}
+
+ACTION_LABELS = {
+    "auth.token": "获取访问令牌",
+    "auth.verify": "代为核验登录",
+    "console.login": "控制台登录",
+    "console.logout": "控制台退出",
+    "models.review": "模型审查",
+    "notebooks.approve": "审批报告笔记本",
+    "schedules.create": "新建报告调度",
+    "schedules.update": "修改报告调度",
+    "runs.queue": "发起报告运行",
+    "runs.claim": "领取报告运行",
+    "runs.finish": "结束报告运行",
+    "sandbox.spawn": "启动建模沙箱",
+}
+"""Names of the actions admin_api and the platform services write; denials use capability names."""
+
+DETAIL_KEY_LABELS = {
+    "code": "错误代码",
+    "decision": "审查结论",
+    "comment": "审查意见",
+    "institution_code": "机构代码",
+    "path": "路径",
+    "sm3": "SM3 摘要",
+    "name": "名称",
+    "notebook_id": "报告笔记本编号",
+    "cron": "调度表达式",
+    "enabled": "启用",
+    "recipients": "收件人数",
+    "schedule_id": "调度编号",
+    "trigger": "触发方式",
+    "status": "状态",
+    "error_code": "错误代码",
+}
+
+
+def beijing(value: datetime | str | None, pattern: str = "%Y-%m-%d %H:%M:%S") -> str:
+    """Format a UTC time (aware, naive-as-UTC or ISO 8601 text) in 北京时间; empty for None or bad text."""
+    if value is None or value == "":
+        return ""
+    if isinstance(value, str):
+        try:
+            value = datetime.fromisoformat(value)
+        except ValueError:
+            return value
+    if value.tzinfo is None:
+        value = value.replace(tzinfo=UTC)
+    return value.astimezone(BEIJING).strftime(pattern)
+
+
+def role_label(role: str | None) -> str:
+    return ROLE_LABELS.get(role or "", role or "")
+
+
+def action_label(action: str) -> str:
+    """Return the Chinese name of an audit action or of a capability named by a denial."""
+    if action in ACTION_LABELS:
+        return ACTION_LABELS[action]
+    entry = CAPABILITIES.get(action)
+    return entry[0] if entry else ""
+
+
+def _value_text(value: object) -> str:
+    if isinstance(value, bool):
+        return "是" if value else "否"
+    if value is None:
+        return "空"
+    if isinstance(value, str):
+        return value
+    return json.dumps(value, ensure_ascii=False)
+
+
+def detail_lines(detail: str | None) -> list[str]:
+    """Turn an audit event's JSON detail into "名称（key）: value" lines; other text is one line."""
+    if not detail:
+        return []
+    try:
+        parsed = json.loads(detail)
+    except ValueError:
+        return [detail]
+    if not isinstance(parsed, dict):
+        return [_value_text(parsed)]
+    lines = []
+    for key, value in parsed.items():
+        label = DETAIL_KEY_LABELS.get(str(key))
+        name = f"{label}（{key}）" if label else str(key)
+        lines.append(f"{name}: {_value_text(value)}")
+    return lines
+
+
+def install_filters(templates: Jinja2Templates) -> None:
+    templates.env.filters.update(
+        beijing=beijing, role_label=role_label, action_label=action_label, detail_lines=detail_lines
+    )
