@@ -208,6 +208,11 @@ def test_reviewer_approves_in_the_console(platform):
     assert version["tags"]["regsandbox.review.status"] == "approved"
     assert version["tags"]["regsandbox.review.reviewer"] == "reviewer"
 
+    # The modeller reads the decision on her own institution's models, and nothing of bank_b.
+    own = httpx.get(f"{platform.admin_api_url}/api/v1/models", headers=api_headers(platform, "modeller_a")).json()
+    assert {m["institution_code"] for m in own} == {"bank_a"}
+    assert next(m for m in own if m["name"] == "bank_a.pd_logreg")["review_status"] == "approved"
+
     returned = httpx.post(f"{platform.admin_api_url}/api/v1/models/bank_b.pd_b/versions/1/review",
                           json={"decision": "returned", "comment": "缺少校准检验"}, headers=headers)
     # bank_b.pd_b has no version 1 yet: the regulator gets a clear "not found".
@@ -274,24 +279,50 @@ def _report_runs(platform, headers) -> list[dict]:
     return response.json()
 
 
+def console_login(playwright, platform, username: str):
+    """Open a Chromium page signed in to the console as ``username``."""
+    browser = playwright.chromium.launch(executable_path="/usr/bin/chromium", args=CHROMIUM_ARGS)
+    page = browser.new_page()
+    page.goto(f"{platform.admin_api_url}/console/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", platform.credentials[username])
+    page.click("button[type=submit]")
+    return browser, page
+
+
 def test_approved_report_is_run_emailed_and_archived(platform):
-    reviewer = api_headers(platform, "reviewer")
+    from playwright.sync_api import sync_playwright
+
     admin = api_headers(platform, "sysadmin")
-    notebooks = httpx.get(f"{platform.admin_api_url}/api/v1/report-notebooks", headers=admin).json()
-    inventory = next(n for n in notebooks if n["name"] == "模型清单")
-    approved = httpx.post(f"{platform.admin_api_url}/api/v1/report-notebooks/{inventory['id']}/approve",
-                          headers=reviewer)
-    assert approved.status_code == 200, approved.text
+    schedules_page = f"{platform.admin_api_url}/console/schedules"
+    with sync_playwright() as playwright:
+        # The regulator approves the report notebook on the 报告调度 page.
+        browser, page = console_login(playwright, platform, "reviewer")
+        page.goto(schedules_page)
+        page.locator("tr", has_text="模型清单").locator("button", has_text="审批通过").first.click()
+        page.wait_for_load_state()
+        assert "已审批" in page.locator("tr", has_text="模型清单").first.inner_text()
+        browser.close()
 
-    schedule = httpx.post(f"{platform.admin_api_url}/api/v1/schedules", headers=admin, json={
-        "name": "模型清单日报", "notebook_id": inventory["id"], "cron": "*/20 * * * * *",
-        "recipients": ["staff@regulator.example"], "enabled": True})
-    assert schedule.status_code == 201, schedule.text
-    schedule_id = schedule.json()["id"]
+        # The system administrator schedules it there and starts one run now.
+        browser, page = console_login(playwright, platform, "sysadmin")
+        page.goto(schedules_page)
+        page.fill("input[name=name]", "模型清单日报")
+        page.select_option("select[name=notebook_id]", label=page.locator(
+            "select[name=notebook_id] option", has_text="模型清单").first.inner_text())
+        page.fill("input[name=cron]", "*/20 * * * * *")
+        page.fill("textarea[name=recipients]", "staff@regulator.example")
+        page.check("input[name=enabled]")
+        page.click("button:has-text('新建调度')")
+        page.wait_for_load_state()
+        row = page.locator("tr", has_text="模型清单日报").first
+        assert "*/20 * * * * *" in row.inner_text()
+        row.locator("button", has_text="立即运行").click()
+        page.wait_for_load_state()
+        browser.close()
 
-    queued = httpx.post(f"{platform.admin_api_url}/api/v1/schedules/{schedule_id}/runs", headers=admin,
-                        json={"trigger": "manual"})
-    assert queued.status_code == 201, queued.text
+    schedule_id = next(s["id"] for s in httpx.get(f"{platform.admin_api_url}/api/v1/schedules",
+                                                  headers=admin).json() if s["name"] == "模型清单日报")
 
     def finished(trigger):
         runs = [r for r in _report_runs(platform, admin) if r["schedule_id"] == schedule_id
