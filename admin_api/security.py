@@ -68,7 +68,7 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
 
 
 def allows(role: str, capability: str) -> bool:
-    """Tell whether ``role`` holds ``capability``; an unknown capability is denied to every role."""
+    """Return whether ``role`` has ``capability``. An unknown capability is denied to every role."""
     entry = CAPABILITIES.get(capability)
     return entry is not None and role in entry[1]
 

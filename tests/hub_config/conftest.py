@@ -105,7 +105,7 @@ class HubFixture:
     audit_token: str
     """Bearer token that may read admin_api's audit log (service token for the stand-in, sysadmin for the real one)."""
     passwords: dict[str, str]
-    """Password of each account that admin_api knows, by user name."""
+    """Passwords of the accounts stored in admin_api, by user name."""
     child_env: dict[str, str]
     """Environment (REGSANDBOX_* settings) with which the platform processes were started."""
 

@@ -127,7 +127,7 @@ class FakeAdminApi:
     notebooks: dict[int, dict[str, Any]] = field(default_factory=dict)
     rejected_requests: int = 0
     finish_failures_left: int = 0
-    """Finish requests to answer with 503 before accepting one."""
+    """Number of finish requests that get 503 before one is accepted."""
     lock: threading.Lock = field(default_factory=threading.Lock)
 
     def queue(self, schedule_id: int, trigger: str) -> dict[str, Any]:
