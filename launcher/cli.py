@@ -1,4 +1,4 @@
-"""``regsandbox`` command line: ``init``, ``up``, ``down`` and ``status``.
+"""``regsandbox`` command line: ``init``, ``up``, ``down``, ``status`` and ``verify``.
 
 Messages for the operator are in Chinese; logs are in English.
 """
@@ -17,9 +17,21 @@ import time
 from pathlib import Path
 
 from launcher.processes import ProcessGroup, ProcessSpec, http_ok, pid_alive, port_is_open, read_pid, stop_process_group
+from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.keystore import KeyStore, KeyStoreError, master_key_from_environment
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.secrets import ensure_platform_secrets, write_private_file
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
+from regsandbox_core.signing import (
+    KIND_LABELS,
+    SignatureInvalid,
+    VerifiedFile,
+    VerifiedObject,
+    read_envelope,
+    signature_path,
+    verify_file,
+    verify_object,
+)
 
 log = logging.getLogger("launcher")
 
@@ -283,6 +295,89 @@ def status(settings: Settings) -> int:
     return 0 if any_running else 3
 
 
+def _describe_value(value: object) -> str:
+    if isinstance(value, dict):
+        return f"对象，{len(value)} 个字段"
+    if isinstance(value, list):
+        return f"列表，{len(value)} 项"
+    text = json.dumps(value, ensure_ascii=False)
+    return text if len(text) <= 80 else text[:77] + "…"
+
+
+def _print_payload_summary(payload: dict, limit: int = 20) -> None:
+    print("  签名内容：")
+    for name, value in list(payload.items())[:limit]:
+        print(f"    {name}：{_describe_value(value)}")
+    if len(payload) > limit:
+        print(f"    …… 另有 {len(payload) - limit} 个字段未显示")
+
+
+def _print_file_result(data_file: Path, result: VerifiedFile) -> None:
+    print(f"签名有效：文件 {data_file} 自签名后未被修改。")
+    print(f"  签名类型：{result.kind}（{KIND_LABELS.get(result.kind, '其他')}）")
+    if result.name != data_file.name:
+        print(f"  签名时的文件名：{result.name}")
+    print(f"  文件大小：{result.size} 字节")
+    print(f"  SM3 杂凑值：{result.sm3}")
+
+
+def _print_object_result(target: Path, verified: VerifiedObject) -> None:
+    print(f"签名有效：签名对象 {target} 自签名后未被修改。")
+    print(f"  签名类型：{verified.kind}（{KIND_LABELS.get(verified.kind, '其他')}）")
+    _print_payload_summary(verified.payload)
+
+
+def _open_keystore(settings: Settings) -> KeyStore:
+    path = settings.keys_dir / "keystore.json"
+    if not path.is_file():
+        raise KeyStoreError("keystore_missing", f"密钥库 {path} 不存在，无法取得平台签名公钥。请确认数据目录（REGSANDBOX_DATA_DIR）正确。")
+    return KeyStore(path, master_key_from_environment(settings.data_dir))
+
+
+def verify(settings: Settings, target: Path) -> int:
+    """Verify a signed JSON envelope or a file with ``<file>.sig`` beside it; exit 0 valid, 1 invalid, 2 unusable."""
+    # The Chinese result printed below already names the key and why it was not usable.
+    logging.getLogger("regsandbox_core.keystore").setLevel(logging.ERROR)
+    if not target.is_file():
+        print(f"文件 {target} 不存在或不是普通文件。用法：regsandbox verify <签名对象.json 或 带 .sig 的文件>", file=sys.stderr)
+        return 2
+    data_file = target
+    if target.name.endswith(".sig") and target.with_name(target.name[:-4]).is_file():
+        data_file = target.with_name(target.name[:-4])
+    detached = signature_path(data_file).is_file()
+    if not detached:
+        try:
+            envelope = read_envelope(target)
+        except SignatureInvalid:
+            envelope = None
+        if not isinstance(envelope, dict) or "regsandbox_signed" not in envelope:
+            print(f"{target} 不是签名对象（JSON 中没有 regsandbox_signed），旁边也没有 {signature_path(target).name}。",
+                  file=sys.stderr)
+            return 2
+    try:
+        keystore = _open_keystore(settings)
+        if detached:
+            result = verify_file(data_file, keystore)
+        else:
+            verified = verify_object(envelope, keystore)
+    except SignatureInvalid as error:
+        print(error.message, file=sys.stderr)
+        return 1
+    except RegsandboxError as error:
+        print(f"无法验证：{error.message}（{error.code}）", file=sys.stderr)
+        return 2
+
+    if detached:
+        _print_file_result(data_file, result)
+        key, signed_at = result.key, result.signed_at
+    else:
+        _print_object_result(target, verified)
+        key, signed_at = verified.key, verified.signed_at
+    print(f"  签名密钥：{key}（SM2-SM3）")
+    print(f"  签名时间：{signed_at}")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="regsandbox", description="regsandbox 监管数据服务平台")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -290,6 +385,10 @@ def main(argv: list[str] | None = None) -> int:
     commands.add_parser("up", help="初始化并启动全部服务，按 Ctrl-C 停止")
     commands.add_parser("down", help="停止 `regsandbox up` 启动的全部服务")
     commands.add_parser("status", help="显示各服务是否在运行")
+    verify_parser = commands.add_parser(
+        "verify", help="验证平台签名：签名对象（JSON）或旁边带 .sig 签名文件的文件；有效退出码 0，无效 1，无法验证 2"
+    )
+    verify_parser.add_argument("file", type=Path, help="签名对象 JSON 文件，或旁边有 <文件名>.sig 的文件")
     args = parser.parse_args(argv)
 
     configure_logging()
@@ -310,6 +409,8 @@ def main(argv: list[str] | None = None) -> int:
         return up(settings)
     if args.command == "down":
         return down(settings)
+    if args.command == "verify":
+        return verify(settings, args.file)
     return status(settings)
 
 
