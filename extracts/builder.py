@@ -1,14 +1,16 @@
 """Masked extracts: one folder per institution that its sandbox users may read.
 
 ``build_extract`` reads the institution's raw warehouse rows, replaces the direct identifiers
-(name, resident ID number, mobile) by keyed HMAC-SM3 tokens under the institution's own key and
-writes ``<data_dir>/extracts/<code>/applications.parquet`` and ``manifest.json``. The same person
-gets the same token within one institution and unrelated tokens at two institutions, because the
-institutions' keys differ.
+(name, resident ID number, mobile) by keyed HMAC-SM3 tokens under the institution's active token
+key from the key store (``<code>/token/v<n>``) and writes ``<data_dir>/extracts/<code>/``
+``applications.parquet``, ``manifest.json`` and ``manifest.json.sig``, the platform's detached
+SM2 signature of the manifest. The same person gets the same token within one institution and
+unrelated tokens at two institutions, because the institutions' keys differ. After a rotation of
+the token key the next build yields new tokens, and the manifest names the new version.
 
 Every file is written to a temporary file in the same folder, given its final owner and mode, and
-moved into place with ``os.replace``. The manifest is written last, so a reader that finds a
-manifest finds the files it lists.
+moved into place with ``os.replace``. The manifest is written after the table and signed last, so
+a reader that finds a manifest finds the files it lists.
 """
 
 from __future__ import annotations
@@ -36,14 +38,16 @@ from extracts.demo_data import (
 )
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.errors import RegsandboxError
-from regsandbox_core.secrets import ensure_tokenisation_key
+from regsandbox_core.keystore import KIND_SIGNING, KIND_TOKEN, PLATFORM_OWNER, KeyStore, KeyVersion, NoActiveKey
+from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
+from regsandbox_core.signing import sign_file
 
 logger = logging.getLogger(__name__)
 
 INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 MANIFEST_NAME = "manifest.json"
-TOKEN_KEY_VERSION = 1
+MANIFEST_SIGNATURE_KIND = "extract_manifest"
 
 # Extract column -> warehouse column it is computed from. The source columns never reach the extract.
 TOKEN_COLUMNS: dict[str, str] = {
@@ -55,6 +59,12 @@ TOKEN_COLUMNS: dict[str, str] = {
 
 class InvalidInstitutionError(RegsandboxError):
     """The institution code is malformed or has no rows in the warehouse."""
+
+
+class ExtractKeyMissingError(RegsandboxError):
+    """The key store has no active token key of the institution or no active platform signing key."""
+
+    status = 409
 
 
 class WarehouseMissingError(RegsandboxError):
@@ -193,20 +203,41 @@ def _warn_untraversable_parents(path: Path) -> None:
             )
 
 
-def build_extract(settings: Settings, institution_code: str, unix_group: str | None = None) -> Path:
+def _active_key(keystore: KeyStore, owner: str, kind: str) -> KeyVersion:
+    """Return the active version, or raise ExtractKeyMissingError telling the operator what to run."""
+    try:
+        return keystore.current(owner, kind)
+    except NoActiveKey:
+        purpose = "平台签名密钥" if kind == KIND_SIGNING else f"机构 {owner} 的令牌化密钥"
+        raise ExtractKeyMissingError(
+            "EXTRACT_KEY_MISSING",
+            f"密钥库中没有启用状态的{purpose}（{owner}/{kind}），无法生成数据提取。"
+            "请运行 `regsandbox init` 补齐密钥；若该密钥已被吊销，请由密钥管理员生成并启用新版本。",
+        ) from None
+
+
+def build_extract(
+    settings: Settings, institution_code: str, unix_group: str | None = None, *, keystore: KeyStore | None = None
+) -> Path:
     """Build the masked extract of one institution and return its folder.
 
-    Writes ``applications.parquet`` and then ``manifest.json`` into ``<data_dir>/extracts/<code>``.
+    Writes ``applications.parquet``, ``manifest.json`` and ``manifest.json.sig`` into
+    ``<data_dir>/extracts/<code>``. Tokens use the active ``<code>/token`` key of ``keystore``
+    (default: the data directory's key store); the manifest records its version and label.
     With ``unix_group`` and root privileges the folder becomes 0750 root:<group> and its files
     0640; otherwise 0700 and 0600. Rebuilding with the same key writes byte-identical Parquet.
 
-    Raises InvalidInstitutionError for a malformed or unknown code and WarehouseMissingError when
-    the warehouse is empty.
+    Raises InvalidInstitutionError for a malformed or unknown code, WarehouseMissingError when
+    the warehouse is empty, KeyStoreMissing when ``regsandbox init`` has not created the key
+    store, and ExtractKeyMissingError when the token or signing key has no active version.
     """
     validate_institution(settings, institution_code)
+    if keystore is None:
+        keystore = open_keystore(settings)
+    token_key = _active_key(keystore, institution_code, KIND_TOKEN)
+    _active_key(keystore, PLATFORM_OWNER, KIND_SIGNING)
     raw = pl.read_parquet(warehouse_partition_file(settings, institution_code))
-    key = ensure_tokenisation_key(settings, institution_code)
-    masked = mask_applications(raw, key)
+    masked = mask_applications(raw, token_key.key)
 
     target = extract_dir(settings, institution_code)
     permissions = resolve_permissions(unix_group)
@@ -230,20 +261,27 @@ def build_extract(settings: Settings, institution_code: str, unix_group: str | N
                 "sm3": sm3_file(table_file),
             }
         ],
-        "token_key_version": TOKEN_KEY_VERSION,
+        "token_key_version": token_key.version,
+        "token_key": token_key.label,
         "tokenised_columns": [
             {"column": column, "source": source, "method": "HMAC-SM3"} for column, source in TOKEN_COLUMNS.items()
         ],
         "target": {"column": "creditability", "positive_class": 1, "meaning": "1 = 违约（bad），0 = 正常（good）"},
     }
-    _write_json_atomic(manifest, target / MANIFEST_NAME, permissions)
+    manifest_path = target / MANIFEST_NAME
+    _write_json_atomic(manifest, manifest_path, permissions)
+    # sign_file writes the signature atomically with the manifest's mode; the group comes after.
+    permissions.apply(sign_file(keystore, manifest_path, kind=MANIFEST_SIGNATURE_KIND), is_dir=False)
     logger.info(
-        "built extract of %s: %d rows, group %s, folder %s", institution_code, row_count, permissions.group_name, target
+        "built extract of %s: %d rows, token key %s, group %s, folder %s",
+        institution_code, row_count, token_key.label, permissions.group_name, target,
     )
     return target
 
 
-def build_all(settings: Settings, unix_group_prefix: str | None = None) -> dict[str, Path]:
+def build_all(
+    settings: Settings, unix_group_prefix: str | None = None, *, keystore: KeyStore | None = None
+) -> dict[str, Path]:
     """Build the extract of every institution in the warehouse; the group is ``<prefix><code>``."""
     codes = warehouse_institutions(settings)
     if not codes:
@@ -251,7 +289,11 @@ def build_all(settings: Settings, unix_group_prefix: str | None = None) -> dict[
             "WAREHOUSE_EMPTY",
             f"数据仓库 {settings.warehouse_dir} 中没有申请数据。请先运行 `python -m extracts load-demo` 导入演示数据。",
         )
+    if keystore is None:
+        keystore = open_keystore(settings)
     return {
-        code: build_extract(settings, code, f"{unix_group_prefix}{code}" if unix_group_prefix is not None else None)
+        code: build_extract(
+            settings, code, f"{unix_group_prefix}{code}" if unix_group_prefix is not None else None, keystore=keystore
+        )
         for code in codes
     }

@@ -20,6 +20,7 @@ from launcher.processes import ProcessGroup, ProcessSpec, http_ok, pid_alive, po
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore, KeyStoreError, master_key_from_environment
 from regsandbox_core.logs import configure_logging
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import ensure_platform_secrets, write_private_file
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 from regsandbox_core.signing import (
@@ -109,6 +110,14 @@ def _save_credentials(settings: Settings, created: dict[str, str]) -> None:
     write_private_file(path, ("\n".join(lines) + "\n").encode("utf-8"))
 
 
+def _ensure_keys(settings: Settings) -> None:
+    """Create the master key, key store, platform signing key and token keys that are missing."""
+    try:
+        ensure_platform_keys(settings, _institution_codes(settings))
+    except RegsandboxError as error:
+        raise LaunchError(f"初始化密钥库失败：{error.message}（{error.code}）") from error
+
+
 def init(settings: Settings) -> dict[str, str]:
     """Initialise the data directory idempotently; return the credentials of users created now."""
     prepare_data_dir(settings)
@@ -121,6 +130,7 @@ def init(settings: Settings) -> dict[str, str]:
 
     if not _institution_codes(settings):
         _run_step(settings, "加载示范信贷数据", [PYTHON, "-m", "extracts", "load-demo"])
+    _ensure_keys(settings)
 
     build = [PYTHON, "-m", "extracts", "build"]
     if os.geteuid() == 0:

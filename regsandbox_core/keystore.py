@@ -601,11 +601,13 @@ class KeyStore:
                 return entry
         return None
 
-    def _new_entry(self, keys: list[dict], owner: str, kind: str) -> dict:
+    def _new_entry(self, keys: list[dict], owner: str, kind: str, material: bytes | None = None) -> dict:
         versions = [entry["version"] for entry in keys if entry["owner"] == owner and entry["kind"] == kind]
         version = max(versions, default=0) + 1
         public_key = None
-        if kind == KIND_SIGNING:
+        if material is not None:
+            material = bytes(material)
+        elif kind == KIND_SIGNING:
             pair = generate_sm2_keypair()
             material, public_key = pair.private_key, pair.public_key.hex()
         elif kind == KIND_DATA:
@@ -647,6 +649,32 @@ class KeyStore:
             with self._locked():
                 keys = self._load()
                 entry = self._new_entry(keys, owner, kind)
+                event.version = entry["version"]
+                if activate:
+                    event.detail["previous_version"] = self._make_active(keys, entry)
+                event.detail["state"] = entry["state"]
+                self._save(keys)
+            return entry["version"]
+
+    def import_key(self, owner: str, kind: str, material: bytes, *, activate: bool = True) -> int:
+        """Store existing key bytes as a new version (e.g. a key kept outside the store until now).
+
+        Only ``data`` and ``token`` keys can be imported, because a signing key also needs its
+        public key. Returns the new version, which becomes active unless ``activate`` is false.
+        """
+        with self._event("import", owner, kind) as event:
+            owner, kind = _check_owner(owner), _check_kind(kind)
+            if kind == KIND_SIGNING or not isinstance(material, (bytes, bytearray)) \
+                    or len(material) != _MATERIAL_SIZES[kind]:
+                size = len(material) if isinstance(material, (bytes, bytearray)) else type(material).__name__
+                raise KeyStoreInputInvalid(
+                    "key_import_invalid",
+                    f"无法导入 {owner}/{kind} 密钥（{size}）：只能导入 data（{SM4_KEY_SIZE} 字节）"
+                    f"或 token（{TOKEN_KEY_SIZE} 字节）类型的密钥。",
+                )
+            with self._locked():
+                keys = self._load()
+                entry = self._new_entry(keys, owner, kind, material)
                 event.version = entry["version"]
                 if activate:
                     event.detail["previous_version"] = self._make_active(keys, entry)

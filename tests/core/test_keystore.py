@@ -656,3 +656,18 @@ def test_inconsistent_backup_rejected(tmp_path: Path, store: KeyStore, edit) -> 
     with pytest.raises(BackupInvalid):
         target.restore(backup, BACKUP_KEY)
     assert not target.path.exists()
+
+
+def test_import_key_stores_given_bytes(tmp_path):
+    store = KeyStore(tmp_path / "keystore.json", FileMasterKey.create(tmp_path / "master.key"))
+    material = bytes(range(32))
+    assert store.import_key("bank_a", "token", material) == 1
+    assert store.current("bank_a", "token").key == material
+
+
+def test_import_key_rejects_signing_and_wrong_size(tmp_path):
+    store = KeyStore(tmp_path / "keystore.json", FileMasterKey.create(tmp_path / "master.key"))
+    with pytest.raises(KeyStoreInputInvalid):
+        store.import_key("platform", "signing", bytes(32))
+    with pytest.raises(KeyStoreInputInvalid):
+        store.import_key("bank_a", "token", bytes(16))

@@ -20,7 +20,7 @@ from extracts.builder import (
 )
 from extracts.demo_data import DEMO_INSTITUTIONS, warehouse_partition_file
 from regsandbox_core.crypto import keyed_token, sm3_file
-from regsandbox_core.secrets import ensure_tokenisation_key
+from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
@@ -98,7 +98,7 @@ def test_no_raw_identifier_in_values(demo_settings: Settings, code: str) -> None
 
 
 def test_tokens_are_hmac_sm3_of_identifiers(demo_settings: Settings) -> None:
-    key = ensure_tokenisation_key(demo_settings, "bank_b")
+    key = open_keystore(demo_settings).current("bank_b", "token").key
     joined = _extract(demo_settings, "bank_b").join(_warehouse(demo_settings, "bank_b"), on="application_id")
     assert joined.height == 333
     for row in joined.select("id_number", "name", "mobile", *TOKEN_COLUMNS).iter_rows(named=True):
@@ -143,6 +143,7 @@ def test_manifest_matches_files(demo_settings: Settings) -> None:
         manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
         assert manifest["institution"] == code
         assert manifest["token_key_version"] == 1
+        assert manifest["token_key"] == f"{code}/token/v1"
         assert manifest["built_at"].endswith("+00:00")
         assert [entry["column"] for entry in manifest["tokenised_columns"]] == list(TOKEN_COLUMNS)
         assert [entry["source"] for entry in manifest["tokenised_columns"]] == ["id_number", "name", "mobile"]
@@ -168,7 +169,7 @@ def test_rebuild_is_idempotent(fresh_settings: Settings) -> None:
     rebuilt = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert (folder / "applications.parquet").read_bytes() == table_bytes
     assert rebuilt["tables"] == manifest["tables"]
-    assert sorted(path.name for path in folder.iterdir()) == ["applications.parquet", "manifest.json"]
+    assert sorted(path.name for path in folder.iterdir()) == ["applications.parquet", "manifest.json", "manifest.json.sig"]
 
 
 def test_single_user_fallback_modes(fresh_settings: Settings) -> None:
@@ -232,6 +233,7 @@ def test_cli_load_and_build(tmp_path: Path) -> None:
     assert loaded.returncode == 0, loaded.stderr
     assert "已写入机构 bank_a 的演示申请数据 334 条" in loaded.stdout
 
+    ensure_platform_keys(settings, list(DEMO_INSTITUTIONS), on_event=None)
     built = _run_cli(settings, "build", "--unix-group-prefix", "rst-no-such-")
     assert built.returncode == 0, built.stderr
     for code in DEMO_INSTITUTIONS:

@@ -20,6 +20,8 @@ from pathlib import Path
 import pytest
 
 from extracts.builder import build_extract
+from extracts.demo_data import DEMO_INSTITUTIONS
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
 
 VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
@@ -70,12 +72,14 @@ def unix_accounts() -> Iterator[UnixFixture]:
 
 @pytest.fixture
 def traversable_settings(demo_settings: Settings) -> Iterator[Settings]:
-    """A data dir under /tmp with mode 0711 (pytest's own temp dirs are 0700, so other users cannot pass)."""
+    """A data dir under /tmp with mode 0711 and a key store (pytest's own temp dirs are 0700, so other users cannot pass)."""
     data_dir = Path(tempfile.mkdtemp(prefix="rst-extracts-", dir="/tmp"))
     os.chmod(data_dir, 0o711)
     try:
         shutil.copytree(demo_settings.warehouse_dir, data_dir / "warehouse")
-        yield Settings(data_dir=data_dir)
+        settings = Settings(data_dir=data_dir)
+        ensure_platform_keys(settings, list(DEMO_INSTITUTIONS), on_event=None)
+        yield settings
     finally:
         shutil.rmtree(data_dir)
 

@@ -10,6 +10,7 @@ import pytest
 import regsandbox_kernel.extract as extract_module
 from extracts.builder import build_extract
 from extracts.demo_data import load_demo
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
 
 
@@ -17,6 +18,7 @@ from regsandbox_core.settings import Settings
 def kernel_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     settings = Settings(data_dir=tmp_path_factory.mktemp("kernel-data"))
     load_demo(settings)
+    ensure_platform_keys(settings, ["bank_a", "bank_b"], on_event=None)
     build_extract(settings, "bank_a")
     build_extract(settings, "bank_b")
     return settings

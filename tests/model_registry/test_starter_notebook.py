@@ -15,6 +15,7 @@ import pytest
 from extracts.builder import build_extract
 from extracts.demo_data import load_demo
 from model_registry.sync import sync_permissions
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import mlflow_password
 from tests.model_registry.conftest import RunningMlflow
 
@@ -41,6 +42,7 @@ def test_notebook_metadata() -> None:
 def test_starter_notebook_registers_model(mlflow_server: RunningMlflow, tmp_path: Path) -> None:
     settings, secrets = mlflow_server.settings, mlflow_server.secrets
     load_demo(settings)
+    ensure_platform_keys(settings, ["bank_a"], on_event=None)
     extract = build_extract(settings, "bank_a")
     sync_permissions(settings, secrets, USERS)
     output = tmp_path / "output.ipynb"
