@@ -94,6 +94,7 @@ def test_extracts_hold_no_raw_identifiers(platform):
         extract = pl.read_parquet(folder / "applications.parquet")
         total += extract.height
         assert manifest["tables"][0]["row_count"] == extract.height
+        assert platform.regsandbox("verify", str(folder / "manifest.json"), check=False).returncode == 0
         strings = {value for column in extract.columns if extract[column].dtype == pl.String
                    for value in extract[column].to_list()}
         assert not strings & raw_values
