@@ -5,10 +5,9 @@ from __future__ import annotations
 from apscheduler.triggers.cron import CronTrigger
 
 from admin_api.errors import invalid
+from regsandbox_core.cron import PLATFORM_TIMEZONE
 from regsandbox_core.cron import CronExpressionError
 from regsandbox_core.cron import parse_cron as _parse_cron
-
-TIMEZONE = "Asia/Shanghai"
 MAX_LENGTH = 200
 
 
@@ -17,7 +16,7 @@ def parse_cron(expression: str) -> tuple[str, CronTrigger]:
     if len(expression) > MAX_LENGTH:
         raise invalid("INVALID_CRON", f"定时表达式共 {len(expression)} 个字符，超过上限 {MAX_LENGTH} 个，请检查是否粘贴了多余内容。")
     try:
-        trigger = _parse_cron(expression, TIMEZONE)
+        trigger = _parse_cron(expression, PLATFORM_TIMEZONE)
     except CronExpressionError as error:
         raise invalid(error.code, error.message) from error
     return " ".join(expression.split()), trigger

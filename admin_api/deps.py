@@ -4,7 +4,7 @@
 that its role has the capability. API routes accept a bearer token: the service token with an
 ``X-Regsandbox-Service`` header, or a user's access token. Console routes accept the session
 cookie only, so a browser cookie can never drive an API write. API routes also declare
-:data:`BEARER_SCHEME`, so the OpenAPI document tells clients how to authenticate. Every denial returns
+:data:`BEARER_SCHEME`, so the OpenAPI document describes how clients authenticate. Every denial returns
 401 or 403 and is stored in the audit log.
 """
 

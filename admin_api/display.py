@@ -14,8 +14,9 @@ from fastapi.templating import Jinja2Templates
 
 from admin_api.models import ROLE_NAMES
 from admin_api.security import ANONYMOUS, CAPABILITIES, SERVICE
+from regsandbox_core.cron import PLATFORM_TIMEZONE
 
-BEIJING = ZoneInfo("Asia/Shanghai")
+BEIJING = ZoneInfo(PLATFORM_TIMEZONE)
 """Zone of every time shown on the console. The database and the API keep times in UTC."""
 
 ROLE_LABELS = {**ROLE_NAMES, SERVICE: "平台服务", ANONYMOUS: "匿名访问者", "unknown": "未知用户"}

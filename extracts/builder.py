@@ -1,10 +1,10 @@
 """Masked extracts: one folder per institution that its sandbox users may read.
 
-``build_extract`` reads the institution's raw warehouse rows, replaces the direct identifiers
+``build_extract`` reads the institution's raw warehouse rows. It replaces the direct identifiers
 (name, resident ID number, mobile) by keyed HMAC-SM3 tokens under the institution's active token
-key from the key store (``<code>/token/v<n>``) and writes ``<data_dir>/extracts/<code>/``
-``applications.parquet``, ``manifest.json`` and ``manifest.json.sig``, the platform's detached
-SM2 signature of the manifest. The same person gets the same token within one institution and
+key from the key store (``<code>/token/v<n>``). It then writes ``applications.parquet``,
+``manifest.json`` and ``manifest.json.sig`` (the platform's detached SM2 signature of the
+manifest) to ``<data_dir>/extracts/<code>/``. The same person gets the same token within one institution and
 unrelated tokens at two institutions, because the institutions' keys differ. After a rotation of
 the token key the next build yields new tokens, and the manifest names the new version.
 
@@ -22,7 +22,6 @@ import logging
 import os
 import re
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -38,6 +37,7 @@ from extracts.demo_data import (
 )
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.files import atomic_output
 from regsandbox_core.keystore import KIND_SIGNING, KIND_TOKEN, PLATFORM_OWNER, KeyStore, KeyVersion, NoActiveKey
 from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
@@ -162,18 +162,9 @@ def describe_parquet(path: Path) -> tuple[list[dict[str, str]], int]:
 
 
 def _write_json_atomic(document: dict, path: Path, permissions: ExtractPermissions) -> None:
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(handle, "w", encoding="utf-8") as stream:
-            json.dump(document, stream, ensure_ascii=False, indent=2)
-            stream.write("\n")
-            stream.flush()
-            os.fsync(stream.fileno())
-        permissions.apply(Path(temporary), is_dir=False)
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    text = json.dumps(document, ensure_ascii=False, indent=2) + "\n"
+    with atomic_output(path, before_replace=lambda temporary: permissions.apply(temporary, is_dir=False)) as stream:
+        stream.write(text.encode("utf-8"))
 
 
 def _prepare_dirs(settings: Settings, target: Path, permissions: ExtractPermissions) -> None:

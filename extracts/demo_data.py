@@ -27,7 +27,6 @@ import datetime
 import importlib.util
 import logging
 import os
-import tempfile
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -38,6 +37,7 @@ from faker.providers.ssn.zh_CN import Provider as ChineseSsnProvider
 from stdnum.cn import ric
 from stdnum.exceptions import InvalidComponent
 
+from regsandbox_core.files import atomic_output
 from regsandbox_core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -239,19 +239,8 @@ def write_parquet_atomic(
     ``before_replace`` receives the temporary file, so a caller can set its final owner and
     mode before the file appears at ``path``.
     """
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        os.fchmod(handle, 0o600)
-        with os.fdopen(handle, "wb") as stream:
-            frame.write_parquet(stream)
-            stream.flush()
-            os.fsync(stream.fileno())
-        if before_replace is not None:
-            before_replace(Path(temporary))
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path, before_replace=before_replace) as stream:
+        frame.write_parquet(stream)
 
 
 def load_demo(settings: Settings, seed: int = DEMO_SEED) -> dict[str, int]:

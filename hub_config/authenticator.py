@@ -12,6 +12,7 @@ from jupyterhub.auth import Authenticator
 from tornado import web
 from traitlets import Float, Unicode, default
 
+from regsandbox_core.secrets import service_headers as platform_service_headers
 from regsandbox_core.settings import get_settings
 
 SERVICE_NAME = "hub"
@@ -24,7 +25,7 @@ MESSAGE_TOO_MANY_ATTEMPTS = "登录失败次数过多，账号已暂时锁定，
 
 def service_headers(service_token: str) -> dict[str, str]:
     """Return the headers with which the hub authenticates to admin_api as a service."""
-    return {"Authorization": f"Bearer {service_token}", "X-Regsandbox-Service": SERVICE_NAME}
+    return platform_service_headers(service_token, SERVICE_NAME)
 
 
 class AdminApiAuthenticator(Authenticator):

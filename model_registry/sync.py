@@ -8,7 +8,7 @@ Rules, applied on every run:
 - An experiment named ``<code>/...`` or a registered model named ``<code>.<...>`` belongs to the
   institution ``<code>``. Every institution has an experiment ``<code>/sandbox``.
 - Modellers of the institution get MANAGE on its objects; regulator reviewers get READ.
-- An object on which anyone else holds a grant (a user of another institution, a regulator with
+- An object on which anyone else has a grant (a user of another institution, a regulator with
   more than READ, an MLflow user unknown to the platform) before the sync has adopted it is
   quarantined: it gets no grants, now or later, and a warning is logged. This way a modeller of
   bank_a who creates ``bank_b.x`` gives bank_b nothing, and bank_b never sees bank_a's content.
@@ -36,7 +36,13 @@ import httpx
 
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.logs import configure_logging
-from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets, mlflow_password, write_private_file
+from regsandbox_core.secrets import (
+    PlatformSecrets,
+    load_platform_secrets,
+    mlflow_password,
+    service_headers,
+    write_private_file,
+)
 from regsandbox_core.settings import Settings, get_settings
 
 from model_registry.client import RESOURCE_EXPERIMENT, RESOURCE_REGISTERED_MODEL, MlflowAdmin
@@ -99,7 +105,7 @@ class SyncReport:
 def fetch_users(settings: Settings, secrets: PlatformSecrets, timeout: float = 10.0) -> list[dict[str, Any]]:
     """Fetch every platform user from admin_api ``GET /api/v1/users`` as the registry service."""
     url = f"{settings.admin_api_url}/api/v1/users"
-    headers = {"Authorization": f"Bearer {secrets.service_token}", "X-Regsandbox-Service": "registry"}
+    headers = service_headers(secrets.service_token, "registry")
     try:
         response = httpx.get(url, headers=headers, timeout=timeout)
     except httpx.HTTPError as error:

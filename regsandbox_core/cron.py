@@ -10,6 +10,9 @@ from apscheduler.triggers.cron import CronTrigger
 
 from regsandbox_core.errors import RegsandboxError
 
+PLATFORM_TIMEZONE = "Asia/Shanghai"
+"""Time zone in which schedules are read and the console shows times (北京时间)."""
+
 # Crontab numbers weekdays from 0 = Sunday (7 is Sunday too); APScheduler 3.x counts 0 = Monday.
 # Numeric weekday fields are therefore rewritten as lists of names, which both read the same way.
 _WEEKDAY_NAMES = ("sun", "mon", "tue", "wed", "thu", "fri", "sat", "sun")

@@ -10,12 +10,12 @@ import json
 import os
 import re
 import secrets as _random
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
 from regsandbox_core.crypto import hmac_sm3
 from regsandbox_core.errors import ConfigurationError
+from regsandbox_core.files import atomic_output
 from regsandbox_core.settings import Settings
 
 _INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
@@ -40,17 +40,8 @@ class PlatformSecrets:
 def write_private_file(path: Path, data: bytes) -> None:
     """Write ``data`` to ``path`` atomically with mode 0600: readers see the old file or the new one."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.")
-    try:
-        os.fchmod(handle, 0o600)
-        with os.fdopen(handle, "wb") as stream:
-            stream.write(data)
-            stream.flush()
-            os.fsync(stream.fileno())
-        os.replace(temporary, path)
-    except BaseException:
-        Path(temporary).unlink(missing_ok=True)
-        raise
+    with atomic_output(path) as stream:
+        stream.write(data)
 
 
 def _secrets_file(settings: Settings) -> Path:
@@ -80,6 +71,11 @@ def load_platform_secrets(settings: Settings) -> PlatformSecrets:
             "SECRETS_MISSING",
             f"平台密钥文件 {path} 缺失或无法读取（{type(error).__name__}）。请先运行 `regsandbox init` 初始化数据目录。",
         ) from error
+
+
+def service_headers(service_token: str, service: str) -> dict[str, str]:
+    """Return the headers with which a platform service (hub, scheduler, registry) calls admin_api."""
+    return {"Authorization": f"Bearer {service_token}", "X-Regsandbox-Service": service}
 
 
 def mlflow_password(secrets: PlatformSecrets, username: str) -> str:

@@ -38,11 +38,9 @@ number of segments in memory depends on the pool size, not on the file size.
 
 from __future__ import annotations
 
-import contextlib
 import os
 import secrets
 import struct
-import tempfile
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
@@ -55,6 +53,7 @@ from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.hkdf import HKDF
 
 from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.files import atomic_output
 from regsandbox_core.sm import GCM_TAG_SIZE, SM4_KEY_SIZE, KeyInvalid, sm3_digest
 
 __all__ = [
@@ -477,37 +476,6 @@ def decrypt_stream(
 # --- files -------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _atomic_output(dst_path: Path) -> Iterator[BinaryIO]:
-    """Yield a temporary file beside ``dst_path`` that replaces it only if the block succeeds.
-
-    The temporary file is created with mode 0600 and removed on any error, so a failed
-    run leaves no destination file and no partial plaintext behind.
-    """
-    dst_path = Path(dst_path)
-    descriptor, temporary = tempfile.mkstemp(prefix=f".{dst_path.name}.", suffix=".part", dir=dst_path.parent)
-    try:
-        with os.fdopen(descriptor, "wb") as handle:
-            yield handle
-            handle.flush()
-            os.fsync(handle.fileno())
-        os.replace(temporary, dst_path)
-        _fsync_directory(dst_path.parent)
-    except BaseException:
-        with contextlib.suppress(FileNotFoundError):
-            os.unlink(temporary)
-        raise
-
-
-def _fsync_directory(directory: Path) -> None:
-    """Flush a directory entry so that a rename survives a crash."""
-    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(descriptor)
-    finally:
-        os.close(descriptor)
-
-
 def encrypt_file(
     key: bytes,
     key_id: str,
@@ -519,7 +487,7 @@ def encrypt_file(
     workers: int = DEFAULT_WORKERS,
 ) -> StreamHeader:
     """Encrypt a file into ``dst_path``, which appears only once it is complete."""
-    with open(src_path, "rb") as src, _atomic_output(Path(dst_path)) as dst:
+    with open(src_path, "rb") as src, atomic_output(Path(dst_path)) as dst:
         return encrypt_stream(
             key, key_id, src, dst, associated_data, segment_size=segment_size, workers=workers
         )
@@ -538,5 +506,5 @@ def decrypt_file(
 
     On any error the temporary output is deleted and ``dst_path`` is left as it was.
     """
-    with open(src_path, "rb") as src, _atomic_output(Path(dst_path)) as dst:
+    with open(src_path, "rb") as src, atomic_output(Path(dst_path)) as dst:
         return decrypt_stream(key, src, dst, associated_data, key_id=key_id, workers=workers)

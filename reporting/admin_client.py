@@ -8,7 +8,7 @@ from typing import Any
 import httpx
 
 from regsandbox_core.errors import RegsandboxError
-from regsandbox_core.secrets import PlatformSecrets
+from regsandbox_core.secrets import PlatformSecrets, service_headers
 from regsandbox_core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -38,7 +38,7 @@ class AdminApiClient:
         self.base_url = settings.admin_api_url
         self._http = httpx.Client(
             base_url=f"{self.base_url}/api/v1",
-            headers={"Authorization": f"Bearer {secrets.service_token}", "X-Regsandbox-Service": SERVICE_NAME},
+            headers=service_headers(secrets.service_token, SERVICE_NAME),
             timeout=timeout,
             trust_env=False,
         )

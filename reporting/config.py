@@ -5,6 +5,8 @@ from __future__ import annotations
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from regsandbox_core.cron import PLATFORM_TIMEZONE
+
 
 class ReportSettings(BaseSettings):
     """Report execution settings, each one ``REGSANDBOX_REPORT_<NAME>`` variable."""
@@ -17,6 +19,7 @@ class ReportSettings(BaseSettings):
     )
     start_timeout: float = Field(default=60.0, gt=0, description="Seconds to wait for the kernel to start.")
     timezone: str = Field(
-        default="Asia/Shanghai",
-        description="Time zone of cron expressions and of the report date passed to notebooks.",
+        default=PLATFORM_TIMEZONE,
+        description="Time zone of cron expressions and of the report date passed to notebooks. "
+        "The console labels schedules in Asia/Shanghai (北京时间), so change it only together with the console.",
     )

@@ -1,0 +1,44 @@
+"""Atomic file output: readers see the old file or the complete new one, never a partial write."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import tempfile
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import BinaryIO
+
+
+@contextlib.contextmanager
+def atomic_output(path: Path, *, before_replace: Callable[[Path], None] | None = None) -> Iterator[BinaryIO]:
+    """Yield a temporary file (mode 0600) beside ``path`` that replaces ``path`` only if the block succeeds.
+
+    The file is flushed and fsynced before the rename, and the folder after it, so the rename
+    survives a crash. ``before_replace`` receives the temporary file, so a caller can set its
+    final owner and mode before it appears at ``path``. On any error the temporary file is removed.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        os.fchmod(descriptor, 0o600)
+        with os.fdopen(descriptor, "wb") as handle:
+            yield handle
+            handle.flush()
+            os.fsync(handle.fileno())
+        if before_replace is not None:
+            before_replace(Path(temporary))
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
+def fsync_directory(directory: Path) -> None:
+    """Flush a folder's entries so that a rename in it survives a crash."""
+    descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+    try:
+        os.fsync(descriptor)
+    finally:
+        os.close(descriptor)
