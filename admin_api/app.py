@@ -2,10 +2,11 @@
 
 Run with ``uvicorn admin_api.app:create_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
 The factory refuses to start (exit with a Chinese message) when the platform secrets are
-missing or the database is not migrated to the newest revision.
+missing, the master key or key store is unusable, or the database is not migrated to the newest
+revision.
 
 ``app.state`` contains what the routes share: ``settings``, ``secrets``, ``engine``,
-``session_factory``, ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
+``session_factory``, ``keystore`` (use :func:`admin_api.keyaccess.request_keystore` in routes), ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
 (folder against which report notebook paths resolve) and ``templates``.
 """
 
@@ -29,6 +30,7 @@ from admin_api.db import make_engine, make_session_factory
 from admin_api.deps import require
 from admin_api.display import install_filters
 from admin_api.errors import install_error_handlers, not_found
+from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import audit_log, identity, models, reports
@@ -123,6 +125,7 @@ def create_app(
     settings = settings or get_settings()
     try:
         secrets = load_platform_secrets(settings)
+        keystore = open_platform_keystore(settings)
         engine = make_engine(settings.sqlalchemy_url)
         _check_database(engine)
     except ConfigurationError as error:
@@ -133,6 +136,7 @@ def create_app(
                   redoc_url=None)
     app.state.settings = settings
     app.state.secrets = secrets
+    app.state.keystore = keystore
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
     app.state.registry = registry or MlflowRegistry(settings.mlflow_url, secrets.mlflow_admin_password)

@@ -59,7 +59,7 @@ from pathlib import Path
 from typing import Any
 
 from regsandbox_core.errors import RegsandboxError
-from regsandbox_core.secrets import write_private_file
+from regsandbox_core.files import write_private_file
 from regsandbox_core.sm import (
     GCM_NONCE_SIZE,
     SM4_KEY_SIZE,

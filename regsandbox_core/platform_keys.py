@@ -2,7 +2,8 @@
 
 ``regsandbox init`` calls :func:`ensure_platform_keys`, which creates the master key
 ``<data_dir>/secrets/master.key`` (unless ``REGSANDBOX_MASTER_KEY`` is set), the platform's
-SM2 signing key and one HMAC-SM3 token key per institution in ``<data_dir>/keys/keystore.json``.
+SM2 signing key and SM4 data key, and one SM4 data key and one HMAC-SM3 token key per institution,
+in ``<data_dir>/keys/keystore.json``.
 Services and the extract builder call :func:`open_keystore`, which never creates anything.
 
 Migration: an institution that already has a plain tokenisation key file from
@@ -19,6 +20,7 @@ import os
 from pathlib import Path
 
 from regsandbox_core.keystore import (
+    KIND_DATA,
     KIND_SIGNING,
     KIND_TOKEN,
     MASTER_KEY_ENV,
@@ -109,7 +111,7 @@ def _import_token_key(store: KeyStore, code: str, material: bytes) -> None:
 
 def ensure_platform_keys(settings: Settings, institution_codes: list[str],
                          on_event: AuditCallback | None = log_key_event) -> KeyStore:
-    """Create what is missing of master key, key store, platform signing key and token keys; return the store.
+    """Create what is missing of master key, key store, signing, data and token keys; return the store.
 
     Idempotent: an (owner, kind) that has any version, in whatever state, is left alone, so a key
     an administrator revoked is not silently replaced. A plain tokenisation key file of an
@@ -122,8 +124,11 @@ def ensure_platform_keys(settings: Settings, institution_codes: list[str],
             log.info("created master key file %s", path)
     store = KeyStore(keystore_path(settings), master_key_from_environment(settings.data_dir), on_event)
 
-    if not _has_versions(store, PLATFORM_OWNER, KIND_SIGNING):
-        store.generate(PLATFORM_OWNER, KIND_SIGNING)
+    for owner, kind in [(PLATFORM_OWNER, KIND_SIGNING), (PLATFORM_OWNER, KIND_DATA)] + [
+        (code, KIND_DATA) for code in institution_codes
+    ]:
+        if not _has_versions(store, owner, kind):
+            store.generate(owner, kind)
     for code in institution_codes:
         if _has_versions(store, code, KIND_TOKEN):
             continue

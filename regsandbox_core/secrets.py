@@ -15,7 +15,7 @@ from pathlib import Path
 
 from regsandbox_core.crypto import hmac_sm3
 from regsandbox_core.errors import ConfigurationError
-from regsandbox_core.files import atomic_output
+from regsandbox_core.files import write_private_file  # noqa: F401  (re-exported for callers)
 from regsandbox_core.settings import Settings
 
 _INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
@@ -35,13 +35,6 @@ class PlatformSecrets:
     """Password of the MLflow auth app's ``admin`` user."""
     derivation_key: str
     """Key from which per-user MLflow passwords are derived (see :func:`mlflow_password`)."""
-
-
-def write_private_file(path: Path, data: bytes) -> None:
-    """Write ``data`` to ``path`` atomically with mode 0600: readers see the old file or the new one."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with atomic_output(path) as stream:
-        stream.write(data)
 
 
 def _secrets_file(settings: Settings) -> Path:

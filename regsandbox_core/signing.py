@@ -48,7 +48,7 @@ from regsandbox_core.keystore import (
     KeyStore,
     KeyVersionUnknown,
 )
-from regsandbox_core.secrets import write_private_file
+from regsandbox_core.files import write_private_file
 from regsandbox_core.sm import SM2_DEFAULT_USER_ID, KeyInvalid, sm2_sign, sm2_verify
 from regsandbox_core.sm import SignatureInvalid as Sm2SignatureInvalid
 

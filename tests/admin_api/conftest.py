@@ -22,12 +22,14 @@ from typing import Any
 import psycopg
 import pytest
 from fastapi.testclient import TestClient
+from sqlalchemy import text
 from sqlalchemy.orm import Session, sessionmaker
 
 from admin_api.app import create_app
 from admin_api.db import make_engine, make_session_factory
 from admin_api.migrate import upgrade_to_head
 from admin_api.seed import seed_demo
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import PlatformSecrets, ensure_platform_secrets
 from regsandbox_core.settings import Settings
 
@@ -151,6 +153,8 @@ def build_env(backend: str, database: str, data_dir: Path, project_root: Path) -
     session_factory = make_session_factory(make_engine(database))
     with session_factory() as session:
         passwords = seed_demo(session, settings, project_root)
+        codes = [code for (code,) in session.execute(text("SELECT code FROM institutions ORDER BY code"))]
+    ensure_platform_keys(settings, codes, on_event=None)
     registry = DictRegistry()
     registry.add("bank_a.scorecard", "1", auc=0.7812, ks=0.4123)
     registry.add("bank_a.scorecard", "2", auc=0.7901, ks=0.4250)

@@ -21,6 +21,7 @@ from admin_api.migrate import alembic_config, current_revision, head_revision, u
 from admin_api.models import Institution, ReportNotebook, User
 from admin_api.security import verify_password
 from admin_api.seed import seed_demo
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import ensure_platform_secrets
 from regsandbox_core.settings import Settings
 
@@ -150,6 +151,7 @@ def test_server_serves_after_init(tmp_path: Path) -> None:
     data_dir = tmp_path / "data"
     settings = Settings(data_dir=data_dir)
     ensure_platform_secrets(settings)
+    ensure_platform_keys(settings, [], on_event=None)
     upgrade_to_head(settings.sqlalchemy_url)
     port = free_port()
     process = _uvicorn(data_dir, port)

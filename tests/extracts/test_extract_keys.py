@@ -116,7 +116,8 @@ def test_init_keys_idempotent(fresh_settings: Settings) -> None:
     ensure_platform_keys(fresh_settings, list(DEMO_INSTITUTIONS), on_event=None)
     assert store.metadata()["keys"] == before
     assert sorted((entry["owner"], entry["kind"], entry["version"]) for entry in before) == [
-        ("bank_a", "token", 1), ("bank_b", "token", 1), ("bank_c", "token", 1), ("platform", "signing", 1),
+        ("bank_a", "data", 1), ("bank_a", "token", 1), ("bank_b", "data", 1), ("bank_b", "token", 1),
+        ("bank_c", "data", 1), ("bank_c", "token", 1), ("platform", "data", 1), ("platform", "signing", 1),
     ]
 
 

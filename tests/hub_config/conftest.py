@@ -23,6 +23,7 @@ from jupyterhub.spawner import set_user_setuid
 from hub_config.hubfiles import hub_service_api_token
 from tests.conftest import free_port
 from tests.hub_config.admin_api_stub import PASSWORD as STUB_PASSWORD
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import PlatformSecrets, ensure_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings
 
@@ -219,6 +220,7 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
         **{f"{name.lower()}_port": port for name, port in ports.items()},
     )
     secrets = ensure_platform_secrets(settings)
+    ensure_platform_keys(settings, ["bank_a", "bank_b", "bank_c"], on_event=None)
     for code in INSTITUTIONS:
         _write_extract(settings, code)
     settings.logs_dir.mkdir(mode=0o700)
