@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from admin_api import console
+from admin_api import console, console_keys
 from admin_api.db import make_engine, make_session_factory
 from admin_api.deps import require
 from admin_api.display import install_filters
@@ -33,7 +33,7 @@ from admin_api.errors import install_error_handlers, not_found
 from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
-from admin_api.routes import audit_log, identity, models, reports
+from admin_api.routes import audit_log, identity, keys, models, reports
 from admin_api.security import Principal
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
@@ -146,9 +146,10 @@ def create_app(
 
     app.middleware("http")(_request_id_middleware)
     install_error_handlers(app)
-    for module in (identity, audit_log, models, reports):
+    for module in (identity, audit_log, models, reports, keys):
         app.include_router(module.router, prefix="/api/v1")
     app.include_router(console.router)
+    app.include_router(console_keys.router)
     _add_docs(app)
 
     @app.get("/healthz", include_in_schema=False)

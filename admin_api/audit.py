@@ -2,7 +2,8 @@
 
 :func:`add_event` adds an event to the caller's session, so a write and its audit event are
 committed together. :func:`record_event` commits an event on its own session; it is used for
-denials and failed sign-ins, whose request session is rolled back.
+denials and failed sign-ins, whose request session is rolled back. :func:`record_operator_event`
+commits an event of a command-line operation, which has no HTTP request.
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import logging
 from typing import Any
 
 from fastapi import Request
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
 
 from admin_api.models import AuditEvent
 from admin_api.security import Principal
@@ -84,3 +85,29 @@ def record_event(
         "audit %s %s by %s on %s (request %s)",
         outcome, action, principal.username, resource, getattr(request.state, "request_id", "-"),
     )
+
+
+def record_operator_event(
+    session_factory: sessionmaker[Session],
+    actor: str,
+    action: str,
+    resource: str,
+    outcome: str,
+    detail: dict[str, Any] | None = None,
+    *,
+    role: str = "operator",
+) -> None:
+    """Store an audit event of an operator command (e.g. ``regsandbox keys``) at once in its own transaction.
+
+    ``actor`` names the operator, for example ``cli:root``. The event has no request id or source address.
+    """
+    session = session_factory()
+    try:
+        session.add(AuditEvent(
+            actor=actor[:64], role=role, action=action, resource=resource[:500], outcome=outcome,
+            detail=json.dumps(detail, ensure_ascii=False, sort_keys=True) if detail else None,
+        ))
+        session.commit()
+    finally:
+        session.close()
+    logger.info("audit %s %s by %s on %s (command line)", outcome, action, actor, resource)

@@ -26,6 +26,7 @@ from admin_api.db import utc_now
 from admin_api.deps import SESSION_COOKIE, deny, get_session, require
 from admin_api.errors import forbidden, invalid
 from admin_api.models import ROLE_NAMES, AuditEvent, ReportNotebook, ReportRun, Schedule, User
+from admin_api.report_files import archived_file_names, download_report_file
 from admin_api.security import (
     ANONYMOUS_PRINCIPAL,
     CONSOLE_SESSION_LIFETIME,
@@ -46,6 +47,7 @@ from admin_api.services import (
     update_schedule,
     visible_models,
 )
+from admin_api.signatures import approval_signature, request_trusted_keys
 from regsandbox_core.crypto import constant_time_equal
 from regsandbox_core.errors import RegsandboxError
 
@@ -69,6 +71,8 @@ def _failed(request: Request, session: Session, principal: Principal, action: st
             error: RegsandboxError) -> None:
     """Store the audit event of a rejected form: outcome ``failed`` with the error code."""
     session.rollback()
+    if getattr(error, "audited", False):  # a failed signature was stored by the service already
+        return
     record_event(request, principal, action, resource, "failed", {"code": error.code})
 
 
@@ -88,7 +92,8 @@ def _login_form(request: Request, error: str | None = None, status_code: int = 2
     response = request.app.state.templates.TemplateResponse(
         request, "login.html", {"principal": None, "csrf": token, "error": error}, status_code=status_code
     )
-    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="lax", path="/console")
+    response.set_cookie(LOGIN_CSRF_COOKIE, token, httponly=True, samesite="lax", path="/console",
+                        secure=request.app.state.settings.console_cookies_secure)
     return response
 
 
@@ -126,7 +131,8 @@ def login(
     session.commit()
     response = RedirectResponse("/console/", status_code=303)
     response.set_cookie(SESSION_COOKIE, token, max_age=int(CONSOLE_SESSION_LIFETIME.total_seconds()),
-                        httponly=True, samesite="lax", path="/")
+                        httponly=True, samesite="lax", path="/",
+                        secure=request.app.state.settings.console_cookies_secure)
     response.delete_cookie(LOGIN_CSRF_COOKIE, path="/console")
     return response
 
@@ -162,7 +168,7 @@ def home(request: Request, session: Session = Depends(get_session),
 
 
 def _model_items(session: Session, request: Request, caller: Principal) -> list[dict[str, Any]]:
-    return visible_models(list_models(session, request.app.state.registry), caller)
+    return visible_models(list_models(session, request.app.state.registry, request_trusted_keys(request)), caller)
 
 
 @router.get("/models", response_class=HTMLResponse)
@@ -223,8 +229,12 @@ def _schedules_page(request: Request, session: Session, caller: Principal, *, st
     notebooks = list(session.scalars(select(ReportNotebook).order_by(ReportNotebook.id)))
     schedules = list(session.scalars(select(Schedule).order_by(Schedule.id)))
     runs = list(session.scalars(select(ReportRun).order_by(ReportRun.id.desc()).limit(50)))
+    trusted = request_trusted_keys(request)
+    approval_signatures = {notebook.id: approval_signature(notebook, trusted) for notebook in notebooks}
     return _page(request, "schedules.html", caller, status_code=status_code, notebooks=notebooks,
+                 approval_signatures=approval_signatures,
                  schedules=schedules, runs=runs, notice=None if error else _notice(request), error=error,
+                 run_files={run.id: archived_file_names(request.app.state.settings, run) for run in runs},
                  form=form or {"enabled": True})
 
 
@@ -233,6 +243,13 @@ def schedules_page(request: Request, session: Session = Depends(get_session),
                    caller: Principal = Depends(require("schedules.read", console=True))) -> Response:
     """List report notebooks, schedules and recent runs, with the forms the caller's role may use."""
     return _schedules_page(request, session, caller)
+
+
+@router.get("/report-runs/{run_id}/files/{name}")
+def download_run_file(run_id: int, name: str, request: Request, session: Session = Depends(get_session),
+                      caller: Principal = Depends(require("runs.read", console=True))) -> Response:
+    """Download a decrypted archived report file, with the checks of GET /api/v1/report-runs/{id}/files/{name}."""
+    return download_report_file(request, session, caller, run_id, name)
 
 
 @router.post("/schedules/{schedule_id}/run", response_class=HTMLResponse)

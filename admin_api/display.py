@@ -34,6 +34,17 @@ ACTION_LABELS = {
     "runs.claim": "领取报告运行",
     "runs.finish": "结束报告运行",
     "sandbox.spawn": "启动建模沙箱",
+    "keys.list": "查看密钥列表",
+    "key.generate": "生成密钥",
+    "key.import": "导入密钥",
+    "key.rotate": "轮换密钥",
+    "key.activate": "启用密钥版本",
+    "key.revoke": "吊销密钥版本",
+    "key.destroy": "销毁密钥版本",
+    "key.current": "读取当前密钥",
+    "key.get": "读取密钥版本",
+    "key.public_key": "读取签名公钥",
+    "key.metadata": "读取密钥元数据",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 
@@ -53,6 +64,11 @@ DETAIL_KEY_LABELS = {
     "trigger": "触发方式",
     "status": "状态",
     "error_code": "错误代码",
+    "previous_version": "原启用版本",
+    "previous_state": "原状态",
+    "state": "状态",
+    "reason": "原因",
+    "versions": "密钥版本数",
 }
 
 

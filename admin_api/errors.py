@@ -35,6 +35,9 @@ _FIELD_NAMES = {
     "resource": "对象",
     "outcome": "结果",
     "limit": "条数",
+    "reason": "吊销原因",
+    "confirm": "确认文本",
+    "version": "版本号",
 }
 
 

@@ -10,7 +10,6 @@ audits the access itself.
 
 from __future__ import annotations
 
-import logging
 from typing import Any
 
 from fastapi import Request
@@ -21,8 +20,6 @@ from regsandbox_core.errors import ConfigurationError, RegsandboxError
 from regsandbox_core.keystore import KeyStore
 from regsandbox_core.platform_keys import log_key_event, open_keystore
 from regsandbox_core.settings import Settings
-
-logger = logging.getLogger(__name__)
 
 _READS = frozenset({"current", "get", "public_key", "metadata"})
 _DETAIL_FIELDS = ("previous_version", "previous_state", "state", "code", "reason")
@@ -49,7 +46,9 @@ def request_keystore(request: Request) -> KeyStore:
         principal: Principal = getattr(request.state, "principal", ANONYMOUS_PRINCIPAL)
         safe: dict[str, Any] = {name: detail[name] for name in _DETAIL_FIELDS if name in detail}
         label = f"{owner}/{kind}" + (f"/v{version}" if version is not None else "")
-        record_event(request, principal, action=f"key.{action}", resource=f"key:{label}", outcome=outcome,
+        # The key store reports "failure"; the audit log names the same outcome "failed".
+        logged_outcome = "failed" if outcome == "failure" else outcome
+        record_event(request, principal, action=f"key.{action}", resource=f"key:{label}", outcome=logged_outcome,
                      detail=safe or None)
 
     return KeyStore(base.path, base.master, on_event)

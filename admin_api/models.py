@@ -18,6 +18,8 @@ ROLE_NAMES: dict[str, str] = {
     "regulator_reviewer": "监管审查员",
     "modeller": "建模人员",
     "reporter": "报送人员",
+    "security_admin": "安全管理员",
+    "audit_admin": "审计管理员",
 }
 
 
@@ -86,6 +88,8 @@ class ModelReview(Base):
     comment: Mapped[str] = mapped_column(Text, default="")
     reviewer: Mapped[str] = mapped_column(String(32))
     decided_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    signature: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON envelope of the SM2 signature (kind ``model_review``); NULL for decisions stored before signing."""
 
 
 class ReportNotebook(Base):
@@ -100,6 +104,8 @@ class ReportNotebook(Base):
     """SM3 of the file as it was when approved; a runner must refuse a file with another digest."""
     approved_by: Mapped[str | None] = mapped_column(String(32), nullable=True)
     approved_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    signature: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """JSON envelope of the SM2 signature of the newest approval (kind ``notebook_approval``)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
 

@@ -99,7 +99,19 @@ class ReviewRequest(BaseModel):
     comment: str = Field(default="", max_length=4000)
 
 
+class SignatureSummary(BaseModel):
+    """The SM2 signature of a stored decision: signing key, time, and whether it verifies now."""
+
+    key: str | None
+    """Key label, e.g. ``platform/signing/v1``."""
+    signed_at: str | None
+    """ISO 8601 time of signing, as recorded in the envelope."""
+    valid: bool
+    """False when the envelope or the row changed after signing, or the key is revoked or unknown."""
+
+
 class ReviewOut(BaseModel):
+    id: int
     model_name: str
     model_version: str
     institution_code: str | None
@@ -107,6 +119,7 @@ class ReviewOut(BaseModel):
     comment: str
     reviewer: str
     decided_at: datetime
+    signature: SignatureSummary | None = None
 
 
 class NotebookOut(BaseModel):
@@ -117,10 +130,16 @@ class NotebookOut(BaseModel):
     sm3_digest: str | None
     approved_by: str | None
     approved_at: datetime | None
+    signature: SignatureSummary | None = None
+    """Summary of the approval signature; None while the notebook is not approved or was approved unsigned."""
 
     @classmethod
-    def of(cls, notebook: ReportNotebook) -> NotebookOut:
-        return cls.model_validate(notebook, from_attributes=True)
+    def of(cls, notebook: ReportNotebook, signature: dict | None = None) -> NotebookOut:
+        return cls(
+            id=notebook.id, name=notebook.name, path=notebook.path, status=notebook.status,
+            sm3_digest=notebook.sm3_digest, approved_by=notebook.approved_by, approved_at=notebook.approved_at,
+            signature=signature,
+        )
 
 
 class ScheduleIn(BaseModel):
@@ -205,6 +224,8 @@ class ClaimedRun(RunOut):
     """Absolute path of the notebook file."""
     approved_sm3: str
     """SM3 digest recorded at approval; the runner must refuse a file with another digest."""
+    approval_signature: dict | None = None
+    """Envelope of the notebook approval signature; the runner verifies it before running."""
     recipients: list[str]
 
 
@@ -215,3 +236,42 @@ class FinishRequest(BaseModel):
     error_code: str | None = Field(default=None, max_length=64)
     error_message: str | None = Field(default=None, max_length=10000)
     archive_path: str | None = Field(default=None, max_length=500)
+
+
+class KeyVersionOut(BaseModel):
+    """One key version as the key store's metadata lists it; never contains key material."""
+
+    owner: str
+    owner_name: str
+    kind: str
+    kind_name: str
+    version: int
+    state: str
+    state_name: str
+    created_at: datetime | None
+    activated_at: datetime | None
+    deactivated_at: datetime | None
+    revoked_at: datetime | None
+    revoke_reason: str | None
+    destroyed_at: datetime | None
+    public_key: str | None
+    """Hex SM2 public key of a signing version; None for data and token keys."""
+
+
+class KeyListOut(BaseModel):
+    master_key_id: str
+    """Name of the master key that wraps every version; it reveals nothing about the key."""
+    keys: list[KeyVersionOut]
+
+
+class KeyRevokeRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid", str_strip_whitespace=True)
+
+    reason: str = Field(min_length=2, max_length=200)
+
+
+class KeyDestroyRequest(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    confirm: str = Field(max_length=200)
+    """Must be exactly ``<owner>/<kind>/v<version>`` of the version to destroy."""

@@ -42,7 +42,7 @@ class Principal:
 
 ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
 
-_USERS = frozenset({"system_admin", "regulator_reviewer", "modeller", "reporter"})
+_USERS = frozenset({"system_admin", "regulator_reviewer", "modeller", "reporter", "security_admin", "audit_admin"})
 
 CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # capability: (Chinese name shown in denials, roles holding it)
@@ -52,7 +52,11 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "users.list": ("查看用户列表", frozenset({"system_admin", SERVICE})),
     "institutions.read": ("查看机构信息", _USERS | {SERVICE}),
     "audit.append": ("写入审计事件", frozenset({SERVICE})),
-    "audit.read": ("查看审计日志", frozenset({"system_admin"})),
+    # Three separate administrators: the system administrator runs the platform, the security
+    # administrator manages keys, and only the audit administrator reads the audit log.
+    "audit.read": ("查看审计日志", frozenset({"audit_admin"})),
+    "keys.read": ("查看密钥信息", frozenset({"security_admin", "audit_admin"})),
+    "keys.operate": ("管理密钥", frozenset({"security_admin"})),
     # modellers read the versions of their own institution only (services.visible_models)
     "models.read": ("查看模型版本", frozenset({"regulator_reviewer", "modeller", SERVICE})),
     "models.review": ("审查模型版本", frozenset({"regulator_reviewer"})),

@@ -1,4 +1,4 @@
-"""Demo data: three banks, their modellers and reporters, a reviewer, an administrator, report notebooks.
+"""Demo data: three banks, their modellers and reporters, a reviewer, the three administrators, report notebooks.
 
 :func:`seed_demo` is idempotent: it creates only what is missing and returns the passwords of the
 users it created in this call (an empty dict when nothing was created).
@@ -37,6 +37,8 @@ DEMO_USERS = [
     ("reporter_c", "杨磊（丙行报送）", "reporter", "bank_c", "reporter_c@bank-c.example"),
     ("reviewer", "赵敏（监管审查员）", "regulator_reviewer", None, "reviewer@regulator.example"),
     ("sysadmin", "周强（系统管理员）", "system_admin", None, "sysadmin@regulator.example"),
+    ("secadmin", "吴刚（安全管理员）", "security_admin", None, "secadmin@regulator.example"),
+    ("auditor", "孙丽（审计管理员）", "audit_admin", None, "auditor@regulator.example"),
 ]
 
 

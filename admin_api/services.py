@@ -23,9 +23,21 @@ from admin_api.audit import add_event, record_event
 from admin_api.cron import parse_cron
 from admin_api.db import utc_now
 from admin_api.errors import ApiError, conflict, forbidden, invalid, not_found, unauthenticated
+from admin_api.keyaccess import request_keystore
 from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
 from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
 from admin_api.security import SERVICE, Principal, verify_password
+from admin_api.signatures import (
+    KIND_APPROVAL,
+    KIND_REVIEW,
+    SigningFailed,
+    approval_payload,
+    check_signing_key,
+    review_payload,
+    review_signature,
+    sign_decision,
+)
+from regsandbox_core.signing import TrustedKeys
 from regsandbox_core.crypto import sm3_file
 
 logger = logging.getLogger(__name__)
@@ -145,8 +157,12 @@ def visible_models(items: list[dict[str, Any]], principal: Principal) -> list[di
     return [item for item in items if own is not None and item["institution_code"] == own]
 
 
-def list_models(session: Session, registry: ModelRegistry) -> list[dict[str, Any]]:
-    """Return every registered model version with its institution, AUC/KS and review status."""
+def list_models(session: Session, registry: ModelRegistry, trusted: TrustedKeys | None = None) -> list[dict[str, Any]]:
+    """Return every registered model version with its institution, AUC/KS and review status.
+
+    With ``trusted`` public keys, a version with a stored review also gets ``review_id`` and the
+    ``signature`` summary ``{key, signed_at, valid}`` of that review (None when it is unsigned).
+    """
     versions = call_registry(registry.list_model_versions)
     known = institution_names(session)
     reviews = latest_reviews(session)
@@ -173,6 +189,8 @@ def list_models(session: Session, registry: ModelRegistry) -> list[dict[str, Any
             "review_comment": review.comment if review else tags.get(f"{REVIEW_TAG_PREFIX}comment"),
             "reviewer": review.reviewer if review else tags.get(f"{REVIEW_TAG_PREFIX}reviewer"),
             "decided_at": review.decided_at.isoformat() if review else tags.get(f"{REVIEW_TAG_PREFIX}decided_at"),
+            "review_id": review.id if review else None,
+            "signature": review_signature(review, trusted) if review and trusted is not None else None,
         })
     return sorted(items, key=_version_key)
 
@@ -187,10 +205,12 @@ def review_model(
     decision: str,
     comment: str,
 ) -> ModelReview:
-    """Tag a model version in MLflow with a review decision, then store and audit it in one commit.
+    """Tag a model version in MLflow with a review decision, then store, sign and audit it in one commit.
 
     MLflow is tagged first and no database transaction is open meanwhile, so a slow MLflow does
-    not hold a SQLite write lock, and when MLflow is unreachable nothing is stored.
+    not hold a SQLite write lock, and when MLflow is unreachable nothing is stored. The platform
+    signing key is checked before MLflow is tagged. When signing fails, nothing is stored, the
+    failure is audited and SIGNING_FAILED (503) is raised.
     """
     comment = comment.strip()
     if decision not in DECISIONS:
@@ -212,6 +232,14 @@ def review_model(
             "请让建模人员按 “<机构代码>.<模型名>” 重新注册。",
         )
 
+    keystore = request_keystore(request)
+    subject = f"模型 {name} 版本 {version} 的审查结论"
+    try:
+        check_signing_key(keystore, subject)
+    except SigningFailed as error:
+        _audit_signing_failure(request, principal, "models.review", f"model:{name}/{version}", error)
+        raise
+
     decided_at = utc_now()
     call_registry(registry.set_model_version_tags, name, version, {
         f"{REVIEW_TAG_PREFIX}status": decision,
@@ -223,14 +251,30 @@ def review_model(
     review = ModelReview(model_name=name, model_version=version, institution_code=code, decision=decision,
                          comment=comment, reviewer=principal.username, decided_at=decided_at)
     session.add(review)
+    session.flush()
+    try:
+        review.signature = sign_decision(keystore, KIND_REVIEW, review_payload(review), subject)
+    except SigningFailed as error:
+        session.rollback()
+        logger.error("review of model %s version %s is tagged in MLflow but not stored: signing failed", name, version)
+        _audit_signing_failure(request, principal, "models.review", f"model:{name}/{version}", error)
+        raise
     add_event(session, request, principal, "models.review", f"model:{name}/{version}", "success",
-              {"decision": decision, "institution_code": code, "comment": comment})
+              {"decision": decision, "institution_code": code, "comment": comment, "review_id": review.id})
     try:
         session.commit()
     except Exception:
         logger.error("review of model %s version %s is tagged in MLflow but could not be stored", name, version)
         raise
     return review
+
+
+def _audit_signing_failure(
+    request: Request, principal: Principal, action: str, resource: str, error: SigningFailed
+) -> None:
+    """Store the failed decision in the audit log and mark ``error``, so the console does not store it twice."""
+    record_event(request, principal, action, resource, "failed", {"code": error.code})
+    error.audited = True
 
 
 # --- report notebooks, schedules and runs ------------------------------------------------------
@@ -325,7 +369,10 @@ def get_notebook(session: Session, notebook_id: int) -> ReportNotebook:
 def approve_notebook(
     session: Session, request: Request, principal: Principal, project_root: Path, notebook_id: int
 ) -> ReportNotebook:
-    """Approve a report notebook file as it is now: record its SM3 digest, audit and commit."""
+    """Approve a report notebook file as it is now: record its SM3 digest, sign the approval, audit and commit.
+
+    When signing fails, nothing is stored, the failure is audited and SIGNING_FAILED (503) is raised.
+    """
     notebook = get_notebook(session, notebook_id)
     path = notebook_file(project_root, notebook)
     try:
@@ -336,6 +383,13 @@ def approve_notebook(
         ) from error
     notebook.status, notebook.sm3_digest = "approved", digest
     notebook.approved_by, notebook.approved_at = principal.username, utc_now()
+    try:
+        notebook.signature = sign_decision(request_keystore(request), KIND_APPROVAL, approval_payload(notebook),
+                                           f"报告笔记本 {notebook.name} 的审批")
+    except SigningFailed as error:
+        session.rollback()
+        _audit_signing_failure(request, principal, "notebooks.approve", f"report_notebook:{notebook_id}", error)
+        raise
     add_event(session, request, principal, "notebooks.approve", f"report_notebook:{notebook.id}", "success",
               {"path": notebook.path, "sm3": digest})
     session.commit()

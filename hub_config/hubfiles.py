@@ -39,7 +39,7 @@ def ensure_crypt_key(settings: Settings) -> str:
 def hub_service_api_token(secrets: PlatformSecrets) -> str:
     """Return the API token of the ``regsandbox`` hub service, derived from the platform secrets.
 
-    Every platform program that can read ``secrets/platform.json`` computes the same token,
+    Every platform program that can decrypt the platform secrets computes the same token,
     so no further file has to be stored or shared.
     """
     return hmac_sm3(secrets.derivation_key.encode("utf-8"), b"jupyterhub-service:regsandbox").hex()

@@ -1,4 +1,5 @@
-"""``regsandbox`` command line: ``init``, ``up``, ``down``, ``status`` and ``verify``.
+"""``regsandbox`` command line: ``init``, ``up``, ``down``, ``status``, ``verify``, ``keys`` (launcher.keys_cli)
+and ``secrets`` (launcher.secrets_cli).
 
 Messages for the operator are in Chinese; logs are in English.
 """
@@ -16,6 +17,7 @@ import sys
 import time
 from pathlib import Path
 
+from launcher import keys_cli, secrets_cli
 from launcher.processes import ProcessGroup, ProcessSpec, http_ok, pid_alive, port_is_open, read_pid, stop_process_group
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore, KeyStoreError, master_key_from_environment
@@ -121,7 +123,10 @@ def _ensure_keys(settings: Settings) -> None:
 def init(settings: Settings) -> dict[str, str]:
     """Initialise the data directory idempotently; return the credentials of users created now."""
     prepare_data_dir(settings)
-    ensure_platform_secrets(settings)
+    try:
+        ensure_platform_secrets(settings)
+    except RegsandboxError as error:
+        raise LaunchError(f"初始化平台密钥文件失败：{error.message}（{error.code}）") from error
 
     _run_step(settings, "数据库迁移", [PYTHON, "-m", "admin_api.manage", "migrate"])
     created = json.loads(_run_step(settings, "加载示范机构与用户", [PYTHON, "-m", "admin_api.manage", "seed-demo"]) or "{}")
@@ -399,6 +404,8 @@ def main(argv: list[str] | None = None) -> int:
         "verify", help="验证平台签名：签名对象（JSON）或旁边带 .sig 签名文件的文件；有效退出码 0，无效 1，无法验证 2"
     )
     verify_parser.add_argument("file", type=Path, help="签名对象 JSON 文件，或旁边有 <文件名>.sig 的文件")
+    keys_cli.add_parser(commands)
+    secrets_cli.add_parser(commands)
     args = parser.parse_args(argv)
 
     configure_logging()
@@ -421,6 +428,10 @@ def main(argv: list[str] | None = None) -> int:
         return down(settings)
     if args.command == "verify":
         return verify(settings, args.file)
+    if args.command == "keys":
+        return keys_cli.run(settings, args)
+    if args.command == "secrets":
+        return secrets_cli.run(settings, args)
     return status(settings)
 
 

@@ -34,7 +34,7 @@ from typing import Any
 
 import httpx
 
-from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.errors import ConfigurationError, RegsandboxError
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.secrets import (
     PlatformSecrets,
@@ -117,7 +117,7 @@ def fetch_users(settings: Settings, secrets: PlatformSecrets, timeout: float = 1
     if response.status_code != 200:
         raise RegsandboxError(
             "ADMIN_API_REQUEST_FAILED",
-            f"平台管理服务拒绝了用户列表请求：HTTP {response.status_code}。如为 401 或 403，请检查服务令牌（secrets/platform.json）是否与管理服务一致；其他情况请查看管理服务日志。",
+            f"平台管理服务拒绝了用户列表请求：HTTP {response.status_code}。如为 401 或 403，请检查服务令牌（加密的平台密钥文件 secrets/platform.enc.json）是否与管理服务一致；其他情况请查看管理服务日志。",
             status=502,
         )
     try:
@@ -392,6 +392,14 @@ def main(argv: list[str] | None = None) -> int:
         log.info("received signal %d, stopping after the current run", signum)
 
     signal.signal(signal.SIGTERM, _stop)
+
+    # Without the master key nothing can be synced, so refuse to start instead of failing every run.
+    try:
+        load_platform_secrets(settings)
+    except ConfigurationError as error:
+        log.error("registry sync not started: %s", error.code)
+        print(error.message, file=sys.stderr)
+        return 2
 
     runs = 1 if args.loop is None else args.max_runs
     failed = False

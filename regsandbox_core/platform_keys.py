@@ -7,7 +7,7 @@ in ``<data_dir>/keys/keystore.json``.
 Services and the extract builder call :func:`open_keystore`, which never creates anything.
 
 Migration: an institution that already has a plain tokenisation key file from
-:func:`regsandbox_core.secrets.ensure_tokenisation_key` gets that key as token version 1, so the
+:func:`ensure_tokenisation_key` gets that key as token version 1, so the
 tokens in existing extracts stay the same (:meth:`KeyStore.import_key`). The imported key is
 then read back and compared.
 """
@@ -17,6 +17,8 @@ from __future__ import annotations
 import hmac
 import logging
 import os
+import re
+import secrets as _random
 from pathlib import Path
 
 from regsandbox_core.keystore import (
@@ -32,19 +34,23 @@ from regsandbox_core.keystore import (
     KeyStoreError,
     master_key_from_environment,
 )
-from regsandbox_core.secrets import tokenisation_key_path
+from regsandbox_core.files import write_private_file
 from regsandbox_core.settings import Settings
 
 __all__ = [
     "KeyStoreMissing",
     "ensure_platform_keys",
+    "ensure_tokenisation_key",
     "keystore_path",
     "log_key_event",
     "master_key_path",
     "open_keystore",
+    "tokenisation_key_path",
 ]
 
 log = logging.getLogger(__name__)
+
+_INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 
 
 class KeyStoreMissing(KeyStoreError):
@@ -93,6 +99,30 @@ def open_keystore(settings: Settings, on_event: AuditCallback | None = None) -> 
     return KeyStore(path, master_key_from_environment(settings.data_dir), on_event)
 
 
+def tokenisation_key_path(settings: Settings, institution_code: str) -> Path:
+    """Return ``<data_dir>/keys/tokenisation/<code>.key``, the plain key file used before the key store."""
+    if not _INSTITUTION_CODE.match(institution_code):
+        raise ValueError(f"invalid institution code {institution_code!r}")
+    return settings.keys_dir / "tokenisation" / f"{institution_code}.key"
+
+
+def ensure_tokenisation_key(settings: Settings, institution_code: str) -> bytes:
+    """Return the institution's plain 32-byte HMAC-SM3 tokenisation key file, creating it on first use.
+
+    Only data directories from before the key store have these files; :func:`ensure_platform_keys`
+    imports them. New code takes token keys from the key store.
+    """
+    path = tokenisation_key_path(settings, institution_code)
+    if path.exists():
+        return path.read_bytes()
+    settings.keys_dir.mkdir(mode=0o700, parents=True, exist_ok=True)
+    path.parent.mkdir(mode=0o700, exist_ok=True)
+    os.chmod(settings.keys_dir, 0o700)
+    key = _random.token_bytes(32)
+    write_private_file(path, key)
+    return key
+
+
 def _has_versions(store: KeyStore, owner: str, kind: str) -> bool:
     return any(entry["owner"] == owner and entry["kind"] == kind for entry in store.metadata()["keys"])
 
@@ -119,7 +149,9 @@ def ensure_platform_keys(settings: Settings, institution_codes: list[str],
     """
     if not os.environ.get(MASTER_KEY_ENV):
         path = master_key_path(settings)
-        if not path.exists():
+        # A store without its master key file means the key was lost or moved. A new master key
+        # could never open that store, so the read below reports the missing file instead.
+        if not path.exists() and not keystore_path(settings).exists():
             FileMasterKey.create(path)
             log.info("created master key file %s", path)
     store = KeyStore(keystore_path(settings), master_key_from_environment(settings.data_dir), on_event)

@@ -10,6 +10,7 @@ from __future__ import annotations
 import functools
 import sys
 from pathlib import Path
+from urllib.parse import urlsplit
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -59,6 +60,34 @@ class Settings(BaseSettings):
         default=Path("/home"), description="Folder under which sandbox Unix users get their home (mode 0700)."
     )
     mlflow_workers: int = Field(default=1, description="Number of gunicorn/uvicorn workers of the MLflow server.")
+    console_public_url: str | None = Field(
+        default=None,
+        description="Address at which users reach the console through the TLS gateway, e.g. https://console.example. "
+        "With https the console's cookies get the Secure attribute. Unset: the console is only reached on host:port.",
+    )
+    hub_public_url: str | None = Field(
+        default=None,
+        description="Address at which users reach JupyterHub through the TLS gateway, e.g. https://hub.example. "
+        "JupyterHub marks its cookies Secure when it is https.",
+    )
+
+    @field_validator("console_public_url", "hub_public_url", mode="after")
+    @classmethod
+    def _public_url(cls, value: str | None) -> str | None:
+        if value is None or not value.strip():
+            return None
+        parsed = urlsplit(value.strip())
+        if parsed.scheme not in ("http", "https") or not parsed.hostname or parsed.path not in ("", "/") \
+                or parsed.query or parsed.fragment:
+            raise ValueError(
+                f"公开访问地址 {value!r} 无效：应为 https://主机名[:端口] 形式，不带路径，例如 https://console.example。"
+            )
+        return value.strip().rstrip("/")
+
+    @property
+    def console_cookies_secure(self) -> bool:
+        """Whether console cookies carry the Secure attribute: only when users reach the console over https."""
+        return self.console_public_url is not None and self.console_public_url.startswith("https://")
 
     @field_validator("data_dir", "sandbox_home_root", mode="after")
     @classmethod

@@ -68,7 +68,7 @@ class AdminApiClient:
             logger.warning("admin_api %s %s returned %d %s", method, path, response.status_code, code)
             hint = detail
             if response.status_code in (401, 403):
-                hint = "请检查调度服务使用的服务令牌是否与 secrets/platform.json 一致。"
+                hint = "请检查调度服务使用的服务令牌是否与加密的平台密钥文件 secrets/platform.enc.json 一致。"
             raise AdminApiError(
                 "ADMIN_API_ERROR",
                 f"管理服务拒绝了请求 {method} {path}（HTTP {response.status_code}，{code}）。{hint}",

@@ -1,10 +1,19 @@
-"""Sending report emails with Chinese subject, body and attachment names over SMTP."""
+"""Sending report emails with Chinese subject, body and attachment names over SMTP.
+
+When SMTP credentials are stored in the encrypted platform secrets (``regsandbox secrets
+set-smtp``), the mailer authenticates with AUTH PLAIN, or AUTH LOGIN when the relay offers only
+that. It upgrades the connection with STARTTLS when the relay offers it, and sends credentials
+without TLS only to a relay on the loopback interface.
+"""
 
 from __future__ import annotations
 
+import base64
+import ipaddress
 import logging
 import re
 import smtplib
+import ssl
 from email.message import EmailMessage
 from email.utils import formatdate, make_msgid
 
@@ -19,6 +28,9 @@ _ADDRESS = re.compile(r"^[A-Za-z0-9.!#$%&'*+/=?^_`{|}~-]+@[A-Za-z0-9-]+(\.[A-Za-
 
 Attachment = tuple[str, bytes, str]
 """One attachment: file name (may be Chinese), content, MIME type such as ``text/html``."""
+
+SmtpLogin = tuple[str, str]
+"""User name and password for SMTP AUTH."""
 
 
 class MailDeliveryError(RegsandboxError):
@@ -68,12 +80,66 @@ def build_message(
     return message
 
 
-def send_report(
-    settings: Settings, recipients: list[str], subject: str, body_text: str, attachments: list[Attachment]
-) -> None:
-    """Send one report email through ``settings.smtp_host:smtp_port``.
+def _is_loopback(host: str) -> bool:
+    if host == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host).is_loopback
+    except ValueError:
+        return False
 
-    Raises MailDeliveryError when the relay is unreachable, times out or rejects the message.
+
+def _b64(text: str) -> str:
+    return base64.b64encode(text.encode("utf-8")).decode("ascii")
+
+
+def _authenticate(client: smtplib.SMTP, host: str, endpoint: str, login: SmtpLogin) -> None:
+    """Log in with AUTH PLAIN or LOGIN, after STARTTLS when offered; user name and password are sent as UTF-8.
+
+    smtplib's own ``login`` encodes credentials as ASCII, so the commands are sent here directly.
+    """
+    username, password = login
+    client.ehlo()
+    if client.has_extn("starttls"):
+        client.starttls(context=ssl.create_default_context())
+        client.ehlo()
+    elif not _is_loopback(host):
+        raise MailDeliveryError(
+            "SMTP_TLS_REQUIRED",
+            f"SMTP 服务器 {endpoint} 不支持 STARTTLS，平台不会以明文发送 SMTP 密码。"
+            "请在邮件服务器上启用 STARTTLS，或运行 `regsandbox secrets clear-smtp` 改为不认证发送。",
+        )
+    mechanisms = (client.esmtp_features.get("auth") or "").upper().split()
+    if "PLAIN" in mechanisms:
+        code, response = client.docmd("AUTH", "PLAIN " + _b64(f"\0{username}\0{password}"))
+    elif "LOGIN" in mechanisms:
+        code, response = client.docmd("AUTH", "LOGIN")
+        if code == 334:
+            code, response = client.docmd(_b64(username))
+        if code == 334:
+            code, response = client.docmd(_b64(password))
+    else:
+        raise MailDeliveryError(
+            "SMTP_AUTH_UNSUPPORTED",
+            f"SMTP 服务器 {endpoint} 不支持 AUTH PLAIN 或 AUTH LOGIN 认证（支持：{' '.join(mechanisms) or '无'}）。"
+            "请确认邮件服务器配置，或运行 `regsandbox secrets clear-smtp` 改为不认证发送。",
+        )
+    if code != 235:
+        raise MailDeliveryError(
+            "SMTP_AUTH_FAILED",
+            f"SMTP 服务器 {endpoint} 拒绝了用户 {username} 的登录（响应码 {code}）。"
+            "请核对凭据后运行 `regsandbox secrets set-smtp` 重新设置。",
+        )
+    logger.info("authenticated to SMTP relay %s as %s", endpoint, username)
+
+
+def send_report(
+    settings: Settings, recipients: list[str], subject: str, body_text: str, attachments: list[Attachment],
+    *, login: SmtpLogin | None = None,
+) -> None:
+    """Send one report email through ``settings.smtp_host:smtp_port``, with SMTP AUTH when ``login`` is given.
+
+    Raises MailDeliveryError when the relay is unreachable, times out, rejects the login or the message.
     """
     addresses = validate_recipients(recipients)
     message = build_message(settings.mail_from, addresses, subject, body_text, attachments)
@@ -81,6 +147,8 @@ def send_report(
 
     try:
         with smtplib.SMTP(settings.smtp_host, settings.smtp_port, timeout=settings.smtp_timeout) as client:
+            if login is not None:
+                _authenticate(client, settings.smtp_host, endpoint, login)
             refused = client.send_message(message, from_addr=settings.mail_from, to_addrs=addresses)
     except smtplib.SMTPRecipientsRefused as error:
         raise MailDeliveryError(

@@ -1,4 +1,4 @@
-"""One report run: check the approved digest, execute, render, email and archive.
+"""One report run: check the approval signature and digest, execute, render, email and archive.
 
 :func:`run_report` takes the run as admin_api's claim endpoint returns it. A failure of the run itself
 is returned, not raised, as a :class:`RunResult` that the scheduler sends to
@@ -20,8 +20,11 @@ import nbformat
 
 from regsandbox_core.crypto import sm3_file
 from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.keystore import KeyStore
+from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings
+from regsandbox_core.signing import SignatureInvalid, verify_object
 from reporting import archive
 from reporting.config import ReportSettings
 from reporting.execute import ExecutionOutcome, first_cell_failure, kernel_environment, run_papermill
@@ -33,6 +36,7 @@ logger = logging.getLogger(__name__)
 _TRIGGER_LABELS = {"cron": "定时触发", "manual": "手动触发"}
 _UNSAFE_FILENAME = re.compile(r'[\\/:*?"<>|\x00-\x1f]+')
 _MAX_ERROR_VALUE = 300
+APPROVAL_SIGNATURE_INVALID = "APPROVAL_SIGNATURE_INVALID"
 
 
 @dataclass(frozen=True)
@@ -76,6 +80,8 @@ class _Run:
     digest: str
     recipients: list[str]
     notebook: dict[str, Any]
+    approval_signature: Any = None
+    """Envelope of the notebook approval signature from the claim response (``approval_signature``)."""
 
 
 def _notebook_fields(run: dict[str, Any]) -> dict[str, Any]:
@@ -107,6 +113,7 @@ def _parse_run(run: dict[str, Any], project_root: Path) -> _Run:
             digest=str(notebook["digest"]).lower(),
             recipients=list(run.get("recipients") or []),
             notebook=notebook,
+            approval_signature=run.get("approval_signature"),
         )
     except (KeyError, TypeError, ValueError, AttributeError) as error:
         raise RunFailure(
@@ -117,6 +124,41 @@ def _parse_run(run: dict[str, Any], project_root: Path) -> _Run:
             "NOTEBOOK_NOT_APPROVED", f"报表笔记本 {parsed.notebook_name} 没有审批记录（缺少 SM3 摘要），本次未执行。请监管审查员先审批该笔记本。"
         )
     return parsed
+
+
+def _check_approval_signature(settings: Settings, run: _Run, keystore: KeyStore | None) -> None:
+    """Verify the SM2 signature of the notebook approval and that it approves this path and digest.
+
+    The digest check of the copied file then compares the file with the signed digest. Raises
+    RunFailure APPROVAL_SIGNATURE_INVALID for a missing, invalid or non-matching signature, and
+    the key store's own code when the key store cannot be opened.
+    """
+    name = run.notebook_name
+    rerun_hint = "本次未执行。请监管审查员在控制台重新审批该笔记本（审批会重新签名）。"
+    if not isinstance(run.approval_signature, dict):
+        raise RunFailure(
+            APPROVAL_SIGNATURE_INVALID,
+            f"报表笔记本 {name} 的审批记录没有平台签名（approval_signature 缺失），无法确认由谁审批了哪个文件。{rerun_hint}",
+        )
+    try:
+        verified = verify_object(run.approval_signature, keystore or open_keystore(settings))
+    except SignatureInvalid as error:
+        raise RunFailure(APPROVAL_SIGNATURE_INVALID, f"报表笔记本 {name} 的审批{error.message} {rerun_hint}") from None
+    except RegsandboxError as error:
+        raise RunFailure(error.code, f"无法验证报表笔记本 {name} 的审批签名：{error.message}") from None
+
+    payload = verified.payload
+    expected = {"kind": "notebook_approval", "path": run.notebook["path"], "sm3_digest": run.digest}
+    signed = {"kind": verified.kind, "path": payload.get("path"), "sm3_digest": str(payload.get("sm3_digest")).lower()}
+    if run.notebook.get("id") is not None:
+        expected["notebook_id"], signed["notebook_id"] = run.notebook["id"], payload.get("notebook_id")
+    for field_name, value in expected.items():
+        if signed[field_name] != value:
+            raise RunFailure(
+                APPROVAL_SIGNATURE_INVALID,
+                f"报表笔记本 {name} 的审批签名与本次运行不符：签名中 {field_name} 为 {signed[field_name]!r}，"
+                f"运行记录为 {value!r}。{rerun_hint}",
+            )
 
 
 def resolve_notebook_path(project_root: Path, relative: str) -> Path:
@@ -142,16 +184,19 @@ def run_report(
     secrets: PlatformSecrets | None = None,
     project_root: Path = PROJECT_ROOT,
     report_settings: ReportSettings | None = None,
+    keystore: KeyStore | None = None,
 ) -> RunResult:
     """Execute a claimed run and return its result; failures of the run are returned, not raised.
 
     ``run`` is the body of ``POST /api/v1/report-runs/{id}/claim``. Notebook paths are relative to
-    ``project_root``. ``secrets`` default to the ones stored under the data directory.
+    ``project_root``. ``secrets`` default to the ones stored under the data directory, and
+    ``keystore``, which verifies the approval signature, to the platform key store.
     """
     report_settings = report_settings or ReportSettings()
     started_at = datetime.now(timezone.utc)
     try:
         parsed = _parse_run(run, project_root)
+        _check_approval_signature(settings, parsed, keystore)
     except RunFailure as failure:
         logger.error("run %s is invalid: %s", run.get("id"), failure.code)
         return RunResult(run.get("id"), "failed", failure.code, failure.message)
@@ -229,6 +274,7 @@ def _execute_run(
             settings, recipients, f"【监管沙箱报表】{title}（{report_date.isoformat()}）",
             _email_body(run, title, report_date.isoformat(), zone),
             [(f"{_safe_filename(title)}-{report_date.strftime('%Y%m%d')}.html", html.encode("utf-8"), "text/html")],
+            login=(secrets.smtp_username, secrets.smtp_password) if secrets.smtp_username and secrets.smtp_password else None,
         )
     except MailDeliveryError as error:
         logger.error("run %s: report email failed: %s", run.run_id, error.code)
@@ -238,7 +284,7 @@ def _execute_run(
         )
 
     manifest.update(status="succeeded", finished_at=datetime.now(timezone.utc).isoformat())
-    archive.write_manifest(staging, manifest)
+    archive.write_manifest(settings, staging, manifest)
     archived = archive.archive_delivered(settings, staging, run.schedule_id, run.folder_id)
     return RunResult(run.run_id, "succeeded", archive_path=archived)
 
@@ -281,7 +327,7 @@ def _finish_failed(
     manifest.update(
         status="failed", error_code=code, error_message=message, finished_at=datetime.now(timezone.utc).isoformat()
     )
-    archive.write_manifest(staging, manifest)
+    archive.write_manifest(settings, staging, manifest)
     return archive.archive_failed(settings, staging, run.folder_id)
 
 

@@ -17,11 +17,12 @@ from typing import Any
 
 from apscheduler.schedulers.background import BackgroundScheduler
 
-from regsandbox_core.errors import ConfigurationError
+from regsandbox_core.errors import ConfigurationError, RegsandboxError
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 from reporting.admin_client import AdminApiClient, AdminApiError
+from reporting.archive import check_archive_keys
 from reporting.config import ReportSettings
 from regsandbox_core.cron import CronExpressionError, parse_cron
 from reporting.runner import run_report
@@ -85,6 +86,10 @@ class RunProcessor:
                 self.settings, run, secrets=self.secrets, project_root=self.project_root,
                 report_settings=self.report_settings,
             )
+        except RegsandboxError as error:
+            # For example ARCHIVE_ENCRYPTION_FAILED: the runner deleted the run's output, keep the code.
+            logger.error("run %s failed: %s", run.get("id"), error.code)
+            return {"status": "failed", "error_code": error.code, "error_message": error.message, "archive_path": None}
         except Exception:
             logger.exception("run %s failed with an unexpected error", run.get("id"))
             return {
@@ -281,6 +286,7 @@ def main() -> int:
     settings = get_settings()
     try:
         secrets = load_platform_secrets(settings)
+        check_archive_keys(settings)
         report_settings = ReportSettings()
     except (ConfigurationError, ValueError) as error:
         logger.error("scheduler not started: %s", getattr(error, "code", type(error).__name__))

@@ -1,4 +1,4 @@
-"""The audit log: services append events, system administrators read them."""
+"""The audit log: services append events, audit administrators read them."""
 
 from __future__ import annotations
 

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Literal
 
 from fastapi import APIRouter, Depends, Query, Request
+from fastapi.responses import Response, StreamingResponse
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
@@ -14,6 +16,7 @@ from admin_api.db import utc_now
 from admin_api.deps import get_session, require
 from admin_api.errors import conflict, invalid, not_found
 from admin_api.models import ReportNotebook, ReportRun, Schedule
+from admin_api.report_files import download_report_file
 from admin_api.schemas import (
     ClaimedRun,
     FinishRequest,
@@ -26,17 +29,22 @@ from admin_api.schemas import (
 )
 from admin_api.security import Principal
 from admin_api import services
-from admin_api.services import claim_run, get_schedule, notebook_file, queue_run
+from admin_api.services import claim_run, get_notebook, get_schedule, notebook_file, queue_run
+from admin_api.signatures import approval_signature, request_trusted_keys, signature_download
 
 router = APIRouter()
 
 
 @router.get("/report-notebooks", response_model=list[NotebookOut])
 def list_notebooks(
-    session: Session = Depends(get_session), _caller: Principal = Depends(require("notebooks.read"))
+    request: Request,
+    session: Session = Depends(get_session),
+    _caller: Principal = Depends(require("notebooks.read")),
 ) -> list[NotebookOut]:
-    """List report notebooks with status and SM3 digest."""
-    return [NotebookOut.of(n) for n in session.scalars(select(ReportNotebook).order_by(ReportNotebook.id))]
+    """List report notebooks with status, SM3 digest and the approval signature summary."""
+    trusted = request_trusted_keys(request)
+    return [NotebookOut.of(n, approval_signature(n, trusted))
+            for n in session.scalars(select(ReportNotebook).order_by(ReportNotebook.id))]
 
 
 @router.post("/report-notebooks/{notebook_id}/approve", response_model=NotebookOut)
@@ -46,9 +54,23 @@ def approve_notebook(
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("notebooks.approve")),
 ) -> NotebookOut:
-    """Approve the notebook file as it is now; its SM3 digest is recorded."""
+    """Approve the notebook file as it is now; its SM3 digest is recorded and the approval signed."""
     notebook = services.approve_notebook(session, request, caller, request.app.state.project_root, notebook_id)
-    return NotebookOut.of(notebook)
+    return NotebookOut.of(notebook, approval_signature(notebook, request_trusted_keys(request)))
+
+
+@router.get("/report-notebooks/{notebook_id}/signature", response_class=Response)
+def notebook_signature_file(
+    notebook_id: int, session: Session = Depends(get_session), _caller: Principal = Depends(require("notebooks.read"))
+) -> Response:
+    """Download the SM2-signed envelope of a notebook's current approval, for ``regsandbox verify``."""
+    notebook = get_notebook(session, notebook_id)
+    if notebook.status != "approved" or notebook.signature is None:
+        raise not_found(
+            "SIGNATURE_NOT_FOUND",
+            f"报告笔记本 {notebook.name}（编号 {notebook_id}）没有已签名的审批记录；请由监管审查员审批（或重新审批）后再下载。",
+        )
+    return signature_download(notebook.signature, f"notebook-approval-{notebook.id}.json")
 
 
 @router.get("/schedules", response_model=list[ScheduleOut])
@@ -133,7 +155,11 @@ def claim(
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("runs.work")),
 ) -> ClaimedRun:
-    """Take a queued run; returns the notebook path, approved digest and recipients, or 409 when taken."""
+    """Take a queued run; returns the notebook path, approved digest, approval signature and recipients.
+
+    409 when the run is taken. ``approval_signature`` is the stored envelope, or null for an
+    approval made before signing, which the runner rejects.
+    """
     run = claim_run(session, request, caller, run_id)
     notebook = run.schedule.notebook
     return ClaimedRun(
@@ -143,8 +169,20 @@ def claim(
         notebook_path=notebook.path,
         notebook_file=str(notebook_file(request.app.state.project_root, notebook)),
         approved_sm3=notebook.sm3_digest or "",
+        approval_signature=_stored_envelope(notebook.signature),
         recipients=list(run.schedule.recipients),
     )
+
+
+def _stored_envelope(stored: str | None) -> dict | None:
+    """Return a stored envelope as an object; an unreadable one becomes None, which the runner rejects."""
+    if stored is None:
+        return None
+    try:
+        envelope = json.loads(stored)
+    except ValueError:
+        return None
+    return envelope if isinstance(envelope, dict) else None
 
 
 def _check_archive_path(reports_dir: Path, value: str) -> str:
@@ -185,3 +223,20 @@ def finish(
               {"status": body.status, "error_code": run.error_code})
     session.commit()
     return RunOut.of(run)
+
+
+@router.get("/report-runs/{run_id}/files/{name}", response_class=StreamingResponse,
+            responses={200: {"content": {"application/octet-stream": {}}}})
+def download_run_file(
+    run_id: int,
+    name: str,
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("runs.read")),
+) -> StreamingResponse:
+    """Download an archived report file, decrypted after its signed manifest and digests verified.
+
+    ``name`` is a plaintext file name from the run's manifest, such as ``report.html``. Every
+    download and every failure is audited as ``report.download``.
+    """
+    return download_report_file(request, session, caller, run_id, name)

@@ -149,7 +149,9 @@ def test_users_list_fields(env: Env) -> None:
 
     users = {item["username"]: item for item in response.json()}
     assert set(users) >= {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reporter_b", "reporter_c",
-                          "reviewer", "sysadmin"}
+                          "reviewer", "sysadmin", "secadmin", "auditor"}
+    assert users["secadmin"]["role"] == "security_admin"
+    assert users["auditor"]["role"] == "audit_admin"
     assert users["modeller_a"]["institution_code"] == "bank_a"
     assert users["reviewer"]["institution_code"] is None
     assert users["reviewer"]["role"] == "regulator_reviewer"
@@ -234,7 +236,7 @@ def test_audit_event_bad_outcome(env: Env) -> None:
 
 
 def test_audit_list_newest_first(env: Env) -> None:
-    response = env.client.get("/api/v1/audit/events?limit=3", headers=env.auth("sysadmin"))
+    response = env.client.get("/api/v1/audit/events?limit=3", headers=env.auth("auditor"))
 
     ids = [item["id"] for item in response.json()]
     assert response.status_code == 200

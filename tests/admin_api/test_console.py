@@ -204,13 +204,17 @@ def test_schedules_run_now(env: Env) -> None:
     assert (newest.schedule_id, newest.requested_by, newest.trigger) == (schedule, "sysadmin", "manual")
 
 
-def test_audit_page_admin_only(env: Env) -> None:
-    admin, reviewer = _browser(env), _browser(env)
+def test_audit_page_auditor_only(env: Env) -> None:
+    auditor, admin, reviewer = _browser(env), _browser(env), _browser(env)
+    _login(env, auditor, "auditor")
     _login(env, admin, "sysadmin")
     _login(env, reviewer, "reviewer")
 
-    assert "审计日志" in admin.get("/console/audit").text
+    assert "审计日志" in auditor.get("/console/audit").text
+    assert admin.get("/console/audit").status_code == 403
     assert reviewer.get("/console/audit").status_code == 403
+    assert 'href="/console/audit"' in auditor.get("/console/").text
+    assert 'href="/console/audit"' not in admin.get("/console/").text
 
 
 def test_logout_ends_session(env: Env) -> None:

@@ -223,7 +223,8 @@ def test_toggle_form_refusals_audited(env: Env) -> None:
     assert "启用状态 &#39;maybe&#39; 无效" in bad_value.text
     with env.db() as session:
         events = list(session.scalars(select(AuditEvent).where(
-            AuditEvent.action == "schedules.update", AuditEvent.resource == f"schedule:{schedule}")))
+            AuditEvent.action == "schedules.update", AuditEvent.resource == f"schedule:{schedule}"
+        ).order_by(AuditEvent.id)))
         assert session.get(Schedule, schedule).enabled is False  # type: ignore[union-attr]
     assert [(e.outcome, json.loads(e.detail or "{}")["code"]) for e in events] == [
         ("failed", "NOTEBOOK_NOT_APPROVED"), ("failed", "INVALID_ENABLED")]
@@ -267,9 +268,10 @@ def test_audit_page_chinese_labels_and_wrapping(env: Env) -> None:
     reviewer.post("/console/models/review", data={
         "name": "bank_c.lgd", "version": "1", "decision": "returned", "comment": "",
         "csrf_token": _CSRF.search(page.text).group(1)})  # type: ignore[union-attr]
-    admin, _ = _signed_in(env, "sysadmin")
+    _signed_in(env, "sysadmin")
+    auditor, _ = _signed_in(env, "auditor")
 
-    audit = admin.get("/console/audit").text
+    audit = auditor.get("/console/audit").text
 
     assert '<table class="wrap audit">' in audit
     assert "时间（北京时间）" in audit

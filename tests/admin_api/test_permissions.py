@@ -18,6 +18,8 @@ USERS = {
     "regulator_reviewer": "reviewer",
     "modeller": "modeller_a",
     "reporter": "reporter_a",
+    "security_admin": "secadmin",
+    "audit_admin": "auditor",
 }
 ROLES = ["anonymous", "service", *USERS]
 ALL_USERS = frozenset(USERS)
@@ -49,7 +51,7 @@ ROUTES = {
     "audit.append": Route("POST", "/api/v1/audit/events", frozenset({"service"}), 201, body={
         "actor": "modeller_a", "action": "hub.spawn", "resource": "server:modeller_a", "outcome": "success",
         "institution_code": "bank_a"}),
-    "audit.list": Route("GET", "/api/v1/audit/events", frozenset({"system_admin"}), 200),
+    "audit.list": Route("GET", "/api/v1/audit/events", frozenset({"audit_admin"}), 200),
     "models.list": Route("GET", "/api/v1/models", frozenset({"regulator_reviewer", "modeller", "service"}), 200,
                          listed=True),
     "models.review": Route("POST", "/api/v1/models/{model}/versions/1/review", frozenset({"regulator_reviewer"}),
@@ -77,7 +79,7 @@ ROUTES = {
                             console=True, listed=True),
     "console.schedules": Route("GET", "/console/schedules", frozenset({"system_admin", "regulator_reviewer"}), 200,
                                console=True),
-    "console.audit": Route("GET", "/console/audit", frozenset({"system_admin"}), 200, console=True),
+    "console.audit": Route("GET", "/console/audit", frozenset({"audit_admin"}), 200, console=True),
     "console.review": Route("POST", "/console/models/review", frozenset({"regulator_reviewer"}), 303, console=True,
                             body={"name": "{model}", "version": "1", "decision": "returned", "comment": "表单退回"}),
     "console.run": Route("POST", "/console/schedules/{schedule}/run", frozenset({"system_admin", "regulator_reviewer"}),

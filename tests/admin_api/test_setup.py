@@ -69,7 +69,7 @@ def test_seed_demo_idempotent(database_url: str, tmp_path: Path) -> None:
         engine.dispose()
 
     assert set(created) == {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reporter_b", "reporter_c",
-                            "reviewer", "sysadmin"}
+                            "reviewer", "sysadmin", "secadmin", "auditor"}
     assert again == {}
     assert all(len(password) >= 16 for password in created.values())
     assert len(set(created.values())) == len(created)
@@ -79,6 +79,10 @@ def test_seed_demo_idempotent(database_url: str, tmp_path: Path) -> None:
     assert users["reporter_c"].institution_code == "bank_c"
     assert users["sysadmin"].role == "system_admin"
     assert users["sysadmin"].institution_code is None
+    assert (users["secadmin"].role, users["secadmin"].display_name) == ("security_admin", "吴刚（安全管理员）")
+    assert (users["auditor"].role, users["auditor"].display_name) == ("audit_admin", "孙丽（审计管理员）")
+    assert users["secadmin"].institution_code is None
+    assert users["auditor"].institution_code is None
     assert users["modeller_a"].password_hash.startswith("$argon2id$")
     assert verify_password(users["modeller_a"].password_hash, created["modeller_a"])
     assert all(u.email.split("@")[1].endswith(".example") for u in users.values())
@@ -108,7 +112,7 @@ def test_manage_commands(tmp_path: Path) -> None:
     first = _manage(data_dir, "seed-demo")
     second = _manage(data_dir, "seed-demo")
     assert first.returncode == 0
-    assert len(json.loads(first.stdout)) == 8
+    assert len(json.loads(first.stdout)) == 10
     assert json.loads(second.stdout) == {}
 
     disabled = _manage(data_dir, "set-active", "modeller_a", "--disable")

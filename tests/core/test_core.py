@@ -8,13 +8,8 @@ import pytest
 
 from regsandbox_core import crypto
 from regsandbox_core.errors import ConfigurationError
-from regsandbox_core.secrets import (
-    ensure_platform_secrets,
-    ensure_tokenisation_key,
-    load_platform_secrets,
-    mlflow_password,
-    tokenisation_key_path,
-)
+from regsandbox_core.platform_keys import ensure_tokenisation_key, tokenisation_key_path
+from regsandbox_core.secrets import ensure_platform_secrets, load_platform_secrets, mlflow_password
 from regsandbox_core.settings import PROJECT_ROOT, Settings
 from regsandbox_core.settings_doc import render
 
@@ -49,7 +44,7 @@ def test_secrets_created_once_with_mode_0600(tmp_path):
     first = ensure_platform_secrets(settings)
     second = ensure_platform_secrets(settings)
     assert first == second
-    assert stat.S_IMODE((tmp_path / "secrets" / "platform.json").stat().st_mode) == 0o600
+    assert stat.S_IMODE((tmp_path / "secrets" / "platform.enc.json").stat().st_mode) == 0o600
     assert mlflow_password(first, "modeller_a") != mlflow_password(first, "modeller_b")
 
 

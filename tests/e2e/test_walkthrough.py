@@ -40,7 +40,11 @@ def api_headers(platform, username: str) -> dict[str, str]:
 
 
 def platform_secrets(platform) -> dict[str, str]:
-    return json.loads((platform.data_dir / "secrets" / "platform.json").read_text())
+    """Decrypt the platform secrets as a service does, with the master key that `regsandbox up` created."""
+    from regsandbox_core.secrets import load_platform_secrets
+    from regsandbox_core.settings import Settings
+
+    return vars(load_platform_secrets(Settings(data_dir=platform.data_dir)))
 
 
 def mlflow_auth(platform, username: str) -> tuple[str, str]:
@@ -51,7 +55,7 @@ def mlflow_auth(platform, username: str) -> tuple[str, str]:
 
 def audit_events(platform) -> list[dict]:
     response = httpx.get(f"{platform.admin_api_url}/api/v1/audit/events",
-                         headers=api_headers(platform, "sysadmin"), params={"limit": 1000})
+                         headers=api_headers(platform, "auditor"), params={"limit": 1000})
     assert response.status_code == 200, response.text
     return response.json()
 
@@ -70,7 +74,8 @@ def test_up_prints_urls_and_credentials(platform):
     output = platform.output()
     assert f"{platform.admin_api_url}/console/" in output
     assert f"{platform.hub_url}/hub/login" in output
-    assert {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reviewer", "sysadmin"} <= set(platform.credentials)
+    assert {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reviewer", "sysadmin", "secadmin",
+            "auditor"} <= set(platform.credentials)
     assert all(password in output for password in platform.credentials.values())
     assert stat.S_IMODE((platform.data_dir / "credentials.txt").stat().st_mode) == 0o600
 
@@ -346,8 +351,14 @@ def test_approved_report_is_run_emailed_and_archived(platform):
 
     archive = Path(manual["archive_path"])
     assert archive.is_relative_to(platform.data_dir / "reports")
-    assert (archive / "report.html").exists()
-    assert "bank_a.pd_logreg" in (archive / "report.html").read_text(encoding="utf-8")
+    assert (archive / "report.html.rssg").exists()
+    assert not (archive / "report.html").exists()
+    assert platform.regsandbox("verify", str(archive / "manifest.json"), check=False).returncode == 0
+    download = httpx.get(f"{platform.admin_api_url}/api/v1/report-runs/{manual['id']}/files/report.html",
+                         headers=admin)
+    assert download.status_code == 200, download.text
+    assert 'filename="report.html"' in download.headers["content-disposition"]
+    assert "bank_a.pd_logreg" in download.text
 
 
 def test_unreachable_smtp_fails_the_run(platform):

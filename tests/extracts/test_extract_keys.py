@@ -15,8 +15,7 @@ import pytest
 from extracts.builder import ExtractKeyMissingError, build_extract, extract_dir
 from extracts.demo_data import DEMO_INSTITUTIONS, warehouse_partition_file
 from regsandbox_core.crypto import keyed_token
-from regsandbox_core.platform_keys import KeyStoreMissing, ensure_platform_keys, open_keystore
-from regsandbox_core.secrets import ensure_tokenisation_key
+from regsandbox_core.platform_keys import KeyStoreMissing, ensure_platform_keys, ensure_tokenisation_key, open_keystore
 from regsandbox_core.settings import Settings
 from regsandbox_core.signing import SignatureInvalid, verify_file
 

@@ -104,7 +104,7 @@ class HubFixture:
     service_token: str
     hub_log: Path
     audit_token: str
-    """Bearer token that may read admin_api's audit log (service token for the stand-in, sysadmin for the real one)."""
+    """Bearer token that may read admin_api's audit log (service token for the stand-in, auditor for the real one)."""
     passwords: dict[str, str]
     """Passwords of the accounts stored in admin_api, by user name."""
     child_env: dict[str, str]
@@ -232,6 +232,9 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
             check=True,
         )
         subprocess.run(["chown", "-R", f"{hub_unix_user}:", str(data_dir)], check=True)
+        # admin_api runs as root and the hub as the operator, but the master key file may belong to
+        # one user only, so both take the master key from the environment.
+        env["REGSANDBOX_MASTER_KEY"] = (settings.secrets_dir / "master.key").read_text(encoding="ascii").strip()
         hub_preexec = set_user_setuid(hub_unix_user, chdir=False)
         env["HOME"] = str(settings.hub_dir)
 
@@ -285,7 +288,7 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
     if real_admin_api:
         response = httpx.post(
             f"{settings.admin_api_url}/api/v1/auth/token",
-            json={"username": "sysadmin", "password": passwords["sysadmin"]},
+            json={"username": "auditor", "password": passwords["auditor"]},
             timeout=30,
         )
         response.raise_for_status()

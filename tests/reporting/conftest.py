@@ -28,8 +28,11 @@ from fastapi.responses import JSONResponse
 from nbformat.v4 import new_code_cell, new_markdown_cell, new_notebook
 
 from regsandbox_core.crypto import sm3_file
+from regsandbox_core.keystore import KeyStore
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import PlatformSecrets, ensure_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings
+from regsandbox_core.signing import sign_object
 from reporting.config import ReportSettings
 from tests.conftest import free_port
 
@@ -65,6 +68,20 @@ def secrets(settings: Settings) -> PlatformSecrets:
 
 
 @pytest.fixture
+def keystore(settings: Settings) -> KeyStore:
+    """The platform key store of the data dir, which run_report opens to verify approval signatures."""
+    return ensure_platform_keys(settings, [], on_event=None)
+
+
+def sign_approval(keystore: KeyStore, notebook: dict[str, Any], approved_by: str = "reviewer") -> dict[str, Any]:
+    """Return the approval envelope admin_api signs for ``notebook`` ``{id, name, path, digest}``."""
+    return sign_object(keystore, "notebook_approval", {
+        "notebook_id": notebook["id"], "name": notebook["name"], "path": notebook["path"],
+        "sm3_digest": notebook["digest"], "approved_by": approved_by, "approved_at": "2026-12-01T08:00:00+00:00",
+    })
+
+
+@pytest.fixture
 def report_settings() -> ReportSettings:
     return ReportSettings(kernel="python3", cell_timeout=60, start_timeout=60, timezone="Asia/Shanghai")
 
@@ -90,10 +107,14 @@ def write_notebook(root: Path, relative: str, sources: list[str], title: str = "
 
 
 def make_run(
-    run_id: int, notebook_path: Path, root: Path, recipients: list[str] | None = None, schedule_id: int = 7
+    run_id: int, notebook_path: Path, root: Path, recipients: list[str] | None = None, schedule_id: int = 7,
+    *, keystore: KeyStore | None = None,
 ) -> dict[str, Any]:
-    """Return a run in the shape of admin_api's claim response, with the notebook's current digest."""
-    return {
+    """Return a run in the shape of admin_api's claim response, with the notebook's current digest.
+
+    With ``keystore`` the run carries a signed approval of that digest, as an approved notebook has.
+    """
+    run = {
         "id": run_id,
         "schedule_id": schedule_id,
         "schedule_name": "每日模型清单",
@@ -106,6 +127,9 @@ def make_run(
         },
         "recipients": recipients if recipients is not None else ["reviewer@regulator.example.cn"],
     }
+    if keystore is not None:
+        run["approval_signature"] = sign_approval(keystore, run["notebook"])
+    return run
 
 
 def read_mail(settings: Settings) -> list[EmailMessage]:
@@ -187,7 +211,7 @@ class FakeAdminApi:
             flat = {key: value for key, value in run.items() if key != "notebook"}
             flat.update(
                 notebook_id=notebook["id"], notebook_name=notebook["name"], notebook_path=notebook["path"],
-                approved_sm3=notebook["digest"],
+                approved_sm3=notebook["digest"], approval_signature=notebook.get("approval_signature"),
             )
             return flat
 
@@ -244,3 +268,26 @@ def smtp_sink(settings: Settings):  # type: ignore[no-untyped-def]
             process.wait()
     process.sink_stderr = process.stderr.read()  # type: ignore[attr-defined]
     assert process.returncode == 0, process.sink_stderr
+
+
+def read_archived(settings: Settings, folder: Path, name: str) -> bytes:
+    """Return the plaintext of an archived report file, after checking the signed manifest and its digests."""
+    import io
+    import json
+
+    from regsandbox_core.crypto import sm3_hex
+    from regsandbox_core.documents import decrypt_document
+    from regsandbox_core.platform_keys import open_keystore
+    from regsandbox_core.signing import verify_file
+    from reporting.archive import file_associated_data
+
+    store = open_keystore(settings, on_event=None)
+    assert verify_file(folder / "manifest.json", store).kind == "report_manifest"
+    entry = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))["files"][name]
+    assert sm3_file(folder / entry["ciphertext"]) == entry["ciphertext_sm3"]
+    output = io.BytesIO()
+    decrypt_document(store, "platform", folder / entry["ciphertext"], output, file_associated_data(name))
+    plaintext = output.getvalue()
+    assert len(plaintext) == entry["size"]
+    assert sm3_hex(plaintext) == entry["sm3"]
+    return plaintext

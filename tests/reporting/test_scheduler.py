@@ -14,15 +14,14 @@ from reporting.admin_client import AdminApiClient, AdminApiError
 from reporting.scheduler import FAILED_POLL_LOG_EVERY, ReportScheduler, RunProcessor, process_queued_runs
 from tests.conftest import free_port
 
-from .conftest import read_mail, write_notebook
+from .conftest import read_mail, sign_approval, write_notebook
 
 
 @pytest.fixture
-def demo_schedule(admin_api, project_root):
+def demo_schedule(admin_api, project_root, keystore):
     path = write_notebook(project_root, "notebooks/reports/demo.ipynb", ["print('报表内容：资本充足率')"], title="测试报表")
-    admin_api.notebooks[3] = {
-        "id": 3, "name": "demo.ipynb", "path": "notebooks/reports/demo.ipynb", "digest": sm3_file(path),
-    }
+    notebook = {"id": 3, "name": "demo.ipynb", "path": "notebooks/reports/demo.ipynb", "digest": sm3_file(path)}
+    admin_api.notebooks[3] = {**notebook, "approval_signature": sign_approval(keystore, notebook)}
     schedule = {
         "id": 5, "name": "每日测试报表", "notebook_id": 3, "cron": "0 8 * * 1-5",
         "recipients": ["reviewer@regulator.example.cn"], "enabled": True,
@@ -40,7 +39,8 @@ def test_queued_run_processed(settings, secrets, admin_api, smtp_sink, demo_sche
     assert admin_api.finished[1]["status"] == "succeeded"
     assert admin_api.finished[1]["error_code"] is None
     assert admin_api.finished[1]["archive_path"] == str(settings.reports_dir / "5" / "1")
-    assert (settings.data_dir / "reports/5/1/report.html").is_file()
+    assert (settings.data_dir / "reports/5/1/report.html.rssg").is_file()
+    assert not (settings.data_dir / "reports/5/1/report.html").exists()
     assert len(read_mail(settings)) == 1
     assert admin_api.rejected_requests == 0
 
@@ -168,3 +168,37 @@ def test_rejected_finish_not_retried(settings, secrets, admin_api, demo_schedule
 
     assert processor.unsent_finishes == {}
     assert run["id"] not in admin_api.finished
+
+
+def test_archive_failure_reported_with_code(settings, secrets, admin_api, demo_schedule, project_root,
+                                            report_settings, monkeypatch):
+    """A run whose archive cannot be encrypted is finished as failed with the archive's code, not RUN_ERROR."""
+    from regsandbox_core.errors import RegsandboxError
+    from reporting.archive import ArchiveSealFailed
+
+    def failing_run(*_args, **_kwargs):
+        raise ArchiveSealFailed(RegsandboxError("key_no_active_version", "platform/data 没有处于启用状态的密钥版本。"))
+
+    monkeypatch.setattr("reporting.scheduler.run_report", failing_run)
+    admin_api.queue(5, "manual")
+
+    assert process_queued_runs(settings, secrets, project_root=project_root, report_settings=report_settings) == 1
+
+    assert admin_api.finished[1]["status"] == "failed"
+    assert admin_api.finished[1]["error_code"] == "ARCHIVE_ENCRYPTION_FAILED"
+    assert "key_no_active_version" in admin_api.finished[1]["error_message"]
+    assert admin_api.finished[1]["archive_path"] is None
+
+
+def test_scheduler_refuses_without_signing_key(settings, secrets, keystore, capsys, monkeypatch):
+    """The scheduler checks at start that archives can be encrypted and their manifests signed."""
+    from reporting import scheduler
+
+    keystore.revoke("platform", "signing", 1, "test: no active platform signing key")
+    monkeypatch.setenv("REGSANDBOX_DATA_DIR", str(settings.data_dir))
+    monkeypatch.setattr(scheduler, "get_settings", lambda: settings)
+
+    assert scheduler.main() == 1
+    error = capsys.readouterr().err
+    assert "平台数据密钥和签名密钥" in error
+    assert "platform/signing" in error
