@@ -349,6 +349,31 @@ def _open_keystore(settings: Settings) -> KeyStore:
     return KeyStore(path, master_key_from_environment(settings.data_dir))
 
 
+_VERIFY_OUTCOMES = {0: ("success", None), 1: ("failed", "signature_invalid"), 2: ("failed", "unverifiable")}
+
+
+def _audit_verification(settings: Settings, target: Path, code: int) -> None:
+    """Store a ``signature.verify`` audit event; warn on stderr when the admin database cannot take it.
+
+    The exit code is the verification result either way, because a check that only reads must work on
+    a copy of the key store without the database.
+    """
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from admin_api.audit import record_operator_event
+
+    logging.getLogger("alembic").setLevel(logging.ERROR)  # revision lookup lines would bury the result
+    outcome, reason = _VERIFY_OUTCOMES.get(code, ("failed", "unverifiable"))
+    try:
+        sessions = keys_cli.audit_sessions(settings)
+        record_operator_event(sessions, keys_cli.operator_name(), "signature.verify", f"file:{target.resolve()}",
+                              outcome, {"code": reason} if reason else None, role=keys_cli.OPERATOR_ROLE)
+    except (RegsandboxError, SQLAlchemyError) as error:
+        log.warning("signature.verify of %s (%s) not audited: %s", target, outcome, type(error).__name__)
+        print(f"提示：本次验证结果未能写入审计日志（{getattr(error, 'message', type(error).__name__)}）。",
+              file=sys.stderr)
+
+
 def verify(settings: Settings, target: Path) -> int:
     """Verify a signed JSON envelope or a file with ``<file>.sig`` beside it; exit 0 valid, 1 invalid, 2 unusable."""
     # The Chinese result printed below already names the key and why it was not usable.
@@ -427,7 +452,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.command == "down":
         return down(settings)
     if args.command == "verify":
-        return verify(settings, args.file)
+        code = verify(settings, args.file)
+        _audit_verification(settings, args.file, code)
+        return code
     if args.command == "keys":
         return keys_cli.run(settings, args)
     if args.command == "secrets":

@@ -103,7 +103,7 @@ def operator_name() -> str:
         return f"cli:uid{uid}"
 
 
-def _audit_sessions(settings: Settings) -> Any:
+def audit_sessions(settings: Settings) -> Any:
     """Return a session factory of the migrated admin database, or raise KeyCommandError."""
     from sqlalchemy.engine import make_url
     from sqlalchemy.exc import SQLAlchemyError
@@ -146,7 +146,7 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
     operation = args.key_command.replace("-", "_")
     actor = operator_name()
     try:
-        sessions = _audit_sessions(settings)
+        sessions = audit_sessions(settings)
     except KeyCommandError as error:
         print(f"{error.message}（{error.code}）", file=sys.stderr)
         return 1

@@ -17,6 +17,7 @@ import pytest
 from regsandbox_core.keystore import FileMasterKey, KeyStore, MasterKeyMismatch
 from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
+from regsandbox_core.signing import sign_file
 
 VENV_BIN = Path(sys.executable).parent
 REGSANDBOX = str(VENV_BIN / "regsandbox")
@@ -275,3 +276,39 @@ def test_unmigrated_database_refuses_command(tmp_path: Path) -> None:
     assert "审计日志" in result.stderr
     assert not out.exists()
     assert not (data_dir / "admin.db").exists()
+
+
+def test_verify_writes_audit_event(data_dir: Path, tmp_path: Path) -> None:
+    document = tmp_path / "report.txt"
+    document.write_text("季度报告", encoding="utf-8")
+    sign_file(store_of(data_dir), document, "report_file")
+    environment = _environment(data_dir)
+
+    valid = subprocess.run([REGSANDBOX, "verify", str(document)], env=environment, cwd=PROJECT_ROOT,
+                           capture_output=True, text=True, timeout=120)
+    document.write_text("季度报告（已改）", encoding="utf-8")
+    invalid = subprocess.run([REGSANDBOX, "verify", str(document)], env=environment, cwd=PROJECT_ROOT,
+                             capture_output=True, text=True, timeout=120)
+
+    assert valid.returncode == 0, valid.stderr
+    assert invalid.returncode == 1, invalid.stdout
+    events = [event for event in audit_events(data_dir) if event["action"] == "signature.verify"]
+    assert [event["outcome"] for event in events] == ["success", "failed"]
+    assert events[0]["actor"] == OPERATOR
+    assert events[0]["resource"] == f"file:{document.resolve()}"
+    assert json.loads(events[1]["detail"]) == {"code": "signature_invalid"}
+
+
+def test_verify_without_database_still_verifies(tmp_path: Path) -> None:
+    data_dir = tmp_path / "bare"
+    ensure_platform_keys(Settings(data_dir=data_dir), [], on_event=None)
+    document = tmp_path / "report.txt"
+    document.write_text("季度报告", encoding="utf-8")
+    sign_file(store_of(data_dir), document, "report_file")
+
+    result = subprocess.run([REGSANDBOX, "verify", str(document)], env=_environment(data_dir), cwd=PROJECT_ROOT,
+                            capture_output=True, text=True, timeout=120)
+
+    assert result.returncode == 0, result.stderr
+    assert "未能写入审计日志" in result.stderr
+    assert "Traceback" not in result.stderr
