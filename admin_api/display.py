@@ -19,7 +19,8 @@ from regsandbox_core.cron import PLATFORM_TIMEZONE
 BEIJING = ZoneInfo(PLATFORM_TIMEZONE)
 """Zone of every time shown on the console. The database and the API keep times in UTC."""
 
-ROLE_LABELS = {**ROLE_NAMES, SERVICE: "平台服务", ANONYMOUS: "匿名访问者", "unknown": "未知用户"}
+ROLE_LABELS = {**ROLE_NAMES, SERVICE: "平台服务", ANONYMOUS: "匿名访问者", "operator": "运维人员（命令行）",
+               "unknown": "未知用户"}
 
 ACTION_LABELS = {
     "auth.token": "获取访问令牌",
@@ -45,6 +46,15 @@ ACTION_LABELS = {
     "key.get": "读取密钥版本",
     "key.public_key": "读取签名公钥",
     "key.metadata": "读取密钥元数据",
+    "key.list": "命令行查看密钥列表",
+    "key.new_backup_key": "生成密钥库备份密钥",
+    "key.backup": "备份密钥库",
+    "key.restore": "恢复密钥库",
+    "key.rotate_master": "轮换主密钥",
+    "secrets.set_smtp": "设置 SMTP 登录凭据",
+    "secrets.clear_smtp": "删除 SMTP 登录凭据",
+    "signature.verify": "验证签名",
+    "report.download": "下载归档报告",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 

@@ -5,7 +5,9 @@
     regsandbox secrets clear-smtp                   remove them, so report emails are sent without AUTH
 
 The credentials are written only into the encrypted ``secrets/platform.enc.json``, never into
-settings or the environment. The scheduler reads them at start, so it must be restarted.
+settings or the environment. The scheduler reads them at start, so it must be restarted. Each
+command writes an audit event (``secrets.set_smtp`` or ``secrets.clear_smtp``) to the admin
+database, and does nothing when that database cannot take it.
 Messages for the operator are in Chinese; exit status 0 on success, 1 on failure.
 """
 
@@ -17,6 +19,7 @@ import logging
 import sys
 from typing import TextIO
 
+from launcher import keys_cli
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import set_smtp_credentials
 from regsandbox_core.settings import Settings
@@ -61,19 +64,48 @@ def _check_field(value: str, label: str) -> str:
 
 
 def run(settings: Settings, args: argparse.Namespace, stdin: TextIO | None = None) -> int:
-    """Run one ``regsandbox secrets`` subcommand and return the exit status."""
+    """Run one ``regsandbox secrets`` subcommand, write its audit event and return the exit status."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from admin_api.audit import record_operator_event
+
     stdin = stdin if stdin is not None else sys.stdin
+    logging.getLogger("alembic").setLevel(logging.ERROR)  # revision lookup lines would bury the result
+    action = "secrets." + args.secrets_command.replace("-", "_")
+    try:
+        sessions = keys_cli.audit_sessions(settings)
+    except RegsandboxError as error:
+        print(f"操作失败：{error.message}（{error.code}）", file=sys.stderr)
+        return 1
+
+    detail: dict[str, str] = {}
     try:
         if args.secrets_command == "set-smtp":
             username = _check_field(args.username.strip(), "用户名")
+            detail["username"] = username
             password = _check_field(_read_password(stdin), "密码")
             set_smtp_credentials(settings, username, password)
-            print(f"已将 SMTP 用户 {username} 的登录凭据加密保存到平台密钥文件。{RESTART_HINT}")
+            message = f"已将 SMTP 用户 {username} 的登录凭据加密保存到平台密钥文件。{RESTART_HINT}"
         else:
             set_smtp_credentials(settings, None, None)
-            print(f"已删除 SMTP 登录凭据，之后报表邮件不经认证发送。{RESTART_HINT}")
+            message = f"已删除 SMTP 登录凭据，之后报表邮件不经认证发送。{RESTART_HINT}"
+        outcome = "success"
     except RegsandboxError as error:
         log.error("secrets %s failed: %s", args.secrets_command, error.code)
-        print(f"操作失败：{error.message}（{error.code}）", file=sys.stderr)
+        detail["code"] = error.code
+        message = f"操作失败：{error.message}（{error.code}）"
+        outcome = "failed"
+
+    try:
+        record_operator_event(sessions, keys_cli.operator_name(), action, "secrets:smtp", outcome, detail or None,
+                              role=keys_cli.OPERATOR_ROLE)
+    except SQLAlchemyError as audit_error:
+        log.error("audit event %s (%s) could not be stored: %s", action, outcome, type(audit_error).__name__)
+        print(f"警告：审计事件 {action} 未能写入管理数据库（{type(audit_error).__name__}）。"
+              "请检查数据库后在运维记录中补记本次操作。", file=sys.stderr)
         return 1
+    if outcome == "failed":
+        print(message, file=sys.stderr)
+        return 1
+    print(message)
     return 0

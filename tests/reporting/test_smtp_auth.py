@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import smtplib
+import sqlite3
 import subprocess
 import sys
 from dataclasses import dataclass, field
@@ -118,10 +119,17 @@ def test_cli_stores_credentials_from_stdin(settings, secrets) -> None:
     environment = {name: value for name, value in os.environ.items() if name != "REGSANDBOX_MASTER_KEY"}
     environment["REGSANDBOX_DATA_DIR"] = str(settings.data_dir)
     command = [sys.executable, "-m", "launcher.cli", "secrets", "set-smtp", "--username", USERNAME]
+    without_database = subprocess.run(command, input=PASSWORD + "\n", env=environment, cwd=PROJECT_ROOT,
+                                      capture_output=True, text=True, timeout=60)
+    migrated = subprocess.run([sys.executable, "-m", "admin_api.manage", "migrate"], env=environment,
+                              cwd=PROJECT_ROOT, capture_output=True, text=True, timeout=120)
+    assert migrated.returncode == 0, migrated.stderr
 
     result = subprocess.run(command, input=PASSWORD + "\n", env=environment, cwd=PROJECT_ROOT,
                             capture_output=True, text=True, timeout=60)
 
+    assert without_database.returncode == 1
+    assert "audit_database_missing" in without_database.stderr
     assert result.returncode == 0, result.stderr
     assert "已将 SMTP 用户" in result.stdout
     assert PASSWORD not in result.stdout + result.stderr
@@ -139,6 +147,15 @@ def test_cli_stores_credentials_from_stdin(settings, secrets) -> None:
                              text=True, timeout=60)
     assert cleared.returncode == 0, cleared.stderr
     assert load_platform_secrets(settings).smtp_username is None
+    with sqlite3.connect(settings.data_dir / "admin.db") as connection:
+        events = connection.execute(
+            "SELECT action, outcome, role, detail FROM audit_events WHERE action LIKE 'secrets.%' ORDER BY id"
+        ).fetchall()
+    assert [(action, outcome) for action, outcome, _role, _detail in events] == [
+        ("secrets.set_smtp", "success"), ("secrets.set_smtp", "failed"), ("secrets.clear_smtp", "success"),
+    ]
+    assert {role for _action, _outcome, role, _detail in events} == {"operator"}
+    assert all(PASSWORD not in (detail or "") for _action, _outcome, _role, detail in events)
 
 
 def test_report_run_authenticates(settings, keystore, secrets, project_root, relay, report_settings) -> None:
