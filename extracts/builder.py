@@ -1,6 +1,7 @@
 """Masked extracts: one folder per institution that its sandbox users may read.
 
-``build_extract`` reads the institution's raw warehouse rows. It replaces the direct identifiers
+``build_extract`` decrypts the institution's raw warehouse partition in memory (see
+:mod:`extracts.warehouse`). It replaces the direct identifiers
 (name, resident ID number, mobile) by keyed HMAC-SM3 tokens under the institution's active token
 key from the key store (``<code>/token/v<n>``). It then writes ``applications.parquet``,
 ``manifest.json`` and ``manifest.json.sig`` (the platform's detached SM2 signature of the
@@ -28,13 +29,8 @@ from pathlib import Path
 import duckdb
 import polars as pl
 
-from extracts.demo_data import (
-    APPLICATIONS_TABLE,
-    IDENTIFIER_COLUMNS,
-    warehouse_institutions,
-    warehouse_partition_file,
-    write_parquet_atomic,
-)
+from extracts.demo_data import IDENTIFIER_COLUMNS, write_parquet_atomic
+from extracts.warehouse import APPLICATIONS_TABLE, read_partition, warehouse_institutions
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.files import atomic_output
@@ -220,14 +216,18 @@ def build_extract(
 
     Raises InvalidInstitutionError for a malformed or unknown code, WarehouseMissingError when
     the warehouse is empty, KeyStoreMissing when ``regsandbox init`` has not created the key
-    store, and ExtractKeyMissingError when the token or signing key has no active version.
+    store, ExtractKeyMissingError when the token or signing key has no active version, and
+    WarehousePartitionUnreadable when the partition cannot be decrypted (wrong, revoked or
+    destroyed data key, altered or truncated file). All of these are raised before anything
+    is written, so the previous extract stays as it was. A plaintext partition of an older
+    data directory is encrypted and deleted first (:func:`extracts.warehouse.read_partition`).
     """
     validate_institution(settings, institution_code)
     if keystore is None:
         keystore = open_keystore(settings)
     token_key = _active_key(keystore, institution_code, KIND_TOKEN)
     _active_key(keystore, PLATFORM_OWNER, KIND_SIGNING)
-    raw = pl.read_parquet(warehouse_partition_file(settings, institution_code))
+    raw = read_partition(settings, keystore, institution_code)
     masked = mask_applications(raw, token_key.key)
 
     target = extract_dir(settings, institution_code)

@@ -16,9 +16,9 @@ Rules that make the demo data deterministic (for one Faker version):
   at another institution, preferring one of the same age and sex. So 100 of the 900 persons
   apply at two institutions, which lets tests check that tokens do not link them.
 
-The warehouse is raw, unmasked data readable by root only:
-``<data_dir>/warehouse/applications/institution=<code>/part-0.parquet`` (directories 0700,
-files 0600, each file replaced atomically).
+The warehouse is raw, unmasked data readable by root only and encrypted at rest under each
+institution's SM4 data key: ``<data_dir>/warehouse/applications/institution=<code>/part-0.parquet.rssg``
+(directories 0700, files 0600, each file replaced atomically; see :mod:`extracts.warehouse`).
 """
 
 from __future__ import annotations
@@ -26,7 +26,6 @@ from __future__ import annotations
 import datetime
 import importlib.util
 import logging
-import os
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +36,9 @@ from faker.providers.ssn.zh_CN import Provider as ChineseSsnProvider
 from stdnum.cn import ric
 from stdnum.exceptions import InvalidComponent
 
+from extracts.warehouse import APPLICATIONS_TABLE, write_partition
 from regsandbox_core.files import atomic_output
+from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -51,7 +52,6 @@ SHARED_PERSON_EVERY = 10
 
 TARGET_COLUMN = "creditability"
 IDENTIFIER_COLUMNS: tuple[str, ...] = ("name", "id_number", "mobile")
-APPLICATIONS_TABLE = "applications"
 
 
 @dataclass(frozen=True)
@@ -201,36 +201,6 @@ def build_demo_frame(seed: int = DEMO_SEED) -> pl.DataFrame:
     return pl.concat([identifiers, credit], how="horizontal")
 
 
-def warehouse_table_dir(settings: Settings, table: str = APPLICATIONS_TABLE) -> Path:
-    return settings.warehouse_dir / table
-
-
-def warehouse_partition_file(settings: Settings, institution_code: str, table: str = APPLICATIONS_TABLE) -> Path:
-    """Return ``<data_dir>/warehouse/<table>/institution=<code>/part-0.parquet``."""
-    return warehouse_table_dir(settings, table) / f"institution={institution_code}" / "part-0.parquet"
-
-
-def warehouse_institutions(settings: Settings, table: str = APPLICATIONS_TABLE) -> list[str]:
-    """Return the institution codes that have a partition in the warehouse, sorted."""
-    table_dir = warehouse_table_dir(settings, table)
-    if not table_dir.is_dir():
-        return []
-    codes = []
-    for entry in table_dir.iterdir():
-        if entry.is_dir() and entry.name.startswith("institution=") and (entry / "part-0.parquet").is_file():
-            codes.append(entry.name.removeprefix("institution="))
-    return sorted(codes)
-
-
-def _make_private_dirs(path: Path, top: Path) -> None:
-    """Create ``path`` and its parents below ``top`` with mode 0700; ``top`` itself is left alone."""
-    target = top
-    for part in path.relative_to(top).parts:
-        target = target / part
-        target.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(target, 0o700)
-
-
 def write_parquet_atomic(
     frame: pl.DataFrame, path: Path, before_replace: Callable[[Path], None] | None = None
 ) -> None:
@@ -244,16 +214,20 @@ def write_parquet_atomic(
 
 
 def load_demo(settings: Settings, seed: int = DEMO_SEED) -> dict[str, int]:
-    """Write the demo warehouse partitions and return the row count of each institution."""
+    """Write the encrypted demo warehouse partitions and return the row count of each institution.
+
+    Creates the master key, key store and institution data keys that are missing first
+    (:func:`~regsandbox_core.platform_keys.ensure_platform_keys`, which is idempotent), because
+    each partition is encrypted under its institution's data key.
+    """
     frame = build_demo_frame(seed)
     settings.data_dir.mkdir(parents=True, exist_ok=True)
+    store = ensure_platform_keys(settings, list(DEMO_INSTITUTIONS))
     counts: dict[str, int] = {}
 
     for code in DEMO_INSTITUTIONS:
         part = frame.filter(pl.col("institution") == code).drop("institution")
-        path = warehouse_partition_file(settings, code)
-        _make_private_dirs(path.parent, settings.data_dir)
-        write_parquet_atomic(part, path)
+        path = write_partition(settings, store, code, part, APPLICATIONS_TABLE)
         counts[code] = part.height
         logger.info("wrote %d demo applications of %s to %s", part.height, code, path)
     return counts

@@ -2,14 +2,20 @@
 
 from __future__ import annotations
 
-import shutil
 from pathlib import Path
 
 import pytest
 
 from extracts.builder import build_extract
 from extracts.demo_data import DEMO_INSTITUTIONS, load_demo
-from regsandbox_core.platform_keys import ensure_platform_keys
+from extracts.warehouse import (
+    make_private_dirs,
+    migrate_plaintext_partition,
+    plaintext_partition_file,
+    read_partition_bytes,
+)
+from regsandbox_core.files import write_private_file
+from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
 
 
@@ -24,17 +30,30 @@ def demo_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     return settings
 
 
+@pytest.fixture(scope="session")
+def demo_parquet(demo_settings: Settings) -> dict[str, bytes]:
+    """Decrypted Parquet bytes of each demo partition."""
+    store = open_keystore(demo_settings)
+    return {code: read_partition_bytes(demo_settings, store, code) for code in DEMO_INSTITUTIONS}
+
+
 @pytest.fixture
-def bare_settings(demo_settings: Settings, tmp_path: Path) -> Settings:
-    """Settings of a new data dir with a copy of the demo warehouse and no extracts, master key or key store."""
+def bare_settings(demo_parquet: dict[str, bytes], tmp_path: Path) -> Settings:
+    """Settings of a data dir from before the key store: plaintext demo partitions, no master key, key store or extracts."""
     data_dir = tmp_path / "data"
     data_dir.mkdir()
-    shutil.copytree(demo_settings.warehouse_dir, data_dir / "warehouse")
-    return Settings(data_dir=data_dir)
+    settings = Settings(data_dir=data_dir)
+    for code, parquet in demo_parquet.items():
+        path = plaintext_partition_file(settings, code)
+        make_private_dirs(path.parent, data_dir)
+        write_private_file(path, parquet)
+    return settings
 
 
 @pytest.fixture
 def fresh_settings(bare_settings: Settings) -> Settings:
-    """Settings of a new data dir with a copy of the demo warehouse, a new master key and key store, no extracts."""
-    ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    """Settings of a new data dir with a new master key and key store, the demo warehouse encrypted under it, no extracts."""
+    store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    for code in DEMO_INSTITUTIONS:
+        assert migrate_plaintext_partition(bare_settings, store, code)
     return bare_settings

@@ -14,9 +14,15 @@ from extracts.demo_data import (
     build_demo_frame,
     check_resident_id,
     load_demo,
+)
+from extracts.warehouse import (
+    plaintext_partition_file,
+    read_partition,
+    read_partition_bytes,
     warehouse_institutions,
     warehouse_partition_file,
 )
+from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 
 
@@ -115,14 +121,17 @@ def test_different_seed_changes_identifiers(demo_frame: pl.DataFrame) -> None:
 
 def test_warehouse_partitions_private(demo_settings: Settings) -> None:
     assert warehouse_institutions(demo_settings) == list(DEMO_INSTITUTIONS)
+    store = open_keystore(demo_settings)
     total = 0
     for code in DEMO_INSTITUTIONS:
         path = warehouse_partition_file(demo_settings, code)
-        assert path == demo_settings.data_dir / "warehouse" / "applications" / f"institution={code}" / "part-0.parquet"
+        partition_dir = demo_settings.data_dir / "warehouse" / "applications" / f"institution={code}"
+        assert path == partition_dir / "part-0.parquet.rssg"
+        assert sorted(entry.name for entry in partition_dir.iterdir()) == ["part-0.parquet.rssg"]
         assert stat.S_IMODE(path.stat().st_mode) == 0o600
         for folder in (path.parent, path.parent.parent, demo_settings.warehouse_dir):
             assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
-        part = pl.read_parquet(path)
+        part = read_partition(demo_settings, store, code)
         assert "institution" not in part.columns
         assert {"name", "id_number", "mobile", "application_id", "creditability"} <= set(part.columns)
         total += part.height
@@ -134,12 +143,35 @@ def test_load_demo_twice_leaves_no_temp_files(tmp_path) -> None:
     data_dir.mkdir(mode=0o711)
     settings = Settings(data_dir=data_dir)
     first = load_demo(settings)
-    before = warehouse_partition_file(settings, "bank_a").read_bytes()
+    store = open_keystore(settings)
+    before = read_partition_bytes(settings, store, "bank_a")
     second = load_demo(settings)
     assert first == second == {"bank_a": 334, "bank_b": 333, "bank_c": 333}
-    assert warehouse_partition_file(settings, "bank_a").read_bytes() == before
+    assert read_partition_bytes(settings, store, "bank_a") == before
     leftovers = [path for path in settings.warehouse_dir.rglob("*") if path.name.startswith(".")]
     assert leftovers == []
     # The data dir itself belongs to `regsandbox init`; loading demo data keeps its mode.
     assert stat.S_IMODE(data_dir.stat().st_mode) == 0o711
 
+
+
+def test_load_demo_creates_institution_data_keys(tmp_path) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    load_demo(settings)
+    store = open_keystore(settings)
+    for code in DEMO_INSTITUTIONS:
+        assert store.current(code, "data").version == 1
+        assert read_partition_bytes(settings, store, code).startswith(b"PAR1")
+
+
+def test_load_demo_replaces_plaintext_partition(tmp_path, demo_settings: Settings) -> None:
+    settings = Settings(data_dir=tmp_path / "data")
+    load_demo(settings)
+    plaintext = plaintext_partition_file(settings, "bank_b")
+    plaintext.write_bytes(read_partition_bytes(demo_settings, open_keystore(demo_settings), "bank_b"))
+
+    load_demo(settings)
+
+    assert not plaintext.exists()
+    assert warehouse_partition_file(settings, "bank_b").is_file()
+    assert warehouse_institutions(settings) == list(DEMO_INSTITUTIONS)

@@ -18,7 +18,8 @@ from extracts.builder import (
     build_extract,
     extract_dir,
 )
-from extracts.demo_data import DEMO_INSTITUTIONS, warehouse_partition_file
+from extracts.demo_data import DEMO_INSTITUTIONS
+from extracts.warehouse import read_partition
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
@@ -32,7 +33,7 @@ def _extract(settings: Settings, code: str) -> pl.DataFrame:
 
 
 def _warehouse(settings: Settings, code: str) -> pl.DataFrame:
-    return pl.read_parquet(warehouse_partition_file(settings, code))
+    return read_partition(settings, open_keystore(settings), code)
 
 
 def _all_raw_identifiers(settings: Settings) -> set[str]:

@@ -13,7 +13,8 @@ import polars as pl
 import pytest
 
 from extracts.builder import ExtractKeyMissingError, build_extract, extract_dir
-from extracts.demo_data import DEMO_INSTITUTIONS, warehouse_partition_file
+from extracts.demo_data import DEMO_INSTITUTIONS
+from extracts.warehouse import read_partition
 from regsandbox_core.crypto import keyed_token
 from regsandbox_core.platform_keys import KeyStoreMissing, ensure_platform_keys, ensure_tokenisation_key, open_keystore
 from regsandbox_core.settings import Settings
@@ -33,7 +34,7 @@ def _manifest(folder: Path) -> dict:
 
 
 def _expected_tokens(settings: Settings, code: str, key: bytes) -> pl.DataFrame:
-    raw = pl.read_parquet(warehouse_partition_file(settings, code))
+    raw = read_partition(settings, open_keystore(settings), code)
     return pl.DataFrame({
         "application_id": raw["application_id"],
         "person_token": [keyed_token(key, value) for value in raw["id_number"].to_list()],

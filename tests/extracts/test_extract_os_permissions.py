@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 
 from extracts.builder import build_extract
-from extracts.demo_data import DEMO_INSTITUTIONS
-from regsandbox_core.platform_keys import ensure_platform_keys
+from extracts.warehouse import warehouse_partition_file
 from regsandbox_core.settings import Settings
 
 VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
@@ -72,13 +71,14 @@ def unix_accounts() -> Iterator[UnixFixture]:
 
 @pytest.fixture
 def traversable_settings(demo_settings: Settings) -> Iterator[Settings]:
-    """A data dir under /tmp with mode 0711 and a key store (pytest's own temp dirs are 0700, so other users cannot pass)."""
+    """A data dir under /tmp with mode 0711, the demo warehouse and its key store (pytest's own temp dirs are 0700, so other users cannot pass)."""
     data_dir = Path(tempfile.mkdtemp(prefix="rst-extracts-", dir="/tmp"))
     os.chmod(data_dir, 0o711)
     try:
-        shutil.copytree(demo_settings.warehouse_dir, data_dir / "warehouse")
+        # The partitions are encrypted under demo_settings' data keys, so its key store and master key come along.
+        for folder in (demo_settings.warehouse_dir, demo_settings.keys_dir, demo_settings.secrets_dir):
+            shutil.copytree(folder, data_dir / folder.name)
         settings = Settings(data_dir=data_dir)
-        ensure_platform_keys(settings, list(DEMO_INSTITUTIONS), on_event=None)
         yield settings
     finally:
         shutil.rmtree(data_dir)
@@ -163,7 +163,8 @@ def test_member_denied_other_institution(unix_accounts: UnixFixture, traversable
 
 def test_warehouse_unreadable_by_member(unix_accounts: UnixFixture, traversable_settings: Settings) -> None:
     build_extract(traversable_settings, "bank_a", unix_group=unix_accounts.bank_a_group)
-    part = traversable_settings.warehouse_dir / "applications" / "institution=bank_a" / "part-0.parquet"
+    part = warehouse_partition_file(traversable_settings, "bank_a")
+    assert part.is_file()
     result = _run_as(unix_accounts.member, f"open({str(part)!r}, 'rb')")
     assert result.returncode != 0
     assert "PermissionError" in result.stderr
