@@ -1,10 +1,21 @@
 """Commercial cryptography primitives: SM4-GCM, SM4 blocks, SM2 signatures and SM2 encryption.
 
 SM4 (GB/T 32907) and SM3 (GB/T 32905) come from ``cryptography``, which calls OpenSSL.
-SM2 (GB/T 32918) uses the pure-Python point arithmetic and signature equations of
+
+SM2 signing, verification and public-key derivation (GB/T 32918.2) run in C through
+``tongsuopy`` 1.0.1, whose wheel bundles Tongsuo 8.3.2 (an OpenSSL 1.1.1 fork). Tongsuo
+draws the signing nonce k from OpenSSL's private DRBG (``BN_priv_rand_range``). tongsuopy
+offers no way to set the GM/T 0009 user ID, so Tongsuo always hashes the default ID
+1234567812345678 into Z_A, and :func:`sm2_sign` and :func:`sm2_verify` reject any other
+ID. The platform signs only with the default ID, and ``signing.py`` records and checks it.
+
+SM2 encryption and decryption (GB/T 32918.4) use the pure-Python point arithmetic of
 ``gmssl`` 3.2.2. Two parts of gmssl are not used because they are unsafe: its random
 scalars come from ``random.choice`` (not a CSPRNG), and ``CryptSM2.decrypt`` never compares
-the C3 hash. This module draws every scalar from ``secrets`` and checks C3 itself.
+the C3 hash. This module draws every scalar from ``secrets`` and checks C3 itself. The gmssl
+signature equations remain in ``_gmssl_sign`` and ``_gmssl_verify``, which take an explicit
+curve, user ID and nonce. Known-answer tests and cross-checks against Tongsuo use them, and
+no public function signs with them.
 
 Encodings:
 
@@ -15,10 +26,14 @@ Encodings:
   32-byte SM3 hash and C2 as long as the plaintext (GB/T 32918.4 order C1C3C2).
 - SM4-GCM: 16-byte key, 12-byte nonce, ciphertext followed by a 16-byte tag.
 
-NOTE: gmssl's arithmetic runs on Python integers and is not constant time, so SM2 signing
-and decryption may leak key bits through timing to a caller who can measure many calls.
-It is no certified cryptographic module either; a deployment that must pass a GB/T 39786
-level 3 assessment replaces it with one.
+NOTE: gmssl's arithmetic runs on Python integers and is not constant time, so SM2
+decryption may leak private-key bits through timing to a caller who can measure many calls.
+Signing is not claimed constant time either. Tongsuo's ``sm2_sig_gen`` inverts 1 + d with
+OpenSSL's constant-time ``ec_group_do_inverse_ord`` but multiplies d by r with plain
+``BN_mod_mul``, and its timing has not been measured here. Tongsuo 8.3.2 is statically
+linked into the tongsuopy wheel, so its fixes arrive only with a new tongsuopy release.
+Neither library is a certified cryptographic module, so a deployment that must pass a
+GB/T 39786 level 3 assessment replaces them with one.
 """
 
 from __future__ import annotations
@@ -36,6 +51,9 @@ from cryptography.hazmat.primitives.asymmetric.utils import (
 from cryptography.hazmat.primitives.ciphers import Cipher, algorithms, modes
 from cryptography.hazmat.primitives.kdf.x963kdf import X963KDF
 from gmssl import sm2 as _gmssl_sm2
+from tongsuopy.crypto import hashes as _tongsuo_hashes
+from tongsuopy.crypto.asymciphers import ec as _tongsuo_ec
+from tongsuopy.crypto.exceptions import InvalidSignature as _TongsuoInvalidSignature
 
 from regsandbox_core.crypto import hmac_sm3, sm3_hex
 from regsandbox_core.errors import RegsandboxError
@@ -83,6 +101,10 @@ _PUBLIC_KEY_SIZE = 1 + 2 * _COORDINATE_SIZE
 _SM3_SIZE = 32
 _MAX_USER_ID_BYTES = 0xFFFF // 8  # ENTL is the ID length in bits, stored in 2 bytes
 _MAX_SIGN_ATTEMPTS = 16
+
+# tongsuopy names SM2 signing "ECDSA with SM3". On a key of the SM2 curve its EVP_PKEY has the
+# SM2 alias type, so OpenSSL hashes Z_A || M and applies the SM2 equations, not ECDSA's.
+_TONGSUO_SM2_SIGNATURE = _tongsuo_ec.ECDSA(_tongsuo_hashes.SM3())
 
 
 class CryptoInputInvalid(RegsandboxError):
@@ -310,20 +332,42 @@ def _random_scalar(curve: dict[str, str]) -> int:
     return 1 + secrets.randbelow(_curve_int(curve, "n") - 2)
 
 
+def _tongsuo_private_key(d: int) -> _tongsuo_ec.EllipticCurvePrivateKey:
+    """Load d as a Tongsuo SM2 private key, which computes d * G in OpenSSL."""
+    return _tongsuo_ec.derive_private_key(d, _tongsuo_ec.SM2())
+
+
+def _tongsuo_public_key(encoded: bytes) -> _tongsuo_ec.EllipticCurvePublicKey:
+    """Load a checked ``04 || x || y`` point as a Tongsuo SM2 public key.
+
+    ``from_encoded_point`` still rejects points off the curve. It skips the n * Q
+    multiplication of ``EC_KEY_check_key`` that loading from x and y runs, which takes about
+    as long as the verification itself.
+    """
+    return _tongsuo_ec.EllipticCurvePublicKey.from_encoded_point(_tongsuo_ec.SM2(), encoded)
+
+
+def _tongsuo_public_key_bytes(d: int) -> bytes:
+    numbers = _tongsuo_private_key(d).public_key().public_numbers()
+    return _encode_point((numbers.x, numbers.y))
+
+
 def generate_sm2_keypair() -> Sm2KeyPair:
-    """Generate an SM2 key pair on the recommended curve with a CSPRNG private key."""
+    """Generate an SM2 key pair on the recommended curve with a CSPRNG private key.
+
+    The private key comes from ``secrets`` in [1, n - 2], and OpenSSL computes d * G.
+    """
     d = _random_scalar(SM2_CURVE)
-    public_point = _multiply(d, _generator(SM2_CURVE), SM2_CURVE)
-    assert public_point is not None  # d < n, so d * G is never infinity
-    return Sm2KeyPair(d.to_bytes(_COORDINATE_SIZE, "big"), _encode_point(public_point))
+    return Sm2KeyPair(d.to_bytes(_COORDINATE_SIZE, "big"), _tongsuo_public_key_bytes(d))
 
 
 def sm2_public_key_from_private(private_key: bytes) -> bytes:
-    """Return the 65-byte public key ``d * G`` of an SM2 private key."""
-    return _public_key_of(private_key, SM2_CURVE)
+    """Return the 65-byte public key ``d * G`` of an SM2 private key, computed in OpenSSL."""
+    return _tongsuo_public_key_bytes(_decode_private_key(private_key, SM2_CURVE))
 
 
-def _public_key_of(private_key: bytes, curve: dict[str, str]) -> bytes:
+def _gmssl_public_key(private_key: bytes, curve: dict[str, str]) -> bytes:
+    """Return ``d * G`` on any short Weierstrass curve with gmssl (for known-answer tests)."""
     d = _decode_private_key(private_key, curve)
     public_point = _multiply(d, _generator(curve), curve)
     assert public_point is not None
@@ -341,6 +385,18 @@ def _check_user_id(user_id: bytes) -> bytes:
             f"SM2 用户标识（ID）最长 {_MAX_USER_ID_BYTES} 字节，实际为 {len(user_id)} 字节。",
         )
     return bytes(user_id)
+
+
+def _check_default_user_id(user_id: bytes) -> None:
+    """Reject every user ID but the GM/T 0009 default, the only one tongsuopy 1.0.1 signs with."""
+    user_id = _check_user_id(user_id)
+    if user_id != SM2_DEFAULT_USER_ID:
+        user_id_text = user_id[:64].decode("utf-8", "backslashreplace") + ("…" if len(user_id) > 64 else "")
+        raise CryptoInputInvalid(
+            "sm2_user_id_unsupported",
+            f"SM2 用户标识（ID）“{user_id_text}”不受支持：本平台的 SM2 签名只使用 GM/T 0009 默认 ID "
+            f"{SM2_DEFAULT_USER_ID.decode('ascii')}。请省略 user_id 参数，或与对方约定使用默认 ID。",
+        )
 
 
 def _za(public_point: tuple[int, int], user_id: bytes, curve: dict[str, str]) -> bytes:
@@ -378,50 +434,55 @@ def _sign_digest(d: int, digest: bytes, k: int, curve: dict[str, str]) -> bytes 
     return bytes.fromhex(signature_hex) if signature_hex else None
 
 
-def _sign(
+def _gmssl_sign(
     private_key: bytes,
     message: bytes,
     user_id: bytes,
     curve: dict[str, str],
-    nonce: int | None = None,
+    nonce: int,
 ) -> bytes:
+    """Sign with gmssl's equations and the given nonce k on any curve and with any user ID.
+
+    Only known-answer tests and cross-checks call this, because a caller-chosen k that
+    repeats or leaks reveals the private key. :func:`sm2_sign` signs in OpenSSL instead.
+    """
     d = _decode_private_key(private_key, curve)
     public_point = _multiply(d, _generator(curve), curve)
     assert public_point is not None
     digest = _message_digest(public_point, bytes(message), _check_user_id(user_id), curve)
 
-    # gmssl returns None when r = 0, r + k = n or s = 0, and a fresh k is drawn then.
-    for _ in range(_MAX_SIGN_ATTEMPTS):
-        k = nonce if nonce is not None else _random_scalar(curve)
-        signature = _sign_digest(d, digest, k, curve)
-        if signature is not None:
-            return signature
-        if nonce is not None:
-            break
-    raise CryptoInputInvalid("sm2_sign_failed", "SM2 签名计算失败（随机数 k 不可用），请重试。")
+    # gmssl returns None when r = 0, r + k = n or s = 0, which a fresh k would avoid.
+    signature = _sign_digest(d, digest, nonce, curve)
+    if signature is None:
+        raise CryptoInputInvalid(
+            "sm2_sign_failed", "SM2 签名计算失败：随机数 k 使 r = 0、r + k = n 或 s = 0，请换一个 k。"
+        )
+    return signature
 
 
 def sm2_sign(
     private_key: bytes, message: bytes, *, user_id: bytes = SM2_DEFAULT_USER_ID
 ) -> bytes:
-    """Sign ``message`` with SM2 (SM3 digest over Z_A || M) and return a DER signature.
+    """Sign ``message`` with SM2 in OpenSSL (SM3 digest over Z_A || M) and return a DER signature.
 
-    ``user_id`` is the signer's ID from GM/T 0009. The verifier must use the same ID.
+    OpenSSL draws a fresh nonce for every call, so two signatures of one message differ.
+    ``user_id`` must be the GM/T 0009 default ID, because tongsuopy 1.0.1 cannot set another.
+    Any other ID raises :class:`CryptoInputInvalid` with code ``sm2_user_id_unsupported``.
     """
-    return _sign(private_key, message, user_id, SM2_CURVE)
+    d = _decode_private_key(private_key, SM2_CURVE)
+    _check_default_user_id(user_id)
+    try:
+        return _tongsuo_private_key(d).sign(bytes(message), _TONGSUO_SM2_SIGNATURE)
+    except ValueError:
+        # tongsuopy raises ValueError when EVP_DigestSign fails, for example when the DRBG fails.
+        raise CryptoInputInvalid(
+            "sm2_sign_failed", "SM2 签名计算失败：OpenSSL 签名函数返回错误。请重试；若持续失败，请检查系统随机数源。"
+        ) from None
 
 
-def _verify(
-    public_key: bytes,
-    message: bytes,
-    signature: bytes,
-    user_id: bytes,
-    curve: dict[str, str],
-) -> None:
-    public_point = _decode_point(public_key, "SM2 公钥", curve)
+def _check_signature_encoding(signature: bytes, curve: dict[str, str]) -> bytes:
+    """Accept only canonical DER with r and s in [1, n-1], so each signature has one encoding."""
     n = _curve_int(curve, "n")
-
-    # Only canonical DER with r and s in [1, n-1] is accepted, so each signature has one encoding.
     try:
         r, s = decode_dss_signature(bytes(signature))
     except (ValueError, TypeError):
@@ -430,7 +491,19 @@ def _verify(
         raise SignatureInvalid("签名的 DER 编码不规范")
     if not (1 <= r < n and 1 <= s < n):
         raise SignatureInvalid("签名值 r 或 s 超出区间 [1, n-1]")
+    return bytes(signature)
 
+
+def _gmssl_verify(
+    public_key: bytes,
+    message: bytes,
+    signature: bytes,
+    user_id: bytes,
+    curve: dict[str, str],
+) -> None:
+    """Verify with gmssl's equations on any curve and with any user ID (tests and cross-checks)."""
+    public_point = _decode_point(public_key, "SM2 公钥", curve)
+    signature = _check_signature_encoding(signature, curve)
     digest = _message_digest(public_point, bytes(message), _check_user_id(user_id), curve)
     engine = _gmssl_sm2.CryptSM2(private_key="", public_key="", ecc_table=curve, mode=1, asn1=True)
     # Set after construction: gmssl's constructor runs lstrip("04") on the key, which also
@@ -452,12 +525,21 @@ def sm2_verify(
     *,
     user_id: bytes = SM2_DEFAULT_USER_ID,
 ) -> None:
-    """Verify a DER SM2 signature and return None when it is valid.
+    """Verify a DER SM2 signature in OpenSSL and return None when it is valid.
 
-    Raises :class:`SignatureInvalid` for a bad signature and :class:`KeyInvalid` for a
-    public key that is not a point on the curve.
+    Raises :class:`SignatureInvalid` for a bad signature, :class:`KeyInvalid` for a
+    public key that is not a point on the curve, and :class:`CryptoInputInvalid` for a
+    ``user_id`` other than the GM/T 0009 default (see :func:`sm2_sign`).
     """
-    _verify(public_key, message, signature, user_id, SM2_CURVE)
+    _decode_point(public_key, "SM2 公钥", SM2_CURVE)
+    # The Python checks come first because Tongsuo's verify returns -1, not 0, for
+    # non-canonical DER, and tongsuopy turns -1 into an InternalError.
+    signature = _check_signature_encoding(signature, SM2_CURVE)
+    _check_default_user_id(user_id)
+    try:
+        _tongsuo_public_key(bytes(public_key)).verify(signature, bytes(message), _TONGSUO_SM2_SIGNATURE)
+    except _TongsuoInvalidSignature:
+        raise SignatureInvalid() from None
 
 
 def _kdf(shared: bytes, length: int) -> bytes:

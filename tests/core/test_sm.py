@@ -1,5 +1,9 @@
 """SM2, SM3 and SM4 primitives: published vectors, agreement with gmssl and rejected inputs.
 
+sm2_sign and sm2_verify run in OpenSSL through tongsuopy, so the fixed-nonce vectors go
+through the gmssl path of the module (``_gmssl_sign``), and the OpenSSL path is checked by
+verifying the published signature and by verifying its own signatures with gmssl.
+
 Vectors: SM3 from GB/T 32905-2016 appendix A; SM4 from GB/T 32907-2016 appendix A;
 SM2 signatures from GB/T 32918.2-2016 appendix A (test curve) and, with encryption,
 from GM/T 0003.5-2012 / GB/T 32918.5-2017 on the recommended curve.
@@ -179,23 +183,24 @@ def test_sm4_gcm_rejects_wrong_nonce_size():
 
 
 def test_sm2_test_curve_public_key():
-    assert sm._public_key_of(TEST_CURVE_PRIVATE, TEST_CURVE) == TEST_CURVE_PUBLIC
+    assert sm._gmssl_public_key(TEST_CURVE_PRIVATE, TEST_CURVE) == TEST_CURVE_PUBLIC
 
 
 def test_sm2_test_curve_signature_vector():
-    signature = sm._sign(
+    signature = sm._gmssl_sign(
         TEST_CURVE_PRIVATE, b"message digest", b"ALICE123@YAHOO.COM", TEST_CURVE, nonce=TEST_CURVE_K
     )
     assert decode_dss_signature(signature) == (TEST_CURVE_R, TEST_CURVE_S)
-    sm._verify(TEST_CURVE_PUBLIC, b"message digest", signature, b"ALICE123@YAHOO.COM", TEST_CURVE)
+    sm._gmssl_verify(TEST_CURVE_PUBLIC, b"message digest", signature, b"ALICE123@YAHOO.COM", TEST_CURVE)
 
 
 def test_sm2_recommended_curve_public_key():
     assert sm.sm2_public_key_from_private(ANNEX_PRIVATE) == ANNEX_PUBLIC
+    assert sm._gmssl_public_key(ANNEX_PRIVATE, sm.SM2_CURVE) == ANNEX_PUBLIC
 
 
 def test_sm2_recommended_curve_signature_vector():
-    signature = sm._sign(ANNEX_PRIVATE, b"message digest", sm.SM2_DEFAULT_USER_ID, sm.SM2_CURVE, nonce=ANNEX_K)
+    signature = sm._gmssl_sign(ANNEX_PRIVATE, b"message digest", sm.SM2_DEFAULT_USER_ID, sm.SM2_CURVE, nonce=ANNEX_K)
     assert decode_dss_signature(signature) == (ANNEX_R, ANNEX_S)
 
 
@@ -229,9 +234,25 @@ def test_sm2_keypair_is_valid(keypair):
     assert keypair.private_key.hex() not in repr(keypair)
 
 
+def test_sm2_openssl_public_key_agrees_with_gmssl(keypair):
+    assert sm._gmssl_public_key(keypair.private_key, sm.SM2_CURVE) == keypair.public_key
+    smallest, largest = (1).to_bytes(32, "big"), (int(sm.SM2_CURVE["n"], 16) - 2).to_bytes(32, "big")
+    for private_key in [smallest, largest]:
+        assert sm.sm2_public_key_from_private(private_key) == sm._gmssl_public_key(private_key, sm.SM2_CURVE)
+
+
 def test_sm2_sign_verify_round_trip(keypair):
     signature = sm.sm2_sign(keypair.private_key, b"report 2026Q3")
     assert sm.sm2_verify(keypair.public_key, b"report 2026Q3", signature) is None
+
+
+def test_sm2_signature_is_canonical_der(keypair):
+    signature = sm.sm2_sign(keypair.private_key, b"report 2026Q3")
+    r, s = decode_dss_signature(signature)
+    n = int(sm.SM2_CURVE["n"], 16)
+    assert encode_dss_signature(r, s) == signature
+    assert 1 <= r < n
+    assert 1 <= s < n
 
 
 def test_sm2_signatures_are_randomised(keypair):
@@ -240,11 +261,36 @@ def test_sm2_signatures_are_randomised(keypair):
     assert first != second
 
 
-def test_sm2_custom_user_id_round_trip(keypair):
-    signature = sm.sm2_sign(keypair.private_key, b"m", user_id=b"inst-001@regsandbox")
-    sm.sm2_verify(keypair.public_key, b"m", signature, user_id=b"inst-001@regsandbox")
+def test_sm2_explicit_default_user_id_accepted(keypair):
+    signature = sm.sm2_sign(keypair.private_key, b"m", user_id=bytearray(b"1234567812345678"))
+    sm.sm2_verify(keypair.public_key, b"m", signature, user_id=b"1234567812345678")
+
+
+def test_sm2_sign_rejects_other_user_id(keypair):
+    with pytest.raises(sm.CryptoInputInvalid) as caught:
+        sm.sm2_sign(keypair.private_key, b"m", user_id=b"inst-001@regsandbox")
+    assert_user_facing(caught.value, "sm2_user_id_unsupported")
+    assert "inst-001@regsandbox" in caught.value.message
+    assert "1234567812345678" in caught.value.message
+
+
+def test_sm2_verify_rejects_other_user_id(keypair):
+    # The gmssl path signs and verifies under another ID, and sm2_verify must reject that ID.
+    signature = sm._gmssl_sign(
+        keypair.private_key, b"m", b"inst-001@regsandbox", sm.SM2_CURVE, nonce=12345678901234567890
+    )
+    sm._gmssl_verify(keypair.public_key, b"m", signature, b"inst-001@regsandbox", sm.SM2_CURVE)
+    with pytest.raises(sm.CryptoInputInvalid) as caught:
+        sm.sm2_verify(keypair.public_key, b"m", signature, user_id=b"inst-001@regsandbox")
+    assert_user_facing(caught.value, "sm2_user_id_unsupported")
     with pytest.raises(sm.SignatureInvalid):
         sm.sm2_verify(keypair.public_key, b"m", signature)
+
+
+def test_sm2_rejects_non_bytes_user_id(keypair):
+    with pytest.raises(sm.CryptoInputInvalid) as caught:
+        sm.sm2_sign(keypair.private_key, b"m", user_id="1234567812345678")
+    assert_user_facing(caught.value, "sm2_user_id_invalid")
 
 
 def test_sm2_signature_verifies_in_gmssl(keypair):
