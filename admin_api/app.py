@@ -25,7 +25,7 @@ from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
 
-from admin_api import console, console_keys
+from admin_api import console, console_api_endpoints, console_keys, console_messages, console_users
 from admin_api.db import make_engine, make_session_factory
 from admin_api.deps import require
 from admin_api.display import install_filters
@@ -33,7 +33,9 @@ from admin_api.errors import install_error_handlers, not_found
 from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
-from admin_api.routes import audit_log, identity, keys, models, reports
+from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, tokens, users
+from admin_api.routes import institutions as institution_routes
+from admin_api import console_institutions
 from admin_api.security import Principal
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
@@ -110,6 +112,28 @@ def _add_docs(app: FastAPI) -> None:
         return FileResponse(SWAGGER_UI_DIR / name, media_type=DOCS_ASSETS[name])
 
 
+def install_routes(app: FastAPI) -> None:
+    """Add every API route, console page and the documentation pages to ``app``."""
+    for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
+                   institution_routes):
+        app.include_router(module.router, prefix="/api/v1")
+    for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
+                        console_messages):
+        app.include_router(page_module.router)
+    _add_docs(app)
+
+    @app.get("/healthz", include_in_schema=False)
+    def health(_caller: Principal = Depends(require("public"))) -> dict[str, str]:
+        return {"status": "ok"}
+
+
+def build_routes_only() -> FastAPI:
+    """Return an application with every route and no state, for generating docs/permissions.md."""
+    app = FastAPI(title="regsandbox admin_api", version="1", docs_url=None, openapi_url=None, redoc_url=None)
+    install_routes(app)
+    return app
+
+
 def create_app(
     settings: Settings | None = None,
     *,
@@ -146,15 +170,8 @@ def create_app(
 
     app.middleware("http")(_request_id_middleware)
     install_error_handlers(app)
-    for module in (identity, audit_log, models, reports, keys):
-        app.include_router(module.router, prefix="/api/v1")
-    app.include_router(console.router)
-    app.include_router(console_keys.router)
-    _add_docs(app)
-
-    @app.get("/healthz", include_in_schema=False)
-    def health(_caller: Principal = Depends(require("public"))) -> dict[str, str]:
-        return {"status": "ok"}
+    install_routes(app)
+    console_messages.install_unread_badge(app.state.templates)
 
     logger.info("admin_api ready, database %s", engine.url.render_as_string(hide_password=True))
     return app

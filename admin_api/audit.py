@@ -1,7 +1,8 @@
 """Writing audit events.
 
 :func:`add_event` adds an event to the caller's session, so a write and its audit event are
-committed together. :func:`record_event` commits an event on its own session; it is used for
+committed together; :mod:`admin_api.audit_chain` chains every event when it is flushed.
+:func:`record_event` commits an event on its own session; it is used for
 denials and failed sign-ins, whose request session is rolled back. :func:`record_operator_event`
 commits an event of a command-line operation, which has no HTTP request.
 """
@@ -15,6 +16,8 @@ from typing import Any
 from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
 
+# Imported for its before_flush listener, which gives every new AuditEvent its id and SM3 chain digests.
+from admin_api import audit_chain  # noqa: F401
 from admin_api.models import AuditEvent
 from admin_api.security import Principal
 

@@ -13,19 +13,21 @@ from __future__ import annotations
 
 import re
 import secrets as _random
+from datetime import timedelta
 from typing import Any
-from urllib.parse import quote
+from urllib.parse import quote, urlencode
 
-from fastapi import APIRouter, Depends, Form, Request
+from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event, record_event
+from admin_api.audit_search import OUTCOMES, AuditFilter, export_response, parse_filter, search
 from admin_api.db import utc_now
 from admin_api.deps import SESSION_COOKIE, deny, get_session, require
 from admin_api.errors import forbidden, invalid
-from admin_api.models import ROLE_NAMES, AuditEvent, ReportNotebook, ReportRun, Schedule, User
+from admin_api.models import ROLE_NAMES, ReportNotebook, ReportRun, Schedule, User
 from admin_api.report_files import archived_file_names, download_report_file
 from admin_api.security import (
     ANONYMOUS_PRINCIPAL,
@@ -102,7 +104,8 @@ def login_form(request: Request, session: Session = Depends(get_session),
                _caller: Principal = Depends(require("public"))) -> Response:
     """Show the sign-in form, or go to the home page when already signed in."""
     cookie = request.cookies.get(SESSION_COOKIE)
-    if cookie and find_token(session, cookie, "console") is not None:
+    idle = timedelta(minutes=request.app.state.settings.console_idle_minutes)
+    if cookie and find_token(session, cookie, "console", idle_timeout=idle) is not None:
         return RedirectResponse("/console/", status_code=303)
     return _login_form(request)
 
@@ -112,6 +115,7 @@ def login(
     request: Request,
     username: str = Form(default="", max_length=64),
     password: str = Form(default="", max_length=1024),
+    totp_code: str = Form(default="", alias="totp", max_length=16),
     csrf_token_field: str = Form(default="", alias="csrf_token", max_length=200),
     session: Session = Depends(get_session),
     _caller: Principal = Depends(require("public")),
@@ -123,7 +127,8 @@ def login(
                      {"code": "CSRF_INVALID"})
         return _login_form(request, "表单已过期，请重新输入用户名和密码。", status_code=403)
     try:
-        user = authenticate(session, request, username.strip(), password, action="console.login")
+        user = authenticate(session, request, username.strip(), password, action="console.login",
+                            totp_code=totp_code or None)
     except RegsandboxError as error:
         return _login_form(request, error.message, status_code=error.status)
 
@@ -340,9 +345,66 @@ def toggle_schedule_form(
     return RedirectResponse(f"/console/schedules?{done}={schedule_id}", status_code=303)
 
 
+AUDIT_PAGE_ROWS = 200
+_AUDIT_FILTER_FIELDS = ("from", "to", "actor", "action", "institution", "outcome")
+
+
+def _audit_form(values: dict[str, str | None]) -> dict[str, str]:
+    return {name: (values.get(name) or "").strip() for name in _AUDIT_FILTER_FIELDS}
+
+
+def _audit_filter(form: dict[str, str]) -> AuditFilter:
+    return parse_filter(form["from"], form["to"], form["actor"], form["action"], form["institution"], form["outcome"])
+
+
+def _audit_page(request: Request, session: Session, caller: Principal, form: dict[str, str],
+                before_id: str | None = None) -> Response:
+    filled = {name: value for name, value in form.items() if value}
+    settings = request.app.state.settings
+    context: dict[str, Any] = {"form": form, "outcomes": OUTCOMES, "events": [], "next_page": None,
+                               "first_page": urlencode(filled), "retention_days": settings.audit_retention_days,
+                               "export_max_rows": settings.audit_export_max_rows}
+    try:
+        audit_filter = _audit_filter(form)
+        before = None
+        if before_id:
+            if not before_id.isdigit() or int(before_id) < 1:
+                raise invalid("INVALID_BEFORE_ID", f"分页位置 before_id={before_id!r} 无效，应为正整数。请从第一页重新查询。")
+            before = int(before_id)
+    except RegsandboxError as error:
+        return _page(request, "audit.html", caller, status_code=error.status, error=error.message, **context)
+    events = search(session, audit_filter, AUDIT_PAGE_ROWS, before)
+    if len(events) == AUDIT_PAGE_ROWS:
+        context["next_page"] = urlencode({**filled, "before_id": events[-1].id})
+    return _page(request, "audit.html", caller, **{**context, "events": events, "paged": before is not None})
+
+
 @router.get("/audit", response_class=HTMLResponse)
 def audit_page(request: Request, session: Session = Depends(get_session),
-               caller: Principal = Depends(require("audit.read", console=True))) -> Response:
-    """Show the newest 200 audit events."""
-    events = list(session.scalars(select(AuditEvent).order_by(AuditEvent.id.desc()).limit(200)))
-    return _page(request, "audit.html", caller, events=events)
+               caller: Principal = Depends(require("audit.read", console=True)),
+               time_from: str | None = Query(default=None, alias="from"),
+               time_to: str | None = Query(default=None, alias="to"),
+               actor: str | None = None, action: str | None = None, institution: str | None = None,
+               outcome: str | None = None, before_id: str | None = None) -> Response:
+    """Search audit events with the filter form, 200 per page, newest first."""
+    form = _audit_form({"from": time_from, "to": time_to, "actor": actor, "action": action,
+                        "institution": institution, "outcome": outcome})
+    return _audit_page(request, session, caller, form, before_id)
+
+
+@router.post("/audit/export")
+def audit_export(request: Request, session: Session = Depends(get_session),
+                 caller: Principal = Depends(require("audit.read", console=True)),
+                 csrf_token: str = Form(""), time_from: str = Form("", alias="from"), time_to: str = Form("", alias="to"),
+                 actor: str = Form(""), action: str = Form(""), institution: str = Form(""),
+                 outcome: str = Form("")) -> Response:
+    """Download the events matching the filter form as CSV (as GET /api/v1/audit/events.csv)."""
+    _check_csrf(request, caller, "audit.read", csrf_token)
+    form = _audit_form({"from": time_from, "to": time_to, "actor": actor, "action": action,
+                        "institution": institution, "outcome": outcome})
+    try:
+        audit_filter = _audit_filter(form)
+    except RegsandboxError as error:
+        _failed(request, session, caller, "audit.export", "audit_events", error)
+        return _audit_page(request, session, caller, form)
+    return export_response(request, session, caller, audit_filter)

@@ -11,6 +11,7 @@ cookie only, so a browser cookie can never drive an API write. API routes also d
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from datetime import timedelta
 
 from fastapi import Depends, Request, Security
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
@@ -81,14 +82,15 @@ class _Denied(Exception):
         self.error = error
 
 
-def _user_principal(session: Session, token: str, kind: str) -> Principal:
-    row = find_token(session, token, kind)
+def _user_principal(session: Session, token: str, kind: str, idle_timeout: timedelta | None = None) -> Principal:
+    row = find_token(session, token, kind, idle_timeout=idle_timeout)
     if row is None:
         if kind == "console":
             raise unauthenticated("NOT_AUTHENTICATED", "会话已过期或无效，请重新登录。")
         raise unauthenticated("INVALID_TOKEN", "访问令牌无效或已过期，请重新调用 /api/v1/auth/token 登录。")
     user = row.user
-    principal = Principal(kind="user", username=user.username, role=user.role, institution_code=user.institution_code)
+    principal = Principal(kind="user", username=user.username, role=user.role, institution_code=user.institution_code,
+                          scopes=frozenset(row.scopes) if row.scopes is not None else None)
     if not user.is_active:
         raise _Denied(principal, forbidden("USER_DISABLED", f"用户 {user.username} 已被停用，请联系系统管理员。"))
     return principal
@@ -101,7 +103,8 @@ def resolve_principal(request: Request, session: Session, *, console: bool) -> P
     """
     if console:
         cookie = request.cookies.get(SESSION_COOKIE)
-        return _user_principal(session, cookie, "console") if cookie else ANONYMOUS_PRINCIPAL
+        idle = timedelta(minutes=request.app.state.settings.console_idle_minutes)
+        return _user_principal(session, cookie, "console", idle) if cookie else ANONYMOUS_PRINCIPAL
 
     token = _bearer_token(request)
     if token is None:
@@ -132,6 +135,7 @@ def require(capability: str, *, console: bool = False) -> Callable[..., Principa
     def dependency(request: Request, session: Session = Depends(get_session)) -> Principal:
         return _authorise(request, session, capability, console)
 
+    dependency.capability = capability  # type: ignore[attr-defined]  # read by the permission matrix
     if console or capability == "public":
         return dependency
 
@@ -142,6 +146,7 @@ def require(capability: str, *, console: bool = False) -> Callable[..., Principa
     ) -> Principal:
         return _authorise(request, session, capability, console)
 
+    api_dependency.capability = capability  # type: ignore[attr-defined]
     return api_dependency
 
 
@@ -157,8 +162,14 @@ def _authorise(request: Request, session: Session, capability: str, console: boo
         raise deny(request, ANONYMOUS_PRINCIPAL, capability, error) from None
 
     request.state.principal = principal
-    if allows(principal.role, capability):
+    in_scope = principal.scopes is None or capability == "public" or capability in principal.scopes
+    if allows(principal.role, capability) and in_scope:
         return principal
+    if allows(principal.role, capability):
+        raise deny(request, principal, capability, forbidden(
+            "TOKEN_SCOPE_FORBIDDEN", f"此个人访问令牌的权限范围不含“{CAPABILITIES[capability][0]}”（{capability}），"
+            "请使用含该权限的令牌，或重新登录获取访问令牌。"
+        ))
     if principal.kind == "anonymous":
         if console:
             raise unauthenticated("NOT_AUTHENTICATED", "请先登录。")

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text
+from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from admin_api.db import Base, UTCDateTime, utc_now
@@ -24,13 +24,41 @@ ROLE_NAMES: dict[str, str] = {
 
 
 class Institution(Base):
+    """A supervised institution: a legal entity (法人机构, no parent) or a branch (分支机构) of one.
+
+    The registry rules (USCC check character, types, hierarchy) live in :mod:`admin_api.institutions`.
+    """
+
     __tablename__ = "institutions"
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     code: Mapped[str] = mapped_column(String(32), unique=True)
-    name: Mapped[str] = mapped_column(String(200))
+    name: Mapped[str] = mapped_column(String(200), unique=True)
     type: Mapped[str] = mapped_column(String(50))
+    """One of admin_api.institutions.INSTITUTION_TYPES, stored in Chinese (银行, 保险, ...)."""
+    uscc: Mapped[str | None] = mapped_column(String(18), unique=True, nullable=True)
+    """统一社会信用代码; NULL only for rows stored before revision 0004, the API requires it."""
+    licence_no: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """金融许可证号, optional."""
+    parent_id: Mapped[int | None] = mapped_column(ForeignKey("institutions.id"), nullable=True, index=True)
+    contact_name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    contact_phone: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    contact_email: Mapped[str | None] = mapped_column(String(254), nullable=True)
+    status: Mapped[str] = mapped_column(String(16), default="active", server_default="active")
+    """``active`` (正常) or ``inactive`` (停用)."""
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+    parent: Mapped[Institution | None] = relationship(remote_side="Institution.id", lazy="joined", join_depth=1)
+
+    @property
+    def is_legal_entity(self) -> bool:
+        """Whether this is a legal entity; a branch has a parent, which must itself be a legal entity."""
+        return self.parent_id is None
+
+    @property
+    def parent_code(self) -> str | None:
+        return self.parent.code if self.parent else None
 
 
 class User(Base):
@@ -47,12 +75,42 @@ class User(Base):
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
     updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+    # Sign-in policy state (admin_api/passwords.py).
+    password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When the password was last set; NULL for rows older than the password policy, which count from created_at."""
+    must_change_password: Mapped[bool] = mapped_column(Boolean, default=False, server_default=false())
+    """Set for administrator-issued passwords: the user can only change the password until they do."""
+    failed_sign_ins: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Consecutive failed sign-ins since the last success or lockout."""
+    lockouts: Mapped[int] = mapped_column(Integer, default=0, server_default="0")
+    """Lockouts since the last successful sign-in; selects the lockout duration."""
+    locked_until: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    # TOTP second factor (admin_api/totp.py).
+    totp_secret: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Base64 of nonce || SM4-GCM ciphertext of the TOTP secret under the platform data key."""
+    totp_key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    totp_enabled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When the user confirmed the secret with a first code; NULL while enrolment is pending or absent."""
+    totp_last_step: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    """Time step (Unix time // 30) of the last accepted code; a code of this or an earlier step is rejected."""
 
     institution: Mapped[Institution | None] = relationship(lazy="joined")
 
     @property
     def institution_code(self) -> str | None:
         return self.institution.code if self.institution else None
+
+
+class PasswordHistory(Base):
+    """An argon2id hash of one of a user's latest passwords, including the current one."""
+
+    __tablename__ = "password_history"
+    __table_args__ = (Index("ix_password_history_user", "user_id", "created_at"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    password_hash: Mapped[str] = mapped_column(String(255))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
 
 class ApiToken(Base):
@@ -70,6 +128,12 @@ class ApiToken(Base):
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
     expires_at: Mapped[datetime] = mapped_column(UTCDateTime())
     revoked_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    name: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    """Name that the owner gave a personal API token; NULL for sign-in tokens and console sessions."""
+    scopes: Mapped[list[str] | None] = mapped_column(JSON, nullable=True)
+    """Capabilities of a personal API token (kind ``api``); NULL: every capability of the user's role."""
+    last_seen_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """Last use of a console session, to the minute; NULL until the first minute has passed."""
 
     user: Mapped[User] = relationship(lazy="joined")
 
@@ -150,7 +214,13 @@ class AuditEvent(Base):
     """An entry of the append-only audit log; database triggers reject UPDATE and DELETE."""
 
     __tablename__ = "audit_events"
-    __table_args__ = (Index("ix_audit_events_actor", "actor", "occurred_at"),)
+    __table_args__ = (
+        Index("ix_audit_events_actor", "actor", "occurred_at"),
+        # Search filters of the audit page; results are ordered by id, so id completes each index.
+        Index("ix_audit_events_occurred_at", "occurred_at"),
+        Index("ix_audit_events_action", "action", "id"),
+        Index("ix_audit_events_institution", "institution_code", "id"),
+    )
 
     id: Mapped[int] = mapped_column(Integer, primary_key=True)
     occurred_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
@@ -165,13 +235,79 @@ class AuditEvent(Base):
     detail: Mapped[str | None] = mapped_column(Text, nullable=True)
     recorded_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
     """Service that appended the event through the API, when it was not admin_api itself."""
+    prev_sm3: Mapped[str] = mapped_column(String(64))
+    """``chain_sm3`` of the previous event, or ``audit_chain.GENESIS_SM3`` for the first one."""
+    chain_sm3: Mapped[str] = mapped_column(String(64))
+    """SM3 of ``prev_sm3`` and this event's canonical content, set by ``audit_chain`` at flush."""
+
+
+class AuditChainHead(Base):
+    """The single row (id 1) containing the id and digest of the newest audit event.
+
+    Appends lock this row, so concurrent writers extend one chain, and verification compares it with
+    the last stored event to detect deleted events at the end of the log.
+    """
+
+    __tablename__ = "audit_chain_head"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    last_id: Mapped[int] = mapped_column(Integer)
+    last_sm3: Mapped[str] = mapped_column(String(64))
+
+
+class ApiEndpoint(Base):
+    """A named external HTTP endpoint that platform modules call through ``admin_api.api_endpoints.client_for``.
+
+    Credentials are SM4-GCM ciphertext under the platform data key version ``credentials_key_version``;
+    the clear text is never stored or returned.
+    """
+
+    __tablename__ = "api_endpoints"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(64), unique=True)
+    display_name: Mapped[str] = mapped_column(String(100))
+    base_url: Mapped[str] = mapped_column(String(500))
+    auth_type: Mapped[str] = mapped_column(String(16), default="none")
+    api_key_header: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    credentials_ciphertext: Mapped[str | None] = mapped_column(Text, nullable=True)
+    """Base64 of the 12-byte nonce followed by the SM4-GCM ciphertext and tag of the credentials JSON."""
+    credentials_key_version: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    credentials_hint: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    timeout_seconds: Mapped[int] = mapped_column(Integer, default=10)
+    retries: Mapped[int] = mapped_column(Integer, default=0)
+    enabled: Mapped[bool] = mapped_column(Boolean, default=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_by: Mapped[str] = mapped_column(String(64))
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+
+class Message(Base):
+    """A system message in one user's inbox; deleting sets ``deleted`` so the row stays for the record."""
+
+    __tablename__ = "messages"
+    __table_args__ = (Index("ix_messages_inbox", "user_id", "deleted", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    user_id: Mapped[int] = mapped_column(ForeignKey("users.id", ondelete="CASCADE"))
+    category: Mapped[str] = mapped_column(String(32))
+    title: Mapped[str] = mapped_column(String(200))
+    body: Mapped[str] = mapped_column(Text, default="")
+    link: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    read_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
 __all__ = [
+    "ApiEndpoint",
     "ApiToken",
+    "AuditChainHead",
     "AuditEvent",
     "Institution",
+    "Message",
     "ModelReview",
+    "PasswordHistory",
     "ReportNotebook",
     "ReportRun",
     "Schedule",

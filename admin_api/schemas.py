@@ -13,6 +13,8 @@ from admin_api.models import AuditEvent, ReportNotebook, ReportRun, Schedule, Us
 class SignIn(BaseModel):
     username: str = Field(max_length=64)
     password: str = Field(max_length=1024)
+    totp: str | None = Field(default=None, max_length=16)
+    """Current 6-digit TOTP code; required once the user has enrolled a second factor."""
 
 
 class VerifyRequest(SignIn):
@@ -88,6 +90,8 @@ class AuditEventOut(BaseModel):
     outcome: str
     detail: str | None
     recorded_by: str | None
+    prev_sm3: str
+    chain_sm3: str
 
     @classmethod
     def of(cls, event: AuditEvent) -> AuditEventOut:

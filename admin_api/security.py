@@ -7,12 +7,13 @@ role is what callers get with the platform service token (hub, scheduler, regist
 from __future__ import annotations
 
 import secrets
+import string
 from dataclasses import dataclass
 from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
 from argon2.exceptions import InvalidHashError, VerificationError, VerifyMismatchError
-from sqlalchemy import delete, select
+from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from admin_api.db import utc_now
@@ -21,6 +22,8 @@ from regsandbox_core.crypto import hmac_sm3, sm3_hex
 
 API_TOKEN_LIFETIME = timedelta(hours=8)
 CONSOLE_SESSION_LIFETIME = timedelta(hours=8)
+LAST_SEEN_INTERVAL = timedelta(minutes=1)
+"""Console sessions record their last use at most this often, to spare a database write per page."""
 SERVICE_NAMES = frozenset({"hub", "scheduler", "registry"})
 ANONYMOUS = "anonymous"
 SERVICE = "service"
@@ -38,6 +41,8 @@ class Principal:
     username: str
     role: str
     institution_code: str | None = None
+    scopes: frozenset[str] | None = None
+    """Capabilities of a personal API token; None for sign-in tokens and sessions, which have every capability of the role."""
 
 
 ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
@@ -50,7 +55,10 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "auth.verify": ("代为核验用户登录", frozenset({SERVICE})),
     "me.read": ("查看本人信息", _USERS),
     "users.list": ("查看用户列表", frozenset({"system_admin", SERVICE})),
+    "users.write": ("管理用户账号", frozenset({"system_admin"})),
+    "me.tokens": ("管理本人的个人访问令牌", _USERS),
     "institutions.read": ("查看机构信息", _USERS | {SERVICE}),
+    "institutions.write": ("新建、修改、停用或导入机构", frozenset({"system_admin"})),
     "audit.append": ("写入审计事件", frozenset({SERVICE})),
     # Three separate administrators: the system administrator runs the platform, the security
     # administrator manages keys, and only the audit administrator reads the audit log.
@@ -68,6 +76,10 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "runs.read": ("查看报告运行记录", frozenset({"system_admin", "regulator_reviewer", SERVICE})),
     "runs.work": ("领取或完成报告运行", frozenset({SERVICE})),
     "console.use": ("使用管理控制台", _USERS),
+    # security administrators read endpoint settings (never credentials) to see which key version protects them
+    "api_endpoints.read": ("查看接口参数配置", frozenset({"system_admin", "security_admin"})),
+    "api_endpoints.write": ("管理接口参数配置", frozenset({"system_admin"})),
+    "messages.own": ("查看和处理本人系统消息", _USERS),
 }
 
 
@@ -89,9 +101,21 @@ def verify_password(password_hash: str | None, password: str) -> bool:
         return False
 
 
-def generate_password() -> str:
-    """Return a random password of 20 URL-safe characters (120 bits)."""
-    return secrets.token_urlsafe(15)
+PASSWORD_SYMBOLS = "-_.@%+=!#"
+"""Symbols of generated passwords: none needs quoting in a shell or a URL query."""
+
+
+def generate_password(length: int = 20) -> str:
+    """Return a random password of ``length`` characters with an upper and a lower case letter, a digit and a symbol.
+
+    Each character comes from 71 symbols, so 20 characters carry about 120 bits.
+    """
+    alphabet = string.ascii_letters + string.digits + PASSWORD_SYMBOLS
+    picked = [secrets.choice(string.ascii_uppercase), secrets.choice(string.ascii_lowercase),
+              secrets.choice(string.digits), secrets.choice(PASSWORD_SYMBOLS)]
+    picked += [secrets.choice(alphabet) for _ in range(length - len(picked))]
+    secrets.SystemRandom().shuffle(picked)
+    return "".join(picked)
 
 
 def token_digest(token: str) -> str:
@@ -111,13 +135,25 @@ def issue_token(session: Session, user: User, kind: str, lifetime: timedelta) ->
     return token, expires_at
 
 
-def find_token(session: Session, token: str, kind: str) -> ApiToken | None:
-    """Return the unexpired, unrevoked token row of ``kind`` matching ``token``, or None."""
+def find_token(session: Session, token: str, kind: str, *, idle_timeout: timedelta | None = None) -> ApiToken | None:
+    """Return the unexpired, unrevoked token row of ``kind`` matching ``token``, or None.
+
+    With ``idle_timeout`` (console sessions), a row unused for that long is also None, and a used
+    row's ``last_seen_at`` is written and committed at most once per LAST_SEEN_INTERVAL.
+    """
     row = session.scalars(
         select(ApiToken).where(ApiToken.token_sm3 == token_digest(token), ApiToken.kind == kind)
     ).first()
-    if row is None or row.revoked_at is not None or row.expires_at <= utc_now():
+    now = utc_now()
+    if row is None or row.revoked_at is not None or row.expires_at <= now:
         return None
+    if idle_timeout is not None:
+        last_seen = row.last_seen_at or row.created_at
+        if now - last_seen >= idle_timeout:
+            return None
+        if now - last_seen >= LAST_SEEN_INTERVAL:
+            session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_seen_at=now))
+            session.commit()
     return row
 
 

@@ -13,8 +13,10 @@ from pathlib import Path
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from stdnum.cn import uscc as uscc_number
+
 from admin_api.models import Institution, ReportNotebook, User
-from admin_api.security import generate_password, hash_password
+from admin_api.passwords import generate_password, set_password
 from regsandbox_core.settings import PROJECT_ROOT, Settings
 
 logger = logging.getLogger(__name__)
@@ -26,6 +28,16 @@ DEMO_INSTITUTIONS = [
     ("bank_b", "浦东示范银行乙", "银行"),
     ("bank_c", "浦东示范银行丙", "银行"),
 ]
+
+# Fictitious USCC bodies (9 = registered by market regulation, 1 = company, 310115 = 浦东新区);
+# the 18th character is the check character computed by python-stdnum, so the codes validate.
+_DEMO_USCC_BODIES = {"bank_a": "91310115MA1K4A001", "bank_b": "91310115MA1K4B002", "bank_c": "91310115MA1K4C003"}
+
+
+def demo_uscc(code: str) -> str:
+    """Return the valid, fictitious 统一社会信用代码 of the demo institution ``code``."""
+    body = _DEMO_USCC_BODIES[code]
+    return body + uscc_number.calc_check_digit(body)
 
 # (username, display name, role, institution code or None, email)
 DEMO_USERS = [
@@ -71,14 +83,16 @@ def register_report_notebooks(session: Session, project_root: Path = PROJECT_ROO
 def seed_demo(session: Session, settings: Settings, project_root: Path = PROJECT_ROOT) -> dict[str, str]:
     """Create the missing demo institutions, users and report notebooks and commit.
 
-    Returns {username: password} of the users created in this call. ``settings`` names the
-    database the session belongs to; it is accepted so callers pass the same object everywhere.
+    Returns {username: password} of the users created in this call; the passwords satisfy the
+    password policy of ``settings`` and need no change at the first sign-in.
     """
     institutions = {i.code: i for i in session.scalars(select(Institution))}
     for code, name, kind in DEMO_INSTITUTIONS:
         if code not in institutions:
-            institutions[code] = Institution(code=code, name=name, type=kind)
+            institutions[code] = Institution(code=code, name=name, type=kind, uscc=demo_uscc(code))
             session.add(institutions[code])
+        elif institutions[code].uscc is None:  # stored before the registry had a USCC column
+            institutions[code].uscc = demo_uscc(code)
     session.flush()
 
     existing = set(session.scalars(select(User.username)))
@@ -86,12 +100,14 @@ def seed_demo(session: Session, settings: Settings, project_root: Path = PROJECT
     for username, display_name, role, code, email in DEMO_USERS:
         if username in existing:
             continue
-        password = generate_password()
-        session.add(User(
+        password = generate_password(username, settings)
+        user = User(
             username=username, display_name=display_name, email=email, role=role,
-            institution_id=institutions[code].id if code else None,
-            password_hash=hash_password(password), is_active=True,
-        ))
+            institution_id=institutions[code].id if code else None, password_hash="", is_active=True,
+        )
+        session.add(user)
+        session.flush()
+        set_password(session, user, password, settings, must_change=False)
         passwords[username] = password
 
     register_report_notebooks(session, project_root)

@@ -20,10 +20,12 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event, record_event
+from admin_api import passwords, totp
 from admin_api.cron import parse_cron
 from admin_api.db import utc_now
 from admin_api.errors import ApiError, conflict, forbidden, invalid, not_found, unauthenticated
 from admin_api.keyaccess import request_keystore
+from admin_api.messages import post_message
 from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
 from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
 from admin_api.security import SERVICE, Principal, verify_password
@@ -58,7 +60,7 @@ def user_principal(user: User) -> Principal:
 SIGN_IN_ACTIONS = ("auth.token", "auth.verify", "console.login")
 SIGN_IN_WINDOW = timedelta(minutes=15)
 MAX_FAILED_SIGN_INS = 10
-"""Failed sign-ins of one user name within SIGN_IN_WINDOW after which further attempts get 429."""
+"""Failed sign-ins of one unknown user name within SIGN_IN_WINDOW after which further attempts get 429."""
 
 
 def _recent_failures(session: Session, username: str) -> int:
@@ -73,16 +75,26 @@ def _recent_failures(session: Session, username: str) -> int:
 
 
 def authenticate(
-    session: Session, request: Request, username: str, password: str, *, action: str, ip: str | None = None
+    session: Session, request: Request, username: str, password: str, *, action: str, ip: str | None = None,
+    totp_code: str | None = None, purpose: str = "sign_in",
 ) -> User:
     """Check a user name and password; audit the outcome and return the user on success.
 
     The password is checked before the active flag, so only a caller with the right password
-    learns that an account is disabled. After MAX_FAILED_SIGN_INS failures of one user name
-    within SIGN_IN_WINDOW (counted in the audit log) every attempt gets 429 until the window
-    has passed. The caller commits the success event.
+    learns that an account is disabled. An existing user is locked after ``sign_in_max_failures``
+    consecutive wrong passwords (429 ACCOUNT_LOCKED, see admin_api.passwords). For an unknown user
+    name, after MAX_FAILED_SIGN_INS failures within SIGN_IN_WINDOW (counted in the audit log) every
+    attempt gets 429 TOO_MANY_ATTEMPTS until the window has passed.
+
+    ``purpose`` is ``sign_in``, ``password`` (the change-password endpoints) or ``totp_enrol``. A user
+    with a confirmed TOTP secret also needs ``totp_code``, except to enrol; a wrong code counts as a
+    failed sign-in. For ``sign_in``, a user whose role requires TOTP but who has not enrolled gets
+    403 TOTP_ENROLMENT_REQUIRED. An expired or administrator-issued password gets 403 unless the
+    purpose is ``password``. The caller commits the success event.
     """
-    if _recent_failures(session, username[:64]) >= MAX_FAILED_SIGN_INS:
+    settings = request.app.state.settings
+    user = session.scalars(select(User).where(User.username == username)).first()
+    if user is None and _recent_failures(session, username[:64]) >= MAX_FAILED_SIGN_INS:
         actor = Principal(kind="user", username=username[:64], role="unknown")
         record_event(request, actor, action, f"user:{username[:64]}", "denied", {"code": "TOO_MANY_ATTEMPTS"}, ip)
         raise ApiError(
@@ -91,16 +103,38 @@ def authenticate(
             "请稍后再试；如忘记密码，请联系系统管理员。",
             status=429,
         )
-    user = session.scalars(select(User).where(User.username == username)).first()
+    locked = passwords.locked_error(user, settings) if user is not None else None
+    if user is not None and locked is not None:
+        record_event(request, user_principal(user), action, f"user:{username}", "denied", {"code": locked.code}, ip)
+        raise locked
     if user is None or not verify_password(user.password_hash, password):
         actor = Principal(kind="user", username=username[:64] or "(空)", role=user.role if user else "unknown",
                           institution_code=user.institution_code if user else None)
-        record_event(request, actor, action, f"user:{username[:64]}", "failed",
-                     {"code": "INVALID_CREDENTIALS"}, ip)
+        detail = {"code": "INVALID_CREDENTIALS"}
+        if user is not None and passwords.record_failure(session, user, settings):
+            detail["locked_until"] = user.locked_until.isoformat()
+        record_event(request, actor, action, f"user:{username[:64]}", "failed", detail, ip)
         raise unauthenticated("INVALID_CREDENTIALS", "用户名或密码错误。")
     if not user.is_active:
         record_event(request, user_principal(user), action, f"user:{username}", "denied", {"code": "USER_DISABLED"}, ip)
         raise forbidden("USER_DISABLED", f"用户 {username} 已被停用，请联系系统管理员。")
+    if totp.is_enrolled(user) and purpose != "totp_enrol":
+        try:
+            totp.check_code(session, request, user, totp_code)
+        except ApiError as error:
+            session.rollback()
+            if error.code == "TOTP_INVALID":
+                passwords.record_failure(session, user, settings)
+            record_event(request, user_principal(user), action, f"user:{username}", "failed", {"code": error.code}, ip)
+            raise
+    passwords.reset_failures(user)
+    refusal = passwords.change_required(user, settings) if purpose != "password" else None
+    if refusal is None and purpose == "sign_in" and not totp.is_enrolled(user) and totp.is_required(user, request):
+        refusal = totp.enrolment_required_error(user)
+    if refusal is not None:
+        add_event(session, request, user_principal(user), action, f"user:{username}", "denied", {"code": refusal.code}, ip)
+        session.commit()
+        raise refusal
     add_event(session, request, user_principal(user), action, f"user:{username}", "success", None, ip)
     return user
 
@@ -259,6 +293,14 @@ def review_model(
         logger.error("review of model %s version %s is tagged in MLflow but not stored: signing failed", name, version)
         _audit_signing_failure(request, principal, "models.review", f"model:{name}/{version}", error)
         raise
+    if code is not None:  # the modellers of the model's institution learn the decision in 系统消息
+        post_message(
+            session, category="model_review", role="modeller", institution=code,
+            title=f"模型审查结论：{name} 版本 {version} {REVIEW_STATUS_NAMES.get(decision, decision)}",
+            body=f"审查结论：{REVIEW_STATUS_NAMES.get(decision, decision)}\n审查人：{principal.username}\n"
+                 f"审查意见：{comment or '（无）'}",
+            link="/console/models",
+        )
     add_event(session, request, principal, "models.review", f"model:{name}/{version}", "success",
               {"decision": decision, "institution_code": code, "comment": comment, "review_id": review.id})
     try:
@@ -390,6 +432,14 @@ def approve_notebook(
         session.rollback()
         _audit_signing_failure(request, principal, "notebooks.approve", f"report_notebook:{notebook_id}", error)
         raise
+    # system administrators create the schedules, so they learn that the notebook may now be scheduled
+    post_message(
+        session, category="notebook_approval", role="system_admin",
+        title=f"报告笔记本已审批：{notebook.name}",
+        body=f"报告笔记本 {notebook.name}（编号 {notebook.id}，{notebook.path}）已由 {principal.username} 审批通过，"
+             "现在可以为它新建或启用报告调度。",
+        link="/console/schedules",
+    )
     add_event(session, request, principal, "notebooks.approve", f"report_notebook:{notebook.id}", "success",
               {"path": notebook.path, "sm3": digest})
     session.commit()

@@ -1,5 +1,5 @@
-"""``regsandbox`` command line: ``init``, ``up``, ``down``, ``status``, ``verify``, ``keys`` (launcher.keys_cli)
-and ``secrets`` (launcher.secrets_cli).
+"""``regsandbox`` command line: ``init``, ``up``, ``down``, ``status``, ``verify``, ``keys`` (launcher.keys_cli),
+``secrets`` (launcher.secrets_cli) and ``audit`` (launcher.audit_cli).
 
 Messages for the operator are in Chinese; logs are in English.
 """
@@ -17,7 +17,7 @@ import sys
 import time
 from pathlib import Path
 
-from launcher import keys_cli, secrets_cli
+from launcher import audit_cli, keys_cli, secrets_cli
 from launcher.processes import ProcessGroup, ProcessSpec, http_ok, pid_alive, port_is_open, read_pid, stop_process_group
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore, KeyStoreError, master_key_from_environment
@@ -211,6 +211,13 @@ def _print_banner(settings: Settings, specs: list[ProcessSpec], created: dict[st
             print(f"  {user:<12} {password}")
     else:
         print(f"\n初始账号见 {settings.credentials_file}（权限 0600）。")
+    required = settings.totp_required_roles
+    if required:
+        from admin_api.models import ROLE_NAMES
+
+        names = "、".join(ROLE_NAMES.get(role, role) for role in required)
+        print(f"\n{names}登录控制台须使用动态口令（TOTP）。首次登录前请打开 "
+              f"{settings.admin_api_url}/console/totp 绑定身份验证器应用。")
     print("\n按 Ctrl-C 或在另一个终端运行 `regsandbox down` 停止全部服务。", flush=True)
 
 
@@ -431,6 +438,7 @@ def main(argv: list[str] | None = None) -> int:
     verify_parser.add_argument("file", type=Path, help="签名对象 JSON 文件，或旁边有 <文件名>.sig 的文件")
     keys_cli.add_parser(commands)
     secrets_cli.add_parser(commands)
+    audit_cli.add_parser(commands)
     args = parser.parse_args(argv)
 
     configure_logging()
@@ -459,6 +467,8 @@ def main(argv: list[str] | None = None) -> int:
         return keys_cli.run(settings, args)
     if args.command == "secrets":
         return secrets_cli.run(settings, args)
+    if args.command == "audit":
+        return audit_cli.run(settings, args)
     return status(settings)
 
 

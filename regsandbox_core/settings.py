@@ -16,6 +16,7 @@ from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
+MIN_AUDIT_RETENTION_DAYS = 180
 
 
 class Settings(BaseSettings):
@@ -70,6 +71,59 @@ class Settings(BaseSettings):
         description="Address at which users reach JupyterHub through the TLS gateway, e.g. https://hub.example. "
         "JupyterHub marks its cookies Secure when it is https.",
     )
+    password_min_length: int = Field(
+        default=12, ge=8, le=128,
+        description="Minimum length of a user password. A password also needs three of four character classes "
+        "(upper case, lower case, digit, symbol) and must not contain the user name.",
+    )
+    password_history_size: int = Field(
+        default=5, ge=1, le=24,
+        description="Number of a user's latest password hashes kept; a new password must differ from all of them.",
+    )
+    password_max_age_days: int = Field(
+        default=90, ge=0,
+        description="Days after which a password expires; the user can then only change it. 0: passwords never expire.",
+    )
+    sign_in_max_failures: int = Field(
+        default=5, ge=1,
+        description="Consecutive failed sign-ins of one user after which the account is locked.",
+    )
+    sign_in_lockout_minutes: list[int] = Field(
+        default=[1, 5, 15, 60], min_length=1,
+        description="Lockout duration in minutes of the first, second, … lockout since the last successful sign-in; "
+        "the last value repeats. JSON list, e.g. [1,5,15,60].",
+    )
+    totp_required_roles: list[str] = Field(
+        default=["system_admin", "security_admin", "audit_admin", "regulator_reviewer"],
+        description="Roles that must sign in with a TOTP code; a user of these roles without one can only enrol. "
+        "JSON list of role codes; [] makes the second factor optional for every role.",
+    )
+    console_idle_minutes: int = Field(
+        default=30, ge=1, description="Minutes after which an unused console session ends and the user signs in again."
+    )
+    personal_token_max_days: int = Field(
+        default=90, ge=1, le=366, description="Maximum lifetime in days of a personal API token."
+    )
+
+    audit_retention_days: int = Field(
+        default=180,
+        description="Minimum number of days audit events are kept; at least 180 (six months). The platform never "
+        "deletes audit events. `regsandbox audit archive` copies the events older than this to a signed file.",
+    )
+    audit_export_max_rows: int = Field(
+        default=100_000, ge=1, le=1_000_000,
+        description="Maximum number of audit events in one CSV export; narrow the filter to export more.",
+    )
+
+    @field_validator("audit_retention_days", mode="after")
+    @classmethod
+    def _audit_retention(cls, value: int) -> int:
+        if value < MIN_AUDIT_RETENTION_DAYS:
+            raise ValueError(
+                f"审计日志保留天数 {value} 无效：不能少于 {MIN_AUDIT_RETENTION_DAYS} 天（六个月）。"
+                f"请把 REGSANDBOX_AUDIT_RETENTION_DAYS 设为 {MIN_AUDIT_RETENTION_DAYS} 或更大的值。"
+            )
+        return value
 
     @field_validator("console_public_url", "hub_public_url", mode="after")
     @classmethod

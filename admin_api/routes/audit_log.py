@@ -1,12 +1,17 @@
-"""The audit log: services append events, audit administrators read them."""
+"""The audit log: services append events, audit administrators search and export them.
+
+Every event is chained by SM3 when it is flushed (admin_api.audit_chain); the search filters are
+described in admin_api.audit_search.
+"""
 
 from __future__ import annotations
 
 from fastapi import APIRouter, Depends, Query, Request
-from sqlalchemy import select
+from fastapi.responses import StreamingResponse
 from sqlalchemy.orm import Session
 
 from admin_api.audit import source_ip
+from admin_api.audit_search import export_response, parse_filter, search
 from admin_api.deps import get_session, require
 from admin_api.models import AuditEvent
 from admin_api.schemas import AuditEventIn, AuditEventOut
@@ -46,18 +51,30 @@ def list_events(
     _caller: Principal = Depends(require("audit.read")),
     limit: int = Query(default=100, ge=1, le=1000),
     before_id: int | None = Query(default=None, ge=1),
-    actor: str | None = Query(default=None, max_length=64),
-    action: str | None = Query(default=None, max_length=64),
-    outcome: str | None = Query(default=None, max_length=16),
+    time_from: str | None = Query(default=None, alias="from"),
+    time_to: str | None = Query(default=None, alias="to"),
+    actor: str | None = Query(default=None),
+    action: str | None = Query(default=None),
+    institution: str | None = Query(default=None),
+    outcome: str | None = Query(default=None),
 ) -> list[AuditEventOut]:
-    """List audit events, newest first; page with ``before_id``."""
-    query = select(AuditEvent).order_by(AuditEvent.id.desc()).limit(limit)
-    if before_id is not None:
-        query = query.where(AuditEvent.id < before_id)
-    if actor:
-        query = query.where(AuditEvent.actor == actor)
-    if action:
-        query = query.where(AuditEvent.action == action)
-    if outcome:
-        query = query.where(AuditEvent.outcome == outcome)
-    return [AuditEventOut.of(event) for event in session.scalars(query)]
+    """Search audit events, newest first; page with ``before_id`` set to the last id of the previous page."""
+    audit_filter = parse_filter(time_from, time_to, actor, action, institution, outcome)
+    return [AuditEventOut.of(event) for event in search(session, audit_filter, limit, before_id)]
+
+
+@router.get("/audit/events.csv")
+def export_events(
+    request: Request,
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("audit.read")),
+    time_from: str | None = Query(default=None, alias="from"),
+    time_to: str | None = Query(default=None, alias="to"),
+    actor: str | None = Query(default=None),
+    action: str | None = Query(default=None),
+    institution: str | None = Query(default=None),
+    outcome: str | None = Query(default=None),
+) -> StreamingResponse:
+    """Export the matching events as CSV, newest first, up to ``audit_export_max_rows`` rows (audited)."""
+    audit_filter = parse_filter(time_from, time_to, actor, action, institution, outcome)
+    return export_response(request, session, caller, audit_filter)

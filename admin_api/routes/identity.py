@@ -1,4 +1,4 @@
-"""Sign-in, the caller, users and institutions."""
+"""Sign-in, the caller and users. Institutions are in :mod:`admin_api.routes.institutions`."""
 
 from __future__ import annotations
 
@@ -6,10 +6,9 @@ from fastapi import APIRouter, Depends, Request
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
-from admin_api.deps import check_institution, get_session, require
-from admin_api.errors import not_found
-from admin_api.models import Institution, User
-from admin_api.schemas import InstitutionPublic, SignIn, TokenResponse, UserListItem, UserPublic, VerifyRequest
+from admin_api.deps import get_session, require
+from admin_api.models import User
+from admin_api.schemas import SignIn, TokenResponse, UserListItem, UserPublic, VerifyRequest
 from admin_api.security import API_TOKEN_LIFETIME, Principal, issue_token
 from admin_api.services import authenticate
 
@@ -24,7 +23,7 @@ def sign_in(
     _caller: Principal = Depends(require("public")),
 ) -> TokenResponse:
     """Sign in with user name and password and receive a bearer token."""
-    user = authenticate(session, request, body.username, body.password, action="auth.token")
+    user = authenticate(session, request, body.username, body.password, action="auth.token", totp_code=body.totp)
     token, _expires_at = issue_token(session, user, "api", API_TOKEN_LIFETIME)
     session.commit()
     return TokenResponse(
@@ -40,7 +39,8 @@ def verify(
     _caller: Principal = Depends(require("auth.verify")),
 ) -> UserPublic:
     """Check a user's password on behalf of the hub; the user's address is audited."""
-    user = authenticate(session, request, body.username, body.password, action="auth.verify", ip=body.source_ip)
+    user = authenticate(session, request, body.username, body.password, action="auth.verify", ip=body.source_ip,
+                        totp_code=body.totp)
     session.commit()
     return UserPublic.of(user)
 
@@ -64,28 +64,3 @@ def list_users(
         for u in users
     ]
 
-
-@router.get("/institutions", response_model=list[InstitutionPublic])
-def list_institutions(
-    session: Session = Depends(get_session), caller: Principal = Depends(require("institutions.read"))
-) -> list[InstitutionPublic]:
-    """List the institutions visible to the caller: institution users see their own only."""
-    query = select(Institution).order_by(Institution.code)
-    if caller.institution_code is not None:
-        query = query.where(Institution.code == caller.institution_code)
-    return [InstitutionPublic(code=i.code, name=i.name, type=i.type) for i in session.scalars(query)]
-
-
-@router.get("/institutions/{code}", response_model=InstitutionPublic)
-def get_institution(
-    code: str,
-    request: Request,
-    session: Session = Depends(get_session),
-    caller: Principal = Depends(require("institutions.read")),
-) -> InstitutionPublic:
-    """Return one institution; institution users may only read their own."""
-    check_institution(request, caller, "institutions.read", code)
-    institution = session.scalars(select(Institution).where(Institution.code == code)).first()
-    if institution is None:
-        raise not_found("INSTITUTION_NOT_FOUND", f"机构代码 {code} 不存在。")
-    return InstitutionPublic(code=institution.code, name=institution.name, type=institution.type)

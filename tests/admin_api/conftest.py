@@ -147,7 +147,8 @@ class Env:
 
 
 def build_env(backend: str, database: str, data_dir: Path, project_root: Path) -> Env:
-    settings = Settings(data_dir=data_dir, database_url=database, mlflow_port=free_port())
+    # The demo users sign in without a second factor here; test_totp.py switches the TOTP requirement on.
+    settings = Settings(data_dir=data_dir, database_url=database, mlflow_port=free_port(), totp_required_roles=[])
     platform_secrets = ensure_platform_secrets(settings)
     upgrade_to_head(database)
     session_factory = make_session_factory(make_engine(database))
@@ -166,11 +167,10 @@ def build_env(backend: str, database: str, data_dir: Path, project_root: Path) -
                session_factory)
 
 
-@pytest.fixture(scope="session", params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    backend = request.param
-    data_dir = tmp_path_factory.mktemp(f"data-{backend}")
-    project_root = make_project_root(tmp_path_factory.mktemp(f"project-{backend}"))
+def backend_env(backend: str, tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Env]:
+    """Build, yield and tear down a seeded environment on ``backend`` with folders named after ``label``."""
+    data_dir = tmp_path_factory.mktemp(f"{label}-{backend}")
+    project_root = make_project_root(tmp_path_factory.mktemp(f"{label}-project-{backend}"))
     if backend == "sqlite":
         built = build_env(backend, f"sqlite:///{data_dir / 'admin.db'}", data_dir, project_root)
         with built.client:
@@ -185,3 +185,8 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
         built.session_factory.kw["bind"].dispose()
     finally:
         drop_postgres_database(name)
+
+
+@pytest.fixture(scope="session", params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    yield from backend_env(request.param, tmp_path_factory, "data")

@@ -214,7 +214,8 @@ def served_admin_api(env: Env, tmp_path: Path) -> Iterator[str]:
     log_path = tmp_path / "uvicorn.log"
     environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
                    "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
-                   "REGSANDBOX_MLFLOW_PORT": str(free_port())}
+                   "REGSANDBOX_MLFLOW_PORT": str(free_port()),
+                   "REGSANDBOX_TOTP_REQUIRED_ROLES": "[]"}  # as the env fixture: demo users sign in without TOTP
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",

@@ -52,6 +52,7 @@ ROUTES = {
         "actor": "modeller_a", "action": "hub.spawn", "resource": "server:modeller_a", "outcome": "success",
         "institution_code": "bank_a"}),
     "audit.list": Route("GET", "/api/v1/audit/events", frozenset({"audit_admin"}), 200),
+    "audit.export": Route("GET", "/api/v1/audit/events.csv", frozenset({"audit_admin"}), 200),
     "models.list": Route("GET", "/api/v1/models", frozenset({"regulator_reviewer", "modeller", "service"}), 200,
                          listed=True),
     "models.review": Route("POST", "/api/v1/models/{model}/versions/1/review", frozenset({"regulator_reviewer"}),

@@ -28,7 +28,8 @@ from regsandbox_core.settings import Settings
 from .conftest import BACKENDS, free_port, make_project_root
 
 TABLES = {"institutions", "users", "api_tokens", "model_reviews", "report_notebooks", "schedules", "report_runs",
-          "audit_events", "alembic_version"}
+          "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages",
+          "alembic_version"}
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)

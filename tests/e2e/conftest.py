@@ -86,6 +86,7 @@ def platform(request, postgres_database_factory) -> Iterator[Platform]:
         "REGSANDBOX_UNIX_PREFIX": UNIX_PREFIX,
         "REGSANDBOX_SANDBOX_HOME_ROOT": str(homes),
         "REGSANDBOX_SCHEDULER_POLL_SECONDS": "1",
+        "REGSANDBOX_TOTP_REQUIRED_ROLES": "[]",  # the walkthrough signs in with the printed passwords only
     })
     if request.param == "postgres":
         env["REGSANDBOX_DATABASE_URL"] = postgres_database_factory()
