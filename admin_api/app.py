@@ -36,6 +36,7 @@ from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, tokens, users
 from admin_api.routes import institutions as institution_routes
 from admin_api import console_institutions
+from admin_api import console_user_admin
 from admin_api.security import Principal
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
@@ -118,7 +119,7 @@ def install_routes(app: FastAPI) -> None:
                    institution_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
-                        console_messages):
+                        console_messages, console_user_admin):
         app.include_router(page_module.router)
     _add_docs(app)
 
