@@ -269,7 +269,7 @@ def decrypt_credentials(keystore: KeyStore, row: ApiEndpoint) -> dict[str, str]:
     """Decrypt the credentials of ``row`` with the key version it records; {} when none are set.
 
     Raises 409 CREDENTIALS_UNREADABLE when that key version is revoked or destroyed or the
-    ciphertext does not verify, so the administrator knows to enter the credentials again.
+    ciphertext does not verify. The message tells the administrator to enter the credentials again.
     """
     if row.credentials_ciphertext is None or row.credentials_key_version is None:
         return {}

@@ -1,4 +1,4 @@
-"""The console page 机构管理: who sees what, the forms, the import error table, and one run in headless Chromium."""
+"""The console page 机构管理: which roles may open it, the forms, the import error table, and one run in headless Chromium."""
 
 from __future__ import annotations
 

@@ -1,4 +1,4 @@
-"""The console page 密钥管理: who sees it, the forms of the security administrator, CSRF and key material.
+"""The console page 密钥管理: which roles may open it, the forms of the security administrator, CSRF and key material.
 
 The last test drives the page in headless Chromium against admin_api served by uvicorn on 127.0.0.1.
 """
