@@ -15,7 +15,8 @@ from __future__ import annotations
 import logging
 import re
 import uuid
-from collections.abc import Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable
+from contextlib import asynccontextmanager
 from pathlib import Path
 
 from fastapi import Depends, FastAPI, Request, Response
@@ -24,19 +25,25 @@ from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
+from starlette.types import ASGIApp
 
 from admin_api import console, console_api_endpoints, console_keys, console_messages, console_users
+from admin_api.audit_checkpoint import CheckpointWriter
+from admin_api.admission import install_admission
 from admin_api.db import make_engine, make_session_factory
 from admin_api.deps import require
 from admin_api.display import install_filters
 from admin_api.errors import install_error_handlers, not_found
 from admin_api.keyaccess import open_platform_keystore
+from admin_api.limits import MAX_BODY_BYTES, ChineseTooLarge
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, tokens, users
 from admin_api.routes import institutions as institution_routes
+from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
-from admin_api import console_user_admin
+from admin_api import console_roles, console_user_admin
+from admin_api import console_me
 from admin_api.security import Principal
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
@@ -113,13 +120,33 @@ def _add_docs(app: FastAPI) -> None:
         return FileResponse(SWAGGER_UI_DIR / name, media_type=DOCS_ASSETS[name])
 
 
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    """Run the audit checkpoint writer while the application serves requests."""
+    settings = app.state.settings
+    writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
+                              settings.audit_checkpoint_minutes * 60)
+    writer.start()
+    try:
+        yield
+    finally:
+        writer.stop()
+
+
+class _AdminApp(FastAPI):
+    """FastAPI with :class:`ChineseTooLarge` outside every middleware, where the body limit's plain-text 413 passes."""
+
+    def build_middleware_stack(self) -> ASGIApp:
+        return ChineseTooLarge(super().build_middleware_stack())
+
+
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes):
+                   institution_routes, role_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
-                        console_messages, console_user_admin):
+                        console_messages, console_user_admin, console_roles, console_me):
         app.include_router(page_module.router)
     _add_docs(app)
 
@@ -157,8 +184,8 @@ def create_app(
         logger.error("admin_api cannot start: %s", error.code)
         raise SystemExit(f"admin_api 无法启动：{error.message}") from error
 
-    app = FastAPI(title="regsandbox admin_api", version="1", docs_url=None, openapi_url="/api/openapi.json",
-                  redoc_url=None)
+    app = _AdminApp(title="regsandbox admin_api", version="1", docs_url=None, openapi_url="/api/openapi.json",
+                    redoc_url=None, max_body_size=MAX_BODY_BYTES, lifespan=_lifespan)
     app.state.settings = settings
     app.state.secrets = secrets
     app.state.keystore = keystore
@@ -170,6 +197,7 @@ def create_app(
     install_filters(app.state.templates)
 
     app.middleware("http")(_request_id_middleware)
+    install_admission(app)  # after every other middleware, so that it runs first
     install_error_handlers(app)
     install_routes(app)
     console_messages.install_unread_badge(app.state.templates)

@@ -15,9 +15,9 @@ transaction ends. So concurrent writers extend one chain, one after the other, a
 here (head id + 1) rather than by the database sequence, because a rolled-back sequence value would
 leave a gap.
 
-NOTE: the chain shows edits and deletions made without recomputing the digests. Someone with write
-access to the database who recomputes every later digest and the head row is not detected, because
-nothing outside the database anchors the head.
+The chain shows edits and deletions made without recomputing the digests. Someone with write access
+to the database who recomputes every later digest and the head row is detected only by the SM2-signed
+checkpoints of :mod:`admin_api.audit_checkpoint`, and only for rows up to the newest checkpoint.
 """
 
 from __future__ import annotations

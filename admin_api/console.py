@@ -27,8 +27,9 @@ from admin_api.audit_search import OUTCOMES, AuditFilter, export_response, parse
 from admin_api.db import utc_now
 from admin_api.deps import SESSION_COOKIE, deny, get_session, require
 from admin_api.errors import forbidden, invalid
-from admin_api.models import ROLE_NAMES, ReportNotebook, ReportRun, Schedule, User
+from admin_api.models import ReportNotebook, ReportRun, Schedule, User
 from admin_api.report_files import archived_file_names, download_report_file
+from admin_api.roles import role_name
 from admin_api.security import (
     ANONYMOUS_PRINCIPAL,
     CONSOLE_SESSION_LIFETIME,
@@ -81,7 +82,7 @@ def _failed(request: Request, session: Session, principal: Principal, action: st
 def _page(request: Request, name: str, principal: Principal | None, status_code: int = 200, **context: Any) -> Response:
     base = {
         "principal": principal,
-        "role_name": ROLE_NAMES.get(principal.role, principal.role) if principal else "",
+        "role_name": role_name(principal.role) if principal else "",
         "can": (lambda capability: allows(principal.role, capability)) if principal else (lambda _c: False),
         "csrf": _session_csrf(request) if principal else "",
         "status_names": REVIEW_STATUS_NAMES,

@@ -18,7 +18,7 @@ from sqlalchemy.orm import Session
 from admin_api.console import _check_csrf, _page
 from admin_api.deps import get_session, require
 from admin_api.errors import ApiError
-from admin_api.institution_files import MAX_FILE_BYTES, MAX_ROWS, ImportResult, template_rows, write_csv, write_xlsx
+from admin_api.institution_files import MAX_FILE_BYTES, MAX_ROWS, ImportResult, template_rows, write_xlsx
 from admin_api.institutions import (
     CODE_PATTERN,
     INSTITUTION_TYPES,
@@ -31,8 +31,10 @@ from admin_api.institutions import (
     set_status,
     update_institution,
 )
+from admin_api.limits import MAX_UPLOAD_BODY_BYTES
 from admin_api.routes.institutions import EXPORT_MEDIA_TYPES, audited_write, export_response, import_summary, run_import
 from admin_api.security import Principal
+from admin_api.spreadsheets import write_csv
 
 router = APIRouter(prefix="/console", include_in_schema=False)
 
@@ -133,7 +135,7 @@ def template_file(format: Literal["csv", "xlsx"] = Query(default="xlsx"),
         "Content-Disposition": f'attachment; filename="institutions_template.{format}"'})
 
 
-@router.post("/institutions/import", response_class=HTMLResponse)
+@router.post("/institutions/import", response_class=HTMLResponse, max_body_size=MAX_UPLOAD_BODY_BYTES)
 def import_form(
     request: Request,
     file: UploadFile = File(),

@@ -16,6 +16,9 @@ from sqlalchemy.orm import DeclarativeBase, Session, sessionmaker
 from sqlalchemy.types import TypeDecorator
 
 SQLITE_BUSY_TIMEOUT_SECONDS = 15
+POOL_SIZE = 20
+"""Connections each engine keeps open, and also how many it may open beyond them: so 40 at most.
+admin_api admits POOL_SIZE requests at a time (admin_api.admission), each needing up to two."""
 
 
 def utc_now() -> datetime:
@@ -65,14 +68,15 @@ def make_engine(url: str) -> Engine:
     """Create the engine of the admin database at ``url``.
 
     SQLite connections wait up to ``SQLITE_BUSY_TIMEOUT_SECONDS`` for a lock, enforce foreign
-    keys and may be used from FastAPI's worker threads.
+    keys and may be used from FastAPI's worker threads. Both backends pool up to 2 × POOL_SIZE connections.
     """
     if make_url(url).get_backend_name() != "sqlite":
-        return create_engine(url, pool_pre_ping=True)
+        return create_engine(url, pool_pre_ping=True, pool_size=POOL_SIZE, max_overflow=POOL_SIZE)
 
     _prepare_sqlite_file(url)
     engine = create_engine(
-        url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS}
+        url, connect_args={"check_same_thread": False, "timeout": SQLITE_BUSY_TIMEOUT_SECONDS},
+        pool_size=POOL_SIZE, max_overflow=POOL_SIZE,
     )
 
     @event.listens_for(engine, "connect")

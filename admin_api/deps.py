@@ -19,7 +19,8 @@ from sqlalchemy.orm import Session
 
 from admin_api.audit import record_event
 from admin_api.errors import ApiError, forbidden, unauthenticated
-from admin_api.models import ROLE_NAMES
+from admin_api.roles import registry as role_registry
+from admin_api.roles import role_name
 from admin_api.security import (
     ANONYMOUS_PRINCIPAL,
     CAPABILITIES,
@@ -162,6 +163,7 @@ def _authorise(request: Request, session: Session, capability: str, console: boo
         raise deny(request, ANONYMOUS_PRINCIPAL, capability, error) from None
 
     request.state.principal = principal
+    role_registry.refresh_if_stale(session)
     in_scope = principal.scopes is None or capability == "public" or capability in principal.scopes
     if allows(principal.role, capability) and in_scope:
         return principal
@@ -176,9 +178,8 @@ def _authorise(request: Request, session: Session, capability: str, console: boo
         raise deny(request, principal, capability, unauthenticated(
             "NOT_AUTHENTICATED", "未提供访问令牌。请在 Authorization 请求头中提供 “Bearer <令牌>”。"
         ))
-    role_name = ROLE_NAMES.get(principal.role, "平台服务" if principal.role == SERVICE else principal.role)
     raise deny(request, principal, capability, forbidden(
-        "FORBIDDEN", f"当前角色（{role_name}）无权执行此操作：{CAPABILITIES[capability][0]}。"
+        "FORBIDDEN", f"当前角色（{role_name(principal.role)}）无权执行此操作：{CAPABILITIES[capability][0]}。"
     ))
 
 

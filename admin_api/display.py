@@ -27,6 +27,10 @@ ACTION_LABELS = {
     "auth.verify": "代为核验登录",
     "console.login": "控制台登录",
     "console.logout": "控制台退出",
+    "roles.create": "新建自定义角色",
+    "roles.update": "修改自定义角色",
+    "roles.delete": "删除自定义角色",
+    "users.read": "查看用户详情",
     "auth.password": "修改本人密码",
     "users.create": "新建用户",
     "users.update": "修改用户信息",
@@ -35,6 +39,7 @@ ACTION_LABELS = {
     "users.unlock": "解锁用户",
     "users.reset_password": "重置用户密码",
     "users.totp_reset": "重置动态验证码绑定",
+    "users.import": "批量导入用户",
     "tokens.create": "创建个人访问令牌",
     "tokens.revoke": "吊销个人访问令牌",
     "auth.totp_enrol": "开始绑定动态验证码",
@@ -69,6 +74,7 @@ ACTION_LABELS = {
     "audit.export": "导出审计日志",
     "audit.verify": "校验审计日志链",
     "audit.archive": "归档审计日志",
+    "audit.checkpoint": "生成审计检查点",
     "report.download": "下载归档报告",
     "institutions.create": "新建机构",
     "institutions.update": "修改机构",
@@ -122,6 +128,7 @@ DETAIL_KEY_LABELS = {
     "rows": "行数",
     "imported": "导入行数",
     "rejected": "错误行数",
+    "usernames": "用户名",
     "format": "文件格式",
     "base_url": "接口地址",
     "auth_type": "认证方式",
@@ -148,7 +155,12 @@ def beijing(value: datetime | str | None, pattern: str = "%Y-%m-%d %H:%M:%S") ->
 
 
 def role_label(role: str | None) -> str:
-    return ROLE_LABELS.get(role or "", role or "")
+    """Return the Chinese name of a role, including custom roles, services and command-line operators."""
+    if role in ROLE_LABELS:
+        return ROLE_LABELS[role]
+    from admin_api.roles import role_name  # admin_api.roles imports the audit module, which imports this one
+
+    return role_name(role or "")
 
 
 def action_label(action: str) -> str:

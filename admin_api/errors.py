@@ -7,6 +7,7 @@ show the same message as HTML, and a console request without a session is sent t
 from __future__ import annotations
 
 import logging
+import re
 from typing import Any
 
 from fastapi import FastAPI, Request
@@ -14,6 +15,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, RedirectResponse, Response
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
+from admin_api.limits import TOO_LARGE_CODE, TOO_LARGE_DETAIL
 from regsandbox_core.errors import RegsandboxError
 
 logger = logging.getLogger(__name__)
@@ -112,6 +114,10 @@ _TYPE_PROBLEMS = {
 }
 
 
+_SECRET_FIELD = re.compile(r"password|secret|token|totp|credential|^code$", re.IGNORECASE)
+"""Fields whose value a validation message leaves out, so that a password never appears in a response or log."""
+
+
 def _describe_validation(error: RequestValidationError) -> str:
     parts = []
     for item in error.errors()[:5]:
@@ -122,7 +128,8 @@ def _describe_validation(error: RequestValidationError) -> str:
             parts.append(f"缺少字段 {field}（{label}）")
             continue
         value = item.get("input")
-        value_text = f" 的值 {repr(value)[:80]}" if isinstance(value, (str, int, float, bool)) else ""
+        secret = bool(location) and _SECRET_FIELD.search(location[-1]) is not None
+        value_text = f" 的值 {repr(value)[:80]}" if isinstance(value, (str, int, float, bool)) and not secret else ""
         parts.append(f"字段 {field}（{label}）{value_text}{_problem(item)}")
     return "；".join(parts) + "。请按接口说明修正后重试。"
 
@@ -140,6 +147,8 @@ def install_error_handlers(app: FastAPI) -> None:
     async def _http_error(request: Request, error: StarletteHTTPException) -> Response:
         if error.status_code == 404:
             wrapped = ApiError("NOT_FOUND", f"地址 {request.url.path} 不存在，请检查请求路径。")
+        elif error.status_code == 413:
+            wrapped = ApiError(TOO_LARGE_CODE, TOO_LARGE_DETAIL)
         elif error.status_code == 405:
             wrapped = ApiError("METHOD_NOT_ALLOWED", f"地址 {request.url.path} 不支持 {request.method} 请求。")
         else:

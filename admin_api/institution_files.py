@@ -5,36 +5,30 @@ the database, parent references) and then either imports all rows or nothing (mo
 ``all_or_nothing``, the default), or imports only the good rows (mode ``valid_only``). Both modes
 return every rejected row. The rows are added in the caller's session and committed once.
 
-Export escapes cells that a spreadsheet would run as a formula (leading = + - @, tab or carriage
-return) with a leading apostrophe.
+Reading and writing the files, with the escape of formula-like cells, is in :mod:`admin_api.spreadsheets`.
 """
 
 from __future__ import annotations
 
-import csv
-import io
-import zipfile
 from collections.abc import Iterable, Iterator
-from dataclasses import dataclass, field
-from datetime import date, datetime
+from dataclasses import dataclass
 from typing import Any
 
 from fastapi import Request
-from openpyxl import Workbook, load_workbook
-from openpyxl.utils.exceptions import InvalidFileException
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from admin_api import spreadsheets
 from admin_api.audit import add_event
 from admin_api.display import beijing
 from admin_api.errors import invalid
 from admin_api.institutions import FIELD_LABELS, STATUS_NAMES, clean_fields
 from admin_api.models import Institution
 from admin_api.security import Principal
+from admin_api.spreadsheets import RowError, SourceRow, escape_cell, read_table
 
 MAX_FILE_BYTES = 10 * 1024 * 1024
 MAX_ROWS = 5000
-MAX_COLUMNS = 40
 
 COLUMNS = ["机构代码", "机构名称", "统一社会信用代码", "金融许可证号", "机构类型", "上级机构代码", "联系人", "联系电话",
            "联系邮箱", "状态"]
@@ -42,26 +36,6 @@ COLUMN_FIELDS = {label: key for key, label in FIELD_LABELS.items()}
 REQUIRED_COLUMNS = ["机构代码", "机构名称", "统一社会信用代码", "机构类型"]
 STATUS_VALUES = {name: key for key, name in STATUS_NAMES.items()}
 MODES = ("all_or_nothing", "valid_only")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
-_XLSX_MAGIC = b"PK\x03\x04"
-
-
-@dataclass(frozen=True)
-class RowError:
-    row: int
-    """Row number as the spreadsheet shows it: the header is row 1."""
-    column: str
-    value: str
-    code: str
-    message: str
-
-
-@dataclass
-class SourceRow:
-    row: int
-    values: dict[str, str]
-    numeric: set[str] = field(default_factory=set)
-    """Fields whose XLSX cell was a number, which may have lost leading zeros or digits."""
 
 
 @dataclass
@@ -78,104 +52,13 @@ class ImportResult:
 
 # --- reading ---------------------------------------------------------------------------------
 
-def _cell_text(value: Any) -> tuple[str, bool]:
-    """Return a cell as text and whether it was a number; integral numbers lose their ``.0``."""
-    if value is None:
-        return "", False
-    if isinstance(value, bool):
-        return ("TRUE" if value else "FALSE"), False
-    if isinstance(value, int):
-        return str(value), True
-    if isinstance(value, float):
-        return (str(int(value)) if value.is_integer() else repr(value)), True
-    if isinstance(value, (datetime, date)):
-        return value.isoformat(), False
-    return str(value).strip(), False
-
-
-def _decode_csv(data: bytes) -> str:
-    if data.startswith(b"\xef\xbb\xbf"):
-        data = data[3:]
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError:
-        pass
-    try:
-        return data.decode("gb18030")
-    except UnicodeDecodeError:
-        raise invalid("IMPORT_ENCODING_INVALID",
-                      "无法识别 CSV 文件的编码：文件既不是 UTF-8 也不是 GB18030。请在 Excel 中另存为“CSV UTF-8”后重新上传。"
-                      ) from None
-
-
-def _csv_rows(data: bytes) -> Iterator[list[tuple[str, bool]]]:
-    reader = csv.reader(io.StringIO(_decode_csv(data), newline=""))
-    try:
-        for record in reader:
-            yield [(cell.strip(), False) for cell in record]
-    except csv.Error as error:
-        raise invalid("IMPORT_FILE_INVALID",
-                      f"CSV 文件第 {reader.line_num} 行格式错误（{error}），请检查引号是否成对后重新上传。") from None
-
-
-def _xlsx_rows(data: bytes) -> Iterator[list[tuple[str, bool]]]:
-    try:
-        workbook = load_workbook(io.BytesIO(data), read_only=True, data_only=True)
-    except (InvalidFileException, zipfile.BadZipFile, KeyError, OSError, ValueError) as error:
-        raise invalid("IMPORT_FILE_INVALID",
-                      f"无法读取 XLSX 文件（{type(error).__name__}），请确认文件未损坏且为 Excel 2007 及以上格式。") from None
-    try:
-        sheet = workbook.worksheets[0]
-        for record in sheet.iter_rows(values_only=True, max_col=MAX_COLUMNS):
-            yield [_cell_text(value) for value in record]
-    finally:
-        workbook.close()
-
-
 def read_rows(data: bytes, filename: str) -> list[SourceRow]:
-    """Parse an uploaded CSV or XLSX file into rows keyed by field; blank rows are skipped.
-
-    Raises 422 for an unreadable file, unknown or missing columns, or more than MAX_ROWS rows.
-    """
-    lower = filename.lower()
-    if lower.endswith((".xls", ".et", ".ods", ".numbers")):
-        raise invalid("IMPORT_FORMAT_UNSUPPORTED",
-                      f"不支持文件 {filename} 的格式，请另存为 .xlsx 或 .csv（UTF-8 或 GB18030 编码）后上传。")
-    if len(data) > MAX_FILE_BYTES:
-        raise invalid("IMPORT_FILE_TOO_LARGE",
-                      f"文件 {filename} 大小为 {len(data) / 1024 / 1024:.1f} MB，超过上限 {MAX_FILE_BYTES // 1024 // 1024} MB。"
-                      f"请拆分为多个文件（每个最多 {MAX_ROWS} 行）后分别导入。")
-    if not data.strip():
-        raise invalid("IMPORT_FILE_EMPTY", f"文件 {filename} 为空，请使用导入模板填写后上传。")
-    records = _xlsx_rows(data) if data.startswith(_XLSX_MAGIC) else _csv_rows(data)
-
-    header: list[str] | None = None
-    rows: list[SourceRow] = []
-    for number, record in enumerate(records, start=1):
-        if header is None:
-            header = [text for text, _numeric in record]
-            while header and not header[-1]:
-                header.pop()
-            _check_header(header)
-            continue
-        if not any(text for text, _numeric in record):
-            continue
-        if len(rows) >= MAX_ROWS:
-            raise invalid("IMPORT_TOO_MANY_ROWS",
-                          f"文件 {filename} 的数据超过 {MAX_ROWS} 行，请拆分为多个文件后分别导入。")
-        source = SourceRow(row=number, values={})
-        for index, label in enumerate(header):
-            text, numeric = record[index] if index < len(record) else ("", False)
-            source.values[COLUMN_FIELDS[label]] = text
-            if numeric:
-                source.numeric.add(COLUMN_FIELDS[label])
-        rows.append(source)
-    if header is None:
-        raise invalid("IMPORT_FILE_EMPTY", f"文件 {filename} 没有表头行，请使用导入模板填写后上传。")
-    return rows
+    """Parse an uploaded CSV or XLSX file into rows keyed by field (see admin_api.spreadsheets.read_table)."""
+    return read_table(data, filename, max_bytes=MAX_FILE_BYTES, max_rows=MAX_ROWS, header_fields=_check_header)
 
 
-def _check_header(header: list[str]) -> None:
+def _check_header(header: list[str]) -> list[str]:
+    """Return the field of each header cell; raise 422 for unknown, repeated or missing columns."""
     unknown = [label or "（空）" for label in header if label not in COLUMN_FIELDS]
     if unknown:
         raise invalid("IMPORT_COLUMN_UNKNOWN",
@@ -186,6 +69,7 @@ def _check_header(header: list[str]) -> None:
     missing = [label for label in REQUIRED_COLUMNS if label not in header]
     if missing:
         raise invalid("IMPORT_COLUMNS_MISSING", f"表头缺少必填列：{'、'.join(missing)}。请使用导入模板。")
+    return [COLUMN_FIELDS[label] for label in header]
 
 
 # --- checking --------------------------------------------------------------------------------
@@ -351,11 +235,6 @@ def import_institutions(request: Request, session: Session, caller: Principal, r
 
 # --- exporting -------------------------------------------------------------------------------
 
-def escape_cell(value: str) -> str:
-    """Prefix text a spreadsheet would evaluate as a formula with an apostrophe."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
-
-
 def export_rows(institutions: Iterable[Institution]) -> Iterator[list[str]]:
     """Yield the header and one row per institution, every cell escaped, in the import column order."""
     yield COLUMNS + ["创建时间（北京时间）", "更新时间（北京时间）"]
@@ -366,23 +245,8 @@ def export_rows(institutions: Iterable[Institution]) -> Iterator[list[str]]:
         yield [escape_cell(cell) for cell in cells]
 
 
-def write_csv(rows: Iterable[list[str]]) -> bytes:
-    """Write UTF-8 CSV with a byte order mark, so Excel shows the Chinese text correctly."""
-    buffer = io.StringIO()
-    writer = csv.writer(buffer, lineterminator="\r\n")
-    writer.writerows(rows)
-    return b"\xef\xbb\xbf" + buffer.getvalue().encode("utf-8")
-
-
 def write_xlsx(rows: Iterable[list[str]]) -> bytes:
-    """Write an XLSX workbook with every cell stored as text."""
-    workbook = Workbook(write_only=True)
-    sheet = workbook.create_sheet("机构")
-    for row in rows:
-        sheet.append(row)
-    buffer = io.BytesIO()
-    workbook.save(buffer)
-    return buffer.getvalue()
+    return spreadsheets.write_xlsx(rows, "机构")
 
 
 def template_rows() -> list[list[str]]:

@@ -15,12 +15,15 @@ from admin_api.db import Base, UTCDateTime, utc_now
 
 ROLE_NAMES: dict[str, str] = {
     "system_admin": "系统管理员",
-    "regulator_reviewer": "监管审查员",
-    "modeller": "建模人员",
-    "reporter": "报送人员",
     "security_admin": "安全管理员",
     "audit_admin": "审计管理员",
+    "regulator_reviewer": "监管审查员",
+    "regulator_analyst": "监管分析员",
+    "institution_admin": "机构管理员",
+    "modeller": "建模人员",
+    "reporter": "报送人员",
 }
+"""Built-in roles and their Chinese names; custom roles are rows of :class:`Role` (see admin_api.roles)."""
 
 
 class Institution(Base):
@@ -61,6 +64,26 @@ class Institution(Base):
         return self.parent.code if self.parent else None
 
 
+class Role(Base):
+    """A custom role: a named set of capabilities defined by the system administrator.
+
+    Built-in roles are not stored here; :mod:`admin_api.roles` combines both.
+    """
+
+    __tablename__ = "roles"
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    name: Mapped[str] = mapped_column(String(50), unique=True)
+    description: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    scope: Mapped[str] = mapped_column(String(16))
+    """``regulator`` (监管方, users belong to no institution) or ``institution`` (机构)."""
+    capabilities: Mapped[list[str]] = mapped_column(JSON, default=list)
+    created_by: Mapped[str] = mapped_column(String(64))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+
 class User(Base):
     __tablename__ = "users"
 
@@ -69,12 +92,13 @@ class User(Base):
     display_name: Mapped[str] = mapped_column(String(100))
     email: Mapped[str] = mapped_column(String(254))
     role: Mapped[str] = mapped_column(String(32))
-    institution_id: Mapped[int | None] = mapped_column(ForeignKey("institutions.id"), nullable=True)
+    institution_id: Mapped[int | None] = mapped_column(ForeignKey("institutions.id"), nullable=True, index=True)
     password_hash: Mapped[str] = mapped_column(String(255))
     """argon2id hash in PHC string format."""
     is_active: Mapped[bool] = mapped_column(Boolean, default=True)
     created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
-    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now, index=True)
+    """Time of the last change to the row; ``GET /api/v1/users?updated_since=`` lets the hub and registry poll changes."""
     # Sign-in policy state (admin_api/passwords.py).
     password_changed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
     """When the password was last set; NULL for rows older than the password policy, which count from created_at."""

@@ -22,7 +22,7 @@ from admin_api.display import BEIJING
 from admin_api.errors import ApiError, invalid
 from admin_api.models import PasswordHistory, User
 from admin_api import security
-from admin_api.security import hash_password, verify_password
+from admin_api.security import hash_one_time_password, hash_password, verify_password
 from regsandbox_core.settings import Settings
 
 GENERATED_LENGTH = 20
@@ -68,11 +68,16 @@ def _recent_hashes(session: Session, user: User, settings: Settings) -> list[str
     return list(session.scalars(query))
 
 
-def set_password(session: Session, user: User, password: str, settings: Settings, *, must_change: bool) -> None:
+def set_password(session: Session, user: User, password: str, settings: Settings, *, must_change: bool,
+                 password_hash: str | None = None, one_time: bool = False) -> None:
     """Check ``password`` against the policy and the history, then store it as the user's password.
 
     ``must_change`` marks an administrator-issued password that the user has to replace at the next
-    sign-in. The user row must be flushed (it needs an id). The caller commits.
+    sign-in. ``one_time`` marks a password the platform generated, stored with
+    :func:`~admin_api.security.hash_one_time_password`. ``password_hash``, when given, must be the
+    hash of ``password`` made earlier: bulk import hashes before it opens its write transaction,
+    because SQLite allows one writer at a time. The user row must be flushed (it needs an id).
+    The caller commits.
     """
     check_strength(password, user.username, settings)
     recent = _recent_hashes(session, user, settings)
@@ -85,7 +90,9 @@ def set_password(session: Session, user: User, password: str, settings: Settings
         )
 
     now = utc_now()
-    user.password_hash = hash_password(password)
+    if password_hash is None:
+        password_hash = hash_one_time_password(password) if one_time else hash_password(password)
+    user.password_hash = password_hash
     user.password_changed_at = now
     user.must_change_password = must_change
     session.add(PasswordHistory(user_id=user.id, password_hash=user.password_hash, created_at=now))

@@ -7,7 +7,8 @@ the matrix in ``docs/permissions.md`` cannot drift from the code:
     python -m admin_api.permission_matrix > docs/permissions.md
 
 The routes themselves also stop an institution user from acting on another institution's
-resource. That check is not visible here, so tests/admin_api/test_permissions.py checks it per route.
+resource. That check is not visible here, so tests/admin_api/test_permission_matrix.py (every route
+naming a user or an institution) and tests/admin_api/test_permissions.py check it per route.
 """
 
 from __future__ import annotations

@@ -28,7 +28,8 @@ from admin_api.keyaccess import request_keystore
 from admin_api.messages import post_message
 from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
 from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
-from admin_api.security import SERVICE, Principal, verify_password
+from admin_api.roles import is_cross_institution
+from admin_api.security import Principal, verify_password
 from admin_api.signatures import (
     KIND_APPROVAL,
     KIND_REVIEW,
@@ -74,6 +75,19 @@ def _recent_failures(session: Session, username: str) -> int:
     return session.scalar(query) or 0
 
 
+def _release_connection(session: Session) -> None:
+    """End the session's read-only transaction, so its pooled connection is free during the argon2id check.
+
+    One check takes about 0.25 s of CPU (argon2-cffi defaults: 3 passes over 64 MiB, 4 lanes). Holding
+    the connection meanwhile let a burst of sign-ins take every connection of the pool, and then every
+    other request waited for one until the pool timeout (30 s). A session with pending changes is left
+    alone, because a commit would store them early. Loaded objects stay usable: sessions do not expire
+    them on commit (admin_api.db).
+    """
+    if not (session.new or session.dirty or session.deleted):
+        session.commit()
+
+
 def authenticate(
     session: Session, request: Request, username: str, password: str, *, action: str, ip: str | None = None,
     totp_code: str | None = None, purpose: str = "sign_in",
@@ -107,6 +121,7 @@ def authenticate(
     if user is not None and locked is not None:
         record_event(request, user_principal(user), action, f"user:{username}", "denied", {"code": locked.code}, ip)
         raise locked
+    _release_connection(session)
     if user is None or not verify_password(user.password_hash, password):
         actor = Principal(kind="user", username=username[:64] or "(空)", role=user.role if user else "unknown",
                           institution_code=user.institution_code if user else None)
@@ -175,8 +190,6 @@ def latest_reviews(session: Session) -> dict[tuple[str, str], ModelReview]:
     return latest
 
 
-CROSS_INSTITUTION_ROLES = frozenset({"regulator_reviewer", "system_admin", SERVICE})
-"""Roles that see the model versions of every institution; every other role sees its own only."""
 
 
 def visible_models(items: list[dict[str, Any]], principal: Principal) -> list[dict[str, Any]]:
@@ -185,7 +198,7 @@ def visible_models(items: list[dict[str, Any]], principal: Principal) -> list[di
     Regulators and platform services read all of them. Any other caller reads only the versions
     of its own institution; 未归属 versions and a caller without an institution get nothing.
     """
-    if principal.role in CROSS_INSTITUTION_ROLES:
+    if is_cross_institution(principal):
         return items
     own = principal.institution_code
     return [item for item in items if own is not None and item["institution_code"] == own]

@@ -29,7 +29,8 @@ from sqlalchemy.orm import Session
 from admin_api.db import utc_now
 from admin_api.errors import ApiError, conflict, unauthenticated
 from admin_api.keyaccess import request_keystore
-from admin_api.models import ROLE_NAMES, User
+from admin_api.models import User
+from admin_api.roles import requires_totp, role_name
 from regsandbox_core.keystore import KIND_DATA, PLATFORM_OWNER, KeyStoreError
 from regsandbox_core.sm import GCM_NONCE_SIZE, DecryptionFailed, sm4_gcm_decrypt, sm4_gcm_encrypt
 
@@ -46,7 +47,7 @@ def is_enrolled(user: User) -> bool:
 
 
 def is_required(user: User, request: Request) -> bool:
-    return user.role in request.app.state.settings.totp_required_roles
+    return requires_totp(user.role, request.app.state.settings.totp_required_roles)
 
 
 def _associated_data(user: User, version: int) -> bytes:
@@ -154,7 +155,7 @@ def reset(user: User) -> None:
 def enrolment_required_error(user: User) -> ApiError:
     return ApiError(
         "TOTP_ENROLMENT_REQUIRED",
-        f"{ROLE_NAMES.get(user.role, user.role)}必须使用动态验证码登录，用户 {user.username} 尚未绑定。请在控制台打开 /console/totp，"
+        f"{role_name(user.role)}必须使用动态验证码登录，用户 {user.username} 尚未绑定。请在控制台打开 /console/totp，"
         "或调用 POST /api/v1/auth/totp/enrol 与 /api/v1/auth/totp/confirm 完成绑定后再登录。",
         status=403,
     )

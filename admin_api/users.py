@@ -10,24 +10,25 @@ from __future__ import annotations
 import re
 from typing import Any
 
+from datetime import datetime
+
 from fastapi import Request
-from sqlalchemy import select, update
+from sqlalchemy import func, or_, select, update
 from sqlalchemy.orm import Session
 
-from admin_api import passwords, totp
+from admin_api import passwords, roles, totp
 from admin_api.audit import add_event
 from admin_api.db import utc_now
-from admin_api.errors import conflict, invalid, not_found
-from admin_api.models import ROLE_NAMES, ApiToken, Institution, User
+from admin_api.errors import conflict, forbidden, invalid, not_found
+from admin_api.models import ApiToken, Institution, User
+from admin_api.roles import role_name
 from admin_api.security import Principal
 
 USERNAME_PATTERN = re.compile(r"^[a-z][a-z0-9_]{2,27}$")
 """3 to 28 characters: sandbox Unix users are the unix_prefix plus the user name, and Linux allows 32."""
 EMAIL_PATTERN = re.compile(r"^[^@\s]+@[^@\s]+\.[^@\s]+$")
-ADMINISTRATOR_ROLES = frozenset({"system_admin", "security_admin", "audit_admin"})
-"""The three separated administrators: no account may move from one of them to another."""
-INSTITUTION_ROLES = frozenset({"modeller", "reporter"})
-"""Roles that belong to an institution; every other role is a regulator role without one."""
+LIST_LIMIT_DEFAULT = 100
+LIST_LIMIT_MAX = 1000
 
 
 def find_user(session: Session, username: str) -> User:
@@ -37,17 +38,49 @@ def find_user(session: Session, username: str) -> User:
     return user
 
 
+def find_managed_user(session: Session, caller: Principal, username: str) -> User:
+    """Return the user ``username`` if ``caller`` may manage it: any user for a regulator, own institution's otherwise.
+
+    An institution administrator asking for another institution's user gets 403 ``INSTITUTION_FORBIDDEN``.
+    """
+    user = find_user(session, username)
+    if caller.institution_code is not None and user.institution_code != caller.institution_code:
+        raise forbidden(
+            "INSTITUTION_FORBIDDEN",
+            f"您只能管理本机构（{caller.institution_code}）的用户，用户 {username} 不属于本机构。",
+        )
+    return user
+
+
+def check_assignment(caller: Principal, role: str, institution_code: str | None) -> None:
+    """Reject a role or institution that ``caller`` may not give: institution administrators stay in their own institution.
+
+    They may give only institution roles other than 机构管理员, and only in their own institution.
+    """
+    if caller.institution_code is None:
+        return
+    if role not in roles.assignable_roles(caller):
+        choices = "、".join(f"{code}（{info.name}）" for code, info in roles.assignable_roles(caller).items())
+        raise forbidden("ROLE_NOT_ASSIGNABLE", f"您不能授予角色 {role_name(role)}（{role}）。机构管理员可授予：{choices}。")
+    if institution_code != caller.institution_code:
+        raise forbidden(
+            "INSTITUTION_FORBIDDEN",
+            f"您只能为本机构（{caller.institution_code}）管理用户，不能使用机构代码 {institution_code}。",
+        )
+
+
 def _check_role(role: str) -> None:
-    if role not in ROLE_NAMES:
-        choices = "、".join(f"{code}（{name}）" for code, name in ROLE_NAMES.items())
+    if roles.get_role(role) is None:
+        choices = "、".join(f"{code}（{info.name}）" for code, info in roles.all_roles().items())
         raise invalid("ROLE_INVALID", f"角色 {role!r} 无效，可选：{choices}。")
 
 
 def _institution_for(session: Session, role: str, code: str | None) -> Institution | None:
     """Return the institution a user of ``role`` belongs to, checking that the role allows ``code``."""
-    if role in INSTITUTION_ROLES:
+    if roles.is_institution_role(role):
         if not code:
-            raise invalid("INSTITUTION_REQUIRED", f"角色 {ROLE_NAMES[role]} 必须属于一个机构，请填写机构代码（institution_code）。")
+            raise invalid("INSTITUTION_REQUIRED",
+                          f"角色 {role_name(role)} 必须属于一个机构，请填写机构代码（institution_code）。")
         institution = session.scalars(select(Institution).where(Institution.code == code)).first()
         if institution is None:
             raise invalid("INSTITUTION_NOT_FOUND", f"机构代码 {code} 不存在，请先登记该机构或检查代码。")
@@ -55,7 +88,7 @@ def _institution_for(session: Session, role: str, code: str | None) -> Instituti
     if code:
         raise invalid(
             "INSTITUTION_NOT_ALLOWED",
-            f"角色 {ROLE_NAMES[role]} 是监管方角色，不能属于机构 {code}；请删除机构代码（institution_code）。",
+            f"角色 {role_name(role)} 是监管方角色，不能属于机构 {code}；请删除机构代码（institution_code）。",
         )
     return None
 
@@ -75,6 +108,54 @@ def revoke_tokens(session: Session, user: User) -> int:
     return result.rowcount or 0
 
 
+def check_new_user(
+    session: Session, caller: Principal, *, username: str, display_name: str, email: str, role: str,
+    institution_code: str | None,
+) -> Institution | None:
+    """Check the fields of a user that ``caller`` wants to create, without writing; return the user's institution.
+
+    Raises ApiError for the first field that is invalid. Bulk import calls this for every row before it
+    stages any user, so a file with bad rows is rejected without hashing a single password.
+    """
+    if not USERNAME_PATTERN.match(username):
+        raise invalid(
+            "USERNAME_INVALID",
+            f"用户名 {username!r} 无效：须为 3 到 28 个字符，以小写字母开头，只含小写字母、数字和下划线。",
+        )
+    _check_role(role)
+    if caller.institution_code is not None and not institution_code:
+        institution_code = caller.institution_code  # an institution administrator creates users of their own institution
+    check_assignment(caller, role, institution_code)
+    _check_contact(display_name, email)
+    institution = _institution_for(session, role, institution_code)
+    if session.scalars(select(User.id).where(User.username == username)).first() is not None:
+        raise conflict("USER_EXISTS", f"用户名 {username} 已被使用，请换一个用户名。")
+    return institution
+
+
+def stage_user(
+    session: Session, request: Request, caller: Principal, *, username: str, display_name: str, email: str,
+    role: str, institution_code: str | None, password: str | None, password_hash: str | None = None,
+) -> tuple[User, str | None]:
+    """Check and add a user whose password must be changed at the first sign-in, and flush; the caller audits and commits.
+
+    Returns the user and the generated password, or None when ``password`` was given (and checked).
+    ``password_hash`` is the argon2id hash of a given ``password`` made earlier (see passwords.set_password).
+    """
+    settings = request.app.state.settings
+    institution = check_new_user(session, caller, username=username, display_name=display_name, email=email,
+                                 role=role, institution_code=institution_code)
+    user = User(username=username, display_name=display_name.strip(), email=email, role=role,
+                institution_id=institution.id if institution else None, institution=institution, password_hash="",
+                is_active=True)
+    session.add(user)
+    session.flush()
+    generated = passwords.generate_password(username, settings) if password is None else None
+    passwords.set_password(session, user, generated or password or "", settings, must_change=True,
+                           password_hash=password_hash if generated is None else None, one_time=generated is not None)
+    return user, generated
+
+
 def create_user(
     session: Session, request: Request, caller: Principal, *, username: str, display_name: str, email: str,
     role: str, institution_code: str | None, password: str | None,
@@ -83,26 +164,10 @@ def create_user(
 
     Returns the user and the generated password, or None when ``password`` was given (and checked).
     """
-    settings = request.app.state.settings
-    if not USERNAME_PATTERN.match(username):
-        raise invalid(
-            "USERNAME_INVALID",
-            f"用户名 {username!r} 无效：须为 3 到 28 个字符，以小写字母开头，只含小写字母、数字和下划线。",
-        )
-    _check_role(role)
-    _check_contact(display_name, email)
-    institution = _institution_for(session, role, institution_code)
-    if session.scalars(select(User.id).where(User.username == username)).first() is not None:
-        raise conflict("USER_EXISTS", f"用户名 {username} 已被使用，请换一个用户名。")
-
-    user = User(username=username, display_name=display_name.strip(), email=email, role=role,
-                institution_id=institution.id if institution else None, password_hash="", is_active=True)
-    session.add(user)
-    session.flush()
-    generated = passwords.generate_password(username, settings) if password is None else None
-    passwords.set_password(session, user, generated or password or "", settings, must_change=True)
+    user, generated = stage_user(session, request, caller, username=username, display_name=display_name, email=email,
+                                 role=role, institution_code=institution_code, password=password)
     add_event(session, request, caller, "users.create", f"user:{username}", "success",
-              {"role": role, "institution_code": institution_code, "generated_password": generated is not None})
+              {"role": role, "institution_code": user.institution_code, "generated_password": generated is not None})
     session.commit()
     return user, generated
 
@@ -113,18 +178,21 @@ def update_user(session: Session, request: Request, caller: Principal, username:
     A role change between two of the three administrator roles is rejected: the separation of the
     system, security and audit administrators requires a new account instead.
     """
-    user = find_user(session, username)
+    user = find_managed_user(session, caller, username)
     role = changes.get("role", user.role)
     _check_role(role)
-    if role != user.role and user.role in ADMINISTRATOR_ROLES and role in ADMINISTRATOR_ROLES:
+    old_duty, new_duty = roles.admin_duty(user.role), roles.admin_duty(role)
+    if role != user.role and old_duty and new_duty and old_duty != new_duty:
         raise conflict(
             "ADMIN_ROLE_CHANGE_FORBIDDEN",
-            f"用户 {username} 是{ROLE_NAMES[user.role]}，不能改为{ROLE_NAMES[role]}：系统管理员、安全管理员和审计管理员"
+            f"用户 {username} 是{role_name(user.role)}，不能改为{role_name(role)}：系统管理员、安全管理员和审计管理员"
             "必须由不同账号担任。请为新职责新建用户，并按需停用本账号。",
         )
     if role != user.role and user.username == caller.username:
         raise conflict("OWN_ROLE_CHANGE_FORBIDDEN", "不能修改本人的角色，请由另一位系统管理员操作。")
     code = changes["institution_code"] if "institution_code" in changes else user.institution_code
+    if role != user.role or code != user.institution_code:
+        check_assignment(caller, role, code)
     institution = _institution_for(session, role, code)
     display_name = changes.get("display_name", user.display_name)
     email = changes.get("email", user.email)
@@ -147,7 +215,7 @@ def update_user(session: Session, request: Request, caller: Principal, username:
 
 def set_active(session: Session, request: Request, caller: Principal, username: str, active: bool) -> User:
     """Enable or disable a user; disabling revokes all their tokens and console sessions in the same commit."""
-    user = find_user(session, username)
+    user = find_managed_user(session, caller, username)
     if not active and user.username == caller.username:
         raise conflict("OWN_ACCOUNT_DISABLE_FORBIDDEN", "不能停用本人账号，请由另一位系统管理员操作。")
     user.is_active = active
@@ -162,7 +230,7 @@ def set_active(session: Session, request: Request, caller: Principal, username: 
 
 def unlock_user(session: Session, request: Request, caller: Principal, username: str) -> User:
     """Clear the lockout and the failure counters of a user; commit."""
-    user = find_user(session, username)
+    user = find_managed_user(session, caller, username)
     detail = {"locked_until": user.locked_until.isoformat() if user.locked_until else None,
               "failed_sign_ins": user.failed_sign_ins}
     passwords.reset_failures(user)
@@ -178,9 +246,9 @@ def reset_password(session: Session, request: Request, caller: Principal, userna
     the password, which is shown once and not stored in clear.
     """
     settings = request.app.state.settings
-    user = find_user(session, username)
+    user = find_managed_user(session, caller, username)
     password = passwords.generate_password(username, settings)
-    passwords.set_password(session, user, password, settings, must_change=True)
+    passwords.set_password(session, user, password, settings, must_change=True, one_time=True)
     passwords.reset_failures(user)
     revoked = revoke_tokens(session, user)
     add_event(session, request, caller, "users.reset_password", f"user:{username}", "success",
@@ -208,7 +276,7 @@ def confirm_totp_enrolment(session: Session, request: Request, user: User, code:
 
 def reset_totp(session: Session, request: Request, caller: Principal, username: str) -> User:
     """Remove a user's second factor (lost device); the user must enrol again. Commit."""
-    user = find_user(session, username)
+    user = find_managed_user(session, caller, username)
     had_secret = user.totp_secret is not None
     totp.reset(user)
     add_event(session, request, caller, "users.totp_reset", f"user:{username}", "success", {"had_secret": had_secret})
@@ -225,3 +293,34 @@ def change_own_password(session: Session, request: Request, user: User, new_pass
     passwords.set_password(session, user, new_password, request.app.state.settings, must_change=False)
     revoke_tokens(session, user)
     session.commit()
+
+
+def search_users(session: Session, caller: Principal, *, text: str | None = None, role: str | None = None,
+                 institution_code: str | None = None, active: bool | None = None,
+                 updated_since: datetime | None = None, limit: int = LIST_LIMIT_DEFAULT,
+                 offset: int = 0) -> tuple[list[User], int]:
+    """Return one page of the users visible to ``caller``, ordered by user name, and the number of matches.
+
+    Institution administrators see their own institution's users only. ``text`` matches a substring
+    of the user name or the display name, ignoring ASCII case.
+    NOTE: the substring match cannot use an index, so it scans the users table (20,000 rows at the target scale).
+    """
+    if caller.institution_code is not None:
+        if institution_code not in (None, caller.institution_code):
+            return [], 0  # another institution's users are not visible, so none match
+        institution_code = caller.institution_code
+    conditions: list[Any] = []
+    if text:
+        conditions.append(or_(User.username.icontains(text, autoescape=True),
+                              User.display_name.icontains(text, autoescape=True)))
+    if role:
+        conditions.append(User.role == role)
+    if institution_code:
+        conditions.append(User.institution_id.in_(select(Institution.id).where(Institution.code == institution_code)))
+    if active is not None:
+        conditions.append(User.is_active.is_(active))
+    if updated_since is not None:
+        conditions.append(User.updated_at > updated_since)
+    total = session.scalar(select(func.count()).select_from(User).where(*conditions)) or 0
+    rows = session.scalars(select(User).where(*conditions).order_by(User.username).limit(limit).offset(offset))
+    return list(rows.unique()), total

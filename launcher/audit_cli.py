@@ -42,6 +42,9 @@ def add_parser(commands: argparse._SubParsersAction) -> None:
     operations.add_parser(
         "verify", help="按编号顺序校验全部审计事件的 SM3 哈希链，报告第一处被修改或缺失的事件；完整退出码 0，断裂 1，无法校验 2"
     )
+    operations.add_parser(
+        "checkpoint", help="立即为审计日志链头生成一个 SM2 签名的检查点文件（管理服务运行时也会定期生成）"
+    )
     archive = operations.add_parser(
         "archive",
         help="把早于保留期限（REGSANDBOX_AUDIT_RETENTION_DAYS 天）的审计事件导出为带 SM2 签名的归档文件；数据库中的事件不删除",
@@ -95,18 +98,28 @@ def verify(settings: Settings) -> int:
 
     from admin_api.audit import record_operator_event
     from admin_api.audit_chain import verify_chain
+    from admin_api.audit_checkpoint import checkpoint_files, verify_checkpoints
+    from regsandbox_core.errors import RegsandboxError
 
     try:
+        # The key store is needed only to check signatures, so a log without checkpoints verifies without it.
+        trusted = _open_keystore(settings) if checkpoint_files(settings) else {}
         with sessions() as session:
             result = verify_chain(session)
+            checkpoints = verify_checkpoints(session, settings, trusted)
     except SQLAlchemyError as error:
         print(f"读取审计日志失败（{type(error).__name__}），未完成校验。请检查数据库后重试。（audit_database_unavailable）",
               file=sys.stderr)
         return EXIT_UNAVAILABLE
+    except RegsandboxError as error:
+        print(f"无法打开密钥库，未完成校验：{error.message}（{error.code}）", file=sys.stderr)
+        return EXIT_UNAVAILABLE
 
-    detail: dict[str, Any] = {"rows": result.rows, "last_id": result.last_id}
+    detail: dict[str, Any] = {"rows": result.rows, "last_id": result.last_id, "checkpoints": checkpoints.checked}
     if not result.intact:
         detail.update({"code": result.code, "broken_id": result.broken_id})
+    elif not checkpoints.intact:
+        detail["code"] = checkpoints.code
     try:
         record_operator_event(sessions, operator_name(), "audit.verify", "audit_events",
                               "success" if result.intact else "failed", detail, role=OPERATOR_ROLE)
@@ -114,12 +127,60 @@ def verify(settings: Settings) -> int:
         log.error("audit event audit.verify could not be stored: %s", type(error).__name__)
         print(f"警告：审计事件 audit.verify 未能写入管理数据库（{type(error).__name__}）。", file=sys.stderr)
 
-    if result.intact:
-        print(result.message)
-        return EXIT_INTACT
-    print(f"{result.message}（{result.code}）", file=sys.stderr)
-    print(f"已校验 {result.rows} 条完整的事件。请从数据库备份核对编号 {result.broken_id} 附近的事件。", file=sys.stderr)
-    return EXIT_BROKEN
+    if not result.intact:
+        print(f"{result.message}（{result.code}）", file=sys.stderr)
+        print(f"已校验 {result.rows} 条完整的事件。请从数据库备份核对编号 {result.broken_id} 附近的事件。", file=sys.stderr)
+        return EXIT_BROKEN
+    if not checkpoints.intact:
+        print(f"{checkpoints.message}（{checkpoints.code}）", file=sys.stderr)
+        return EXIT_BROKEN
+    print(result.message)
+    print(checkpoints.message)
+    return EXIT_INTACT
+
+
+def _open_keystore(settings: Settings) -> Any:
+    from regsandbox_core.keystore import KeyStore, master_key_from_environment
+
+    return KeyStore(settings.keys_dir / "keystore.json", master_key_from_environment(settings.data_dir))
+
+
+def checkpoint(settings: Settings) -> int:
+    """Write a signed checkpoint of the audit chain head now and store the ``audit.checkpoint`` event."""
+    logging.getLogger("alembic").setLevel(logging.ERROR)
+    try:
+        sessions = open_sessions(settings)
+    except AuditCommandError as error:
+        print(f"{error.message}（{error.code}）", file=sys.stderr)
+        return 1
+
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from admin_api.audit import record_operator_event
+    from admin_api.audit_checkpoint import write_checkpoint
+    from regsandbox_core.errors import RegsandboxError
+
+    try:
+        keystore = _open_keystore(settings)
+        with sessions() as session:
+            path = write_checkpoint(session, settings, keystore)
+    except (RegsandboxError, SQLAlchemyError, OSError) as error:
+        code = getattr(error, "code", None) or type(error).__name__
+        reason = getattr(error, "message", None) or type(error).__name__
+        print(f"生成审计检查点失败：{reason}（{code}）。未写入检查点，请检查密钥库、数据库和数据目录权限后重试。",
+              file=sys.stderr)
+        return 1
+    try:
+        record_operator_event(sessions, operator_name(), "audit.checkpoint", "audit_events", "success",
+                              {"file": path.name if path else None}, role=OPERATOR_ROLE)
+    except SQLAlchemyError as error:
+        log.error("audit event audit.checkpoint could not be stored: %s", type(error).__name__)
+        print(f"警告：审计事件 audit.checkpoint 未能写入管理数据库（{type(error).__name__}）。", file=sys.stderr)
+    if path is None:
+        print("审计日志自上一个检查点以来没有新事件，未生成新的检查点。")
+    else:
+        print(f"已生成审计检查点 {path}。")
+    return 0
 
 
 def archive(settings: Settings, out: Path) -> int:
@@ -184,4 +245,6 @@ def run(settings: Settings, args: argparse.Namespace) -> int:
         return verify(settings)
     if args.audit_command == "archive":
         return archive(settings, args.out)
+    if args.audit_command == "checkpoint":
+        return checkpoint(settings)
     raise ValueError(f"unknown audit command {args.audit_command!r}")

@@ -50,6 +50,18 @@ class Settings(BaseSettings):
     scheduler_poll_seconds: float = Field(
         default=3.0, description="Seconds between two polls of the scheduler for on-demand runs and schedule changes."
     )
+    hub_user_sync_seconds: float = Field(
+        default=15.0, ge=0.5, le=30.0,
+        description="Seconds between two rounds of the hub's user sync, which compares JupyterHub's users with admin_api: "
+        "it stops the servers and removes the hub accounts of disabled users, stops a server whose user changed "
+        "institution or lost the modeller role, and moves hub group membership. At most 30, so that a disabled "
+        "user loses the sandbox within 60 s even when one round is slow.",
+    )
+    registry_sync_seconds: float = Field(
+        default=15.0, ge=0.5, le=30.0,
+        description="Seconds between two runs of the MLflow permission sync (`python -m model_registry.sync --loop`). "
+        "Each run also locks disabled users out of MLflow, so at most 30, which keeps that within 60 s.",
+    )
     sandbox_python: Path = Field(
         default=Path(sys.prefix) / "bin" / "python",
         description="Interpreter that sandbox servers and kernels run with. Every sandbox Unix user must be able to execute it.",
@@ -94,9 +106,11 @@ class Settings(BaseSettings):
         "the last value repeats. JSON list, e.g. [1,5,15,60].",
     )
     totp_required_roles: list[str] = Field(
-        default=["system_admin", "security_admin", "audit_admin", "regulator_reviewer"],
-        description="Roles that must sign in with a TOTP code; a user of these roles without one can only enrol. "
-        "JSON list of role codes; [] makes the second factor optional for every role.",
+        default=["system_admin", "security_admin", "audit_admin", "institution_admin", "regulator_reviewer",
+                 "regulator_analyst"],
+        description="Built-in roles that must sign in with a TOTP code; a user of these roles without one can only "
+        "enrol. JSON list of role codes; [] makes the second factor optional for every built-in role. Custom "
+        "regulator roles and custom roles holding an administrator capability always require it.",
     )
     console_idle_minutes: int = Field(
         default=30, ge=1, description="Minutes after which an unused console session ends and the user signs in again."
@@ -109,6 +123,11 @@ class Settings(BaseSettings):
         default=180,
         description="Minimum number of days audit events are kept; at least 180 (six months). The platform never "
         "deletes audit events. `regsandbox audit archive` copies the events older than this to a signed file.",
+    )
+    audit_checkpoint_minutes: int = Field(
+        default=10, ge=1,
+        description="Minutes between SM2-signed checkpoints of the audit chain head that admin_api writes under "
+        "<data_dir>/audit/checkpoints/ while the head moves; `regsandbox audit verify` checks them.",
     )
     audit_export_max_rows: int = Field(
         default=100_000, ge=1, le=1_000_000,

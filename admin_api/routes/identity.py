@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
-from fastapi import APIRouter, Depends, Request
+from datetime import datetime
+
+from fastapi import APIRouter, Depends, Query, Request, Response
 from sqlalchemy import select
 from sqlalchemy.orm import Session
 
+from admin_api import users as user_admin
 from admin_api.deps import get_session, require
+from admin_api.errors import invalid
 from admin_api.models import User
 from admin_api.schemas import SignIn, TokenResponse, UserListItem, UserPublic, VerifyRequest
 from admin_api.security import API_TOKEN_LIFETIME, Principal, issue_token
@@ -54,13 +58,30 @@ def me(session: Session = Depends(get_session), caller: Principal = Depends(requ
 
 @router.get("/users", response_model=list[UserListItem])
 def list_users(
-    session: Session = Depends(get_session), _caller: Principal = Depends(require("users.list"))
+    response: Response,
+    q: str | None = Query(default=None, max_length=100, description="用户名或姓名的片段"),
+    role: str | None = Query(default=None, max_length=32),
+    institution_code: str | None = Query(default=None, max_length=32),
+    active: bool | None = Query(default=None, description="true：仅正常用户；false：仅已停用用户"),
+    updated_since: datetime | None = Query(default=None, description="只列出此时间之后有变更的用户（ISO 8601，含时区）"),
+    limit: int = Query(default=user_admin.LIST_LIMIT_DEFAULT, ge=1, le=user_admin.LIST_LIMIT_MAX),
+    offset: int = Query(default=0, ge=0),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("users.list")),
 ) -> list[UserListItem]:
-    """List all users."""
-    users = session.scalars(select(User).order_by(User.username))
+    """List one page of the users visible to the caller, ordered by user name.
+
+    Institution administrators see their own institution's users only. The header ``X-Total-Count``
+    contains the number of matches across all pages. Services poll changes with ``updated_since``.
+    """
+    if updated_since is not None and updated_since.tzinfo is None:
+        raise invalid("UPDATED_SINCE_TIMEZONE_MISSING",
+                      f"updated_since={updated_since.isoformat()} 缺少时区，请写成如 2026-12-05T08:00:00+08:00 或以 Z 结尾的 UTC 时间。")
+    page, total = user_admin.search_users(session, caller, text=q, role=role, institution_code=institution_code,
+                                          active=active, updated_since=updated_since, limit=limit, offset=offset)
+    response.headers["X-Total-Count"] = str(total)
     return [
         UserListItem(username=u.username, display_name=u.display_name, role=u.role,
                      institution_code=u.institution_code, is_active=u.is_active, email=u.email)
-        for u in users
+        for u in page
     ]
-

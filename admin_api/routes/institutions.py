@@ -26,7 +26,6 @@ from admin_api.institution_files import (
     import_institutions,
     read_rows,
     template_rows,
-    write_csv,
     write_xlsx,
 )
 from admin_api.institutions import (
@@ -43,8 +42,10 @@ from admin_api.institutions import (
     set_status,
     update_institution,
 )
+from admin_api.limits import MAX_UPLOAD_BODY_BYTES
 from admin_api.models import Institution
 from admin_api.security import Principal
+from admin_api.spreadsheets import write_csv
 
 logger = logging.getLogger(__name__)
 router = APIRouter()
@@ -184,7 +185,7 @@ def run_import(request: Request, session: Session, caller: Principal, data: byte
     return result
 
 
-@router.post("/institutions/import")
+@router.post("/institutions/import", max_body_size=MAX_UPLOAD_BODY_BYTES)
 def import_file(
     request: Request,
     file: UploadFile = File(description="CSV（UTF-8 或 GB18030）或 XLSX 文件，首行为中文表头"),

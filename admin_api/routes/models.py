@@ -13,7 +13,8 @@ from admin_api.errors import forbidden, not_found
 from admin_api.models import ModelReview
 from admin_api.schemas import ReviewOut, ReviewRequest
 from admin_api.security import Principal
-from admin_api.services import CROSS_INSTITUTION_ROLES, list_models, review_model, visible_models
+from admin_api.roles import is_cross_institution
+from admin_api.services import list_models, review_model, visible_models
 from admin_api.signatures import request_trusted_keys, review_signature, signature_download
 
 router = APIRouter()
@@ -68,7 +69,7 @@ def review_signature_file(
     if review is None:
         raise not_found("REVIEW_NOT_FOUND", f"审查记录 {review_id} 不存在，请从模型列表的 review_id 取得编号。")
     own = caller.institution_code
-    if caller.role not in CROSS_INSTITUTION_ROLES and (own is None or review.institution_code != own):
+    if not is_cross_institution(caller) and (own is None or review.institution_code != own):
         raise deny(request, caller, "models.read", forbidden(
             "INSTITUTION_FORBIDDEN",
             f"审查记录 {review_id} 不属于本机构（{own or '无机构'}）的模型，无权下载其签名。",

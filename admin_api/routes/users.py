@@ -10,15 +10,17 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from datetime import datetime
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
-from fastapi import APIRouter, Depends, Request
+from fastapi import APIRouter, Depends, File, Query, Request, UploadFile
+from fastapi.responses import JSONResponse, Response
 from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 
-from admin_api import users
+from admin_api import user_files, users
 from admin_api.audit import record_event
 from admin_api.deps import get_session, require
+from admin_api.limits import MAX_UPLOAD_BODY_BYTES
 from admin_api.errors import ApiError
 from admin_api.models import User
 from admin_api.passwords import password_expires_at
@@ -113,12 +115,13 @@ class PasswordChange(BaseModel):
 
 def _audited(request: Request, session: Session, caller: Principal, action: str, resource: str,
              write: Callable[[], T]) -> T:
-    """Run ``write``; on an ApiError roll back, store a ``failed`` audit event with the code and re-raise."""
+    """Run ``write``; on an ApiError roll back, store a ``failed`` (403: ``denied``) audit event with the code and re-raise."""
     try:
         return write()
     except ApiError as error:
         session.rollback()
-        record_event(request, caller, action, resource, "failed", {"code": error.code})
+        record_event(request, caller, action, resource, "denied" if error.status == 403 else "failed",
+                     {"code": error.code})
         raise
 
 
@@ -183,10 +186,12 @@ def reset_totp(
 @router.get("/users/{username}", response_model=UserDetail)
 def get_user(
     username: str, request: Request, session: Session = Depends(get_session),
-    _caller: Principal = Depends(require("users.list")),
+    caller: Principal = Depends(require("users.list")),
 ) -> UserDetail:
-    """Return one user with password and lockout state."""
-    return UserDetail.of(users.find_user(session, username), request)
+    """Return one user with password and lockout state; institution administrators read their own institution's users."""
+    user = _audited(request, session, caller, "users.read", f"user:{username[:64]}",
+                    lambda: users.find_managed_user(session, caller, username))
+    return UserDetail.of(user, request)
 
 
 @router.post("/users", response_model=UserWithPassword, status_code=201)
@@ -259,3 +264,41 @@ def reset_password(
     user, password = _audited(request, session, caller, "users.reset_password", f"user:{username}",
                               lambda: users.reset_password(session, request, caller, username))
     return UserWithPassword(user=UserDetail.of(user, request), password=password)
+
+
+EXPORT_MEDIA_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+@router.get("/users/import/template")
+def user_import_template(
+    format: Literal["csv", "xlsx"] = Query(default="xlsx"),
+    _caller: Principal = Depends(require("users.write")),
+) -> Response:
+    """Download an empty user import file with the Chinese column headers."""
+    rows = user_files.template_rows()
+    content = user_files.write_csv(rows) if format == "csv" else user_files.write_xlsx(rows)
+    return Response(content, media_type=EXPORT_MEDIA_TYPES[format], headers={
+        "Content-Disposition": f'attachment; filename="users_template.{format}"'})
+
+
+@router.post("/users/import", max_body_size=MAX_UPLOAD_BODY_BYTES)
+def import_users(
+    request: Request,
+    file: UploadFile = File(description="CSV（UTF-8 或 GB18030）或 XLSX 文件，首行为表头：用户名、姓名、电子邮箱、角色、机构代码"),
+    mode: Literal["all_or_nothing", "valid_only"] = Query(default="all_or_nothing"),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("users.write")),
+) -> JSONResponse:
+    """Create users from a file, each with a one-time password; by default nothing is imported when any row is bad.
+
+    Returns 200 with the counts, the rejected rows and the one-time passwords (shown only in this
+    response) when at least one user was imported, else 422 ``IMPORT_ROWS_INVALID`` with the counts
+    and the rejected rows.
+    """
+    data = file.file.read(user_files.MAX_FILE_BYTES + 1)
+    result = user_files.run_import(request, session, caller, data, file.filename or "upload", mode)
+    return JSONResponse(user_files.result_body(result), status_code=200 if result.imported else 422,
+                        headers={"Cache-Control": "no-store"})

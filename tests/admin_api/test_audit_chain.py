@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import threading
+import time
 from collections.abc import Iterator
 from datetime import timedelta
 from pathlib import Path
@@ -17,6 +18,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from admin_api.audit import record_operator_event
 from admin_api.audit_archive import check_archive
 from admin_api.audit_chain import GENESIS_SM3, chain_digest, verify_chain
+from admin_api.audit_checkpoint import CheckpointWriter, checkpoint_files, verify_checkpoints, write_checkpoint
 from admin_api.db import make_engine, make_session_factory, utc_now
 from admin_api.migrate import alembic_config, upgrade_to_head
 from admin_api.models import AuditChainHead, AuditEvent
@@ -327,3 +329,110 @@ def test_cli_archive_signed_copy(sessions: sessionmaker[Session], database_url: 
         verify_file(out, keystore)
     assert _run_cli(monkeypatch, database_url, tmp_path, "archive", "--out", str(out)) == 1
     assert "已存在，未覆盖" in capsys.readouterr().err
+
+
+# --- signed checkpoints of the chain head ----------------------------------------------------------
+
+
+def _rewrite_chain(sessions: sessionmaker[Session], statement: str) -> None:
+    """Run ``statement`` and then recompute every digest and the head, as an attacker with database access could."""
+    _tamper(sessions, statement)
+    prev = GENESIS_SM3
+    updates = []
+    for row in _rows(sessions):
+        digest = chain_digest(prev, row)
+        updates.append(f"UPDATE audit_events SET prev_sm3 = '{prev}', chain_sm3 = '{digest}' WHERE id = {row.id}")
+        prev = digest
+    last_id = max(row.id for row in _rows(sessions))
+    for update in updates:
+        _tamper(sessions, update)
+    with sessions() as session:
+        session.execute(text(f"UPDATE audit_chain_head SET last_id = {last_id}, last_sm3 = '{prev}' WHERE id = 1"))
+        session.commit()
+
+
+def _checkpoint_settings(database_url: str, tmp_path: Path) -> tuple[Settings, KeyStore]:
+    data_dir = tmp_path / "data"
+    settings = Settings(data_dir=data_dir, database_url=database_url)
+    ensure_platform_secrets(settings)
+    ensure_platform_keys(settings, [], on_event=None)
+    return settings, KeyStore(data_dir / "keys" / "keystore.json", master_key_from_environment(data_dir))
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_checkpoint_detects_recomputed_chain(sessions: sessionmaker[Session], database_url: str, tmp_path: Path,
+                                             monkeypatch: pytest.MonkeyPatch,
+                                             capsys: pytest.CaptureFixture[str]) -> None:
+    settings, _keystore = _checkpoint_settings(database_url, tmp_path)
+    _append(sessions, 4)
+    assert _run_cli(monkeypatch, database_url, tmp_path, "checkpoint") == 0
+    assert "已生成审计检查点" in capsys.readouterr().out
+    assert [path.name for path in checkpoint_files(settings)] == ["000000000004.json"]
+    assert _run_cli(monkeypatch, database_url, tmp_path, "verify") == 0
+    assert "已核对 1 个已签名的审计检查点" in capsys.readouterr().out
+
+    _rewrite_chain(sessions, "UPDATE audit_events SET actor = 'cli:rewritten' WHERE id = 2")
+    with sessions() as session:
+        assert verify_chain(session).intact  # the chain alone cannot see a full recomputation
+
+    assert _run_cli(monkeypatch, database_url, tmp_path, "verify") == 1
+    error = capsys.readouterr().err
+    assert "audit_checkpoint_mismatch" in error
+    assert "编号 4 的审计事件摘要与已签名的审计检查点" in error
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_checkpoint_detects_truncation(sessions: sessionmaker[Session], database_url: str, tmp_path: Path) -> None:
+    settings, keystore = _checkpoint_settings(database_url, tmp_path)
+    _append(sessions, 5)
+    with sessions() as session:
+        assert write_checkpoint(session, settings, keystore) is not None
+        assert write_checkpoint(session, settings, keystore) is None  # head unchanged
+
+    _rewrite_chain(sessions, "DELETE FROM audit_events WHERE id >= 4")
+
+    with sessions() as session:
+        assert verify_chain(session).intact
+        result = verify_checkpoints(session, settings, keystore)
+    assert not result.intact
+    assert result.code == "audit_checkpoint_row_missing"
+    assert "编号 5 的审计事件已不存在" in result.message
+
+
+@pytest.mark.parametrize("database_url", BACKENDS, indirect=True)
+def test_checkpoint_edited_file_rejected(sessions: sessionmaker[Session], database_url: str, tmp_path: Path) -> None:
+    settings, keystore = _checkpoint_settings(database_url, tmp_path)
+    _append(sessions, 2)
+    with sessions() as session:
+        path = write_checkpoint(session, settings, keystore)
+    assert path is not None
+    assert path.stat().st_mode & 0o777 == 0o600
+    envelope = json.loads(path.read_text(encoding="utf-8"))
+    envelope["payload"]["last_id"] = 1
+    path.write_text(json.dumps(envelope), encoding="utf-8")
+
+    with sessions() as session:
+        result = verify_checkpoints(session, settings, keystore)
+
+    assert result.code == "audit_checkpoint_signature_invalid"
+    assert path.name in result.message
+
+
+@pytest.mark.parametrize("database_url", ["sqlite"], indirect=True)
+def test_checkpoint_writer_runs_periodically(sessions: sessionmaker[Session], database_url: str,
+                                             tmp_path: Path) -> None:
+    settings, keystore = _checkpoint_settings(database_url, tmp_path)
+    _append(sessions, 1)
+    writer = CheckpointWriter(sessions, settings, keystore, interval=0.1)
+    writer.start()
+    try:
+        deadline = time.monotonic() + 10
+        while not checkpoint_files(settings) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        _append(sessions, 1)
+        while len(checkpoint_files(settings)) < 2 and time.monotonic() < deadline:
+            time.sleep(0.05)
+    finally:
+        writer.stop()
+
+    assert [path.name for path in checkpoint_files(settings)] == ["000000000001.json", "000000000002.json"]

@@ -145,9 +145,12 @@ def test_service_token_unknown_service(env: Env) -> None:
 
 
 def test_users_list_fields(env: Env) -> None:
-    response = env.client.get("/api/v1/users", headers=env.service("hub"))
-
-    users = {item["username"]: item for item in response.json()}
+    users = {}
+    for offset in range(0, 20_000, 1000):  # every page; other tests add users to the shared database
+        page = env.client.get("/api/v1/users", params={"limit": 1000, "offset": offset}, headers=env.service("hub"))
+        users.update({item["username"]: item for item in page.json()})
+        if len(page.json()) < 1000:
+            break
     assert set(users) >= {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reporter_b", "reporter_c",
                           "reviewer", "sysadmin", "secadmin", "auditor"}
     assert users["secadmin"]["role"] == "security_admin"
@@ -272,3 +275,48 @@ def test_repeated_failures_throttled(env: Env) -> None:
     assert blocked.status_code == 429
     assert blocked.json()["code"] == "TOO_MANY_ATTEMPTS"
     assert [e.outcome for e in audit_events(env, f"throttled-{username}")] == ["denied"]
+
+
+def test_oversized_json_rejected(env: Env) -> None:
+    before = env.client.get("/api/v1/institutions?limit=500", headers=env.auth("sysadmin")).headers["X-Total-Count"]
+    body = {"code": "big_bank", "name": "大" * (2 * 1024 * 1024), "type": "银行"}
+
+    response = env.client.post("/api/v1/institutions", json=body, headers=env.auth("sysadmin"))
+
+    assert response.status_code == 413
+    assert response.json()["code"] == "PAYLOAD_TOO_LARGE"
+    assert "1 MB" in response.json()["detail"]
+    after = env.client.get("/api/v1/institutions?limit=500", headers=env.auth("sysadmin")).headers["X-Total-Count"]
+    assert after == before
+
+
+def test_oversized_chunked_body_rejected(env: Env) -> None:
+    def chunks():  # noqa: ANN202
+        for _ in range(3):
+            yield b"x" * (512 * 1024)
+
+    headers = {**env.auth("sysadmin"), "Content-Type": "application/json"}
+    response = env.client.post("/api/v1/roles", content=chunks(), headers=headers)
+
+    assert response.status_code == 413
+    assert response.json()["code"] == "PAYLOAD_TOO_LARGE"
+
+
+def test_malformed_json_rejected(env: Env) -> None:
+    headers = {**env.auth("sysadmin"), "Content-Type": "application/json"}
+
+    response = env.client.post("/api/v1/roles", content=b'{"code": "x",', headers=headers)
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "INVALID_REQUEST"
+    assert "不是有效的 JSON" in response.json()["detail"]
+
+
+def test_validation_message_hides_password(env: Env) -> None:
+    password = "Secret-" + "x" * 1100
+
+    response = env.client.post("/api/v1/auth/token", json={"username": "sysadmin", "password": password})
+
+    assert response.status_code == 422
+    assert "password" in response.json()["detail"]
+    assert "Secret-" not in response.json()["detail"]

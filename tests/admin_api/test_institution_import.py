@@ -385,3 +385,11 @@ def test_import_failure_audited_once(env: Env) -> None:
                                                                AuditEvent.action == "institutions.import")))
     assert [(event.outcome, json.loads(event.detail)["code"]) for event in stored] == [
         ("failed", "IMPORT_COLUMNS_MISSING")]
+
+
+def test_import_header_only_rejected(env: Env) -> None:
+    response = upload(env, csv_bytes([]))
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "IMPORT_FILE_EMPTY"
+    assert "只有表头" in response.json()["detail"]

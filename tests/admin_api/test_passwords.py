@@ -12,7 +12,7 @@ from admin_api.db import utc_now
 from admin_api.errors import ApiError
 from admin_api.models import ApiToken, PasswordHistory, User
 from admin_api.passwords import check_strength, generate_password, set_password
-from admin_api.security import token_digest
+from admin_api.security import hash_one_time_password, token_digest, verify_password
 from regsandbox_core.settings import Settings
 
 from .conftest import Env
@@ -331,3 +331,29 @@ def test_console_session_last_seen_updated(env: Env) -> None:
 
     assert env.client.get("/console/", headers=cookie, follow_redirects=False).status_code == 200
     assert _session_row(env, cookie).last_seen_at == touched  # written at most once a minute
+
+
+def test_one_time_hash_verifies() -> None:
+    stored = hash_one_time_password("Xy7-one-time-pass")
+
+    assert stored.startswith("$sm3-onetime$")
+    assert verify_password(stored, "Xy7-one-time-pass")
+    assert not verify_password(stored, "Xy7-one-time-pasS")
+    assert not verify_password("$sm3-onetime$zz$00", "Xy7-one-time-pass")
+    assert hash_one_time_password("Xy7-one-time-pass") != stored  # salted
+
+
+def test_generated_password_replaced_by_argon2(env: Env) -> None:
+    username = f"ot_{secrets.token_hex(4)}"
+    created = env.client.post("/api/v1/users", headers=env.auth("sysadmin"), json={
+        "username": username, "display_name": "一次性密码", "email": "ot@bank-a.example", "role": "reporter",
+        "institution_code": "bank_a"})
+    one_time = created.json()["password"]
+    assert user_row(env, username).password_hash.startswith("$sm3-onetime$")
+    new = generate_password(username, env.settings)
+
+    assert change(env, username, one_time, new).status_code == 204
+
+    assert user_row(env, username).password_hash.startswith("$argon2id$")
+    assert sign_in(env, username, new).status_code == 200
+    assert sign_in(env, username, one_time).status_code == 401

@@ -16,6 +16,8 @@ from .helpers import approved_schedule, audit_events, console_cookie, insert_run
 USERS = {
     "system_admin": "sysadmin",
     "regulator_reviewer": "reviewer",
+    "regulator_analyst": "analyst",
+    "institution_admin": "instadmin_a",
     "modeller": "modeller_a",
     "reporter": "reporter_a",
     "security_admin": "secadmin",
@@ -25,6 +27,9 @@ ROLES = ["anonymous", "service", *USERS]
 ALL_USERS = frozenset(USERS)
 OWN, OTHER = "bank_a", "bank_b"
 MODEL_OF = {"bank_a": "bank_a.scorecard", "bank_b": "bank_b.pd_model"}
+USER_OF = {"bank_a": "modeller_a", "bank_b": "modeller_b"}
+INSTITUTION_ROLES = frozenset({"institution_admin", "modeller", "reporter"})
+REGULATORS = frozenset({"regulator_reviewer", "regulator_analyst"})
 
 
 @dataclass(frozen=True)
@@ -45,7 +50,13 @@ ROUTES = {
     "auth.token": Route("POST", "/api/v1/auth/token", frozenset(ROLES), 200, body="signin"),
     "auth.verify": Route("POST", "/api/v1/auth/verify", frozenset({"service"}), 200, body="verify"),
     "me": Route("GET", "/api/v1/me", ALL_USERS, 200),
-    "users": Route("GET", "/api/v1/users", frozenset({"system_admin", "service"}), 200),
+    "users": Route("GET", "/api/v1/users", frozenset({"system_admin", "institution_admin", "service"}), 200),
+    "user.read": Route("GET", "/api/v1/users/{user}", frozenset({"system_admin", "institution_admin", "service"}), 200,
+                       scoped=True),
+    "user.unlock": Route("POST", "/api/v1/users/{user}/unlock", frozenset({"system_admin", "institution_admin"}), 200,
+                         scoped=True),
+    "roles.list": Route("GET", "/api/v1/roles", frozenset({"system_admin", "security_admin", "audit_admin"}), 200),
+    "roles.create": Route("POST", "/api/v1/roles", frozenset({"system_admin"}), 201, body="role"),
     "institutions": Route("GET", "/api/v1/institutions", ALL_USERS | {"service"}, 200),
     "institution": Route("GET", "/api/v1/institutions/{inst}", ALL_USERS | {"service"}, 200, scoped=True),
     "audit.append": Route("POST", "/api/v1/audit/events", frozenset({"service"}), 201, body={
@@ -53,32 +64,29 @@ ROUTES = {
         "institution_code": "bank_a"}),
     "audit.list": Route("GET", "/api/v1/audit/events", frozenset({"audit_admin"}), 200),
     "audit.export": Route("GET", "/api/v1/audit/events.csv", frozenset({"audit_admin"}), 200),
-    "models.list": Route("GET", "/api/v1/models", frozenset({"regulator_reviewer", "modeller", "service"}), 200,
+    "models.list": Route("GET", "/api/v1/models", REGULATORS | {"modeller", "service"}, 200,
                          listed=True),
     "models.review": Route("POST", "/api/v1/models/{model}/versions/1/review", frozenset({"regulator_reviewer"}),
                            200, body={"decision": "returned", "comment": "请补充样本外验证结果"}),
     "notebooks.list": Route("GET", "/api/v1/report-notebooks",
-                            frozenset({"regulator_reviewer", "system_admin", "service"}), 200),
+                            REGULATORS | {"system_admin", "service"}, 200),
     "notebooks.approve": Route("POST", "/api/v1/report-notebooks/{notebook}/approve",
                                frozenset({"regulator_reviewer"}), 200),
-    "schedules.list": Route("GET", "/api/v1/schedules", frozenset({"system_admin", "regulator_reviewer", "service"}),
-                            200),
-    "schedules.read": Route("GET", "/api/v1/schedules/{schedule}",
-                            frozenset({"system_admin", "regulator_reviewer", "service"}), 200),
+    "schedules.list": Route("GET", "/api/v1/schedules", REGULATORS | {"system_admin", "service"}, 200),
+    "schedules.read": Route("GET", "/api/v1/schedules/{schedule}", REGULATORS | {"system_admin", "service"}, 200),
     "schedules.create": Route("POST", "/api/v1/schedules", frozenset({"system_admin"}), 201, body="schedule"),
     "schedules.update": Route("PATCH", "/api/v1/schedules/{schedule}", frozenset({"system_admin"}), 200,
                               body={"enabled": True}),
     "runs.queue": Route("POST", "/api/v1/schedules/{schedule}/runs",
                         frozenset({"system_admin", "regulator_reviewer", "service"}), 201, body={"trigger": "manual"}),
-    "runs.list": Route("GET", "/api/v1/report-runs?status=queued",
-                       frozenset({"system_admin", "regulator_reviewer", "service"}), 200),
+    "runs.list": Route("GET", "/api/v1/report-runs?status=queued", REGULATORS | {"system_admin", "service"}, 200),
     "runs.claim": Route("POST", "/api/v1/report-runs/{queued_run}/claim", frozenset({"service"}), 200),
     "runs.finish": Route("POST", "/api/v1/report-runs/{running_run}/finish", frozenset({"service"}), 200,
                          body={"status": "succeeded"}),
     "console.home": Route("GET", "/console/", ALL_USERS, 200, console=True),
-    "console.models": Route("GET", "/console/models", frozenset({"regulator_reviewer", "modeller"}), 200,
+    "console.models": Route("GET", "/console/models", REGULATORS | {"modeller"}, 200,
                             console=True, listed=True),
-    "console.schedules": Route("GET", "/console/schedules", frozenset({"system_admin", "regulator_reviewer"}), 200,
+    "console.schedules": Route("GET", "/console/schedules", REGULATORS | {"system_admin"}, 200,
                                console=True),
     "console.audit": Route("GET", "/console/audit", frozenset({"audit_admin"}), 200, console=True),
     "console.review": Route("POST", "/console/models/review", frozenset({"regulator_reviewer"}), 303, console=True,
@@ -97,7 +105,7 @@ ROUTES = {
 
 def expected_status(route: Route, role: str, scope: str) -> int:
     if role in route.allowed:
-        if route.scoped and role in ("modeller", "reporter") and scope == "other":
+        if route.scoped and role in INSTITUTION_ROLES and scope == "other":
             return 403
         return route.ok
     if route.console and role in ("anonymous", "service"):
@@ -110,6 +118,9 @@ def _body(env: Env, body: Any) -> Any:
         return {"username": "reporter_b", "password": env.passwords["reporter_b"]}
     if body == "verify":
         return {"username": "reporter_b", "password": env.passwords["reporter_b"], "source_ip": "127.0.0.9"}
+    if body == "role":
+        return {"code": f"perm_{secrets.token_hex(4)}", "name": f"权限表角色-{secrets.token_hex(4)}",
+                "scope": "institution", "capabilities": ["me.read", "models.read"]}
     if body == "schedule":
         return {"name": f"权限表-{secrets.token_hex(4)}", "notebook_id": notebook_id(env, "quarterly_risk"),
                 "cron": "30 7 * * mon-fri", "recipients": ["a@regulator.example"]}
@@ -117,7 +128,7 @@ def _body(env: Env, body: Any) -> Any:
 
 
 def _path(env: Env, template: str, institution: str) -> str:
-    values: dict[str, Any] = {"inst": institution, "model": MODEL_OF[institution]}
+    values: dict[str, Any] = {"inst": institution, "model": MODEL_OF[institution], "user": USER_OF[institution]}
     if "{notebook}" in template:
         values["notebook"] = notebook_id(env, "quarterly_risk")
     if "{schedule}" in template or "_run}" in template:

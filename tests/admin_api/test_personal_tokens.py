@@ -159,3 +159,17 @@ def test_grantable_scopes_follow_role(env: Env) -> None:
     assert "models.read" not in reporter
     assert "models.review" in reviewer
     assert not {"public", "console.use", "me.tokens", "users.write"} & set(reviewer)
+
+
+def test_personal_token_use_recorded(env: Env) -> None:
+    _username, headers = user_with_token(env)
+    created = create(env, headers).json()
+    with env.db() as session:
+        assert session.scalars(select(ApiToken.last_seen_at).where(ApiToken.id == created["id"])).one() is None
+
+    assert env.client.get("/api/v1/models", headers={"Authorization": f"Bearer {created['token']}"}).status_code == 200
+
+    with env.db() as session:
+        last_seen = session.scalars(select(ApiToken.last_seen_at).where(ApiToken.id == created["id"])).one()
+    assert last_seen is not None
+    assert utc_now() - last_seen < timedelta(minutes=1)

@@ -28,7 +28,7 @@ from regsandbox_core.settings import Settings
 from .conftest import BACKENDS, free_port, make_project_root
 
 TABLES = {"institutions", "users", "api_tokens", "model_reviews", "report_notebooks", "schedules", "report_runs",
-          "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages",
+          "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages", "roles",
           "alembic_version"}
 
 
@@ -70,7 +70,7 @@ def test_seed_demo_idempotent(database_url: str, tmp_path: Path) -> None:
         engine.dispose()
 
     assert set(created) == {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reporter_b", "reporter_c",
-                            "reviewer", "sysadmin", "secadmin", "auditor"}
+                            "instadmin_a", "reviewer", "analyst", "sysadmin", "secadmin", "auditor"}
     assert again == {}
     assert all(len(password) >= 16 for password in created.values())
     assert len(set(created.values())) == len(created)
@@ -113,7 +113,7 @@ def test_manage_commands(tmp_path: Path) -> None:
     first = _manage(data_dir, "seed-demo")
     second = _manage(data_dir, "seed-demo")
     assert first.returncode == 0
-    assert len(json.loads(first.stdout)) == 10
+    assert len(json.loads(first.stdout)) == 12
     assert json.loads(second.stdout) == {}
 
     disabled = _manage(data_dir, "set-active", "modeller_a", "--disable")

@@ -56,7 +56,7 @@ def test_create_generated_password_shown_once(env: Env) -> None:
     events = audit_events(env, request_id)
     assert [(e.action, e.outcome) for e in events] == [("users.create", "success")]
     assert password not in events[0].detail
-    listed = env.client.get("/api/v1/users", headers=env.auth("sysadmin")).json()
+    listed = env.client.get("/api/v1/users", params={"q": username}, headers=env.auth("sysadmin")).json()
     assert username in {item["username"] for item in listed}
 
 
