@@ -1,17 +1,22 @@
 """JupyterHub authenticator that checks passwords against admin_api.
 
 admin_api owns the accounts. The hub stores no password. Each login sends
-``POST /api/v1/auth/verify`` with the service token, and the response decides the login,
-the hub group (the user's institution code) and the auth state that the spawner reads.
+``POST /api/v1/auth/verify`` with the service token, the password and the TOTP code of the form,
+and the response decides the login, the hub group (the user's institution code) and the auth
+state that the spawner reads. A refused login shows admin_api's Chinese ``detail`` on the form.
 """
 
 from __future__ import annotations
+
+import asyncio
 
 import httpx
 from jupyterhub.auth import Authenticator
 from tornado import web
 from traitlets import Float, Unicode, default
 
+from regsandbox_core.admin_users import fetch_all_users
+from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import service_headers as platform_service_headers
 from regsandbox_core.settings import get_settings
 
@@ -21,6 +26,29 @@ SERVICE_NAME = "hub"
 MESSAGE_USER_DISABLED = "账号已停用，请联系系统管理员。"
 MESSAGE_SERVICE_UNAVAILABLE = "身份认证服务暂时不可用，请稍后重试；如持续出现请联系系统管理员。"
 MESSAGE_TOO_MANY_ATTEMPTS = "登录失败次数过多，账号已暂时锁定，请 15 分钟后再试或联系系统管理员。"
+MESSAGE_SIGN_IN_REFUSED = "登录被拒绝，请联系系统管理员。"
+
+# Field limits of admin_api's sign-in body. Longer values are rejected here, because admin_api's
+# validation message would repeat the value, and a password must never be shown.
+MAX_USERNAME_LENGTH = 64
+MAX_PASSWORD_LENGTH = 1024
+MAX_TOTP_LENGTH = 16
+
+FALLBACK_MESSAGES = {
+    "USER_DISABLED": MESSAGE_USER_DISABLED,
+    "PASSWORD_EXPIRED": "密码已过期，请先在控制台修改密码（/console/password）后再登录。",
+    "PASSWORD_CHANGE_REQUIRED": "密码由管理员设置，请先在控制台修改密码（/console/password）后再登录。",
+    "TOTP_REQUIRED": "该账号已绑定动态验证码，请同时填写身份验证器应用中显示的 6 位动态验证码。",
+    "TOTP_INVALID": "动态验证码错误或已过期，请输入身份验证器应用中当前显示的 6 位数字。",
+    "TOTP_REUSED": "该动态验证码已使用过，请等待身份验证器显示下一个验证码后重试。",
+    "TOTP_ENROLMENT_REQUIRED": "该账号必须使用动态验证码登录，请先在控制台绑定动态验证码（/console/totp）。",
+    "ACCOUNT_LOCKED": MESSAGE_TOO_MANY_ATTEMPTS,
+    "TOO_MANY_ATTEMPTS": MESSAGE_TOO_MANY_ATTEMPTS,
+}
+"""Chinese messages by admin_api error code, used when an error body has no ``detail``."""
+
+TOTP_ERROR_CODES = frozenset({"TOTP_REQUIRED", "TOTP_INVALID", "TOTP_REUSED"})
+"""401 codes of ``/auth/verify`` that concern the second factor: unlike a wrong password, they get their own message."""
 
 
 def service_headers(service_token: str) -> dict[str, str]:
@@ -31,14 +59,17 @@ def service_headers(service_token: str) -> dict[str, str]:
 class AdminApiAuthenticator(Authenticator):
     """Sign users in with the accounts and roles kept by admin_api.
 
-    A successful login returns ``{name, groups: [institution_code], auth_state: {role,
-    institution_code, display_name}}``. Because ``manage_groups`` is on, the hub group of a
-    user is the institution that admin_api reported at the last login. Regulator accounts
-    (no institution) belong to no group.
+    A successful login returns ``{name, admin: False, groups: [institution_code], auth_state:
+    {role, institution_code, display_name}}``. Because ``manage_groups`` is on, the hub group of a
+    user is the institution that admin_api reported at the last login or refresh; between those,
+    the user sync service (:mod:`hub_config.user_sync`) moves it. Regulator accounts (no
+    institution) belong to no group. No one is a hub admin, because a hub admin can open every
+    institution's sandbox.
 
-    A wrong password returns None (the login page shows 用户名或密码错误). A disabled account
-    and an unreachable admin_api raise ``web.HTTPError``, whose Chinese message the login
-    page shows instead.
+    A wrong user name or password returns None (the login page shows 用户名或密码错误). Every
+    other refusal (disabled account, second factor missing or wrong, expired password, lockout)
+    and an unreachable admin_api raise ``web.HTTPError`` with admin_api's Chinese ``detail``,
+    which the login page shows instead.
     """
 
     admin_api_url = Unicode(
@@ -60,6 +91,20 @@ class AdminApiAuthenticator(Authenticator):
         and never passed to single-user servers. Empty means every login fails.
         """,
     ).tag(config=True)
+
+    console_url = Unicode(
+        help="""Address of the admin console as users reach it, without a trailing slash.
+
+        The login page links to ``<console_url>/password`` and ``<console_url>/totp`` when a
+        sign-in is refused for an expired password or a missing second factor. Default:
+        ``REGSANDBOX_CONSOLE_PUBLIC_URL`` + ``/console``, else ``<admin_api_url>/console``.
+        """,
+    ).tag(config=True)
+
+    @default("console_url")
+    def _default_console_url(self) -> str:
+        settings = get_settings()
+        return f"{settings.console_public_url or settings.admin_api_url}/console"
 
     request_timeout = Float(
         10.0,
@@ -91,74 +136,93 @@ class AdminApiAuthenticator(Authenticator):
     def verify_url(self) -> str:
         return f"{self.admin_api_url.rstrip('/')}/api/v1/auth/verify"
 
-    async def authenticate(self, handler, data):
-        """Check ``data["username"]`` and ``data["password"]`` with admin_api.
+    @property
+    def password_change_url(self) -> str:
+        """Console page where users change an expired or administrator-issued password."""
+        return f"{self.console_url.rstrip('/')}/password"
 
-        Returns the auth model on success and None for wrong credentials. Raises
-        ``web.HTTPError`` (403 disabled account, 503 admin_api unreachable or answering
-        an unexpected status) with a Chinese message for the login page.
+    @property
+    def totp_enrol_url(self) -> str:
+        """Console page where users enrol their TOTP second factor."""
+        return f"{self.console_url.rstrip('/')}/totp"
+
+    async def authenticate(self, handler, data):
+        """Check ``data["username"]``, ``data["password"]`` and ``data["totp"]`` with admin_api.
+
+        Returns the auth model on success and None for a wrong user name or password. Raises
+        ``web.HTTPError`` with a Chinese message for the login page otherwise: admin_api's status
+        and ``detail`` for a refused sign-in (403 disabled, expired password or missing TOTP
+        enrolment, 401 missing or wrong TOTP code, 429 locked), 400 for an over-long field, and
+        503 when admin_api is unreachable or returns an unexpected status.
         """
         username = (data.get("username") or "").strip()
         password = data.get("password") or ""
+        totp_code = (data.get("totp") or "").strip()
         if not username or not password:
             return None
+        self._check_lengths(username, password, totp_code)
         source_ip = handler.request.remote_ip if handler is not None else None
 
         if not self.service_token:
             self.log.error("AdminApiAuthenticator.service_token is empty; rejecting login of %r", username)
             raise web.HTTPError(503, MESSAGE_SERVICE_UNAVAILABLE)
 
+        body = {"username": username, "password": password, "source_ip": source_ip}
+        if totp_code:
+            body["totp"] = totp_code
         try:
             async with httpx.AsyncClient(timeout=self.request_timeout) as client:
-                response = await client.post(
-                    self.verify_url,
-                    json={"username": username, "password": password, "source_ip": source_ip},
-                    headers=service_headers(self.service_token),
-                )
+                response = await client.post(self.verify_url, json=body, headers=service_headers(self.service_token))
         except httpx.HTTPError as error:
             self.log.error("admin_api login check for %r failed at %s: %s", username, self.verify_url, error)
             raise web.HTTPError(503, MESSAGE_SERVICE_UNAVAILABLE) from error
 
-        if response.status_code == 401:
-            self.log.info("admin_api rejected the credentials of %r", username)
+        if response.status_code == 200:
+            return self._auth_model(username, response)
+        code = _error_code(response)
+        if response.status_code == 401 and code not in TOTP_ERROR_CODES:
+            self.log.info("admin_api rejected the credentials of %r (%s)", username, code)
             return None
-        if response.status_code == 403:
-            self.log.info("admin_api reports account %r as disabled (%s)", username, _error_code(response))
-            raise web.HTTPError(403, MESSAGE_USER_DISABLED)
-        if response.status_code == 429:
-            self.log.warning("admin_api locked sign-in of %r after repeated failures", username)
-            detail = _error_detail(response) or MESSAGE_TOO_MANY_ATTEMPTS
-            raise web.HTTPError(429, detail)
-        if response.status_code != 200:
-            self.log.error(
-                "admin_api login check for %r returned HTTP %s (%s)",
-                username,
-                response.status_code,
-                _error_code(response),
-            )
-            raise web.HTTPError(503, MESSAGE_SERVICE_UNAVAILABLE)
+        if response.status_code in (401, 403, 429):
+            self.log.info("admin_api rejected sign-in of %r: HTTP %s %s", username, response.status_code, code)
+            message = _error_detail(response) or FALLBACK_MESSAGES.get(code, MESSAGE_SIGN_IN_REFUSED)
+            raise web.HTTPError(response.status_code, message)
+        self.log.error("admin_api login check for %r returned HTTP %s (%s)", username, response.status_code, code)
+        raise web.HTTPError(503, MESSAGE_SERVICE_UNAVAILABLE)
 
-        return self._auth_model(username, response)
+    @staticmethod
+    def _check_lengths(username: str, password: str, totp_code: str) -> None:
+        """Raise HTTP 400 for a field longer than admin_api accepts, without repeating a secret."""
+        if len(username) > MAX_USERNAME_LENGTH:
+            raise web.HTTPError(400, f"用户名过长（{len(username)} 个字符），最多 {MAX_USERNAME_LENGTH} 个字符，请检查后重新输入。")
+        if len(password) > MAX_PASSWORD_LENGTH:
+            raise web.HTTPError(400, f"密码过长（{len(password)} 个字符），最多 {MAX_PASSWORD_LENGTH} 个字符，请检查后重新输入。")
+        if len(totp_code) > MAX_TOTP_LENGTH:
+            raise web.HTTPError(400, "动态验证码格式无效：应为身份验证器应用中显示的 6 位数字，请重新输入。")
 
     async def refresh_user(self, user, handler=None):
-        """Re-read the user's role, institution and state from ``GET /api/v1/users``.
+        """Re-read the user's role, institution and state from ``GET /api/v1/users?q=<name>``.
 
         Called every ``auth_refresh_age`` seconds of activity and before each spawn. Returns
         False (sign in again) for a disabled or deleted account, the new auth model otherwise,
         and True (keep the stored auth state) when admin_api cannot be reached.
         """
         await super().refresh_user(user, handler)
-        url = f"{self.admin_api_url.rstrip('/')}/api/v1/users"
         try:
-            async with httpx.AsyncClient(timeout=self.request_timeout) as client:
-                response = await client.get(url, headers=service_headers(self.service_token))
-            response.raise_for_status()
-            accounts = {account["username"]: account for account in response.json()}
-        except (httpx.HTTPError, ValueError, KeyError, TypeError) as error:
-            self.log.warning("Could not refresh %s from %s, keeping the stored auth state: %s", user.name, url, error)
+            # q matches substrings of user names and display names; the exact name is picked below.
+            matches = await asyncio.to_thread(
+                fetch_all_users,
+                self.admin_api_url,
+                self.service_token,
+                SERVICE_NAME,
+                filters={"q": user.name},
+                timeout=self.request_timeout,
+            )
+        except RegsandboxError as error:
+            self.log.warning("Could not refresh %s from admin_api, keeping the stored auth state: %s", user.name, error.code)
             return True
 
-        account = accounts.get(user.name)
+        account = next((row for row in matches if row.get("username") == user.name), None)
         if account is None or not account.get("is_active", False):
             self.log.info("Account %s is disabled or deleted in admin_api; sign-in required", user.name)
             # NOTE: JupyterHub 6.1.1 reads handler._token_authenticated after a failed refresh but
@@ -166,7 +230,11 @@ class AdminApiAuthenticator(Authenticator):
             if handler is not None and not hasattr(handler, "_token_authenticated"):
                 handler._token_authenticated = False
             return False
-        return self._model_of(account)
+        try:
+            return self._model_of(account)
+        except (KeyError, TypeError) as error:
+            self.log.warning("admin_api returned an unreadable record for %s, keeping the stored auth state: %s", user.name, error)
+            return True
 
     def _auth_model(self, username: str, response: httpx.Response) -> dict:
         try:
@@ -187,6 +255,7 @@ class AdminApiAuthenticator(Authenticator):
         institution_code = account.get("institution_code") or None
         return {
             "name": name,
+            "admin": False,
             "groups": [institution_code] if institution_code else [],
             "auth_state": {
                 "role": account["role"],

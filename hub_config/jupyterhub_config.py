@@ -6,10 +6,12 @@ Every value comes from the platform settings (``REGSANDBOX_*``) and the encrypte
 without the master key the hub exits with status 1 before it starts.
 """
 
+import os
 import sys
 from pathlib import Path
 
 from hub_config.hubfiles import HUB_SERVICE_NAME, ensure_crypt_key, hub_service_api_token, prepare_hub_dir
+from hub_config.user_sync import SERVICE_NAME as USER_SYNC_SERVICE_NAME, SERVICE_SCOPES as USER_SYNC_SCOPES
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, get_settings
@@ -50,13 +52,16 @@ c.CryptKeeper.keys = [ensure_crypt_key(settings)]
 c.JupyterHub.authenticator_class = "hub_config.authenticator.AdminApiAuthenticator"
 c.AdminApiAuthenticator.admin_api_url = settings.admin_api_url
 c.AdminApiAuthenticator.service_token = platform_secrets.service_token
+c.AdminApiAuthenticator.console_url = f"{settings.console_public_url or settings.admin_api_url}/console"
 c.Authenticator.enable_auth_state = True
 c.Authenticator.manage_groups = True
 c.Authenticator.allow_all = True
 c.Authenticator.admin_users = set()
 
 # Sandboxes: one Unix user per modeller when the hub runs as root.
+spawn_roles = ["modeller"]
 c.JupyterHub.spawner_class = "hub_config.spawner.InstitutionSpawner"
+c.InstitutionSpawner.spawn_roles = spawn_roles
 c.InstitutionSpawner.admin_api_url = settings.admin_api_url
 c.InstitutionSpawner.mlflow_url = settings.mlflow_url
 c.InstitutionSpawner.unix_prefix = settings.unix_prefix
@@ -73,13 +78,33 @@ c.JupyterHub.allow_named_servers = False
 c.JupyterHub.template_paths = [str(Path(__file__).resolve().parent / "templates")]
 
 # Service through which platform programs (launcher status, tests) read users, groups and
-# servers and stop servers of disabled users. Its token is derived from the platform secrets.
-c.JupyterHub.services = [{"name": HUB_SERVICE_NAME, "api_token": hub_service_api_token(platform_secrets)}]
+# servers and stop servers. Its token is derived from the platform secrets.
+# The user sync is a managed service: the hub starts it, gives it a token generated at each start
+# and restarts it when it exits. It reads the platform settings and secrets itself, from the
+# REGSANDBOX_* variables of the hub's environment.
+c.JupyterHub.services = [
+    {"name": HUB_SERVICE_NAME, "api_token": hub_service_api_token(platform_secrets)},
+    {
+        "name": USER_SYNC_SERVICE_NAME,
+        "command": [sys.executable, "-m", "hub_config.user_sync", "--spawn-roles", ",".join(spawn_roles)],
+        "cwd": str(PROJECT_ROOT),
+        "environment": {
+            **{name: value for name, value in os.environ.items() if name.startswith("REGSANDBOX_")},
+            "PYTHONPATH": str(PROJECT_ROOT),
+        },
+    },
+]
 c.JupyterHub.load_roles = [
     {
         "name": "regsandbox-service",
         "description": "Read users, groups and servers; stop servers",
         "scopes": ["list:users", "read:users", "list:groups", "read:groups", "read:servers", "delete:servers"],
         "services": [HUB_SERVICE_NAME],
-    }
+    },
+    {
+        "name": "regsandbox-user-sync",
+        "description": "Follow admin_api: stop servers, remove disabled users, move group membership",
+        "scopes": USER_SYNC_SCOPES,
+        "services": [USER_SYNC_SERVICE_NAME],
+    },
 ]

@@ -186,6 +186,7 @@ class InstitutionSpawner(LocalProcessSpawner):
     _unix_user: str | None = None
     _home: str | None = None
     _institution_code: str | None = None
+    _role: str | None = None
 
     @property
     def platform_settings(self) -> Settings:
@@ -223,6 +224,7 @@ class InstitutionSpawner(LocalProcessSpawner):
                 status_code=403,
             )
         self._institution_code = institution_code
+        self._role = role
 
         # Unix account, home and extract permissions: blocking commands, run off the event loop.
         if self.isolated:
@@ -256,6 +258,25 @@ class InstitutionSpawner(LocalProcessSpawner):
             raise
         await self._post_audit("success", role, institution_code, f"以 Unix 用户 {self._unix_user} 启动建模沙箱")
         return address
+
+    def get_state(self):
+        """Add the role and institution the server was started for, which the user sync compares with admin_api."""
+        state = super().get_state()
+        if self._institution_code:
+            state["institution_code"] = self._institution_code
+        if self._role:
+            state["role"] = self._role
+        return state
+
+    def load_state(self, state):
+        super().load_state(state)
+        self._institution_code = state.get("institution_code")
+        self._role = state.get("role")
+
+    def clear_state(self):
+        super().clear_state()
+        self._institution_code = None
+        self._role = None
 
     async def _account(self) -> dict:
         auth_state = await self.user.get_auth_state()

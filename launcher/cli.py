@@ -170,7 +170,7 @@ def _process_specs(settings: Settings) -> list[ProcessSpec]:
             description="MLflow 模型注册中心", url=settings.mlflow_url,
         ),
         ProcessSpec(
-            name="registry_sync", argv=[PYTHON, "-m", "model_registry.sync", "--loop", "30"], env=env,
+            name="registry_sync", argv=[PYTHON, "-m", "model_registry.sync", "--loop"], env=env,
             ready=lambda: True, description="模型注册中心权限同步",
         ),
         ProcessSpec(

@@ -1,8 +1,9 @@
 """Small admin_api stand-in with the three endpoints the hub calls.
 
-It implements ``POST /api/v1/auth/verify``, ``GET /api/v1/users`` and ``POST /api/v1/audit/events``
-as the admin_api contract describes them (service token, ``X-Regsandbox-Service`` header, error bodies
-``{code, detail}``), plus ``GET /api/v1/audit/events`` so tests can read what the hub sent.
+It implements ``POST /api/v1/auth/verify``, ``GET /api/v1/users`` (paged with ``limit``, ``offset``
+and ``q``, with ``X-Total-Count``) and ``POST /api/v1/audit/events`` as the admin_api contract
+describes them (service token, ``X-Regsandbox-Service`` header, error bodies ``{code, detail}``),
+plus ``GET /api/v1/audit/events`` so tests can read what the hub sent.
 Accounts are fixed below. Run with
 ``uvicorn --app-dir tests/hub_config admin_api_stub:create_app --factory``.
 """
@@ -11,7 +12,7 @@ from __future__ import annotations
 
 from typing import Literal
 
-from fastapi import FastAPI, Header
+from fastapi import FastAPI, Header, Query, Response
 from fastapi.responses import JSONResponse
 from pydantic import BaseModel, ConfigDict
 
@@ -26,12 +27,19 @@ ACCOUNTS = {
     "hub_bob": {"role": "modeller", "institution_code": "hubtest_b", "display_name": "建模乙", "is_active": True},
     "hub_rita": {"role": "reporter", "institution_code": "hubtest_a", "display_name": "报送甲", "is_active": True},
     "hub_dora": {"role": "modeller", "institution_code": "hubtest_a", "display_name": "停用甲", "is_active": False},
+    "hub_erin": {"role": "modeller", "institution_code": "hubtest_a", "display_name": "过期甲", "is_active": True},
 }
+EXPIRED_DETAIL = (
+    "用户 hub_erin 的密码已超过 90 天未修改，已过期。请先修改密码：在控制台登录页点击“修改密码”（/console/password），"
+    "然后用新密码登录。"
+)
+"""Detail that admin_api returns for PASSWORD_EXPIRED; hub_erin's password is always expired here."""
 
 
 class VerifyRequest(BaseModel):
     username: str
     password: str
+    totp: str | None = None
     source_ip: str | None = None
 
 
@@ -77,6 +85,8 @@ def create_app() -> FastAPI:
             return _error(401, "INVALID_CREDENTIALS", "用户名或密码错误")
         if not account["is_active"]:
             return _error(403, "USER_DISABLED", "账号已停用")
+        if body.username == "hub_erin":
+            return _error(403, "PASSWORD_EXPIRED", EXPIRED_DETAIL)
         return {
             "username": body.username,
             "display_name": account["display_name"],
@@ -88,12 +98,16 @@ def create_app() -> FastAPI:
 
     @app.get("/api/v1/users")
     def list_users(
+        response: Response,
+        limit: int = Query(default=100, ge=1, le=1000),
+        offset: int = Query(default=0, ge=0),
+        q: str | None = Query(default=None),
         authorization: str | None = Header(default=None),
         x_regsandbox_service: str | None = Header(default=None),
     ):
         if not is_service(authorization, x_regsandbox_service):
             return _error(401, "SERVICE_TOKEN_INVALID", "服务令牌无效")
-        return [
+        rows = [
             {
                 "username": username,
                 "display_name": account["display_name"],
@@ -103,7 +117,10 @@ def create_app() -> FastAPI:
                 "email": f"{username}@example.com",
             }
             for username, account in sorted(ACCOUNTS.items())
+            if not q or q in username or q in account["display_name"]
         ]
+        response.headers["X-Total-Count"] = str(len(rows))
+        return rows[offset : offset + limit]
 
     @app.post("/api/v1/audit/events", status_code=201)
     def add_event(

@@ -29,7 +29,15 @@ from regsandbox_core.settings import PROJECT_ROOT, Settings
 
 UNIX_PREFIX = "rst-"
 INSTITUTIONS = ("hubtest_a", "hubtest_b")
-HUB_USERS = ("hub_alice", "hub_bob", "hub_rita", "hub_dora")
+HUB_USERS = ("hub_alice", "hub_bob", "hub_rita", "hub_dora", "hub_erin")
+SYNC_INSTITUTIONS = ("hubsync_a", "hubsync_b")
+"""Institutions that the tests against the real admin_api create through its API."""
+SYNC_USERS = ("hubsync_m1", "hubsync_m2", "hubsync_m3", "hubsync_m4")
+"""Modellers that the tests against the real admin_api create, start and then disable or move."""
+USER_SYNC_SECONDS = 2.0
+"""Interval of the hub's user sync in these tests (the default is 15 s)."""
+TOTP_REQUIRED_ROLES = '["regulator_reviewer"]'
+"""Roles that need a second factor with the real admin_api; the auditor and sysadmin sign in with a password."""
 HUB_OPERATOR = "rst-hubop"
 """Unix user that runs the hub in the unprivileged tests."""
 VENV_BIN = Path(sys.executable).parent
@@ -62,7 +70,7 @@ def stop_process(process: subprocess.Popen) -> None:
 
 def remove_test_accounts() -> None:
     """Kill processes of the rst- test users, then delete those users and groups."""
-    for unix_name in [UNIX_PREFIX + name for name in HUB_USERS] + [HUB_OPERATOR]:
+    for unix_name in [UNIX_PREFIX + name for name in HUB_USERS + SYNC_USERS] + [HUB_OPERATOR]:
         try:
             uid = pwd.getpwnam(unix_name).pw_uid
         except KeyError:
@@ -74,7 +82,7 @@ def remove_test_accounts() -> None:
                 pass
         time.sleep(0.2)
         subprocess.run(["userdel", unix_name], check=False, capture_output=True)
-    for code in INSTITUTIONS:
+    for code in INSTITUTIONS + SYNC_INSTITUTIONS:
         try:
             grp.getgrnam(UNIX_PREFIX + code)
         except KeyError:
@@ -118,25 +126,37 @@ class HubFixture:
             timeout=30,
         )
 
-    def audit_events(self) -> list[dict]:
+    def audit_events(self, **filters: str) -> list[dict]:
+        """Return the newest audit events, newest first; ``filters`` are query parameters such as ``action``."""
         response = httpx.get(
             f"{self.admin_api_url}/api/v1/audit/events",
+            params=filters,
             headers={"Authorization": f"Bearer {self.audit_token}"},
             timeout=10,
         )
         response.raise_for_status()
         return response.json()
 
-    def login(self, username: str, password: str) -> tuple[httpx.Client, httpx.Response]:
+    def login(self, username: str, password: str, totp: str = "") -> tuple[httpx.Client, httpx.Response]:
         """Sign in through the login form as a browser does; return the client (with cookies) and the response."""
         client = httpx.Client(base_url=self.hub_url, timeout=60)
         client.get("/hub/login")
         xsrf = client.cookies.get("_xsrf")
         response = client.post(
             "/hub/login",
-            data={"username": username, "password": password, "_xsrf": xsrf},
+            data={"username": username, "password": password, "totp": totp, "_xsrf": xsrf},
         )
         return client, response
+
+    def admin_api_token(self, username: str) -> str:
+        """Return an API token of an account of the real admin_api that signs in with its password only."""
+        response = httpx.post(
+            f"{self.admin_api_url}/api/v1/auth/token",
+            json={"username": username, "password": self.passwords[username]},
+            timeout=30,
+        )
+        response.raise_for_status()
+        return response.json()["access_token"]
 
 
 def _write_extract(settings: Settings, code: str) -> None:
@@ -211,7 +231,8 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
             "REGSANDBOX_SANDBOX_HOME_ROOT": str(home_root),
             "REGSANDBOX_SANDBOX_PYTHON": str(VENV_BIN / "python"),
             # The tests read the audit log as the audit admin with a password only.
-            "REGSANDBOX_TOTP_REQUIRED_ROLES": "[]",
+            "REGSANDBOX_TOTP_REQUIRED_ROLES": TOTP_REQUIRED_ROLES if real_admin_api else "[]",
+            "REGSANDBOX_HUB_USER_SYNC_SECONDS": str(USER_SYNC_SECONDS),
             "PYTHONPATH": str(PROJECT_ROOT),
         }
     )
@@ -223,7 +244,7 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
     )
     secrets = ensure_platform_secrets(settings)
     ensure_platform_keys(settings, ["bank_a", "bank_b", "bank_c"], on_event=None)
-    for code in INSTITUTIONS:
+    for code in INSTITUTIONS + SYNC_INSTITUTIONS:
         _write_extract(settings, code)
     settings.logs_dir.mkdir(mode=0o700)
     settings.hub_dir.mkdir(mode=0o700)

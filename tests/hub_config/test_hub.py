@@ -97,6 +97,7 @@ def test_login_puts_user_in_institution_group(hub):
         ("hub_alice", "wrong-password", "用户名或密码错误"),
         ("hub_nobody", PASSWORD, "用户名或密码错误"),
         ("hub_dora", PASSWORD, "账号已停用"),
+        ("hub_erin", PASSWORD, "的密码已超过 90 天未修改，已过期"),
     ],
 )
 def test_login_rejected_with_chinese_reason(hub, username, password, message):
@@ -114,8 +115,29 @@ def test_login_page_in_chinese(hub):
     response = httpx.get(f"{hub.hub_url}/hub/login", timeout=30)
 
     assert response.status_code == 200
-    for text in ("用户名", "密码", "登录"):
+    for text in ("用户名", "密码", "动态验证码", "登录"):
         assert text in response.text
+    assert 'name="totp"' in response.text
+
+
+def test_expired_password_links_console(hub):
+    client, response = hub.login("hub_erin", PASSWORD)
+    client.close()
+
+    assert response.status_code == 403
+    assert f'id="password_change_link" href="{hub.admin_api_url}/console/password"' in response.text
+    assert 'id="totp_enrol_link"' not in response.text
+
+
+def test_overlong_totp_rejected_without_echo(hub):
+    code = "9" * 17
+
+    client, response = hub.login("hub_alice", PASSWORD, code)
+    client.close()
+
+    assert response.status_code == 400
+    assert "动态验证码格式无效" in response.text
+    assert code not in response.text
 
 
 def test_reporter_cannot_spawn(hub):

@@ -41,3 +41,12 @@ def test_unprivileged_hub_still_rejects_reporter(unprivileged_hub):
 
     assert spawn.status_code == 403
     assert "仅建模人员可以启动建模沙箱" in spawn.text
+
+
+def test_unprivileged_hub_runs_user_sync(unprivileged_hub):
+    """The user sync runs as the hub's Unix user and reads the platform secrets from the environment."""
+    log = unprivileged_hub.hub_log.read_text()
+
+    assert "hub_config.user_sync: hub user sync started" in log
+    assert "hub user sync not started" not in log
+    assert "hub_config.user_sync: round failed" not in log

@@ -12,13 +12,14 @@ import time
 from collections.abc import Iterator
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from typing import Any
+from urllib.parse import parse_qs, urlsplit
 
 import httpx
 import pytest
 
 from model_registry.client import MlflowAdmin, RegistryUnavailable
 from model_registry.server import prepare_server, wait_until_ready
-from model_registry.sync import institution_codes, sync_permissions
+from model_registry.sync import fetch_users, institution_codes, sync_permissions
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import mlflow_password
 from regsandbox_core.settings import Settings
@@ -436,26 +437,36 @@ def test_server_command_without_secrets(tmp_path) -> None:
 
 
 class _UsersHandler(BaseHTTPRequestHandler):
+    """admin_api's ``GET /api/v1/users``: pages of ``limit`` (at most 1000) from ``offset``, with X-Total-Count."""
+
     token = ""
     users: list[dict[str, Any]] = []
     seen_headers: list[dict[str, str]] = []
+    seen_queries: list[dict[str, list[str]]] = []
 
     def do_GET(self) -> None:  # noqa: N802 - name fixed by BaseHTTPRequestHandler
         type(self).seen_headers.append(dict(self.headers))
+        url = urlsplit(self.path)
+        query = parse_qs(url.query)
+        type(self).seen_queries.append(query)
         authorised = (
             self.headers.get("Authorization") == f"Bearer {self.token}"
             and self.headers.get("X-Regsandbox-Service") == "registry"
         )
-        if self.path != "/api/v1/users" or not authorised:
+        if url.path != "/api/v1/users" or not authorised:
             self._reply(401, {"code": "NOT_AUTHENTICATED", "detail": "未登录"})
             return
-        self._reply(200, self.users)
+        limit = min(int(query.get("limit", ["100"])[0]), 1000)
+        offset = int(query.get("offset", ["0"])[0])
+        self._reply(200, self.users[offset : offset + limit], total=len(self.users))
 
-    def _reply(self, status: int, body: object) -> None:
+    def _reply(self, status: int, body: object, total: int | None = None) -> None:
         data = json.dumps(body).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json")
         self.send_header("Content-Length", str(len(data)))
+        if total is not None:
+            self.send_header("X-Total-Count", str(total))
         self.end_headers()
         self.wfile.write(data)
 
@@ -470,6 +481,7 @@ def users_api(mlflow_server: RunningMlflow) -> Iterator[type[_UsersHandler]]:
     handler.token = mlflow_server.secrets.service_token
     handler.users = [user("f_model", "modeller", "bank_f"), user("f_reviewer", "regulator_reviewer", None)]
     handler.seen_headers = []
+    handler.seen_queries = []
     httpd = ThreadingHTTPServer(("127.0.0.1", mlflow_server.settings.admin_api_port), handler)
     thread = threading.Thread(target=httpd.serve_forever, daemon=True)
     thread.start()
@@ -484,6 +496,16 @@ def test_sync_fetches_users(mlflow_server: RunningMlflow, users_api: type[_Users
     assert report.users_synced == ["f_model", "f_reviewer"]
     assert "bank_f" in report.sandbox_experiments
     assert users_api.seen_headers[0]["X-Regsandbox-Service"] == "registry"
+
+
+def test_fetch_users_pages_through_all(mlflow_server: RunningMlflow, users_api: type[_UsersHandler]) -> None:
+    users_api.users = [user(f"p_user{index:04d}", "reporter", "bank_p") for index in range(2500)]
+
+    fetched = fetch_users(mlflow_server.settings, mlflow_server.secrets)
+
+    assert [row["username"] for row in fetched] == [row["username"] for row in users_api.users]
+    assert [query["offset"] for query in users_api.seen_queries] == [["0"], ["1000"], ["2000"]]
+    assert {query["limit"][0] for query in users_api.seen_queries} == {"1000"}
 
 
 def test_sync_rejected_token(mlflow_server: RunningMlflow, users_api: type[_UsersHandler]) -> None:
