@@ -117,7 +117,7 @@ def delete_role_form(
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("roles.write", console=True)),
 ) -> Response:
-    """Delete a custom role that no user holds (same as DELETE /api/v1/roles/{code})."""
+    """Delete a custom role that no user has (same as DELETE /api/v1/roles/{code})."""
     _check_csrf(request, caller, "roles.write", csrf)
     try:
         _audited(request, session, caller, "roles.delete", f"role:{code[:64]}",

@@ -18,8 +18,8 @@ TOO_LARGE_DETAIL = ("请求体超过上限（一般请求 1 MB，导入文件 12
 class ChineseTooLarge:
     """ASGI middleware that turns Starlette's plain-text 413 into the platform's Chinese JSON error.
 
-    Starlette answers a declared ``Content-Length`` above the route's limit with a plain-text
-    "Content Too Large" that no exception handler sees; this rewrites that response.
+    Starlette rejects a declared ``Content-Length`` above the route's limit with a plain-text
+    "Content Too Large" response that bypasses the exception handlers, so this middleware rewrites it.
     """
 
     def __init__(self, app: ASGIApp) -> None:

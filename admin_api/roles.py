@@ -7,9 +7,9 @@ roles are defined in code and cannot be changed. Custom roles live in the ``role
 this module keeps an in-process copy of them that every process reloads at most
 :data:`RELOAD_INTERVAL` after a change made by another process.
 
-Separation of the three administrators (三员分立): each user holds exactly one role, the built-in
-system, security and audit administrator roles are separate, and a custom role may not combine
-capabilities reserved to two of them. So no user can hold the powers of two of the three.
+Separation of the three administrators (三员分立): each user has exactly one role, and the built-in
+system, security and audit administrator roles are separate. A custom role may not combine
+capabilities reserved to two of them, so no user gets the powers of two of the three.
 """
 
 from __future__ import annotations
@@ -188,7 +188,8 @@ def _duty_of(capabilities: frozenset[str]) -> str | None:
 def admin_duty(code: str) -> str | None:
     """Return which of the three administrators (system_admin, security_admin, audit_admin) ``code`` acts as, if any.
 
-    A custom role acts as one when it holds a capability reserved to it; creation ensures at most one.
+    A custom role acts as one when it contains a capability reserved to it. create_role and
+    update_role allow at most one such administrator per role.
     """
     if code in ADMINISTRATOR_ROLES:
         return code

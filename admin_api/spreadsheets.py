@@ -1,8 +1,8 @@
 """Reading and writing the CSV and XLSX files of the bulk imports and exports (institutions, users).
 
-Reading detects the CSV encoding (UTF-8 with or without BOM, then GB18030), reads every cell as
-text, remembers which XLSX cells were numbers (they may have lost leading zeros), skips blank rows
-and numbers rows as a spreadsheet does, with the header as row 1. Writing escapes cells that a
+Reading detects the CSV encoding (UTF-8 with or without BOM, then GB18030) and reads every cell as
+text. It remembers which XLSX cells were numbers, because they may have lost leading zeros. Blank
+rows are skipped, and rows are numbered as a spreadsheet shows them, with the header as row 1. Writing escapes cells that a
 spreadsheet would run as a formula (leading = + - @, tab or carriage return) with an apostrophe.
 """
 

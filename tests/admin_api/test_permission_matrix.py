@@ -137,7 +137,7 @@ def _throwaway_user(env: Env, institution_code: str) -> str:
     username = f"mx_{secrets.token_hex(4)}"
     with env.db() as session:
         institution_id = session.scalars(select(Institution.id).where(Institution.code == institution_code)).one()
-        session.add(User(username=username, display_name="矩阵用户", email=f"{username}@example.com", role="reporter",
+        session.add(User(username=username, display_name="矩阵用户", email=f"{username}@roles.example", role="reporter",
                          institution_id=institution_id, password_hash="", is_active=True))
         session.commit()
     return username

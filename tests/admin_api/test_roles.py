@@ -41,7 +41,7 @@ def user_with_role(env: Env, role: str, institution_code: str | None) -> str:
         institution_id = None
         if institution_code:
             institution_id = session.scalars(select(Institution.id).where(Institution.code == institution_code)).one()
-        user = User(username=username, display_name="角色测试", email=f"{username}@example.com", role=role,
+        user = User(username=username, display_name="角色测试", email=f"{username}@roles.example", role=role,
                     institution_id=institution_id, password_hash="", is_active=True)
         session.add(user)
         session.flush()
@@ -149,7 +149,8 @@ def test_role_combining_two_admins_rejected(env: Env) -> None:
 
     assert response.status_code == 409
     assert response.json()["code"] == "ROLE_SEPARATION_OF_DUTIES"
-    assert "系统管理员" in response.json()["detail"] and "审计管理员" in response.json()["detail"]
+    assert "系统管理员" in response.json()["detail"]
+    assert "审计管理员" in response.json()["detail"]
     assert role_count(env) == before
 
 
