@@ -12,9 +12,8 @@ of them (``admin_api.db``), one for the request's session and one for an audit e
 ``record_event`` commits on its own session.
 
 Requests that check a password have a lower limit of their own, :data:`PASSWORD_CHECK_SLOTS`.
-One argon2id check with argon2-cffi's default cost (3 passes over 64 MiB in 4 lanes) takes about
-0.25 s of CPU, so a burst of sign-ins admitted at once all finished late together and left
-little CPU for other users.
+One argon2id check costs tens of milliseconds of CPU by design (REGSANDBOX_PASSWORD_HASH_*), so a
+burst of sign-ins admitted at once all finished late together and left little CPU for other users.
 
 Waiting requests hold no thread and no connection, and each limit admits them in arrival order.
 """
@@ -46,8 +45,8 @@ PASSWORD_CHECK_PATHS = frozenset({
 """POST paths whose route calls ``services.authenticate``, which checks the password with argon2id."""
 
 PASSWORD_CHECK_SLOTS = max(1, os.cpu_count() or 1)
-"""Password-checking requests inside the application at once: one per CPU core, because one check
-already runs 4 lanes in parallel, so more at once only makes each of them slower."""
+"""Password-checking requests inside the application at once: one per CPU core, because one check keeps
+a core busy (more with REGSANDBOX_PASSWORD_HASH_LANES above 1), so more at once only makes each of them slower."""
 
 
 class _Slots:

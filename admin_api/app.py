@@ -1,6 +1,6 @@
 """Application factory of admin_api.
 
-Run with ``uvicorn admin_api.app:create_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
+Run with ``uvicorn admin_api.app:create_server_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
 The factory refuses to start (exit with a Chinese message) when the platform secrets are
 missing, the master key or key store is unusable, or the database is not migrated to the newest
 revision.
@@ -12,20 +12,21 @@ revision.
 
 from __future__ import annotations
 
+import gc
 import logging
 import re
 import uuid
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from pathlib import Path
 
-from fastapi import Depends, FastAPI, Request, Response
+from fastapi import Depends, FastAPI
 from fastapi.openapi.docs import get_swagger_ui_html
 from fastapi.responses import FileResponse, HTMLResponse
 from fastapi.templating import Jinja2Templates
 from sqlalchemy import Engine
 from sqlalchemy.exc import SQLAlchemyError
-from starlette.types import ASGIApp
+from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
 from admin_api import console, console_api_endpoints, console_keys, console_messages, console_users
 from admin_api.audit_checkpoint import CheckpointWriter
@@ -44,7 +45,7 @@ from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
 from admin_api import console_roles, console_user_admin
 from admin_api import console_me
-from admin_api.security import Principal
+from admin_api.security import Principal, configure_password_hashing
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -83,13 +84,35 @@ def _check_database(engine: Engine) -> None:
         )
 
 
-async def _request_id_middleware(request: Request, call_next: Callable[[Request], Awaitable[Response]]) -> Response:
-    """Give every request an id (the caller's valid X-Request-ID, else a new one) and echo it."""
-    incoming = request.headers.get("x-request-id", "")
-    request.state.request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
-    response = await call_next(request)
-    response.headers["X-Request-ID"] = request.state.request_id
-    return response
+class RequestIdMiddleware:
+    """ASGI middleware that gives every request an id (the caller's valid X-Request-ID, else a new one) and echoes it.
+
+    It is a plain ASGI class rather than ``app.middleware("http")``, because Starlette's
+    BaseHTTPMiddleware runs each request in an extra task with memory streams of its own.
+    """
+
+    def __init__(self, app: ASGIApp) -> None:
+        self.app = app
+
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        incoming = ""
+        for name, value in scope["headers"]:
+            if name == b"x-request-id":
+                incoming = value.decode("latin-1")
+                break
+        request_id = incoming if _REQUEST_ID.match(incoming) else uuid.uuid4().hex
+        scope.setdefault("state", {})["request_id"] = request_id
+        echoed = (b"x-request-id", request_id.encode("ascii"))
+
+        async def send_with_id(message: Message) -> None:
+            if message["type"] == "http.response.start":
+                message = {**message, "headers": [*message.get("headers", []), echoed]}
+            await send(message)
+
+        await self.app(scope, receive, send_with_id)
 
 
 def _add_docs(app: FastAPI) -> None:
@@ -122,11 +145,22 @@ def _add_docs(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the audit checkpoint writer while the application serves requests."""
+    """Run the audit checkpoint writer while the application serves requests.
+
+    In a server process (:func:`create_server_app`), the objects that live as long as the process
+    (modules, routes, models, compiled statements) are moved out of the garbage collector's
+    generations with ``gc.freeze()`` before serving. Otherwise every full collection walks them all
+    while holding the GIL: about 90 ms with this application loaded, a pause that every request in
+    flight waits for. Tests build many applications in one process, whose cyclic garbage a freeze
+    would keep for good, so :func:`create_app` does not freeze.
+    """
     settings = app.state.settings
     writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
                               settings.audit_checkpoint_minutes * 60)
     writer.start()
+    if app.state.freeze_gc:
+        gc.collect()
+        gc.freeze()
     try:
         yield
     finally:
@@ -167,11 +201,13 @@ def create_app(
     *,
     registry: ModelRegistry | None = None,
     project_root: Path | None = None,
+    freeze_gc: bool = False,
 ) -> FastAPI:
     """Build the admin_api application.
 
     ``registry`` replaces the MLflow adapter and ``project_root`` the folder that report
-    notebook paths are relative to (default: the checkout). Raises SystemExit with a Chinese
+    notebook paths are relative to (default: the checkout). ``freeze_gc`` freezes the garbage
+    collector's view of the loaded objects at start-up (see ``_lifespan``). Raises SystemExit with a Chinese
     message when the secrets or the database are not ready.
     """
     settings = settings or get_settings()
@@ -184,9 +220,11 @@ def create_app(
         logger.error("admin_api cannot start: %s", error.code)
         raise SystemExit(f"admin_api 无法启动：{error.message}") from error
 
+    configure_password_hashing(settings)
     app = _AdminApp(title="regsandbox admin_api", version="1", docs_url=None, openapi_url="/api/openapi.json",
                     redoc_url=None, max_body_size=MAX_BODY_BYTES, lifespan=_lifespan)
     app.state.settings = settings
+    app.state.freeze_gc = freeze_gc
     app.state.secrets = secrets
     app.state.keystore = keystore
     app.state.engine = engine
@@ -196,7 +234,7 @@ def create_app(
     app.state.templates = Jinja2Templates(directory=str(TEMPLATES_DIR))
     install_filters(app.state.templates)
 
-    app.middleware("http")(_request_id_middleware)
+    app.add_middleware(RequestIdMiddleware)
     install_admission(app)  # after every other middleware, so that it runs first
     install_error_handlers(app)
     install_routes(app)
@@ -204,3 +242,8 @@ def create_app(
 
     logger.info("admin_api ready, database %s", engine.url.render_as_string(hide_password=True))
     return app
+
+
+def create_server_app() -> FastAPI:
+    """Build the application of the admin_api server process: ``uvicorn admin_api.app:create_server_app --factory``."""
+    return create_app(freeze_gc=True)

@@ -19,7 +19,7 @@ from urllib.parse import quote, urlencode
 
 from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
-from sqlalchemy import select
+from sqlalchemy import select, update
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event, record_event
@@ -27,7 +27,7 @@ from admin_api.audit_search import OUTCOMES, AuditFilter, export_response, parse
 from admin_api.db import utc_now
 from admin_api.deps import SESSION_COOKIE, deny, get_session, require
 from admin_api.errors import forbidden, invalid
-from admin_api.models import ReportNotebook, ReportRun, Schedule, User
+from admin_api.models import ApiToken, ReportNotebook, ReportRun, Schedule, User
 from admin_api.report_files import archived_file_names, download_report_file
 from admin_api.roles import role_name
 from admin_api.security import (
@@ -152,9 +152,9 @@ def logout(
 ) -> Response:
     """End the console session."""
     _check_csrf(request, caller, "console.use", csrf)
-    row = find_token(session, request.cookies.get(SESSION_COOKIE, ""), "console")
-    if row is not None:
-        row.revoked_at = utc_now()
+    holder = find_token(session, request.cookies.get(SESSION_COOKIE, ""), "console")
+    if holder is not None:
+        session.execute(update(ApiToken).where(ApiToken.id == holder.token_id).values(revoked_at=utc_now()))
     add_event(session, request, caller, "console.logout", f"user:{caller.username}")
     session.commit()
     response = RedirectResponse("/console/login", status_code=303)

@@ -10,10 +10,11 @@ cookie only, so a browser cookie can never drive an API write. API routes also d
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
+from collections.abc import AsyncIterator, Callable
 from datetime import timedelta
 
 from fastapi import Depends, Request, Security
+from fastapi.concurrency import run_in_threadpool
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
 from sqlalchemy.orm import Session
 
@@ -45,12 +46,21 @@ BEARER_SCHEME = HTTPBearer(
 """Bearer scheme declared on every API route in the OpenAPI document. :func:`require` checks the token itself."""
 
 
-def get_session(request: Request) -> Iterator[Session]:
+async def get_session(request: Request) -> AsyncIterator[Session]:
+    """Open the request's database session, and close it after the route.
+
+    An async dependency, so opening (which does no I/O) costs no trip to a worker thread. Closing a
+    session that still holds a connection rolls back; on PostgreSQL that is a round trip to the
+    server, so it runs in a worker thread, while SQLite's in-process rollback runs here.
+    """
     session: Session = request.app.state.session_factory()
     try:
         yield session
     finally:
-        session.close()
+        if session.in_transaction() and session.get_bind().dialect.name != "sqlite":
+            await run_in_threadpool(session.close)
+        else:
+            session.close()
 
 
 def _bearer_token(request: Request) -> str | None:
@@ -84,16 +94,16 @@ class _Denied(Exception):
 
 
 def _user_principal(session: Session, token: str, kind: str, idle_timeout: timedelta | None = None) -> Principal:
-    row = find_token(session, token, kind, idle_timeout=idle_timeout)
-    if row is None:
+    holder = find_token(session, token, kind, idle_timeout=idle_timeout)
+    if holder is None:
         if kind == "console":
             raise unauthenticated("NOT_AUTHENTICATED", "会话已过期或无效，请重新登录。")
         raise unauthenticated("INVALID_TOKEN", "访问令牌无效或已过期，请重新调用 /api/v1/auth/token 登录。")
-    user = row.user
-    principal = Principal(kind="user", username=user.username, role=user.role, institution_code=user.institution_code,
-                          scopes=frozenset(row.scopes) if row.scopes is not None else None)
-    if not user.is_active:
-        raise _Denied(principal, forbidden("USER_DISABLED", f"用户 {user.username} 已被停用，请联系系统管理员。"))
+    principal = Principal(kind="user", username=holder.username, role=holder.role,
+                          institution_code=holder.institution_code,
+                          scopes=frozenset(holder.scopes) if holder.scopes is not None else None, user_id=holder.user_id)
+    if not holder.is_active:
+        raise _Denied(principal, forbidden("USER_DISABLED", f"用户 {holder.username} 已被停用，请联系系统管理员。"))
     return principal
 
 

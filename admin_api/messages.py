@@ -13,7 +13,7 @@ from datetime import datetime
 
 from fastapi import Request
 from pydantic import BaseModel
-from sqlalchemy import func, select, update
+from sqlalchemy import case, func, select, update
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event
@@ -119,18 +119,24 @@ def unread_count(session: Session, user_id: int) -> int:
 
 
 def user_id_of(session: Session, principal: Principal) -> int:
+    if principal.user_id is not None:
+        return principal.user_id
     return session.scalars(select(User.id).where(User.username == principal.username)).one()
 
 
 def list_messages(session: Session, user_id: int, offset: int, limit: int, unread_only: bool = False) -> MessagePage:
     """Return one page of the user's messages, newest first, with the total and unread counts."""
     condition = [Message.user_id == user_id, Message.deleted.is_(False)]
+    counts = session.execute(
+        select(func.count(), func.coalesce(func.sum(case((Message.read_at.is_(None), 1), else_=0)), 0))
+        .select_from(Message).where(*condition)
+    ).one()
+    total, unread = int(counts[0]), int(counts[1])
     if unread_only:
         condition.append(Message.read_at.is_(None))
-    total = session.scalar(select(func.count()).select_from(Message).where(*condition)) or 0
+        total = unread
     rows = session.scalars(select(Message).where(*condition).order_by(Message.id.desc()).offset(offset).limit(limit))
-    return MessagePage(items=[MessageOut.of(row) for row in rows], total=total, unread=unread_count(session, user_id),
-                       offset=offset, limit=limit)
+    return MessagePage(items=[MessageOut.of(row) for row in rows], total=total, unread=unread, offset=offset, limit=limit)
 
 
 def _own_message(session: Session, request: Request, caller: Principal, user_id: int, message_id: int) -> Message:

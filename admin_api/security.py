@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import secrets
 import string
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import datetime, timedelta
 
 from argon2 import PasswordHasher
@@ -17,8 +17,9 @@ from sqlalchemy import delete, select, update
 from sqlalchemy.orm import Session
 
 from admin_api.db import utc_now
-from admin_api.models import ApiToken, User
+from admin_api.models import ApiToken, Institution, User
 from regsandbox_core.crypto import constant_time_equal, hmac_sm3, sm3_hex
+from regsandbox_core.settings import Settings, get_settings
 
 API_TOKEN_LIFETIME = timedelta(hours=8)
 CONSOLE_SESSION_LIFETIME = timedelta(hours=8)
@@ -28,8 +29,10 @@ SERVICE_NAMES = frozenset({"hub", "scheduler", "registry"})
 ANONYMOUS = "anonymous"
 SERVICE = "service"
 
-_hasher = PasswordHasher()  # argon2id with the library's default cost (RFC 9106 low-memory profile)
-_DUMMY_HASH = _hasher.hash(secrets.token_urlsafe(16))
+_hasher: PasswordHasher | None = None
+"""argon2id hasher with the cost of the settings (REGSANDBOX_PASSWORD_HASH_*); see configure_password_hashing."""
+_dummy_hash = ""
+"""Hash of a random password with the same cost, checked for unknown user names so they take as long."""
 
 
 @dataclass(frozen=True)
@@ -43,6 +46,8 @@ class Principal:
     institution_code: str | None = None
     scopes: frozenset[str] | None = None
     """Capabilities of a personal API token; None for sign-in tokens and sessions, which have every capability of the role."""
+    user_id: int | None = field(default=None, compare=False)
+    """Database id of a user resolved from a token or session, so routes need not look it up again; None otherwise."""
 
 
 ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
@@ -106,8 +111,36 @@ def allows(role: str, capability: str) -> bool:
 ONE_TIME_PREFIX = "$sm3-onetime$"
 
 
+def configure_password_hashing(settings: Settings) -> None:
+    """Use the argon2id cost of ``settings`` for new hashes; admin_api calls this at start-up."""
+    global _hasher, _dummy_hash
+    cost = (settings.password_hash_iterations, settings.password_hash_memory_kib, settings.password_hash_lanes)
+    if _hasher is not None and (_hasher.time_cost, _hasher.memory_cost, _hasher.parallelism) == cost:
+        return
+    hasher = PasswordHasher(time_cost=cost[0], memory_cost=cost[1], parallelism=cost[2])
+    _dummy_hash = hasher.hash(secrets.token_urlsafe(16))
+    _hasher = hasher
+
+
+def _password_hasher() -> PasswordHasher:
+    if _hasher is None:
+        configure_password_hashing(get_settings())
+    assert _hasher is not None
+    return _hasher
+
+
 def hash_password(password: str) -> str:
-    return _hasher.hash(password)
+    return _password_hasher().hash(password)
+
+
+def password_needs_rehash(password_hash: str) -> bool:
+    """Return whether an argon2id hash was made with another cost than the configured one (one-time hashes never)."""
+    if password_hash.startswith(ONE_TIME_PREFIX):
+        return False
+    try:
+        return _password_hasher().check_needs_rehash(password_hash)
+    except InvalidHashError:
+        return False
 
 
 def hash_one_time_password(password: str) -> str:
@@ -133,7 +166,8 @@ def verify_password(password_hash: str | None, password: str) -> bool:
             return False
         return constant_time_equal(sm3_hex(salt + password.encode("utf-8")), digest)
     try:
-        return _hasher.verify(password_hash or _DUMMY_HASH, password) and password_hash is not None
+        hasher = _password_hasher()
+        return hasher.verify(password_hash or _dummy_hash, password) and password_hash is not None
     except (VerifyMismatchError, VerificationError, InvalidHashError):
         return False
 
@@ -172,26 +206,49 @@ def issue_token(session: Session, user: User, kind: str, lifetime: timedelta) ->
     return token, expires_at
 
 
-def find_token(session: Session, token: str, kind: str, *, idle_timeout: timedelta | None = None) -> ApiToken | None:
-    """Return the unexpired, unrevoked token row of ``kind`` matching ``token``, or None.
+@dataclass(frozen=True)
+class TokenHolder:
+    """User fields of a valid token or console session, read in one query without ORM objects."""
 
-    With ``idle_timeout`` (console sessions), a row unused for that long is also None. A used row's
-    ``last_seen_at`` is written and committed at most once per LAST_SEEN_INTERVAL, so the personal
-    token page can show when a token was last used.
+    token_id: int
+    user_id: int
+    username: str
+    role: str
+    institution_code: str | None
+    is_active: bool
+    scopes: list[str] | None
+
+
+def find_token(session: Session, token: str, kind: str, *, idle_timeout: timedelta | None = None) -> TokenHolder | None:
+    """Return the holder of the unexpired, unrevoked token of ``kind`` matching ``token``, or None.
+
+    With ``idle_timeout`` (console sessions), a token unused for that long is also None. A used
+    token's ``last_seen_at`` is written and committed at most once per LAST_SEEN_INTERVAL, so the
+    personal token page can show when a token was last used. Every authenticated request calls this,
+    so it selects the needed columns of the token, its user and the user's institution in one
+    statement instead of loading the three ORM objects.
     """
-    row = session.scalars(
-        select(ApiToken).where(ApiToken.token_sm3 == token_digest(token), ApiToken.kind == kind)
+    row = session.execute(
+        select(ApiToken.id, ApiToken.expires_at, ApiToken.revoked_at, ApiToken.created_at, ApiToken.last_seen_at,
+               ApiToken.scopes, User.id, User.username, User.role, User.is_active, Institution.code)
+        .join(User, User.id == ApiToken.user_id)
+        .outerjoin(Institution, Institution.id == User.institution_id)
+        .where(ApiToken.token_sm3 == token_digest(token), ApiToken.kind == kind)
     ).first()
     now = utc_now()
-    if row is None or row.revoked_at is not None or row.expires_at <= now:
+    if row is None:
         return None
-    last_seen = row.last_seen_at or row.created_at
+    token_id, expires_at, revoked_at, created_at, last_seen_at, scopes, user_id, username, role, active, code = row
+    if revoked_at is not None or expires_at <= now:
+        return None
+    last_seen = last_seen_at or created_at
     if idle_timeout is not None and now - last_seen >= idle_timeout:
         return None
-    if row.last_seen_at is None or now - last_seen >= LAST_SEEN_INTERVAL:
-        session.execute(update(ApiToken).where(ApiToken.id == row.id).values(last_seen_at=now))
+    if last_seen_at is None or now - last_seen >= LAST_SEEN_INTERVAL:
+        session.execute(update(ApiToken).where(ApiToken.id == token_id).values(last_seen_at=now))
         session.commit()
-    return row
+    return TokenHolder(token_id=token_id, user_id=user_id, username=username, role=role, institution_code=code,
+                       is_active=active, scopes=scopes)
 
 
 def csrf_token(session_secret: str, session_token: str) -> str:

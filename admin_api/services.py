@@ -29,7 +29,7 @@ from admin_api.messages import post_message
 from admin_api.models import AuditEvent, Institution, ModelReview, ReportNotebook, ReportRun, Schedule, User
 from admin_api.registry import REVIEW_TAG_PREFIX, ModelRegistry, call_registry
 from admin_api.roles import is_cross_institution
-from admin_api.security import Principal, verify_password
+from admin_api.security import Principal, hash_password, password_needs_rehash, verify_password
 from admin_api.signatures import (
     KIND_APPROVAL,
     KIND_REVIEW,
@@ -133,6 +133,9 @@ def authenticate(
     if not user.is_active:
         record_event(request, user_principal(user), action, f"user:{username}", "denied", {"code": "USER_DISABLED"}, ip)
         raise forbidden("USER_DISABLED", f"用户 {username} 已被停用，请联系系统管理员。")
+    if password_needs_rehash(user.password_hash):
+        # stored with another argon2id cost than REGSANDBOX_PASSWORD_HASH_*: store it with the current one
+        user.password_hash = hash_password(password)
     if totp.is_enrolled(user) and purpose != "totp_enrol":
         try:
             totp.check_code(session, request, user, totp_code)

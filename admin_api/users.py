@@ -295,6 +295,37 @@ def change_own_password(session: Session, request: Request, user: User, new_pass
     session.commit()
 
 
+def _search_conditions(session: Session, caller: Principal, text: str | None, role: str | None,
+                       institution_code: str | None, active: bool | None,
+                       updated_since: datetime | None) -> list[Any] | None:
+    """Return the WHERE conditions of a user search by ``caller``, or None when nothing can match.
+
+    ``text`` is matched with ILIKE on PostgreSQL and with LIKE on SQLite, where LIKE already ignores
+    ASCII case: SQLAlchemy's ``icontains`` would wrap both sides in lower(), which took SQLite about
+    2.5 times as long over 20,000 users.
+    """
+    if caller.institution_code is not None:
+        if institution_code not in (None, caller.institution_code):
+            return None  # another institution's users are not visible, so none match
+        institution_code = caller.institution_code
+    conditions: list[Any] = []
+    if text:
+        pattern = "%" + text.replace("/", "//").replace("%", "/%").replace("_", "/_") + "%"
+        if session.get_bind().dialect.name == "postgresql":
+            conditions.append(or_(User.username.ilike(pattern, escape="/"), User.display_name.ilike(pattern, escape="/")))
+        else:
+            conditions.append(or_(User.username.like(pattern, escape="/"), User.display_name.like(pattern, escape="/")))
+    if role:
+        conditions.append(User.role == role)
+    if institution_code:
+        conditions.append(User.institution_id.in_(select(Institution.id).where(Institution.code == institution_code)))
+    if active is not None:
+        conditions.append(User.is_active.is_(active))
+    if updated_since is not None:
+        conditions.append(User.updated_at > updated_since)
+    return conditions
+
+
 def search_users(session: Session, caller: Principal, *, text: str | None = None, role: str | None = None,
                  institution_code: str | None = None, active: bool | None = None,
                  updated_since: datetime | None = None, limit: int = LIST_LIMIT_DEFAULT,
@@ -305,22 +336,33 @@ def search_users(session: Session, caller: Principal, *, text: str | None = None
     of the user name or the display name, ignoring ASCII case.
     NOTE: the substring match cannot use an index, so it scans the users table (20,000 rows at the target scale).
     """
-    if caller.institution_code is not None:
-        if institution_code not in (None, caller.institution_code):
-            return [], 0  # another institution's users are not visible, so none match
-        institution_code = caller.institution_code
-    conditions: list[Any] = []
-    if text:
-        conditions.append(or_(User.username.icontains(text, autoescape=True),
-                              User.display_name.icontains(text, autoescape=True)))
-    if role:
-        conditions.append(User.role == role)
-    if institution_code:
-        conditions.append(User.institution_id.in_(select(Institution.id).where(Institution.code == institution_code)))
-    if active is not None:
-        conditions.append(User.is_active.is_(active))
-    if updated_since is not None:
-        conditions.append(User.updated_at > updated_since)
+    conditions = _search_conditions(session, caller, text, role, institution_code, active, updated_since)
+    if conditions is None:
+        return [], 0
     total = session.scalar(select(func.count()).select_from(User).where(*conditions)) or 0
     rows = session.scalars(select(User).where(*conditions).order_by(User.username).limit(limit).offset(offset))
     return list(rows.unique()), total
+
+
+USER_SUMMARY_FIELDS = ("username", "display_name", "role", "institution_code", "is_active", "email")
+
+
+def search_user_summaries(session: Session, caller: Principal, *, text: str | None = None, role: str | None = None,
+                          institution_code: str | None = None, active: bool | None = None,
+                          updated_since: datetime | None = None, limit: int = LIST_LIMIT_DEFAULT,
+                          offset: int = 0) -> tuple[list[dict[str, Any]], int]:
+    """Return the same page as :func:`search_users` as dicts of USER_SUMMARY_FIELDS, and the number of matches.
+
+    Selects only those columns, without loading User and Institution objects: the hub and registry
+    synchronisation page through every user with this, so it must stay cheap at 20,000 users.
+    """
+    conditions = _search_conditions(session, caller, text, role, institution_code, active, updated_since)
+    if conditions is None:
+        return [], 0
+    total = session.scalar(select(func.count()).select_from(User).where(*conditions)) or 0
+    rows = session.execute(
+        select(User.username, User.display_name, User.role, Institution.code, User.is_active, User.email)
+        .outerjoin(Institution, Institution.id == User.institution_id)
+        .where(*conditions).order_by(User.username).limit(limit).offset(offset)
+    )
+    return [dict(zip(USER_SUMMARY_FIELDS, row, strict=True)) for row in rows], total

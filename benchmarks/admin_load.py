@@ -285,6 +285,14 @@ def seed(settings: Settings, options: Options, rng: random.Random,
             users_by_role = dict(session.execute(select(User.role, func.count()).group_by(User.role)).all())
             institutions = session.scalar(select(func.count()).select_from(Institution)) or 0
             summary.institution_codes = sorted(session.scalars(select(Institution.code)))
+        if engine.dialect.name == "postgresql":
+            # A database in service has planner statistics: autovacuum analyses a table after bulk
+            # changes, within about a minute. Without them PostgreSQL planned the audit log filters
+            # for 74 rows instead of 66,000 and took 22 ms instead of 0.2 ms, and an analyse started
+            # by autovacuum during the load would be measured as part of it.
+            with engine.connect() as connection:
+                connection.exec_driver_sql("ANALYZE")
+                connection.commit()
     finally:
         engine.dispose()
     summary.seconds = time.perf_counter() - started

@@ -2,8 +2,8 @@
 
 Institutions, users and messages go in with SQLAlchemy Core inserts in batches. Every bulk user
 shares one precomputed argon2id hash of a random password that is thrown away, because hashing
-20,000 passwords with argon2-cffi's default cost (about 0.25 s of CPU each, measured on the
-2-core benchmark machine) would take about 40 minutes. The users who sign in during the benchmark
+20,000 passwords one after another at the platform's cost (tens of milliseconds of CPU each,
+REGSANDBOX_PASSWORD_HASH_*) would take many minutes. The users who sign in during the benchmark
 get their own password and their own argon2id hash, so every sign-in runs the real verification.
 Those of them whose role must use TOTP (setting ``totp_required_roles``) get a confirmed secret,
 stored as admin_api stores it: SM4-GCM under the active platform data key. Audit events are added

@@ -1,6 +1,6 @@
 """Run uvicorn under cProfile in every thread and write where admin_api spends its CPU time.
 
-    python benchmarks/profile_server.py OUTPUT.txt admin_api.app:create_app --factory --host 127.0.0.1 ...
+    python benchmarks/profile_server.py OUTPUT.txt admin_api.app:create_server_app --factory --host 127.0.0.1 ...
 
 The arguments after OUTPUT.txt are uvicorn's; ``admin_load.py --profile-dir`` starts admin_api
 this way. A cProfile profiler sees only the thread that enables it, and FastAPI runs synchronous

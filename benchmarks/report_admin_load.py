@@ -283,8 +283,9 @@ def render_report(options: Options, runs: list[BackendRun], load_before: tuple[f
         + f"; {first.summary.inactive_users} of them disabled. Every institution has a valid USCC (GB 32100 "
         "check character from `stdnum.cn.uscc`).",
         "- The bulk users share one precomputed argon2id hash of a random password, because hashing 20,000 "
-        f"passwords one after another at about {first.argon2_verify_ms:.0f} ms each (one hash keeps both cores "
-        f"busy with its 4 lanes) would take {20000 * first.argon2_verify_ms / 1000 / 60:.0f} minutes. The "
+        f"passwords one after another at about {first.argon2_verify_ms:.0f} ms each would take "
+        f"{20000 * first.argon2_verify_ms / 1000 / 60:.0f} minutes. Hashes use the default cost of "
+        "`REGSANDBOX_PASSWORD_HASH_*` (argon2id, 46 MiB, one pass, one lane). The "
         f"{len(mix)} users who sign in have their own passwords and argon2id hashes, so every sign-in runs the "
         "real verification.",
         "- TOTP stays required for the roles of the default `REGSANDBOX_TOTP_REQUIRED_ROLES`: the signing-in "

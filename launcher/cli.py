@@ -159,7 +159,7 @@ def _process_specs(settings: Settings) -> list[ProcessSpec]:
     specs += [
         ProcessSpec(
             name="admin_api",
-            argv=[str(VENV_BIN / "uvicorn"), "admin_api.app:create_app", "--factory",
+            argv=[str(VENV_BIN / "uvicorn"), "admin_api.app:create_server_app", "--factory",
                   "--host", host, "--port", str(settings.admin_api_port), "--no-access-log"],
             env=env, cwd=PROJECT_ROOT, ready=http_ok(f"{settings.admin_api_url}/healthz"),
             description="管理服务与控制台", url=f"{settings.admin_api_url}/console/",

@@ -92,6 +92,23 @@ class Settings(BaseSettings):
         default=5, ge=1, le=24,
         description="Number of a user's latest password hashes kept; a new password must differ from all of them.",
     )
+    password_hash_memory_kib: int = Field(
+        default=47104, ge=19456, le=4194304,
+        description="Memory in KiB of one argon2id password hash. The default with one pass and one lane "
+        "(46 MiB, t=1, p=1) is the first of the equivalent settings the OWASP Password Storage Cheat Sheet "
+        "lists beside its minimum of 19 MiB with two passes. Counted as memory × passes, it costs about a quarter of "
+        "argon2-cffi's default (64 MiB, t=3, p=4), whose four lanes kept "
+        "both cores of a 2-core server busy for each sign-in. Raise it together with the iterations on larger "
+        "servers. A stored hash with other parameters is rehashed at the user's next successful sign-in.",
+    )
+    password_hash_iterations: int = Field(
+        default=1, ge=1, le=10, description="Passes (time cost) of one argon2id password hash; see the memory setting.",
+    )
+    password_hash_lanes: int = Field(
+        default=1, ge=1, le=16,
+        description="Lanes (parallelism) of one argon2id password hash. More lanes finish one hash sooner on idle "
+        "cores but take the same CPU time, so on a small server they delay every other request.",
+    )
     password_max_age_days: int = Field(
         default=90, ge=0,
         description="Days after which a password expires; the user can then only change it. 0: passwords never expire.",

@@ -77,11 +77,8 @@ def list_users(
     if updated_since is not None and updated_since.tzinfo is None:
         raise invalid("UPDATED_SINCE_TIMEZONE_MISSING",
                       f"updated_since={updated_since.isoformat()} 缺少时区，请写成如 2026-12-05T08:00:00+08:00 或以 Z 结尾的 UTC 时间。")
-    page, total = user_admin.search_users(session, caller, text=q, role=role, institution_code=institution_code,
-                                          active=active, updated_since=updated_since, limit=limit, offset=offset)
+    page, total = user_admin.search_user_summaries(session, caller, text=q, role=role, institution_code=institution_code,
+                                                   active=active, updated_since=updated_since, limit=limit,
+                                                   offset=offset)
     response.headers["X-Total-Count"] = str(total)
-    return [
-        UserListItem(username=u.username, display_name=u.display_name, role=u.role,
-                     institution_code=u.institution_code, is_active=u.is_active, email=u.email)
-        for u in page
-    ]
+    return page  # type: ignore[return-value]  # dicts of UserListItem's fields, validated once by response_model

@@ -110,3 +110,26 @@ def test_request_slots_pass_lifespan() -> None:
     asyncio.run(RequestSlots(app, slots=1)({"type": "lifespan"}, None, None))  # type: ignore[arg-type]
 
     assert seen == ["lifespan"]
+
+
+def test_server_app_freezes_the_garbage_collector_and_test_apps_do_not(env) -> None:  # noqa: ANN001
+    """The server process's long-lived objects leave the collector's generations; apps built in tests stay as they were."""
+    import gc
+
+    from fastapi.testclient import TestClient
+
+    from admin_api.app import create_app
+
+    gc.unfreeze()
+    plain = create_app(env.settings, registry=env.registry, project_root=env.project_root)
+    with TestClient(plain):
+        assert gc.get_freeze_count() == 0
+    server = create_app(env.settings, registry=env.registry, project_root=env.project_root, freeze_gc=True)
+    try:
+        with TestClient(server) as client:
+            assert gc.get_freeze_count() > 10_000
+            assert client.get("/healthz").status_code == 200
+    finally:
+        gc.unfreeze()
+        server.state.engine.dispose()
+        plain.state.engine.dispose()

@@ -6,6 +6,7 @@ import secrets
 from datetime import timedelta
 
 import pytest
+from argon2 import PasswordHasher
 from sqlalchemy import select, update
 
 from admin_api.db import utc_now
@@ -357,3 +358,31 @@ def test_generated_password_replaced_by_argon2(env: Env) -> None:
     assert user_row(env, username).password_hash.startswith("$argon2id$")
     assert sign_in(env, username, new).status_code == 200
     assert sign_in(env, username, one_time).status_code == 401
+
+
+def test_new_hashes_use_the_configured_argon2id_cost(env: Env) -> None:
+    username, _password = make_user(env, role="reporter")
+
+    stored = user_row(env, username).password_hash
+
+    assert stored.startswith("$argon2id$v=19$m=47104,t=1,p=1$")
+    assert (env.settings.password_hash_memory_kib, env.settings.password_hash_iterations,
+            env.settings.password_hash_lanes) == (47104, 1, 1)
+
+
+def test_sign_in_rehashes_a_password_stored_with_another_cost(env: Env) -> None:
+    username, password = make_user(env, role="reporter")
+    older = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=2).hash(password)
+    with env.db() as session:
+        session.execute(update(User).where(User.username == username).values(password_hash=older))
+        session.commit()
+
+    wrong = sign_in(env, username, password + "x")
+    assert wrong.status_code == 401
+    assert user_row(env, username).password_hash == older  # a failed sign-in changes nothing
+    right = sign_in(env, username, password)
+
+    assert right.status_code == 200, right.text
+    rehashed = user_row(env, username).password_hash
+    assert rehashed.startswith("$argon2id$v=19$m=47104,t=1,p=1$")
+    assert sign_in(env, username, password).status_code == 200

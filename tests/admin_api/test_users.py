@@ -291,3 +291,22 @@ def test_unknown_user_not_found(env: Env) -> None:
                      env.client.get("/api/v1/users/nobody_here", headers=env.auth("sysadmin"))):
         assert response.status_code == 404
         assert response.json()["code"] == "USER_NOT_FOUND"
+
+
+def test_search_ignores_ascii_case_and_treats_wildcards_as_text(env: Env) -> None:
+    """``q`` is a literal substring of the user name or display name: no SQL, no LIKE wildcards, any ASCII case."""
+    marker = secrets.token_hex(3)
+    plain = create(env, username=f"srch_{marker}_a1", display_name="张三").json()["user"]["username"]
+    underscored = create(env, username=f"srch{marker}xa2", display_name=f"李%四{marker}").json()["user"]["username"]
+
+    def found(text: str) -> set[str]:
+        response = env.client.get("/api/v1/users", params={"q": text}, headers=env.auth("sysadmin"))
+        assert response.status_code == 200, response.text
+        return {item["username"] for item in response.json()}
+
+    assert found(f"SRCH_{marker.upper()}") == {plain}
+    assert found(f"srch{marker}") == {underscored}
+    assert found(f"{marker}_a") == {plain}  # "_" is not "any character", so srch<marker>xa2 does not match
+    assert found(f"%四{marker}") == {underscored}
+    assert found(f"{marker}%") == set()
+    assert found(f"' OR '1'='1 {marker}") == set()
