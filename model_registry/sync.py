@@ -24,7 +24,11 @@ so deleting the outsider's user does not release a quarantined object.
 
 ``python -m model_registry.sync --loop`` runs the sync every ``REGSANDBOX_REGISTRY_SYNC_SECONDS``
 (default 15, at most 30) seconds, so a disabled user loses MLflow access within one interval plus
-the start of one run.
+the start of one run. The loop keeps the platform users in a
+:class:`regsandbox_core.admin_users.UserDirectory`: it lists all users at the first run and every
+5 minutes, and in between asks admin_api only for the users changed since the previous run (minus
+a 2-minute overlap). Disabling a user changes its row, so the next run receives the user as
+inactive, and every run still works on the full set of users.
 """
 
 from __future__ import annotations
@@ -40,7 +44,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from regsandbox_core.admin_users import fetch_all_users
+from regsandbox_core.admin_users import UserDirectory, fetch_all_users
 from regsandbox_core.errors import ConfigurationError, RegsandboxError
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.secrets import (
@@ -426,10 +430,14 @@ def main(argv: list[str] | None = None) -> int:
     if args.loop is not None:
         log.info("registry sync started: every %.1f s", args.loop)
     failed = False
+    directory: UserDirectory | None = None
     for run in range(runs):
         started = time.monotonic()
         try:
-            sync_permissions(settings, load_platform_secrets(settings))
+            platform_secrets = load_platform_secrets(settings)
+            if directory is None or directory.service_token != platform_secrets.service_token:
+                directory = UserDirectory(settings.admin_api_url, platform_secrets.service_token, "registry")
+            sync_permissions(settings, platform_secrets, list(directory.refresh().values()))
             failed = False
         except RegsandboxError as error:
             failed = True

@@ -2,12 +2,16 @@
 
 ``GET /api/v1/users`` returns at most ``limit`` users (1 to 1000) ordered by user name, with the
 number of matches across all pages in the ``X-Total-Count`` header. The hub and the registry sync
-use :func:`fetch_all_users` so they never depend on one unbounded response.
+use :func:`fetch_all_users` so they never depend on one unbounded response, and poll it through
+:class:`UserDirectory`, which lists all users only every few minutes and otherwise asks for the
+users changed since its previous poll (``updated_since``).
 """
 
 from __future__ import annotations
 
 import logging
+from collections.abc import Callable
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import httpx
@@ -87,3 +91,112 @@ def _fetch_page(client: httpx.Client, url: str, params: dict[str, str]) -> tuple
     header = response.headers.get("X-Total-Count")
     total = int(header) if header is not None and header.isdigit() else None
     return rows, total
+
+
+FULL_LISTING_SECONDS = 300.0
+"""Default interval of :class:`UserDirectory`'s full listings."""
+OVERLAP_SECONDS = 120.0
+"""Default overlap of :class:`UserDirectory`'s change polls with the previous poll."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(UTC)
+
+
+def format_updated_since(moment: datetime) -> str:
+    """Return ``moment`` as the ``updated_since`` value admin_api accepts: ISO 8601 in UTC ending in ``Z``.
+
+    The ``Z`` suffix keeps a ``+`` out of the query string; admin_api rejects a time without zone.
+    """
+    if moment.tzinfo is None:
+        raise ValueError("updated_since needs an aware datetime")
+    return moment.astimezone(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
+
+
+class UserDirectory:
+    """The last known admin_api record of every user, kept current with few requests.
+
+    :meth:`refresh` returns the mapping user name -> record of all users, as one full listing
+    would. The first call, every call ``full_every`` seconds after the start of the last full
+    listing, and every call after a full listing that returned no users list all users with
+    :func:`fetch_all_users` and replace the mapping. The other calls ask only for the users with
+    ``updated_at > (start of the previous successful poll) - overlap`` and merge them into the
+    mapping. admin_api bumps ``updated_at`` on every change of a user row (disable and enable,
+    role, institution, name), has no route that deletes users, and cannot change an
+    institution's code, so the merged mapping equals a full listing. The overlap absorbs a clock
+    difference between this host and admin_api and transactions that commit up to ``overlap``
+    seconds after they wrote ``updated_at``. A change missed beyond that (a clock off by more, a
+    row deleted directly in the database) is corrected by the next full listing.
+
+    A failed listing raises as :func:`fetch_all_users` does and leaves the mapping and the poll
+    times unchanged, so a caller never acts on a partial list and the next call requests the
+    changes from the same time again. ``clock`` returns the current time as an aware ``datetime``,
+    and tests pass a clock of their own.
+    """
+
+    def __init__(
+        self,
+        admin_api_url: str,
+        service_token: str,
+        service: str,
+        *,
+        full_every: float = FULL_LISTING_SECONDS,
+        overlap: float = OVERLAP_SECONDS,
+        timeout: float = 10.0,
+        page_size: int = PAGE_SIZE,
+        clock: Callable[[], datetime] = utc_now,
+    ) -> None:
+        if full_every <= 0 or overlap < 0:
+            raise ValueError(f"full_every must be positive and overlap not negative, got {full_every} and {overlap}")
+        self.admin_api_url = admin_api_url
+        self.service_token = service_token
+        self.service = service
+        self.full_every = timedelta(seconds=full_every)
+        self.overlap = timedelta(seconds=overlap)
+        self.timeout = timeout
+        self.page_size = page_size
+        self.clock = clock
+        self._users: dict[str, dict[str, Any]] = {}
+        self._full_started: datetime | None = None
+        """Start of the last successful full listing that returned users, or None to force a full listing."""
+        self._poll_started: datetime | None = None
+        """Start of the last successful listing, full or of changes."""
+        self.last_full = False
+        """Whether the last successful :meth:`refresh` was a full listing."""
+        self.last_rows = 0
+        """User rows that the last successful :meth:`refresh` received from admin_api."""
+
+    def _now(self) -> datetime:
+        now = self.clock()
+        if now.tzinfo is None:
+            raise ValueError("the clock of UserDirectory must return an aware datetime")
+        return now.astimezone(UTC)
+
+    def refresh(self) -> dict[str, dict[str, Any]]:
+        """Poll admin_api and return a new dict of every known user's record by user name."""
+        started = self._now()
+        previous = self._poll_started
+        if (
+            self._full_started is None
+            or previous is None
+            or started < previous  # a clock that went back would otherwise postpone the next full listing
+            or started - self._full_started >= self.full_every
+        ):
+            rows = fetch_all_users(self.admin_api_url, self.service_token, self.service,
+                                   timeout=self.timeout, page_size=self.page_size)
+            self._users = {str(row["username"]): row for row in rows}
+            # An empty listing (wrong database or URL) is no base for change polls: list fully again.
+            self._full_started = started if rows else None
+            self.last_full = True
+            log.debug("full user listing: %d users", len(rows))
+        else:
+            since = format_updated_since(previous - self.overlap)
+            rows = fetch_all_users(self.admin_api_url, self.service_token, self.service,
+                                   filters={"updated_since": since}, timeout=self.timeout, page_size=self.page_size)
+            for row in rows:
+                self._users[str(row["username"])] = row
+            self.last_full = False
+            log.debug("user changes since %s: %d users", since, len(rows))
+        self._poll_started = started
+        self.last_rows = len(rows)
+        return dict(self._users)
