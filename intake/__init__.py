@@ -1,0 +1,1 @@
+"""Regulatory report intake: report templates, file reading and validation of submitted reports."""
