@@ -423,6 +423,9 @@ def main(argv: list[str] | None = None) -> int:
         time.sleep(args.interval)
         return 2
 
+    # The hub starts managed services in sessions of their own, so a hub that is killed (not
+    # stopped) leaves this process behind. Its parent then changes, and the loop below ends.
+    hub_pid = os.getppid()
     hub = HubApi(api_url, api_token)
     sync = UserSync(hub, settings.admin_api_url, secrets.service_token, spawn_roles)
     log.info("hub user sync started: every %.1f s against %s and %s", args.interval, api_url, settings.admin_api_url)
@@ -451,8 +454,11 @@ def main(argv: list[str] | None = None) -> int:
             if elapsed > args.interval:
                 log.warning("round %d took %.1f s, longer than the interval of %.1f s", round_number, elapsed, args.interval)
             deadline = started + args.interval
-            while not stopping and time.monotonic() < deadline:
+            while not stopping and time.monotonic() < deadline and os.getppid() == hub_pid:
                 time.sleep(min(0.5, max(0.0, deadline - time.monotonic())))
+            if os.getppid() != hub_pid:
+                log.warning("the hub (pid %d) has exited without stopping this service; stopping", hub_pid)
+                break
             if stopping:
                 break
     finally:

@@ -76,3 +76,46 @@ def test_command_rejects_bad_interval():
 
     assert completed.returncode == 2
     assert "--interval 必须为正数" in completed.stderr
+
+
+def test_command_stops_when_the_hub_is_gone(tmp_path):
+    """A sync left behind by a killed hub notices that its parent changed and exits within an interval."""
+    import os
+    import time
+    from pathlib import Path
+
+    from regsandbox_core.secrets import ensure_platform_secrets
+    from regsandbox_core.settings import Settings
+
+    ensure_platform_secrets(Settings(data_dir=tmp_path))
+    env = {"PATH": "/usr/bin:/bin", "REGSANDBOX_DATA_DIR": str(tmp_path),
+           "JUPYTERHUB_API_URL": "http://127.0.0.1:9/hub/api", "JUPYTERHUB_API_TOKEN": "unused"}
+    # The stand-in hub starts the sync, waits until it runs and exits without stopping it, as a killed hub would.
+    stand_in_hub = (
+        "import pathlib, subprocess, sys, time\n"
+        "log = pathlib.Path(sys.argv[1])\n"
+        "p = subprocess.Popen([sys.executable, '-m', 'hub_config.user_sync', '--interval', '1'],"
+        " stdout=subprocess.DEVNULL, stderr=log.open('w'))\n"
+        "deadline = time.monotonic() + 30\n"
+        "while 'hub user sync started' not in log.read_text() and time.monotonic() < deadline:\n"
+        "    time.sleep(0.1)\n"
+        "print(p.pid)\n"
+    )
+    launcher = subprocess.run([sys.executable, "-c", stand_in_hub, str(tmp_path / "sync.log")],
+                              env=env, capture_output=True, text=True, timeout=60, check=True)
+    pid = int(launcher.stdout)
+
+    def running() -> bool:
+        try:
+            state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+        except OSError:
+            return False
+        return state != "Z"
+
+    deadline = time.monotonic() + 30
+    while running() and time.monotonic() < deadline:
+        time.sleep(0.2)
+    if running():
+        os.kill(pid, 9)
+    assert not running()
+    assert "has exited without stopping this service" in (tmp_path / "sync.log").read_text()
