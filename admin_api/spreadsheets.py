@@ -20,10 +20,10 @@ from openpyxl import Workbook, load_workbook
 from openpyxl.utils.exceptions import InvalidFileException
 
 from admin_api.errors import invalid
+from regsandbox_core.cells import _FORMULA_START, escape_cell  # noqa: F401 - re-exported
 
 MAX_COLUMNS = 40
 UNSUPPORTED_SUFFIXES = (".xls", ".et", ".ods", ".numbers")
-_FORMULA_START = ("=", "+", "-", "@", "\t", "\r")
 _XLSX_MAGIC = b"PK\x03\x04"
 
 
@@ -144,11 +144,6 @@ def read_table(data: bytes, filename: str, *, max_bytes: int, max_rows: int,
     if not rows:
         raise invalid("IMPORT_FILE_EMPTY", f"文件 {filename} 只有表头，没有数据行。请每行填写一条记录后重新上传。")
     return rows
-
-
-def escape_cell(value: str) -> str:
-    """Prefix text a spreadsheet would evaluate as a formula with an apostrophe."""
-    return "'" + value if value.startswith(_FORMULA_START) else value
 
 
 def write_csv(rows: Iterable[list[str]]) -> bytes:

@@ -35,6 +35,30 @@ def atomic_output(path: Path, *, before_replace: Callable[[Path], None] | None =
         raise
 
 
+@contextlib.contextmanager
+def atomic_path(path: Path) -> Iterator[Path]:
+    """Yield a temporary path beside ``path`` for a writer that needs a file name (DuckDB COPY, openpyxl).
+
+    When the block succeeds, the file written there is fsynced and replaces ``path``, and the folder
+    is fsynced. On any error the temporary file is removed and ``path`` is left as it was.
+    """
+    path = Path(path)
+    descriptor, temporary = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(descriptor)
+    try:
+        yield Path(temporary)
+        descriptor = os.open(temporary, os.O_RDONLY)
+        try:
+            os.fsync(descriptor)
+        finally:
+            os.close(descriptor)
+        os.replace(temporary, path)
+        fsync_directory(path.parent)
+    except BaseException:
+        Path(temporary).unlink(missing_ok=True)
+        raise
+
+
 def fsync_directory(directory: Path) -> None:
     """Flush a folder's entries so that a rename in it survives a crash."""
     descriptor = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

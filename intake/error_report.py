@@ -1,0 +1,123 @@
+"""Error reports of a validated file: the findings Parquet file written as XLSX and as CSV for the reporter.
+
+Both writers stream the findings in batches of ``BATCH_ROWS`` rows, so memory stays bounded
+whatever the number of findings. Every cell is text, and text that a spreadsheet would run as
+a formula is escaped with :func:`regsandbox_core.cells.escape_cell`. An XLSX worksheet contains at
+most ``XLSX_MAX_ROWS`` rows: beyond that the report stops and its last row says how many
+findings are only in the CSV report. Files are written under a temporary name in the target
+folder, fsynced and renamed, so no half-written report is left behind.
+"""
+
+from __future__ import annotations
+
+import csv
+from collections.abc import Iterator
+from pathlib import Path
+
+import pyarrow.parquet as pq
+from openpyxl import Workbook
+from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
+
+from regsandbox_core.cells import escape_cell
+from regsandbox_core.files import atomic_path
+
+__all__ = ["HEADER", "XLSX_MAX_ROWS", "write_csv_report", "write_xlsx_report"]
+
+HEADER = ("行号", "字段代码", "字段名称", "填报值", "规则编号", "规则名称", "严重程度", "已说明", "问题说明")
+COLUMNS = ("line", "field_code", "field_name", "value", "rule_id", "rule_name", "severity", "explained", "message")
+SEVERITY_NAMES = {"error": "错误", "warning": "提示"}
+FILE_LEVEL_LINE = "全文件"
+BATCH_ROWS = 8_192
+XLSX_MAX_ROWS = 1_048_576
+"""Rows of an Excel worksheet, the header row included."""
+SHEET_TITLE = "校验结果"
+
+
+def _rows(findings_path: Path) -> Iterator[list[str]]:
+    """Yield every finding as a list of display texts, in file order, reading ``BATCH_ROWS`` at a time."""
+    parquet = pq.ParquetFile(findings_path)
+    try:
+        for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
+            columns = [batch.column(name).to_pylist() for name in COLUMNS]
+            for line, code, name, value, rule_id, rule_name, severity, explained, message in zip(*columns):
+                yield [
+                    FILE_LEVEL_LINE if line is None or line == 0 else str(line),
+                    code or "",
+                    name or "",
+                    value or "",
+                    rule_id or "",
+                    rule_name or "",
+                    SEVERITY_NAMES.get(severity, severity or ""),
+                    "是" if explained else "否",
+                    message or "",
+                ]
+    finally:
+        parquet.close()
+
+
+def _finding_count(findings_path: Path) -> int:
+    return pq.ParquetFile(findings_path).metadata.num_rows
+
+
+def _replace_atomically(target: Path, write) -> Path:  # noqa: ANN001 - callable(temp_path)
+    with atomic_path(Path(target)) as temporary:
+        write(temporary)
+    return Path(target)
+
+
+def write_csv_report(findings_path: Path, target: Path) -> Path:
+    """Write the findings as CSV in UTF-8 with a byte order mark (so Excel shows the Chinese text)."""
+
+    def write(path: Path) -> None:
+        with open(path, "w", encoding="utf-8-sig", newline="") as handle:
+            writer = csv.writer(handle, lineterminator="\r\n")
+            writer.writerow(HEADER)
+            for row in _rows(Path(findings_path)):
+                writer.writerow([escape_cell(cell) for cell in row])
+
+    return _replace_atomically(target, write)
+
+
+def _xlsx_text(value: str) -> str:
+    """Escape a formula start and drop control characters that XML, and so XLSX, cannot store."""
+    return ILLEGAL_CHARACTERS_RE.sub("\ufffd", escape_cell(value))
+
+
+def write_xlsx_report(findings_path: Path, target: Path) -> Path:
+    """Write the findings as an XLSX workbook of one worksheet with every cell stored as text.
+
+    openpyxl's write-only mode streams rows to disk and writes strings inline, so memory does
+    not grow with the number of findings.
+    """
+    total = _finding_count(Path(findings_path))
+    capacity = XLSX_MAX_ROWS - 1  # the header takes one row
+    limit = total if total <= capacity else capacity - 1  # keep one row for the note
+
+    def write(path: Path) -> None:
+        workbook = Workbook(write_only=True)
+        sheet = workbook.create_sheet(SHEET_TITLE)
+        sheet.append(list(HEADER))
+        written = 0
+        for row in _rows(Path(findings_path)):
+            if written >= limit:
+                break
+            sheet.append([_xlsx_text(cell) for cell in row])
+            written += 1
+        if total > limit:
+            sheet.append(
+                [
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    "",
+                    f"共有 {total} 条问题，Excel 工作表最多容纳 {XLSX_MAX_ROWS} 行，此处只列出前 {limit} 条。"
+                    f"其余 {total - limit} 条请查看 CSV 格式的校验报告。",
+                ]
+            )
+        workbook.save(path)
+
+    return _replace_atomically(target, write)

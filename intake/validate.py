@@ -1,0 +1,1389 @@
+"""Validation of a staged report file against its template, entirely in DuckDB.
+
+:func:`validate_staged` reads the text-only staging Parquet file that :func:`intake.reader.stage_file`
+wrote and checks every row against :meth:`Template.effective_rules`. Each rule becomes generated
+SQL; no Python code runs per data row. The steps:
+
+1. A view ``typed`` over the staging file adds, for every field, its typed value ``_v_<code>``:
+   the text of text and code fields, a ``DECIMAL(38, scale)`` for numbers and a ``DATE`` for dates.
+   A typed value is NULL when the cell is empty or not a valid value of its type, so a comparison,
+   reconciliation or fluctuation that uses it skips that row instead of adding a second finding
+   to the format error.
+2. One scan evaluates every row-level check (not_null, code_list, format, compare and the
+   institution check) as a boolean column and keeps only the rows that fail at least one of them
+   in a temporary table. The messages, with masked values, are built from that small table.
+3. Uniqueness, references, reconciliations and fluctuations run as their own queries (hash
+   aggregates and anti-joins); reconciliations and fluctuations share one aggregate scan.
+4. All findings and the reader's findings are sorted by line and written to one Parquet file.
+
+A rule whose data is absent produces no finding: no target table for a reference, no G01 for a
+reconciliation, no accepted previous period for a fluctuation, no earlier period for history
+uniqueness. :attr:`ValidationResult.skipped_rules` lists such a rule with a Chinese reason.
+
+Values of fields that hold personal data (resident ID, bank card and mobile numbers, personal
+names) appear masked in every finding and message.
+"""
+
+from __future__ import annotations
+
+import functools
+import time
+import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass, field
+from datetime import date, timedelta
+from decimal import Decimal
+from pathlib import Path
+from typing import Any
+
+import duckdb
+import pyarrow as pa
+
+from intake.reader import LINE_COLUMN, StagedFile
+from intake.template_model import (
+    CHECKS,
+    MULTI_VALUE_SEPARATOR,
+    AllOf,
+    AnyOf,
+    CodeListRule,
+    CompareRule,
+    Condition,
+    FluctuationRule,
+    FormatRule,
+    NotNullRule,
+    Operand,
+    ReconcileRule,
+    ReferenceRule,
+    Template,
+    TemplateCatalog,
+    TemplateField,
+    UniqueRule,
+)
+from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.files import atomic_path
+
+__all__ = [
+    "FINDINGS_SCHEMA",
+    "SkippedRule",
+    "ValidationContext",
+    "ValidationError",
+    "ValidationResult",
+    "check_sql",
+    "validate_staged",
+]
+
+MASKED_CHECKS = frozenset({"resident_id", "bank_card", "mobile"})
+"""Checks whose fields hold personal numbers: their values are always shown masked."""
+PERSONAL_NAME_MARKER = "姓名"
+"""Word in the Chinese name of a field that contains a personal name: only the surname is shown."""
+MESSAGE_VALUE_LIMIT = 100
+"""Characters of a value quoted in a message; longer values are clipped."""
+CODES_LISTED = 20
+"""Codes of a code list named in a message at most."""
+
+FINDINGS_SCHEMA = pa.schema(
+    [
+        ("line", pa.int64()),
+        ("field_code", pa.string()),
+        ("field_name", pa.string()),
+        ("value", pa.string()),
+        ("rule_id", pa.string()),
+        ("rule_name", pa.string()),
+        ("rule_kind", pa.string()),
+        ("severity", pa.string()),
+        ("explained", pa.bool_()),
+        ("message", pa.string()),
+    ]
+)
+"""Columns of the findings Parquet file. ``line`` is NULL for findings about the whole file."""
+
+INSTITUTION_RULE_PREFIX = "AUTO-INSTITUTION-"
+READER_RULE_KIND = "reader"
+INSTITUTION_RULE_KIND = "institution"
+
+_OP_NAMES = {
+    "=": "等于",
+    "!=": "不等于",
+    ">": "大于",
+    ">=": "不小于",
+    "<": "小于",
+    "<=": "不大于",
+    "in": "属于",
+    "not_in": "不属于",
+}
+_WARNING_HINT = "如数据属实，请在备注中说明原因。"
+_ELEMENT = "_e"
+"""Lambda variable for one value of a multi field; field codes start with a letter, so it never names a column."""
+_THOUSANDS_PATTERN = r"[+-]?[0-9]{1,3}(,[0-9]{3})+(\.[0-9]+)?"
+_USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+_ORG_ALPHABET = "0123456789ABCDEFGHIJKLMNOPQRSTUVWXYZ"
+_RIC_WEIGHTS = (7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2)
+_USCC_WEIGHTS = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
+_ORG_WEIGHTS = (3, 7, 9, 10, 5, 8, 4, 2)
+
+
+class ValidationError(RegsandboxError):
+    """Validation could not run (not a finding about the data): memory, a broken input file, a template pattern."""
+
+    status = 500
+
+
+@dataclass(frozen=True)
+class ValidationContext:
+    """Inputs of a validation beyond the file: the period, the institution and related data."""
+
+    period_end: date
+    period_start: date
+    institution_identifiers: frozenset[str]
+    """Values the template's institution field may hold for the submitting institution (金融许可证号)."""
+    batch: Mapping[str, Path] = field(default_factory=dict)
+    """Template code → staging Parquet file of another file of the same submission batch."""
+    warehouse: Mapping[str, Sequence[Path]] = field(default_factory=dict)
+    """Template code → Parquet files of the institution's accepted data, with a ``_period`` column (YYYYMMDD)."""
+    memory_limit: str = "1GB"
+    threads: int | None = None
+
+
+@dataclass(frozen=True)
+class SkippedRule:
+    """A rule that did not run because the data it compares with is absent, with the reason in Chinese."""
+
+    rule_id: str
+    rule_name: str
+    rule_kind: str
+    reason: str
+
+
+@dataclass(frozen=True)
+class ValidationResult:
+    findings_path: Path
+    counts: Mapping[str, int]
+    """Findings by severity: ``{"error": n, "warning": n}``."""
+    explained_warnings: int
+    """Warnings on rows whose remark field (备注) is filled."""
+    rule_counts: Mapping[str, int]
+    """Findings by rule id (reader findings by their code)."""
+    rows_checked: int
+    seconds: float
+    skipped_rules: tuple[SkippedRule, ...]
+    accepted_possible: bool
+    """True when no finding is an error."""
+
+    @property
+    def errors(self) -> int:
+        return self.counts.get("error", 0)
+
+    @property
+    def warnings(self) -> int:
+        return self.counts.get("warning", 0)
+
+
+@dataclass(frozen=True)
+class _PseudoRule:
+    """A check that is not a template rule (the institution check, reader findings)."""
+
+    id: str
+    name: str
+    kind: str
+    severity: str
+
+
+# --- SQL helpers ---------------------------------------------------------------------------------
+
+
+def _q(identifier: str) -> str:
+    return '"' + identifier.replace('"', '""') + '"'
+
+
+def _lit(text: str) -> str:
+    return "'" + str(text).replace("'", "''") + "'"
+
+
+def _path_list(paths: Iterable[Path]) -> str:
+    return "[" + ", ".join(_lit(str(path)) for path in paths) + "]"
+
+
+def _number_literal(value: Any) -> str:
+    number = Decimal(str(value))
+    return f"CAST({_lit(format(number, 'f'))} AS DECIMAL(38, {max(0, -number.as_tuple().exponent)}))" if (
+        number != number.to_integral_value()
+    ) else format(number.to_integral_value(), "f")
+
+
+def _date_literal(text: str) -> str:
+    return f"DATE {_lit(f'{text[:4]}-{text[4:6]}-{text[6:8]}')}"
+
+
+def _period_text(day: date) -> str:
+    return day.strftime("%Y%m%d")
+
+
+def _regex(expr: str, pattern: str) -> str:
+    return f"regexp_full_match({expr}, {_lit(pattern)})"
+
+
+def _digit(expr: str, position: int) -> str:
+    return f"(ascii(substr({expr}, {position}, 1)) - 48)"
+
+
+def _clip_sql(expr: str) -> str:
+    return (
+        f"CASE WHEN length({expr}) > {MESSAGE_VALUE_LIMIT} "
+        f"THEN left({expr}, {MESSAGE_VALUE_LIMIT - 1}) || '…' ELSE {expr} END"
+    )
+
+
+# --- check digits ----------------------------------------------------------------------------------
+
+
+def _ric_checksum_ok(x: str) -> str:
+    total = " + ".join(f"{_digit(x, i + 1)} * {w}" for i, w in enumerate(_RIC_WEIGHTS))
+    return f"(substr('10X98765432', (({total}) % 11) + 1, 1) = substr({x}, 18, 1))"
+
+
+def _uscc_checksum_ok(x: str) -> str:
+    terms = []
+    for i, weight in enumerate(_USCC_WEIGHTS):
+        position = i + 1
+        value = _digit(x, position) if position <= 8 else f"(instr({_lit(_USCC_ALPHABET)}, substr({x}, {position}, 1)) - 1)"
+        terms.append(f"{value} * {weight}")
+    total = " + ".join(terms)
+    return f"(substr({_lit(_USCC_ALPHABET)}, ((31 - (({total}) % 31)) % 31) + 1, 1) = substr({x}, 18, 1))"
+
+
+def _luhn_ok(x: str) -> str:
+    padded = f"lpad({x}, 19, '0')"
+    terms = []
+    for position in range(1, 20):
+        digit = _digit(padded, position)
+        # Counted from the right, the check digit is 1; every second digit from it is doubled.
+        terms.append(f"(2 * {digit} - CASE WHEN {digit} > 4 THEN 9 ELSE 0 END)" if position % 2 == 0 else digit)
+    return f"((({' + '.join(terms)}) % 10) = 0)"
+
+
+def _org_checksum_ok(x: str) -> str:
+    compact = f"replace({x}, '-', '')"
+    total = " + ".join(
+        f"(instr({_lit(_ORG_ALPHABET)}, substr({compact}, {i + 1}, 1)) - 1) * {w}" for i, w in enumerate(_ORG_WEIGHTS)
+    )
+    return f"(substr('0X987654321', (({total}) % 11) + 1, 1) = substr({compact}, 9, 1))"
+
+
+def _check_steps(check: str, x: str) -> list[tuple[str, str]]:
+    """Return the steps of a named check as (SQL condition that holds for a good value, Chinese reason).
+
+    Every condition is safe on any text (no error for malformed input); the first failing step
+    names the problem.
+    """
+    if check == "resident_id":
+        return [
+            (f"length({x}) = 18", f"'应为 18 位，当前为 ' || length({x}) || ' 位'"),
+            (_regex(x, "[0-9]{17}[0-9Xx]"), "'前 17 位应为数字，末位应为数字或 X'"),
+            (f"right({x}, 1) <> 'x'", "'末位校验码 x 应写成大写 X'"),
+            (
+                f"(substr({x}, 7, 4) <> '0000' AND try_strptime(substr({x}, 7, 8), '%Y%m%d') IS NOT NULL)",
+                "'第 7 至 14 位的出生日期不是有效日期'",
+            ),
+            (_ric_checksum_ok(x), "'末位校验码与前 17 位不符（GB 11643），号码可能抄错'"),
+        ]
+    if check == "uscc":
+        return [
+            (f"length({x}) = 18", f"'应为 18 位，当前为 ' || length({x}) || ' 位'"),
+            (
+                _regex(x, "[0-9]{8}[0-9A-HJ-NP-RTUW-Y]{10}"),
+                "'前 8 位应为数字，其余为数字或大写字母（不含 I、O、S、V、Z）'",
+            ),
+            (_uscc_checksum_ok(x), "'末位校验码与前 17 位不符（GB 32100），代码可能抄错'"),
+        ]
+    if check == "bank_card":
+        return [
+            (_regex(x, "[0-9]{13,19}"), f"'应为 13 至 19 位数字，当前为 ' || length({x}) || ' 个字符'"),
+            (_luhn_ok(x), "'末位校验码不正确（Luhn 算法），卡号可能抄错'"),
+        ]
+    if check == "mobile":
+        return [
+            (_regex(x, "[0-9]{11}"), f"'应为 11 位数字，当前为 ' || length({x}) || ' 个字符'"),
+            (_regex(x, "1[3-9][0-9]{9}"), "'应以 1 开头，第 2 位为 3 至 9'"),
+        ]
+    if check == "license_no":
+        return [
+            (
+                _regex(x, "[A-Z][0-9]{4}[A-Z][0-9]{9}"),
+                "'应为 15 位：1 位大写字母、4 位数字、1 位大写字母、9 位数字，如 B0001H111000001'",
+            ),
+        ]
+    if check == "org_code":
+        return [
+            (_regex(x, "[0-9A-Z]{8}-?[0-9X]"), "'应为 9 位数字或大写字母（可写成 8 位-1 位），末位为数字或 X'"),
+            (_org_checksum_ok(x), "'末位校验码不正确（GB 11714），代码可能抄错'"),
+        ]
+    raise ValueError(f"unknown check {check!r}")
+
+
+def check_sql(check: str, x: str) -> str:
+    """Return a SQL boolean that is true when the text ``x`` (a SQL expression) passes the named check."""
+    return "(" + " AND ".join(condition for condition, _reason in _check_steps(check, x)) + ")"
+
+
+def _check_reason_sql(check: str, x: str) -> str:
+    steps = _check_steps(check, x)
+    branches = " ".join(f"WHEN NOT ({condition}) THEN {reason}" for condition, reason in steps)
+    return f"CASE {branches} ELSE '未通过检查' END"
+
+
+# --- fields -----------------------------------------------------------------------------------------
+
+
+class _FieldSql:
+    """SQL expressions for the fields of one template over a relation with its raw text columns."""
+
+    def __init__(self, template: Template, masked: frozenset[str] = frozenset()) -> None:
+        self.template = template
+        self.masked = masked
+
+    def item(self, code: str) -> TemplateField:
+        return self.template.field(code)
+
+    @staticmethod
+    def raw(code: str) -> str:
+        return _q(code)
+
+    @staticmethod
+    def typed(code: str) -> str:
+        return _q(f"_v_{code}")
+
+    def present(self, code: str) -> str:
+        item = self.item(code)
+        raw = self.raw(code)
+        if item.type == "text":
+            return f"(coalesce(trim({raw}), '') <> '')"
+        return f"(coalesce({raw}, '') <> '')"
+
+    def empty(self, code: str) -> str:
+        return f"(NOT {self.present(code)})"
+
+    def type_ok(self, code: str) -> str | None:
+        """Return the SQL test that a present value is a valid value of the field's type (numbers, dates)."""
+        item = self.item(code)
+        raw = self.raw(code)
+        if item.type == "integer":
+            digits = min(item.length or 38, 38)
+            return _regex(raw, f"[+-]?[0-9]{{1,{digits}}}")
+        if item.type == "decimal":
+            precision, scale = item.precision or 38, item.scale or 0
+            integer_digits = max(precision - scale, 1)
+            if scale == 0:
+                return _regex(raw, f"[+-]?[0-9]{{1,{integer_digits}}}")
+            return _regex(raw, f"[+-]?[0-9]{{1,{integer_digits}}}(\\.[0-9]{{1,{scale}}})?")
+        if item.type == "date":
+            return f"({_regex(raw, '[0-9]{8}')} AND try_strptime({raw}, '%Y%m%d') IS NOT NULL)"
+        return None
+
+    def type_valid(self, code: str) -> str | None:
+        """Like :meth:`type_ok`, over a relation that has the typed values: reuses them instead of parsing again."""
+        if self.item(code).type in ("integer", "decimal", "date"):
+            return f"({self.typed(code)} IS NOT NULL)"
+        return None
+
+    def typed_expr(self, code: str) -> str:
+        item = self.item(code)
+        raw = self.raw(code)
+        if item.type in ("text", "code"):
+            return f"CASE WHEN {self.present(code)} THEN {raw} END"
+        ok = self.type_ok(code)
+        if item.type == "integer":
+            return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, 0)) END"
+        if item.type == "decimal":
+            return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, {item.scale or 0})) END"
+        return f"CASE WHEN {ok} THEN CAST(try_strptime({raw}, '%Y%m%d') AS DATE) END"
+
+    def typed_select(self, source: str, codes: Iterable[str] | None = None) -> str:
+        """``SELECT *, typed values FROM source``; the optimizer drops the typed values a query does not use."""
+        wanted = [item.code for item in self.template.fields if codes is None or item.code in set(codes)]
+        typed = ", ".join(f"{self.typed_expr(code)} AS {self.typed(code)}" for code in wanted)
+        return f"SELECT *, {typed} FROM {source}"
+
+    # format
+
+    def elements_ok(self, code: str, predicate: Callable[[str], str]) -> str:
+        """Apply ``predicate`` (a builder of SQL over a value) to the value, or to each value of a multi field."""
+        raw = self.raw(code)
+        if self.item(code).multi:
+            return (
+                f"coalesce(list_bool_and(list_transform(string_split({raw}, {_lit(MULTI_VALUE_SEPARATOR)}), "
+                f"lambda {_ELEMENT}: coalesce({predicate(_ELEMENT)}, false))), false)"
+            )
+        return predicate(raw)
+
+    def bad_elements(self, code: str, predicate: Callable[[str], str]) -> str:
+        """SQL text listing the values of a multi field that fail ``predicate``."""
+        raw = self.raw(code)
+        return (
+            f"array_to_string(list_filter(string_split({raw}, {_lit(MULTI_VALUE_SEPARATOR)}), "
+            f"lambda {_ELEMENT}: NOT coalesce({predicate(_ELEMENT)}, false)), {_lit(MULTI_VALUE_SEPARATOR)})"
+        )
+
+    def base_steps(self, code: str, extra_pattern: str | None = None, extra_check: str | None = None,
+                   base: bool = True) -> list[tuple[str, str]]:
+        """Return (condition that holds for a good present value, SQL message) pairs of a format check."""
+        item = self.item(code)
+        label = f"{item.name}（{item.code}）"
+        raw = self.raw(code)
+        shown = self.shown(code, raw)
+        steps: list[tuple[str, str]] = []
+        if base:
+            if item.type in ("text", "code") and item.length is not None:
+                steps.append(
+                    (
+                        f"length({raw}) <= {item.length}",
+                        f"{_lit(label + '的长度为 ')} || length({raw}) || "
+                        f"{_lit(f' 个字符，超过上限 {item.length} 个字符。请缩短后重新报送。')}",
+                    )
+                )
+            type_ok = self.type_valid(code)
+            if type_ok is not None:
+                steps.append((type_ok, self._type_message(item, label, shown)))
+            if item.format is not None:
+                if item.format.pattern is not None:
+                    steps.append(self._pattern_step(item, label, shown, item.format.pattern))
+                if item.format.check is not None:
+                    steps.append(self._check_step(item, label, shown, item.format.check))
+        if extra_pattern is not None:
+            steps.append(self._pattern_step(item, label, shown, extra_pattern))
+        if extra_check is not None:
+            steps.append(self._check_step(item, label, shown, extra_check))
+        return steps
+
+    def _pattern_step(self, item: TemplateField, label: str, shown: str, pattern: str) -> tuple[str, str]:
+        def matches(x: str) -> str:
+            return _regex(x, pattern)
+
+        condition = self.elements_ok(item.code, matches)
+        if item.multi and item.code not in self.masked:
+            quoted = f"{_lit('“')} || {self.bad_elements(item.code, matches)} || {_lit('”')}"
+            message = f"{_lit(label + '中的值 ')} || {quoted} || {_lit(f'不符合格式要求（正则表达式 {pattern}）。请按格式更正。')}"
+        else:
+            message = f"{_lit(label + '“')} || {shown} || {_lit(f'”不符合格式要求（正则表达式 {pattern}）。请按格式更正。')}"
+        return condition, message
+
+    def _check_step(self, item: TemplateField, label: str, shown: str, check: str) -> tuple[str, str]:
+        condition = self.elements_ok(item.code, lambda x: check_sql(check, x))
+        description = CHECKS[check].split("：", 1)[0]
+        if item.multi:
+            message = (
+                f"{_lit(label + '“')} || {shown} || {_lit(f'”中有值未通过{description}检查（{CHECKS[check]}）。请逐个核对。')}"
+            )
+        else:
+            message = (
+                f"{_lit(label + '“')} || {shown} || {_lit(f'”未通过{description}检查：')} || "
+                f"{_check_reason_sql(check, self.raw(item.code))} || {_lit('。请核对后更正。')}"
+            )
+        return condition, message
+
+    def _type_message(self, item: TemplateField, label: str, shown: str) -> str:
+        raw = self.raw(item.code)
+        prefix = _lit(label + "“") + f" || {shown} || "
+        if item.type == "date":
+            branches = [
+                (_regex(raw, "[0-9]{8}"), "”不是有效的日历日期（如 2 月 30 日、13 月）。请填写真实日期，格式为 YYYYMMDD。"),
+                (
+                    _regex(raw, "[0-9]{4}[-/.年][0-9]{1,2}[-/.月][0-9]{1,2}日?"),
+                    "”带有分隔符。日期须写成 8 位数字 YYYYMMDD，例如 20240131，请去掉分隔符。",
+                ),
+            ]
+            default = "”不是 YYYYMMDD 格式的日期。请写成 8 位数字，例如 20240131。"
+        else:
+            if item.type == "integer":
+                digits = min(item.length or 38, 38)
+                scale = 0
+                limit = f"至多 {digits} 位数字"
+                example = "例如 30"
+            else:
+                precision, scale = item.precision or 38, item.scale or 0
+                digits = max(precision - scale, 1)
+                limit = f"整数部分至多 {digits} 位、小数至多 {scale} 位"
+                example = "例如 1234567.89" if scale else "例如 1234567"
+            plain = f"replace({raw}, ',', '')"
+            branches = [
+                (
+                    _regex(raw, _THOUSANDS_PATTERN),
+                    None,  # message built with the value without separators
+                ),
+                (f"contains({raw}, '%')", "”带有百分号。请去掉 %，按百分数的数值填报，例如 4.35 表示 4.35%。"),
+                (_regex(raw, r"[+-]?[0-9]+\.[0-9]+"),
+                 "”不是整数。该字段须填整数，不能有小数。" if item.type == "integer" or scale == 0
+                 else f"”的小数超过 {scale} 位。请按规定保留至多 {scale} 位小数。"),
+                (_regex(raw, r"[+-]?[0-9]+"), f"”的位数超过上限（{limit}）。请核对数值和单位。"),
+                (_regex(raw, r"[+-]?\.[0-9]+|[+-]?[0-9]+\."), "”的小数点前后须有数字，例如写成 0.5，而不是 .5 或 5.。"),
+                (_regex(raw, r"[+-]?[0-9]+(\.[0-9]+)?[eE][+-]?[0-9]+"), "”是科学计数法。请写成普通数字，不要用 E 表示。"),
+            ]
+            default = f"”不是有效的数值。请只填数字，可带负号和小数点（{limit}），{example}。"
+            whens = []
+            for condition, text in branches:
+                if text is None:
+                    separator_message = (
+                        f"{_lit('”带有千位分隔符。数值不能带千位分隔符，请去掉逗号，写成“')} || {plain} || {_lit('”。')}"
+                    )
+                    whens.append(f"WHEN {condition} THEN {prefix}{separator_message}")
+                else:
+                    whens.append(f"WHEN {condition} THEN {prefix}{_lit(text)}")
+            return f"CASE {' '.join(whens)} ELSE {prefix}{_lit(default)} END"
+        whens = [f"WHEN {condition} THEN {prefix}{_lit(text)}" for condition, text in branches]
+        return f"CASE {' '.join(whens)} ELSE {prefix}{_lit(default)} END"
+
+    # display
+
+    def mask_kind(self, code: str) -> str | None:
+        if code not in self.masked:
+            return None
+        item = self.item(code)
+        check = item.format.check if item.format else None
+        if check in MASKED_CHECKS:
+            return check
+        if PERSONAL_NAME_MARKER in item.name:
+            return "name"
+        return _masked_check_from_rules(self.template, code) or "resident_id"
+
+    def shown(self, code: str, expr: str | None = None) -> str:
+        """Return the value as a report may show it: masked for personal data, clipped when long."""
+        expr = expr or self.raw(code)
+        kind = self.mask_kind(code)
+        if kind is None:
+            return f"coalesce({_clip_sql(expr)}, '')"
+        return f"coalesce({mask_sql(kind, expr)}, '')"
+
+
+def mask_sql(kind: str, expr: str) -> str:
+    """Mask a personal value: IDs and cards keep the first 6 and last 4 characters, mobiles 3 and 4, names the surname."""
+    if kind == "name":
+        return f"CASE WHEN length({expr}) = 0 THEN '' ELSE left({expr}, 1) || repeat('*', greatest(length({expr}) - 1, 1)) END"
+    head, tail = (3, 4) if kind == "mobile" else (6, 4)
+    return (
+        f"CASE WHEN length({expr}) > {head + tail} THEN left({expr}, {head}) || repeat('*', length({expr}) - {head + tail}) "
+        f"|| right({expr}, {tail}) ELSE repeat('*', length({expr})) END"
+    )
+
+
+def mask_value(kind: str, value: str) -> str:
+    """Python twin of :func:`mask_sql`, for the few reader findings."""
+    if kind == "name":
+        return value[:1] + "*" * max(len(value) - 1, 1) if value else ""
+    head, tail = (3, 4) if kind == "mobile" else (6, 4)
+    if len(value) > head + tail:
+        return value[:head] + "*" * (len(value) - head - tail) + value[-tail:]
+    return "*" * len(value)
+
+
+def _masked_check_from_rules(template: Template, code: str) -> str | None:
+    for rule in template.effective_rules():
+        if isinstance(rule, FormatRule) and code in rule.fields and rule.check in MASKED_CHECKS:
+            return rule.check
+    return None
+
+
+def masked_fields(template: Template) -> frozenset[str]:
+    """Fields whose values are personal data: a resident ID, bank card or mobile check, or a personal name."""
+    codes = set()
+    for item in template.fields:
+        check = item.format.check if item.format else None
+        if check in MASKED_CHECKS or PERSONAL_NAME_MARKER in item.name:
+            codes.add(item.code)
+        elif _masked_check_from_rules(template, item.code):
+            codes.add(item.code)
+    return frozenset(codes)
+
+
+# --- conditions and operands -------------------------------------------------------------------------
+
+
+def _constant(item: TemplateField, value: Any) -> str:
+    if item.type in ("integer", "decimal"):
+        return _number_literal(value)
+    if item.type == "date":
+        return _date_literal(str(value))
+    return _lit(str(value))
+
+
+def _operand_sql(fields: _FieldSql, left: TemplateField, operand: Operand, context: ValidationContext) -> str:
+    if operand.field is not None:
+        return fields.typed(operand.field)
+    if operand.value is not None:
+        return _constant(left, operand.value)
+    if operand.period is not None:
+        day = context.period_start if operand.period == "start" else context.period_end
+        return _date_literal(_period_text(day))
+    return "(" + " + ".join(fields.typed(code) for code in operand.sum or ()) + ")"
+
+
+def _when_sql(fields: _FieldSql, when: Any, context: ValidationContext) -> str:
+    """SQL for a ``when`` clause over the typed view; NULL (an invalid value) counts as false by the caller."""
+    if when is None:
+        return "true"
+    if isinstance(when, AllOf):
+        return "(" + " AND ".join(_when_sql(fields, clause, context) for clause in when.all) + ")"
+    if isinstance(when, AnyOf):
+        return "(" + " OR ".join(_when_sql(fields, clause, context) for clause in when.any) + ")"
+    assert isinstance(when, Condition)
+    if when.op == "is_null":
+        return fields.empty(when.field)
+    if when.op == "not_null":
+        return fields.present(when.field)
+    item = fields.item(when.field)
+    left = fields.typed(when.field)
+    if when.op in ("in", "not_in"):
+        values = ", ".join(_constant(item, value) for value in when.values or ())
+        return f"({left} {'IN' if when.op == 'in' else 'NOT IN'} ({values}))"
+    assert when.right is not None
+    return f"({left} {when.op} {_operand_sql(fields, item, when.right, context)})"
+
+
+def _when_true(fields: _FieldSql, when: Any, context: ValidationContext) -> str:
+    return f"coalesce({_when_sql(fields, when, context)}, false)"
+
+
+def _comparison_sql(left: str, op: str, right: str, tolerance: Decimal | None) -> str:
+    if tolerance is None or tolerance == 0:
+        sql_op = "<>" if op == "!=" else op
+        return f"({left} {sql_op} {right})"
+    tol = _number_literal(tolerance)
+    return {
+        "=": f"(abs({left} - {right}) <= {tol})",
+        "!=": f"(abs({left} - {right}) > {tol})",
+        ">": f"({left} > {right} - {tol})",
+        ">=": f"({left} >= {right} - {tol})",
+        "<": f"({left} < {right} + {tol})",
+        "<=": f"({left} <= {right} + {tol})",
+    }[op]
+
+
+# --- row checks ----------------------------------------------------------------------------------------
+
+
+@dataclass
+class _RowCheck:
+    """One rule applied to one field, evaluated for every row in the single scan."""
+
+    rule: Any
+    field: TemplateField
+    fail: str
+    """SQL boolean over the typed view: true when the row fails (never NULL)."""
+    message: str
+    """SQL text over the typed view of the failing rows."""
+    value: str
+    """SQL text: the value shown in the report."""
+    order: int
+
+
+def _row_checks(template: Template, fields: _FieldSql, context: ValidationContext,
+                skipped: list[SkippedRule]) -> list[_RowCheck]:
+    checks: list[_RowCheck] = []
+    order = 0
+
+    def add(rule: Any, item: TemplateField, fail: str, message: str, value: str | None = None) -> None:
+        nonlocal order
+        checks.append(_RowCheck(rule, item, fail, message, value or fields.shown(item.code), order))
+        order += 1
+
+    institution = template.institution_field
+    if institution is not None:
+        pseudo = _PseudoRule(
+            f"{INSTITUTION_RULE_PREFIX}{institution.code}", f"{institution.name}须为本机构的{institution.name}",
+            INSTITUTION_RULE_KIND, "error",
+        )
+        identifiers = sorted(context.institution_identifiers)
+        if identifiers:
+            allowed = ", ".join(_lit(value) for value in identifiers)
+            own = "、".join(identifiers)
+            add(
+                pseudo,
+                institution,
+                f"({fields.present(institution.code)} AND {fields.raw(institution.code)} NOT IN ({allowed}))",
+                f"{_lit(f'{institution.name}（{institution.code}）为“')} || {fields.shown(institution.code)} || "
+                f"{_lit(f'”，不是本机构的{institution.name}（{own}）：该行是其他机构的数据。请删除该行，或确认上传的是本机构的文件。')}",
+            )
+        else:
+            skipped.append(SkippedRule(pseudo.id, pseudo.name, pseudo.kind, f"未提供本机构的{institution.name}，机构归属检查未执行"))
+
+    for rule in template.effective_rules():
+        if isinstance(rule, NotNullRule):
+            when = _when_true(fields, rule.when, context)
+            for code in rule.fields:
+                item = fields.item(code)
+                text = f"{item.name}（{item.code}）为空。规则“{rule.name}”要求填报该项，请补充后重新报送。"
+                if rule.severity == "warning":
+                    text += _WARNING_HINT
+                add(rule, item, f"({fields.empty(code)} AND {when})", _lit(text))
+        elif isinstance(rule, CodeListRule):
+            when = _when_true(fields, rule.when, context)
+            for code in rule.fields:
+                item = fields.item(code)
+                if rule.code_list is not None:
+                    codes = template.code_list(rule.code_list).codes
+                    list_name = f"代码表“{rule.code_list}”"
+                else:
+                    codes = template.allowed_codes(code) or {}
+                    list_name = f"代码表“{item.code_list}”" if item.code_list else "报表项目列表"
+                allowed = ", ".join(_lit(value) for value in codes)
+                listed = "、".join(f"{key} {label}" for key, label in list(codes.items())[:CODES_LISTED])
+                if len(codes) > CODES_LISTED:
+                    listed += f" 等 {len(codes)} 个"
+                def member(x: str, allowed: str = allowed) -> str:
+                    return f"({x} IN ({allowed}))"
+
+                good = fields.elements_ok(code, member)
+                label = f"{item.name}（{item.code}）"
+                if item.multi and code not in fields.masked:
+                    bad_values = fields.bad_elements(code, member)
+                    message = (
+                        f"{_lit(label + '“')} || {fields.shown(code)} || {_lit('”中的值“')} || {bad_values} || "
+                        f"{_lit(f'”不在{list_name}中（多个值用半角分号;分隔，不能有空值）。可选代码：{listed}。请改为代码表中的代码。')}"
+                    )
+                else:
+                    message = (
+                        f"{_lit(label + '的值“')} || {fields.shown(code)} || "
+                        f"{_lit(f'”不在{list_name}中。可选代码：{listed}。请改为代码表中的代码。')}"
+                    )
+                if rule.severity == "warning":
+                    message += f" || {_lit(_WARNING_HINT)}"
+                add(rule, item, f"({fields.present(code)} AND NOT {good} AND {when})", message)
+        elif isinstance(rule, FormatRule):
+            when = _when_true(fields, rule.when, context)
+            base = rule.pattern is None and rule.check is None
+            for code in rule.fields:
+                item = fields.item(code)
+                steps = fields.base_steps(code, rule.pattern, rule.check, base=base)
+                if not steps:
+                    continue
+                if not base:
+                    # The rule's extra pattern or check applies to values of a valid type only.
+                    type_ok = fields.type_valid(code)
+                    if type_ok is not None:
+                        steps = [(type_ok, "''"), *steps]
+                        first_is_guard = True
+                    else:
+                        first_is_guard = False
+                else:
+                    first_is_guard = False
+                conditions = [condition for condition, _message in steps]
+                if first_is_guard:
+                    fail = f"({fields.present(code)} AND {when} AND {conditions[0]} AND NOT ({' AND '.join(conditions[1:])}))"
+                    steps = steps[1:]
+                else:
+                    fail = f"({fields.present(code)} AND {when} AND NOT ({' AND '.join(conditions)}))"
+                message = "CASE " + " ".join(f"WHEN NOT ({c}) THEN {m}" for c, m in steps) + " ELSE '' END"
+                if rule.severity == "warning":
+                    message = f"({message}) || {_lit(_WARNING_HINT)}"
+                add(rule, item, fail, message)
+        elif isinstance(rule, CompareRule):
+            item = fields.item(rule.left)
+            when = _when_true(fields, rule.when, context)
+            left = fields.typed(rule.left)
+            label = f"{item.name}（{item.code}）"
+            if rule.op in ("in", "not_in"):
+                values = ", ".join(_constant(item, value) for value in rule.values or ())
+                condition = f"({left} {'IN' if rule.op == 'in' else 'NOT IN'} ({values}))"
+                listed = "、".join(str(value) for value in rule.values or ())
+                verb = "应为" if rule.op == "in" else "不应为"
+                message = (
+                    f"{_lit(label + '为“')} || {fields.shown(rule.left)} || "
+                    f"{_lit(f'”，按规则“{rule.name}”{verb} {listed} 之一。请核对后更正。')}"
+                )
+            else:
+                assert rule.right is not None
+                right = _operand_sql(fields, item, rule.right, context)
+                condition = _comparison_sql(left, rule.op, right, rule.tolerance)
+                right_label, right_shown = _operand_display(fields, rule.right, context, right)
+                tolerance = f"（允许误差 {rule.tolerance}）" if rule.tolerance else ""
+                message = (
+                    f"{_lit(label + '为“')} || {fields.shown(rule.left)} || {_lit('”，' + right_label + '为“')} || "
+                    f"{right_shown} || {_lit(f'”，不满足规则“{rule.name}”：{item.name}应{_OP_NAMES[rule.op]}{right_label}{tolerance}。请核对后更正。')}"
+                )
+            if rule.severity == "warning":
+                message += f" || {_lit(_WARNING_HINT)}"
+            # NULL (an empty or invalid operand) is not a failure: the format rule reports it.
+            add(rule, item, f"(coalesce(NOT {condition}, false) AND {when})", message)
+    return checks
+
+
+def _operand_display(fields: _FieldSql, operand: Operand, context: ValidationContext, sql: str) -> tuple[str, str]:
+    if operand.field is not None:
+        item = fields.item(operand.field)
+        return f"{item.name}（{item.code}）", fields.shown(operand.field)
+    if operand.value is not None:
+        return "规定值", _lit(str(operand.value))
+    if operand.period is not None:
+        day = context.period_start if operand.period == "start" else context.period_end
+        return ("本期期初日期" if operand.period == "start" else "本期期末日期"), _lit(_period_text(day))
+    names = "与".join(f"{fields.item(code).name}" for code in operand.sum or ())
+    return f"{names}之和", f"CAST({sql} AS VARCHAR)"
+
+
+# --- the run ------------------------------------------------------------------------------------------
+
+
+_FINDINGS_TABLE = """
+CREATE TEMP TABLE findings (
+    line BIGINT, field_code VARCHAR, field_name VARCHAR, value VARCHAR, rule_id VARCHAR,
+    rule_name VARCHAR, rule_kind VARCHAR, severity VARCHAR, explained BOOLEAN, message VARCHAR,
+    sort_rule INTEGER, sort_field INTEGER
+)
+"""
+
+
+@functools.lru_cache(maxsize=1)
+def _default_catalog() -> TemplateCatalog:
+    return TemplateCatalog.load()
+
+
+class _Run:
+    def __init__(
+        self,
+        staged: StagedFile,
+        template: Template,
+        context: ValidationContext,
+        work_dir: Path,
+        catalog: TemplateCatalog | None,
+    ) -> None:
+        self.staged = staged
+        self.template = template
+        self.context = context
+        self.work_dir = work_dir
+        self._catalog = catalog
+        self.fields = _FieldSql(template, masked_fields(template))
+        self.skipped: list[SkippedRule] = []
+        self.rule_order = {rule.id: index for index, rule in enumerate(template.effective_rules())}
+        self.field_order = {item.code: index for index, item in enumerate(template.fields)}
+        self.period = _period_text(context.period_end)
+        self.con: duckdb.DuckDBPyConnection | None = None
+
+    @property
+    def catalog(self) -> TemplateCatalog:
+        if self._catalog is None:
+            self._catalog = _default_catalog()
+        return self._catalog
+
+    # setup
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        temp_dir = self.work_dir / "duckdb-tmp"
+        temp_dir.mkdir(parents=True, exist_ok=True)
+        con = duckdb.connect(":memory:")
+        con.execute(f"SET memory_limit = {_lit(self.context.memory_limit)}")
+        con.execute(f"SET temp_directory = {_lit(str(temp_dir))}")
+        con.execute("SET preserve_insertion_order = false")
+        if self.context.threads is not None:
+            con.execute(f"SET threads = {int(self.context.threads)}")
+        con.execute(
+            f"CREATE TEMP VIEW typed AS {self.fields.typed_select(f'read_parquet({_lit(str(self.staged.path))})')}"
+        )
+        con.execute(_FINDINGS_TABLE)
+        self.con = con
+        return con
+
+    def sql(self, statement: str) -> None:
+        assert self.con is not None
+        self.con.execute(statement)
+
+    def fetch(self, statement: str) -> list[tuple]:
+        assert self.con is not None
+        return self.con.sql(statement).fetchall()
+
+    def explained_sql(self, severity: str) -> str:
+        remark = self.template.remark_field
+        if severity != "warning" or remark is None:
+            return "false"
+        return self.fields.present(remark.code)
+
+    def _insert(self, select_rows: str, rule: Any, item: TemplateField | None, value: str, message: str,
+                line: str = LINE_COLUMN, sort_rule: int | None = None) -> str:
+        code = item.code if item else None
+        name = item.name if item else None
+        return (
+            f"SELECT {_q(line) if line == LINE_COLUMN else line} AS line, "
+            f"{_lit(code) if code else 'NULL'}, {_lit(name) if name else 'NULL'}, {value}, "
+            f"{_lit(rule.id)}, {_lit(rule.name)}, {_lit(rule.kind)}, {_lit(rule.severity)}, "
+            f"{self.explained_sql(rule.severity)}, {message}, "
+            f"{sort_rule if sort_rule is not None else self.rule_order.get(rule.id, -1)}, "
+            f"{self.field_order.get(code, -1) if code else -1} "
+            f"FROM {select_rows}"
+        )
+
+    # steps
+
+    def row_checks(self) -> None:
+        checks = _row_checks(self.template, self.fields, self.context, self.skipped)
+        if not checks:
+            return
+        raw_columns = ", ".join([_q(LINE_COLUMN), *(_q(item.code) for item in self.template.fields)])
+        # One scan keeps the rows that fail any check, with the checks evaluated once in the filter.
+        # Flags computed in a projection below the filter ran twice, because DuckDB copied them into the pushed-down filter.
+        any_failure = " OR ".join(check.fail for check in checks)
+        self.sql(f"CREATE TEMP TABLE bad AS SELECT {raw_columns} FROM typed WHERE {any_failure}")
+        # The failing rows are few: each check runs again on them to say which rule failed.
+        self.sql(f"CREATE TEMP VIEW bad_typed AS {self.fields.typed_select('bad')}")
+        parts = []
+        for check in checks:
+            parts.append(
+                self._insert(
+                    f"bad_typed WHERE {check.fail}", check.rule, check.field, check.value, check.message,
+                    sort_rule=self.rule_order.get(check.rule.id, -1),
+                )
+            )
+        self.sql("INSERT INTO findings " + " UNION ALL ".join(parts))
+
+    def unique_checks(self) -> None:
+        for number, rule in enumerate(self.template.effective_rules()):
+            if not isinstance(rule, UniqueRule):
+                continue
+            if rule.scope == "history":
+                self._history_unique(rule, number)
+            else:
+                self._file_unique(rule, number)
+
+    def _key_description(self, codes: Sequence[str]) -> tuple[str, str]:
+        """Chinese names of key fields and the SQL showing their values."""
+        names = "、".join(self.fields.item(code).name for code in codes)
+        shown = " || '，' || ".join(self.fields.shown(code) for code in codes)
+        return names, shown
+
+    def _file_unique(self, rule: UniqueRule, number: int) -> None:
+        keys = [_q(code) for code in rule.fields]
+        present = " AND ".join(self.fields.present(code) for code in rule.fields)
+        when = _when_true(self.fields, rule.when, self.context)
+        table = _q(f"dup_{number}")
+        self.sql(
+            f"CREATE TEMP TABLE {table} AS SELECT {', '.join(keys)}, count(*) AS __n, min({_q(LINE_COLUMN)}) AS __first "
+            f"FROM typed WHERE {present} AND {when} GROUP BY ALL HAVING count(*) > 1"
+        )
+        join = " AND ".join(f"t.{key} = d.{key}" for key in keys)
+        names, shown = self._key_description(rule.fields)
+        item = self.fields.item(rule.fields[-1])
+        message = (
+            f"{_lit(names + '为“')} || {shown} || {_lit('”的记录在文件中出现 ')} || __n || "
+            f"{_lit(' 次（首次在第 ')} || __first || {_lit(f' 行），按规则“{rule.name}”应唯一。请删除重复行或更正后重新报送。')}"
+        )
+        if rule.severity == "warning":
+            message += f" || {_lit(_WARNING_HINT)}"
+        rows = (
+            f"(SELECT t.*, d.__n, d.__first FROM typed t JOIN {table} d ON {join} WHERE {when})"
+        )
+        self.sql("INSERT INTO findings " + self._insert(rows, rule, item, self.fields.shown(item.code), message))
+
+    def _warehouse_relation(self, code: str, columns: Iterable[str], where: str | None) -> str | None:
+        paths = [Path(path) for path in self.context.warehouse.get(code, ())]
+        if not paths:
+            return None
+        cols = ", ".join(_q(column) for column in columns)
+        condition = f" WHERE {where}" if where else ""
+        return f"SELECT {cols} FROM read_parquet({_path_list(paths)}, union_by_name = true){condition}"
+
+    def _history_unique(self, rule: UniqueRule, number: int) -> None:
+        relation = self._warehouse_relation(self.template.code, rule.fields, f"{_q('_period')} < {_lit(self.period)}")
+        count = 0
+        table = _q(f"hist_{number}")
+        if relation is not None:
+            present = " AND ".join(f"coalesce({_q(code)}, '') <> ''" for code in rule.fields)
+            self.sql(f"CREATE TEMP VIEW {table} AS SELECT * FROM ({relation}) WHERE {present}")
+            count = len(self.fetch(f"SELECT 1 FROM {table} LIMIT 1"))
+        if count == 0:
+            self.skip(rule, f"未找到{self.template.name}以前期次已接受的数据，跨期唯一性检查未执行")
+            return
+        keys = [_q(code) for code in rule.fields]
+        present = " AND ".join(self.fields.present(code) for code in rule.fields)
+        when = _when_true(self.fields, rule.when, self.context)
+        join = " AND ".join(f"t.{key} = h.{key}" for key in keys)
+        names, shown = self._key_description(rule.fields)
+        item = self.fields.item(rule.fields[-1])
+        message = (
+            f"{_lit(names + '为“')} || {shown} || "
+            f"{_lit(f'”的记录已出现在以前期次已接受的数据中，按规则“{rule.name}”不应重复。请核对是否重复报送或编号有误。')}"
+        )
+        if rule.severity == "warning":
+            message += f" || {_lit(_WARNING_HINT)}"
+        rows = f"(SELECT t.* FROM typed t SEMI JOIN {table} h ON {join} WHERE {present} AND {when})"
+        self.sql("INSERT INTO findings " + self._insert(rows, rule, item, self.fields.shown(item.code), message))
+
+    def reference_checks(self) -> None:
+        for number, rule in enumerate(self.template.effective_rules()):
+            if isinstance(rule, ReferenceRule):
+                self._reference(rule, number)
+
+    def _reference(self, rule: ReferenceRule, number: int) -> None:
+        target_code = rule.target.template
+        target_name = self._template_name(target_code, rule.target.version)
+        aliases = [f"k{index}" for index in range(len(rule.fields))]
+        select = ", ".join(f"{_q(column)} AS {alias}" for column, alias in zip(rule.target.fields, aliases))
+        sources = []
+        if rule.source in ("batch", "batch_or_warehouse") and target_code in self.context.batch:
+            sources.append(f"SELECT {select} FROM read_parquet({_lit(str(self.context.batch[target_code]))})")
+        if rule.source in ("warehouse", "batch_or_warehouse"):
+            where = f"{_q('_period')} = {_lit(self.period)}" if rule.period == "same" else None
+            relation = self._warehouse_relation(target_code, [*rule.target.fields, "_period"], where)
+            if relation is not None:
+                sources.append(f"SELECT {select} FROM ({relation})")
+        table = _q(f"ref_{number}")
+        count = 0
+        multi = len(rule.fields) == 1 and self.fields.item(rule.fields[0]).multi
+        if sources:
+            present = " AND ".join(f"coalesce({alias}, '') <> ''" for alias in aliases)
+            # A view, not a table: the anti-join below builds its hash table from it once.
+            self.sql(f"CREATE TEMP VIEW {table} AS SELECT * FROM ({' UNION ALL '.join(sources)}) WHERE {present}")
+            count = len(self.fetch(f"SELECT 1 FROM {table} LIMIT 1"))
+        if count == 0:
+            where = {"batch": "本批次", "warehouse": "已接受的数据", "batch_or_warehouse": "本批次和已接受的数据"}[rule.source]
+            period = "同期" if rule.period == "same" else ""
+            self.skip(rule, f"在{where}中未找到{period}{target_name}（{target_code}）的数据，关联检查未执行")
+            return
+        present = " AND ".join(self.fields.present(code) for code in rule.fields)
+        when = _when_true(self.fields, rule.when, self.context)
+        institution = self.template.institution_field
+        shown_codes = [code for code in rule.fields if institution is None or code != institution.code] or list(rule.fields)
+        item = self.fields.item(shown_codes[0])
+        names = "、".join(self.fields.item(code).name for code in shown_codes)
+        if multi:
+            code = rule.fields[0]
+            missing = _q(f"missing_{number}")
+            self.sql(
+                f"CREATE TEMP TABLE {missing} AS SELECT {_q(LINE_COLUMN)} AS __line, string_agg(e, ';') AS __missing "
+                f"FROM (SELECT {_q(LINE_COLUMN)}, unnest(string_split({_q(code)}, ';')) AS e FROM typed "
+                f"WHERE {present} AND {when}) AS s ANTI JOIN {table} r ON r.k0 = s.e GROUP BY ALL"
+            )
+            rows = f"(SELECT t.*, m.__missing FROM typed t JOIN {missing} m ON t.{_q(LINE_COLUMN)} = m.__line)"
+            missing_shown = "__missing" if code not in self.fields.masked else "'（已遮蔽）'"
+            message = (
+                f"{_lit(f'{item.name}（{item.code}）中的值“')} || {missing_shown} || "
+                f"{_lit(f'”在{target_name}（{target_code}）中不存在。请核对{names}，或一并报送包含这些记录的{target_name}。')}"
+            )
+        else:
+            join = " AND ".join(f"r.{alias} = t.{_q(code)}" for alias, code in zip(aliases, rule.fields))
+            rows = f"(SELECT t.* FROM typed t ANTI JOIN {table} r ON {join} WHERE {present} AND {when})"
+            _names, shown = self._key_description(shown_codes)
+            message = (
+                f"{_lit(names + '“')} || {shown} || "
+                f"{_lit(f'”在{target_name}（{target_code}）中不存在，不满足规则“{rule.name}”。请核对{names}，或一并报送包含该记录的{target_name}。')}"
+            )
+        if rule.severity == "warning":
+            message += f" || {_lit(_WARNING_HINT)}"
+        self.sql("INSERT INTO findings " + self._insert(rows, rule, item, self.fields.shown(item.code), message))
+
+    def _template_name(self, code: str, version: int | None = None) -> str:
+        if code == self.template.code:
+            return self.template.name
+        try:
+            return self.catalog.get(code, version).name
+        except RegsandboxError:
+            return code
+
+    # aggregates: reconcile and fluctuation
+
+    def aggregate_checks(self) -> None:
+        rules = [rule for rule in self.template.effective_rules() if isinstance(rule, (ReconcileRule, FluctuationRule))]
+        if not rules:
+            return
+        expressions = []
+        for index, rule in enumerate(rules):
+            measure = rule.left if isinstance(rule, ReconcileRule) else rule.measure
+            value, invalid = self._aggregate_sql(self.fields, measure)
+            expressions.append(f"{value} AS a{index}, {invalid} AS i{index}")
+        row = self.fetch(f"SELECT {', '.join(expressions)} FROM typed")[0]
+        for index, rule in enumerate(rules):
+            current, invalid = row[2 * index], row[2 * index + 1]
+            measure = rule.left if isinstance(rule, ReconcileRule) else rule.measure
+            if invalid:
+                item = self.fields.item(measure.field) if measure.field else None
+                name = f"{item.name}（{item.code}）" if item else "数值"
+                self.skip(rule, f"有 {invalid} 行的{name}不是有效数值，汇总不可靠，本规则未执行；请先更正这些格式错误")
+                continue
+            current = Decimal(current or 0)
+            if isinstance(rule, ReconcileRule):
+                self._reconcile(rule, current)
+            else:
+                self._fluctuation(rule, current)
+
+    def _aggregate_sql(self, fields: _FieldSql, measure: Any, context: ValidationContext | None = None) -> tuple[str, str]:
+        """SQL for an aggregate (value) and for the count of included rows whose value is not a valid number."""
+        when = _when_true(fields, measure.when, context or self.context)
+        if measure.function == "count":
+            return f"count(*) FILTER (WHERE {when})", "0"
+        typed = fields.typed(measure.field)
+        value = f"coalesce(sum({typed}) FILTER (WHERE {when}), 0)"
+        invalid = f"count(*) FILTER (WHERE {when} AND {fields.present(measure.field)} AND {typed} IS NULL)"
+        return value, invalid
+
+    def _reconcile(self, rule: ReconcileRule, left: Decimal) -> None:
+        target_code = rule.right.template
+        try:
+            target = self.template if target_code == self.template.code else self.catalog.get(target_code, rule.right.version)
+        except RegsandboxError:
+            self.skip(rule, f"未找到报表模板 {target_code}，跨表核对未执行")
+            return
+        relation, where_label = self._same_period_relation(target, rule.source)
+        if relation is None:
+            self.skip(rule, f"未找到同期 {target.code} 报表（{target.name}），跨表核对未执行")
+            return
+        target_fields = _FieldSql(target)
+        source = f"({target_fields.typed_select(f'({relation})')})"
+        if rule.right.aggregate is not None:
+            value, invalid = self._aggregate_sql(target_fields, rule.right.aggregate)
+            result = self.fetch(f"SELECT {value}, {invalid}, count(*) FROM {source}")[0]
+            if result[1]:
+                self.skip(rule, f"{where_label}{target.name}有 {result[1]} 行数值格式不正确，跨表核对未执行")
+                return
+            right_value = Decimal(result[0] or 0)
+            right_label = f"{target.name}（{target.code}）的汇总值"
+        else:
+            line_field = target.line_field
+            column = rule.right.column
+            assert line_field is not None and column is not None
+            result = self.fetch(
+                f"SELECT count(*), count({target_fields.typed(column)}), sum({target_fields.typed(column)}) "
+                f"FROM {source} WHERE {_q(line_field)} = {_lit(rule.right.line or '')}"
+            )[0]
+            line_name = next((line.name for line in target.lines if line.code == rule.right.line), "")
+            column_name = target.field(column).name
+            place = f"{target.code} 项目 {rule.right.line}（{line_name}）的{column_name}"
+            if result[0] == 0:
+                self.skip(rule, f"{where_label}{target.code} 报表中没有项目 {rule.right.line}（{line_name}），跨表核对未执行")
+                return
+            if result[0] > 1 or result[1] != 1:
+                self.skip(rule, f"{where_label}{place}出现多次或不是有效数值，跨表核对未执行")
+                return
+            right_value = Decimal(result[2])
+            right_label = place
+        factor = rule.right.factor
+        scaled = right_value * factor
+        difference = left - scaled
+        tolerance = _tolerance(rule, scaled)
+        ok = {
+            "=": abs(difference) <= tolerance,
+            "<=": difference <= tolerance,
+            ">=": difference >= -tolerance,
+        }[rule.op]
+        if ok:
+            return
+        left_label = self._measure_label(rule.left)
+        factor_text = "" if factor == 1 else f"，乘以 {_plain(factor)} 后为 {_plain(scaled)}"
+        message = (
+            f"{left_label}为 {_plain(left)}，{where_label}{right_label}为 {_plain(right_value)}{factor_text}；"
+            f"差额 {_plain(difference)}，不满足规则“{rule.name}”（应{_OP_NAMES[rule.op]}，允许误差 {_plain(tolerance)}）。"
+            f"请核对两张报表的数据后更正。"
+        )
+        if rule.severity == "warning":
+            message += "如差异属实，请在报送说明中解释原因。"
+        self._file_finding(rule, rule.left.field, message)
+
+    def _same_period_relation(self, target: Template, source: str) -> tuple[str | None, str]:
+        if target.code == self.template.code:
+            return f"SELECT * FROM read_parquet({_lit(str(self.staged.path))})", "本文件中的"
+        if source in ("batch", "batch_or_warehouse") and target.code in self.context.batch:
+            return f"SELECT * FROM read_parquet({_lit(str(self.context.batch[target.code]))})", "本批次的"
+        if source in ("warehouse", "batch_or_warehouse"):
+            relation = self._warehouse_relation(
+                target.code, [item.code for item in target.fields], f"{_q('_period')} = {_lit(self.period)}"
+            )
+            if relation is not None and self.fetch(f"SELECT count(*) FROM ({relation})")[0][0] > 0:
+                return relation, "已接受的同期"
+        return None, ""
+
+    def _fluctuation(self, rule: FluctuationRule, current: Decimal) -> None:
+        if rule.baseline == "previous_period":
+            baseline_day = self.context.period_start - timedelta(days=1)
+            baseline_name = "上期"
+        else:
+            baseline_day = _year_before(self.context.period_end)
+            baseline_name = "上年同期"
+        baseline_text = _period_text(baseline_day)
+        relation = self._warehouse_relation(
+            self.template.code, [item.code for item in self.template.fields],
+            f"{_q('_period')} = {_lit(baseline_text)}",
+        )
+        rows = 0
+        baseline = Decimal(0)
+        if relation is not None:
+            value, _invalid = self._aggregate_sql(self.fields, rule.measure)
+            rows, result = self.fetch(f"SELECT count(*), {value} FROM ({self.fields.typed_select(f'({relation})')})")[0]
+            baseline = Decimal(result or 0)
+        if rows == 0:
+            self.skip(rule, f"未找到{baseline_name}（{baseline_text}）已接受的{self.template.name}数据，波动检查未执行")
+            return
+        if baseline == 0 or (rule.min_baseline is not None and abs(baseline) < rule.min_baseline):
+            self.skip(rule, f"{baseline_name}（{baseline_text}）的基数为 {_plain(baseline)}，过小，波动检查未执行")
+            return
+        change = (current - baseline) / abs(baseline)
+        flagged = {
+            "both": abs(change) > rule.threshold,
+            "increase": change > rule.threshold,
+            "decrease": -change > rule.threshold,
+        }[rule.direction]
+        if not flagged:
+            return
+        label = self._measure_label(rule.measure)
+        message = (
+            f"{label}本期为 {_plain(current)}，{baseline_name}（{baseline_text}）为 {_plain(baseline)}，"
+            f"变动 {change * 100:+.2f}%，超过规则“{rule.name}”允许的 {_plain(rule.threshold * 100)}%。"
+            f"请核对本期数据是否完整、准确；如变动属实，请在报送说明中解释原因。"
+        )
+        self._file_finding(rule, rule.measure.field, message)
+
+    def _measure_label(self, measure: Any) -> str:
+        if measure.function == "count":
+            return "本文件符合条件的记录数"
+        item = self.fields.item(measure.field)
+        return f"本文件符合条件的{item.name}（{item.code}）合计"
+
+    def _file_finding(self, rule: Any, code: str | None, message: str) -> None:
+        item = self.fields.item(code) if code else None
+        self.sql(
+            "INSERT INTO findings VALUES (NULL, "
+            f"{_lit(item.code) if item else 'NULL'}, {_lit(item.name) if item else 'NULL'}, NULL, "
+            f"{_lit(rule.id)}, {_lit(rule.name)}, {_lit(rule.kind)}, {_lit(rule.severity)}, false, {_lit(message)}, "
+            f"{self.rule_order.get(rule.id, -1)}, -1)"
+        )
+
+    def reader_findings(self) -> None:
+        findings = list(self.staged.findings)
+        if not findings:
+            return
+        lines, codes, names, values, rule_ids, messages, field_sort = [], [], [], [], [], [], []
+        for finding in findings:
+            value, message = finding.value, finding.message
+            if self.template.has_field(finding.column) and finding.column in self.fields.masked:
+                kind = self.fields.mask_kind(finding.column) or "resident_id"
+                masked = mask_value(kind, value)
+                message = message.replace(value, masked) if value else message
+                value = masked
+            lines.append(finding.line)
+            codes.append(finding.column)
+            names.append(finding.column_name)
+            values.append(value)
+            rule_ids.append(finding.code)
+            messages.append(message)
+            field_sort.append(self.field_order.get(finding.column, -1))
+        if self.staged.findings_omitted:
+            lines.append(None)
+            codes.append(None)
+            names.append(None)
+            values.append(None)
+            rule_ids.append("READER-FINDINGS-OMITTED")
+            messages.append(f"另有 {self.staged.findings_omitted} 个同类单元格问题未逐条列出，请按上述说明检查整列后重新报送。")
+            field_sort.append(-1)
+        count = len(lines)
+        table = pa.table(
+            {
+                "line": pa.array(lines, pa.int64()),
+                "field_code": pa.array(codes, pa.string()),
+                "field_name": pa.array(names, pa.string()),
+                "value": pa.array(values, pa.string()),
+                "rule_id": pa.array(rule_ids, pa.string()),
+                "rule_name": pa.array(["读取文件时发现的单元格问题"] * count, pa.string()),
+                "rule_kind": pa.array([READER_RULE_KIND] * count, pa.string()),
+                "severity": pa.array(["error"] * count, pa.string()),
+                "explained": pa.array([False] * count, pa.bool_()),
+                "message": pa.array(messages, pa.string()),
+                "sort_rule": pa.array([-2] * count, pa.int32()),
+                "sort_field": pa.array(field_sort, pa.int32()),
+            }
+        )
+        assert self.con is not None
+        self.con.register("reader_findings", table)
+        self.sql("INSERT INTO findings SELECT * FROM reader_findings")
+        self.con.unregister("reader_findings")
+
+    def skip(self, rule: Any, reason: str) -> None:
+        self.skipped.append(SkippedRule(rule.id, rule.name, rule.kind, reason))
+
+    def write(self) -> tuple[Path, dict[str, int], int, dict[str, int]]:
+        target = self.work_dir / f"findings-{uuid.uuid4().hex}.parquet"
+        with atomic_path(target) as temp_path:
+            self.sql("SET preserve_insertion_order = true")
+            self.sql(
+                "COPY (SELECT line, field_code, field_name, value, rule_id, rule_name, rule_kind, severity, explained, "
+                "message FROM findings ORDER BY line NULLS FIRST, sort_rule, sort_field) "
+                f"TO {_lit(str(temp_path))} (FORMAT parquet, COMPRESSION zstd)"
+            )
+        counts = {"error": 0, "warning": 0}
+        explained = 0
+        rule_counts: dict[str, int] = {}
+        for rule_id, severity, is_explained, number in self.fetch(
+            "SELECT rule_id, severity, explained, count(*) FROM findings GROUP BY ALL ORDER BY rule_id"
+        ):
+            counts[severity] = counts.get(severity, 0) + number
+            rule_counts[rule_id] = rule_counts.get(rule_id, 0) + number
+            if severity == "warning" and is_explained:
+                explained += number
+        return target, counts, explained, rule_counts
+
+
+def _tolerance(rule: ReconcileRule, right: Decimal) -> Decimal:
+    if rule.tolerance is None:
+        return Decimal(0)
+    parts = []
+    if rule.tolerance.absolute is not None:
+        parts.append(rule.tolerance.absolute)
+    if rule.tolerance.relative is not None:
+        parts.append(rule.tolerance.relative * abs(right))
+    return max(parts) if rule.tolerance.combine == "any" else min(parts)
+
+
+def _plain(value: Decimal) -> str:
+    """Format a number for a message: no exponent, no separators, at most 6 decimals."""
+    text = format(Decimal(value).quantize(Decimal("0.000001")).normalize(), "f")
+    return "0" if text in ("-0", "") else text
+
+
+def _year_before(day: date) -> date:
+    try:
+        return day.replace(year=day.year - 1)
+    except ValueError:  # 29 February
+        return day.replace(year=day.year - 1, day=28)
+
+
+def validate_staged(
+    staged: StagedFile,
+    template: Template,
+    context: ValidationContext,
+    work_dir: Path,
+    *,
+    catalog: TemplateCatalog | None = None,
+) -> ValidationResult:
+    """Check every row of ``staged`` against ``template`` and write the findings to a Parquet file in ``work_dir``.
+
+    ``catalog`` resolves the templates that reconciliations refer to; the shipped catalog is
+    loaded when it is not given. Raises :class:`ValidationError` when the check itself cannot run.
+    """
+    started = time.perf_counter()
+    work_dir = Path(work_dir)
+    work_dir.mkdir(parents=True, exist_ok=True)
+    run = _Run(staged, template, context, work_dir, catalog)
+    try:
+        run.connect()
+        run.row_checks()
+        run.unique_checks()
+        run.reference_checks()
+        run.aggregate_checks()
+        run.reader_findings()
+        path, counts, explained, rule_counts = run.write()
+    except duckdb.OutOfMemoryException as exc:
+        raise ValidationError(
+            "VALIDATION_OUT_OF_MEMORY",
+            f"校验文件时超出内存上限 {context.memory_limit}，校验未完成。请联系平台管理员调高校验内存上限后重新校验。",
+        ) from exc
+    except duckdb.Error as exc:
+        raise ValidationError(
+            "VALIDATION_FAILED",
+            f"按模板 {template.label} 校验文件时出错，校验未完成。请联系平台管理员，并提供模板代码和报送批次。",
+        ) from exc
+    finally:
+        if run.con is not None:
+            run.con.close()
+    return ValidationResult(
+        findings_path=path,
+        counts=counts,
+        explained_warnings=explained,
+        rule_counts=rule_counts,
+        rows_checked=staged.rows,
+        seconds=time.perf_counter() - started,
+        skipped_rules=tuple(run.skipped),
+        accepted_possible=counts.get("error", 0) == 0,
+    )
+

@@ -1,0 +1,132 @@
+"""Tests of intake.error_report: findings written as XLSX and CSV reports for the reporter."""
+
+from __future__ import annotations
+
+import csv
+import io
+from pathlib import Path
+
+import openpyxl
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from intake import error_report
+from intake.error_report import HEADER, write_csv_report, write_xlsx_report
+from intake.template_model import TemplateCatalog
+from intake.validate import FINDINGS_SCHEMA, validate_staged
+from regsandbox_core.cells import escape_cell
+from tests.intake.test_validate import context, loan_row, stage
+
+
+def findings_file(path: Path, rows: list[dict]) -> Path:
+    pq.write_table(pa.Table.from_pylist(rows, schema=FINDINGS_SCHEMA), path)
+    return path
+
+
+def finding(line: int | None, value: str = "x", message: str = "问题", severity: str = "error",
+            explained: bool = False) -> dict:
+    return {
+        "line": line, "field_code": "JJYE", "field_name": "借据余额", "value": value, "rule_id": "R-JJ-009",
+        "rule_name": "借据余额不大于借据金额", "rule_kind": "compare", "severity": severity, "explained": explained,
+        "message": message,
+    }
+
+
+def read_csv(path: Path) -> list[list[str]]:
+    data = path.read_bytes()
+    assert data.startswith(b"\xef\xbb\xbf")
+    return list(csv.reader(io.StringIO(data[3:].decode("utf-8"), newline="")))
+
+
+def read_xlsx(path: Path) -> list[list]:
+    workbook = openpyxl.load_workbook(path, read_only=True)
+    try:
+        return [list(row) for row in workbook.worksheets[0].iter_rows(values_only=True)]
+    finally:
+        workbook.close()
+
+
+@pytest.fixture
+def sample(tmp_path: Path) -> Path:
+    return findings_file(
+        tmp_path / "findings.parquet",
+        [
+            finding(None, value=None, message="文件级问题", severity="warning"),
+            finding(2, value="=HYPERLINK(\"http://x\")", message="+1 公式"),
+            finding(3, value="-5", message="@SUM(A1)", severity="warning", explained=True),
+            finding(4, value="12\x01", message="\t制表符"),
+        ],
+    )
+
+
+def test_csv_report(tmp_path: Path, sample: Path) -> None:
+    rows = read_csv(write_csv_report(sample, tmp_path / "report.csv"))
+    assert rows[0] == list(HEADER)
+    assert rows[1][0] == "全文件"
+    assert rows[1][6] == "提示"
+    assert rows[1][7] == "否"
+    assert rows[2][:4] == ["2", "JJYE", "借据余额", "'=HYPERLINK(\"http://x\")"]
+    assert rows[2][6] == "错误"
+    assert rows[2][8] == "'+1 公式"
+    assert rows[3][3] == "'-5"
+    assert rows[3][7] == "是"
+    assert rows[3][8] == "'@SUM(A1)"
+    assert rows[4][8] == "'\t制表符"
+    assert not list(tmp_path.glob(".*tmp"))
+
+
+def test_xlsx_report_is_text_and_escaped(tmp_path: Path, sample: Path) -> None:
+    path = write_xlsx_report(sample, tmp_path / "report.xlsx")
+    workbook = openpyxl.load_workbook(path)
+    sheet = workbook.worksheets[0]
+    assert [cell.value for cell in sheet[1]] == list(HEADER)
+    for row in sheet.iter_rows(min_row=2):
+        for cell in row:
+            assert cell.data_type in ("s", "inlineStr")  # text, never a formula or a number
+    assert sheet["A3"].value == "2"
+    assert sheet["D3"].value == "'=HYPERLINK(\"http://x\")"
+    assert sheet["I3"].value == "'+1 公式"
+    assert sheet["D4"].value == "'-5"
+    assert sheet["D5"].value == "12\ufffd"  # a control character XML cannot hold
+    assert sheet.max_row == 5
+
+
+def test_xlsx_cap_adds_note_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(error_report, "XLSX_MAX_ROWS", 6)
+    monkeypatch.setattr(error_report, "BATCH_ROWS", 2)
+    source = findings_file(tmp_path / "f.parquet", [finding(line) for line in range(2, 12)])
+    rows = read_xlsx(write_xlsx_report(source, tmp_path / "r.xlsx"))
+    assert len(rows) == 6
+    assert [row[0] for row in rows[1:5]] == ["2", "3", "4", "5"]
+    assert "共有 10 条问题" in rows[5][8]
+    assert "前 4 条" in rows[5][8]
+    assert "CSV" in rows[5][8]
+    # the CSV report holds them all
+    assert len(read_csv(write_csv_report(source, tmp_path / "r.csv"))) == 11
+    # exactly full: no note
+    exact = findings_file(tmp_path / "g.parquet", [finding(line) for line in range(2, 7)])
+    assert len(read_xlsx(write_xlsx_report(exact, tmp_path / "s.xlsx"))) == 6
+
+
+def test_reports_from_validation(tmp_path: Path) -> None:
+    catalog = TemplateCatalog.load()
+    loan = catalog.get("EAST_DGXDYWJJB")
+    rows = [loan_row(1, BEIZ="=1+1", JJJE="-1,000.00")]
+    staged = stage(tmp_path, loan, rows)
+    result = validate_staged(staged, loan, context(), tmp_path / "work", catalog=catalog)
+    csv_rows = read_csv(write_csv_report(result.findings_path, tmp_path / "r.csv"))
+    amount = next(row for row in csv_rows if row[4] == "AUTO-FORMAT-JJJE")
+    assert amount[3] == "'-1,000.00"
+    assert amount[6] == "错误"
+    xlsx_rows = read_xlsx(write_xlsx_report(result.findings_path, tmp_path / "r.xlsx"))
+    assert len(xlsx_rows) == len(csv_rows)
+    assert all(isinstance(cell, str) or cell is None for row in xlsx_rows for cell in row)
+
+
+def test_escape_cell_moved_to_core() -> None:
+    from admin_api import spreadsheets
+
+    assert spreadsheets.escape_cell is escape_cell
+    assert escape_cell("=1") == "'=1"
+    assert escape_cell("1=") == "1="
