@@ -1,0 +1,677 @@
+"""Throughput and memory of report-intake validation against a bare DuckDB read and pandera.
+
+One run generates a 对公信贷业务借据表 (EAST_DGXDYWJJB) file with ``benchmarks/intake_data.py``
+(default 1,000,000 rows × 30 columns, about 2 % of rows failing) and measures, each in its own
+child process, several rounds interleaved:
+
+(a) a bare DuckDB read of the file as text, ``read_csv(..., all_varchar=true)``, with an
+    aggregate that touches every column;
+(b) our intake end to end: ``intake.reader.stage_file`` + ``intake.validate.validate_staged`` +
+    writing the row-level error report (CSV);
+(c) pandera's Polars backend checking the same field and row rules, written as vectorised Polars
+    expressions, ``lazy=True`` so every failure is collected, failure cases written to CSV.
+
+Each child reports its own elapsed time (imports and template loading excluded) and its peak
+RSS (``VmHWM`` of /proc/self/status). ``ru_maxrss`` from ``wait4`` would not do: with vfork and
+exec the kernel carries the parent's peak over into the child's. The result goes to the ``intake_validation``
+section of docs/benchmarks.md (``--no-write`` only prints it). ``--memory-check`` adds a run of
+(b) on a file of about 2 GB. Generated files live in a temporary folder under /tmp that is
+deleted at the end.
+
+    .venv/bin/python benchmarks/intake_validation.py [--rows N] [--rounds R] [--memory-check] [--no-write]
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import json
+import os
+import platform
+import shutil
+import signal
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from datetime import datetime, timezone
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parent.parent
+if str(ROOT) not in sys.path:
+    sys.path.insert(0, str(ROOT))
+
+from benchmarks import intake_data  # noqa: E402
+from benchmarks.intake_data import LICENSE_NO, PERIOD_END, PERIOD_START, PREVIOUS_END  # noqa: E402
+
+SECTION = "intake_validation"
+TEMPLATE_CODE = "EAST_DGXDYWJJB"
+CHILD_TIMEOUT_SECONDS = 1800
+MEMORY_CHECK_BYTES = 2_000_000_000
+"""Size of the file of the memory check: about 2 GB, below the reader's default limit of 2 GiB."""
+TOOLS = {
+    "a": "(a) DuckDB bare read",
+    "b": "(b) intake: stage + validate + report",
+    "c": "(c) pandera (Polars backend)",
+}
+AGGREGATE_CHECKS = frozenset({"R-JJ-020", "R-JJ-021"})
+"""pandera checks that return one value for the whole file, not a row."""
+
+
+# --- (a) bare DuckDB read ------------------------------------------------------------------------------
+
+
+def child_bare_read(spec: dict) -> dict:
+    import duckdb
+
+    from benchmarks.intake_data import LOAN_COLUMNS
+
+    touched = ", ".join(f'sum(length("{code}"))' for code in LOAN_COLUMNS)
+    con = duckdb.connect(":memory:")
+    started = time.perf_counter()
+    row = con.execute(
+        f"SELECT count(*), {touched} FROM read_csv(?, delim='|', header=true, all_varchar=true)", [spec["loans"]]
+    ).fetchone()
+    seconds = time.perf_counter() - started
+    con.close()
+    return {"seconds": seconds, "rows": row[0], "findings": None}
+
+
+# --- (b) our validation -------------------------------------------------------------------------------
+
+
+def child_intake(spec: dict) -> dict:
+    import duckdb
+
+    from intake.reader import stage_file
+    from intake.template_model import TemplateCatalog
+    from intake.validate import ValidationContext, validate_staged
+
+    catalog = TemplateCatalog.load()
+    template = catalog.get(TEMPLATE_CODE)
+    work = Path(spec["work"]) / f"intake-{os.getpid()}"
+    (work / "staging").mkdir(parents=True)
+    context = ValidationContext(
+        period_end=PERIOD_END,
+        period_start=PERIOD_START,
+        institution_identifiers=frozenset({LICENSE_NO}),
+        batch={code: Path(path) for code, path in spec["batch"].items()},
+        warehouse={TEMPLATE_CODE: [Path(spec["warehouse"])]},
+        memory_limit=spec["memory_limit"],
+    )
+    report = work / "error_report.csv"
+    started = time.perf_counter()
+    staged = stage_file(Path(spec["loans"]), f"{TEMPLATE_CODE}.txt", template.file_layout(), work / "staging")
+    staged_at = time.perf_counter()
+    result = validate_staged(staged, template, context, work / "validate", catalog=catalog)
+    validated_at = time.perf_counter()
+    writer = _error_report_writer()
+    if writer is not None:
+        writer(result, report)
+    else:
+        con = duckdb.connect(":memory:")
+        con.execute(f"SET memory_limit = '{spec['memory_limit']}'")
+        con.execute(
+            f"COPY (SELECT * FROM read_parquet(?) ORDER BY line NULLS FIRST) TO '{report}' (HEADER, DELIMITER ',')",
+            [str(result.findings_path)],
+        )
+        con.close()
+    finished = time.perf_counter()
+    con = duckdb.connect(":memory:")
+    lines, findings = con.execute(
+        "SELECT count(DISTINCT line), count(*) FROM read_parquet(?)", [str(result.findings_path)]
+    ).fetchone()
+    by_kind = dict(con.execute(
+        "SELECT rule_kind, count(*) FROM read_parquet(?) GROUP BY ALL ORDER BY ALL", [str(result.findings_path)]
+    ).fetchall())
+    con.close()
+    return {
+        "seconds": finished - started,
+        "stage_seconds": staged_at - started,
+        "validate_seconds": validated_at - staged_at,
+        "report_seconds": finished - validated_at,
+        "report_writer": "intake.error_report.write_csv_report" if writer is not None else "DuckDB COPY of the findings Parquet",
+        "rows": staged.rows,
+        "findings": findings,
+        "failing_rows": lines,
+        "by_rule": dict(sorted(result.rule_counts.items())),
+        "by_kind": by_kind,
+        "counts": dict(result.counts),
+        "skipped": [rule.rule_id for rule in result.skipped_rules],
+        "staging_bytes": staged.path.stat().st_size,
+    }
+
+
+def _error_report_writer():
+    """Return a callable (result, path) that writes the CSV error report with intake/error_report.py, or None."""
+    if importlib.util.find_spec("intake.error_report") is None:
+        return None
+    from intake import error_report
+
+    if not hasattr(error_report, "write_csv_report"):
+        return None
+    return lambda result, path: error_report.write_csv_report(result.findings_path, path)
+
+
+# --- (c) pandera with its Polars backend ------------------------------------------------------------
+
+
+def pandera_schema(references: dict, aggregates: dict):
+    """The template's field and row rules as a pandera DataFrameSchema of vectorised Polars expressions.
+
+    ``references`` contains the key Series that the reference and history rules look up.
+    ``aggregates`` contains the G01 value and the previous period's total for R-JJ-020 and R-JJ-021.
+    Semantics follow intake/validate.py: text counts as empty when blank, a rule whose values are
+    empty or not of their type skips the row, and a failed ``when`` means the rule does not apply.
+    """
+    import polars as pl
+    import pandera.polars as pa
+
+    from intake.template_model import TemplateCatalog
+
+    template = TemplateCatalog.load().get(TEMPLATE_CODE)
+
+    def check(name: str, passes: pl.Expr) -> pa.Check:
+        """Build a check whose expression is True for a good row. A NULL result counts as good."""
+        return pa.Check(lambda data: data.lazyframe.select(passes.fill_null(True).alias("ok")), name=name)
+
+    def present(code: str) -> pl.Expr:
+        value = pl.col(code)
+        if template.field(code).type == "text":
+            value = value.str.strip_chars()
+        return value.is_not_null() & (value != "")
+
+    def type_pattern(code: str) -> str | None:
+        item = template.field(code)
+        if item.type == "integer":
+            return rf"^[+-]?[0-9]{{1,{item.length or 38}}}$"
+        if item.type == "decimal":
+            integer_digits = max((item.precision or 38) - (item.scale or 0), 1)
+            return rf"^[+-]?[0-9]{{1,{integer_digits}}}(\.[0-9]{{1,{item.scale}}})?$"
+        if item.type == "date":
+            return r"^[0-9]{8}$"
+        return None
+
+    def typed(code: str) -> pl.Expr:
+        """Return the value as a number or date, NULL when empty or invalid, so that compare rules skip the row."""
+        item = template.field(code)
+        value = pl.col(code)
+        if item.type in ("text", "code"):
+            return pl.when(present(code)).then(value)
+        ok = value.str.contains(type_pattern(code))
+        if item.type == "date":
+            return pl.when(ok).then(value.str.to_date("%Y%m%d", strict=False))
+        return pl.when(ok).then(value.cast(pl.Decimal(38, item.scale or 0), strict=False))
+
+    def uscc_ok(code: str) -> pl.Expr:
+        alphabet = "0123456789ABCDEFGHJKLMNPQRTUWXY"
+        weights = (1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28)
+        mapping = {char: index for index, char in enumerate(alphabet)}
+        value = pl.col(code)
+        total = pl.sum_horizontal(
+            value.str.slice(position, 1).replace_strict(mapping, default=None, return_dtype=pl.Int32) * weight
+            for position, weight in enumerate(weights)
+        )
+        expected = ((31 - total % 31) % 31).replace_strict(dict(enumerate(alphabet)), default=None, return_dtype=pl.String)
+        return value.str.contains(r"^[0-9]{8}[0-9A-HJ-NP-RTUW-Y]{10}$") & (value.str.slice(17, 1) == expected)
+
+    # Field rules: not null, length, type, code list, pattern, named check (AUTO- rules and R-JJ-001/005/007).
+    columns = {}
+    for item in template.fields:
+        code = item.code
+        value = pl.col(code)
+        checks = []
+        if item.required:
+            checks.append(check(f"NOTNULL-{code}", present(code)))
+        if item.type in ("text", "code") and item.length:
+            checks.append(check(f"LENGTH-{code}", value.str.len_chars() <= item.length))
+        pattern = type_pattern(code)
+        if pattern is not None:
+            ok = value.str.contains(pattern)
+            if item.type == "date":
+                ok = ok & value.str.to_date("%Y%m%d", strict=False).is_not_null()
+            checks.append(check(f"TYPE-{code}", pl.when(present(code)).then(ok)))
+        codes = template.allowed_codes(code)
+        if codes is not None:
+            allowed = pl.Series(list(codes), dtype=pl.String)
+            if item.multi:
+                ok = value.str.split(";").list.eval(pl.element().is_in(allowed)).list.all()
+            else:
+                ok = value.is_in(allowed)
+            checks.append(check(f"CODELIST-{code}", pl.when(present(code)).then(ok)))
+        if item.format is not None and item.format.pattern:
+            checks.append(check(f"PATTERN-{code}", pl.when(present(code)).then(value.str.contains(item.format.pattern))))
+        if item.format is not None and item.format.check == "license_no":
+            checks.append(check(f"CHECK-{code}", pl.when(present(code)).then(value.str.contains(r"^[A-Z][0-9]{4}[A-Z][0-9]{9}$"))))
+        if item.institution:
+            checks.append(check(f"INSTITUTION-{code}", pl.when(present(code)).then(value.is_in([LICENSE_NO]))))
+        columns[code] = pa.Column(pl.String, checks=checks, nullable=True)
+
+    def compare(rule: str, left: pl.Expr, op: str, right: pl.Expr, when: pl.Expr | None = None) -> pa.Check:
+        result = {">=": left >= right, "<=": left <= right, "=": left == right, ">": left > right}[op]
+        if when is not None:
+            result = pl.when(when.fill_null(False)).then(result)
+        return check(rule, result)
+
+    def key(*codes: str) -> pl.Expr:
+        return pl.concat_str([pl.col(code) for code in codes], separator="\x1f")
+
+    start, end = pl.lit(PERIOD_START), pl.lit(PERIOD_END)
+    status = pl.col("DKZT")
+    cny_open = (pl.col("BZ") == "CNY") & ~status.is_in(["04", "05", "06"])
+    balance_now = typed("JJYE").filter(pl.col("BZ") == "CNY").sum()
+    reconcile_diff = (typed("JJYE").filter(cny_open).sum().cast(pl.Float64) - aggregates["g01_7_1"] * 10_000).abs()
+    baseline = aggregates["previous_cny_balance"]
+    row_rules = [
+        check("R-JJ-002", pl.when(status == "03").then(present("ZQDQRQ"))),
+        check(
+            "R-JJ-004",
+            pl.when((typed("DKFFRQ") >= start) & present("JRXKZH") & present("JJH"))
+            .then(~key("JRXKZH", "JJH").is_in(references["history"])),
+        ),
+        check("R-JJ-006", pl.when((pl.col("ZJLX") == "01") & present("ZJHM")).then(uscc_ok("ZJHM"))),
+        compare("R-JJ-008", typed("DKDQRQ"), ">=", typed("DKFFRQ")),
+        compare("R-JJ-009", typed("JJYE"), "<=", typed("JJJE")),
+        compare("R-JJ-010", typed("CJRQ"), "=", end),
+        compare("R-JJ-011", typed("DKFFRQ"), "<=", typed("CJRQ")),
+        compare("R-JJ-012", typed("ZQDQRQ"), ">", typed("DKDQRQ")),
+        compare("R-JJ-013", typed("JJYE"), "=", pl.lit(0), status.is_in(["04", "05", "06"])),
+        compare("R-JJ-014", typed("SJLL"), ">=", pl.lit(0)),
+        compare("R-JJ-015", typed("SJLL"), "<=", pl.lit(24)),
+        check("R-JJ-016", pl.when(typed("YQTS") > 90).then(pl.col("WJFL").is_in(["03", "04", "05"]))),
+        compare("R-JJ-017", typed("YQTS"), ">", pl.lit(0), status == "02"),
+        check(
+            "R-JJ-018",
+            pl.when(present("JRXKZH") & present("HTH")).then(key("JRXKZH", "HTH").is_in(references["contracts"])),
+        ),
+        check(
+            "R-JJ-019",
+            pl.when(present("JRXKZH") & present("KHTYBH")).then(key("JRXKZH", "KHTYBH").is_in(references["customers"])),
+        ),
+        # Aggregates give one value for the whole file.
+        # NOTE: they sum in Float64, not DECIMAL as (b) does, which is close enough for these tolerances.
+        check("R-JJ-020", (reconcile_diff <= 10_000) | (reconcile_diff <= 0.005 * abs(aggregates["g01_7_1"] * 10_000))),
+        check("R-JJ-021", ((balance_now.cast(pl.Float64) - baseline) / abs(baseline)).abs() <= 0.3),
+    ]
+    return pa.DataFrameSchema(columns, checks=row_rules, unique=["JRXKZH", "JJH"], strict=True, ordered=True)
+
+
+def child_pandera(spec: dict) -> dict:
+    import polars as pl
+    import pandera.errors
+    import pandera.polars  # noqa: F401  (import cost outside the measurement)
+
+    started = time.perf_counter()
+    keys = {}
+    for name, path, codes in (("contracts", spec["contracts"], ("JRXKZH", "HTH")),
+                              ("customers", spec["customers"], ("JRXKZH", "KHTYBH"))):
+        keys[name] = (
+            pl.scan_csv(path, separator="|", infer_schema=False)
+            .select(pl.concat_str([pl.col(code) for code in codes], separator="\x1f").alias("k"))
+            .collect()["k"]
+        )
+    previous = pl.scan_parquet(spec["warehouse"])
+    keys["history"] = (
+        previous.filter(pl.col("_period") < PERIOD_END.strftime("%Y%m%d"))
+        .select(pl.concat_str([pl.col("JRXKZH"), pl.col("JJH")], separator="\x1f").alias("k"))
+        .unique()
+        .collect()["k"]
+    )
+    previous_balance = (
+        previous.filter((pl.col("_period") == PREVIOUS_END.strftime("%Y%m%d")) & (pl.col("BZ") == "CNY"))
+        .select(pl.col("JJYE").cast(pl.Float64, strict=False).sum())
+        .collect()
+        .item()
+    )
+    g01 = pl.read_csv(spec["g01"], infer_schema=False)
+    line = g01.filter((pl.col("XMDM") == "7.1") & (pl.col("JRXKZH") == LICENSE_NO))["RMB"].cast(pl.Float64).sum()
+    schema = pandera_schema(keys, {"g01_7_1": line, "previous_cny_balance": previous_balance})
+    frame = pl.scan_csv(spec["loans"], separator="|", infer_schema=False).collect()
+    try:
+        schema.validate(frame, lazy=True)
+        failures = None
+    except pandera.errors.SchemaErrors as exc:
+        failures = exc.failure_cases
+    report = Path(spec["work"]) / f"pandera-{os.getpid()}.csv"
+    if failures is not None:
+        failures.write_csv(report)
+    seconds = time.perf_counter() - started
+    if failures is None:
+        return {"seconds": seconds, "rows": frame.height, "findings": 0, "failing_rows": 0, "by_rule": {}}
+    by_check = dict(failures.group_by("check").len().sort("check").iter_rows())
+    row_failures = failures.filter(~pl.col("check").is_in(list(AGGREGATE_CHECKS)))
+    return {
+        "seconds": seconds,
+        "rows": frame.height,
+        "findings": failures.height,
+        "failing_rows": row_failures["index"].drop_nulls().n_unique(),
+        "by_rule": by_check,
+    }
+
+
+# --- running children ---------------------------------------------------------------------------------------
+
+CHILDREN = {"a": child_bare_read, "b": child_intake, "c": child_pandera}
+
+
+def run_child(tool: str, spec_path: Path, work: Path) -> dict:
+    """Run one measurement in a fresh interpreter and return its result (killed after CHILD_TIMEOUT_SECONDS)."""
+    out_path = work / f"child-{tool}-{time.monotonic_ns()}.json"
+    command = [sys.executable, str(Path(__file__).resolve()), "--child", tool, "--spec", str(spec_path), "--out", str(out_path)]
+    process = subprocess.Popen(command, cwd=ROOT)
+    timer = threading.Timer(CHILD_TIMEOUT_SECONDS, lambda: os.kill(process.pid, signal.SIGKILL))
+    timer.start()
+    try:
+        _, status = os.waitpid(process.pid, 0)
+    finally:
+        timer.cancel()
+    process.returncode = os.waitstatus_to_exitcode(status)
+    if process.returncode != 0:
+        raise RuntimeError(f"child {tool} failed with exit code {process.returncode}; see its output above")
+    result = json.loads(out_path.read_text(encoding="utf-8"))
+    out_path.unlink()
+    return result
+
+
+def peak_rss_mib() -> float:
+    """Peak resident set size of this process since its exec, in MiB."""
+    with open("/proc/self/status", encoding="ascii") as handle:
+        for line in handle:
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
+    raise RuntimeError("VmHWM missing from /proc/self/status")
+
+
+def stage_batch(data: intake_data.DataSet, work: Path) -> dict[str, str]:
+    """Stage the batch files the reference and reconcile rules read, as a submission would (not timed)."""
+    from intake.reader import stage_file
+    from intake.template_model import TemplateCatalog
+
+    catalog = TemplateCatalog.load()
+    target = work / "batch"
+    target.mkdir()
+    batch = {}
+    for code, path in (("EAST_XDHTB", data.contracts), ("EAST_DGKHXXB", data.customers), ("G01", data.g01)):
+        staged = stage_file(path, path.name, catalog.get(code).file_layout(), target)
+        batch[code] = str(staged.path)
+    return batch
+
+
+def validator_ready() -> bool:
+    if importlib.util.find_spec("intake.validate") is None:
+        return False
+    try:
+        from intake import validate
+    except Exception:  # noqa: BLE001 - a half-written module counts as not ready
+        return False
+    return hasattr(validate, "validate_staged") and hasattr(validate, "ValidationContext")
+
+
+# --- report -------------------------------------------------------------------------------------------------
+
+
+def machine() -> dict:
+    cpu = platform.processor() or "unknown CPU"
+    with open("/proc/cpuinfo", encoding="utf-8") as handle:
+        for line in handle:
+            if line.startswith("model name"):
+                cpu = line.split(":", 1)[1].strip()
+                break
+    with open("/proc/meminfo", encoding="utf-8") as handle:
+        total_kib = int(next(line for line in handle if line.startswith("MemTotal")).split()[1])
+    versions = {}
+    for module in ("duckdb", "polars", "pyarrow", "pandera"):
+        try:
+            versions[module] = __import__(module).__version__
+        except ImportError:
+            versions[module] = "not installed"
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "memory_gib": total_kib / 1024**2,
+        "python": platform.python_version(),
+        "os": platform.platform(),
+        "versions": versions,
+        "load": os.getloadavg()[0],
+    }
+
+
+def _throughput(best: dict, size: int, rows: int) -> tuple[float, float]:
+    return size / best["seconds"] / 1e6, rows / best["seconds"]
+
+
+def render(data: intake_data.DataSet, results: dict[str, list[dict]], info: dict, command: str,
+           rounds: int, generate_seconds: float, memory: dict | None, note: str | None) -> str:
+    size_mb = data.size / 1e6
+    best = {tool: min(runs, key=lambda run: run["seconds"]) for tool, runs in results.items() if runs}
+    lines = [
+        "## Report intake validation (对公信贷业务借据表)",
+        "",
+        "Measured by `benchmarks/intake_validation.py`; this section is generated by it, so rerun the",
+        "script instead of editing the figures by hand.",
+        "",
+    ]
+    if note:
+        lines += [f"**Incomplete:** {note}", ""]
+    versions = info["versions"]
+    lines += [
+        "### Machine and command",
+        "",
+        f"- CPU: {info['cpu']}, {info['cores']} logical cores; memory {info['memory_gib']:.1f} GiB",
+        f"- OS: {info['os']}; Python {info['python']}",
+        f"- DuckDB {versions['duckdb']}, Polars {versions['polars']}, pandera {versions['pandera']}, PyArrow {versions['pyarrow']}",
+        f"- Command: `{command}`",
+        f"- Date: {datetime.now(timezone.utc).strftime('%Y-%m-%d %H:%M')} UTC",
+        "",
+        "### Data",
+        "",
+        f"- `EAST_DGXDYWJJB.txt`: {data.rows:,} rows × 30 columns, `|`-delimited, UTF-8, {size_mb:,.1f} MB, "
+        f"generated by `benchmarks/intake_data.py` (seed {data.seed}) in {generate_seconds:.1f} s.",
+        f"- {data.failing_rows:,} rows ({data.failing_rows / data.rows:.2%}) carry one planted failure each, "
+        f"spread over {len(data.planted)} kinds: " + ", ".join(f"{name} {count:,}" for name, count in data.planted.items()) + ".",
+        f"- Batch files for the reference and reconcile rules: 信贷合同表 {data.contract_rows:,} rows, "
+        f"对公客户信息表 {data.customer_rows:,} rows, G01 (24 lines), staged before the measurement. "
+        f"Previous period (2026-10) in the warehouse: {data.warehouse_rows:,} rows in one Parquet file.",
+        "- All 21 template rules and the derived AUTO- rules run: not_null, unique (file and history), code_list, "
+        "format (including the USCC check digit), compare, reference, reconcile against G01 and fluctuation.",
+        "",
+        "### Figures",
+        "",
+        f"Best of {rounds} round{'s' if rounds > 1 else ''}; every round runs (a), (b) and (c) once each, in that order, each in a fresh "
+        "child process. Times exclude interpreter start, imports and template loading. Peak RSS is the highest "
+        "of the rounds, each the child's `VmHWM` from /proc/self/status at its end.",
+        "",
+        "| Measurement | Seconds | MB/s | Rows/s | Peak RSS |",
+        "|---|---:|---:|---:|---:|",
+    ]
+    for tool in ("a", "b", "c"):
+        if tool not in best:
+            lines.append(f"| {TOOLS[tool]} | not run | | | |")
+            continue
+        mbps, rps = _throughput(best[tool], data.size, data.rows)
+        peak = max(run["peak_rss_mib"] for run in results[tool])
+        lines.append(f"| {TOOLS[tool]} | {best[tool]['seconds']:.2f} | {mbps:,.1f} | {rps:,.0f} | {peak:,.0f} MiB |")
+    lines.append("")
+    lines.append("All rounds, seconds: " + "; ".join(
+        f"{TOOLS[tool].split(' ', 1)[0]} " + ", ".join(f"{run['seconds']:.2f}" for run in runs) for tool, runs in results.items()
+    ) + ".")
+    lines.append("")
+    if "b" in best:
+        b = best["b"]
+        lines.append(
+            f"(b) split: staging {b['stage_seconds']:.2f} s, validation {b['validate_seconds']:.2f} s, "
+            f"error report {b['report_seconds']:.2f} s ({b['report_writer']}); staging Parquet "
+            f"{b['staging_bytes'] / 1e6:,.1f} MB."
+        )
+        lines.append("")
+    lines += ["| Ratio (throughput) | Value | Goal |", "|---|---:|---:|"]
+    if "a" in best and "b" in best:
+        lines.append(f"| (b) / (a) | {best['a']['seconds'] / best['b']['seconds']:.0%} | ≥ 40% |")
+    if "b" in best and "c" in best:
+        lines.append(f"| (b) / (c) | {best['c']['seconds'] / best['b']['seconds']:.2f}× | ≥ 1.5× |")
+    if "a" in best and "c" in best:
+        lines.append(f"| (c) / (a) | {best['a']['seconds'] / best['c']['seconds']:.0%} | |")
+    lines.append("")
+    if memory is not None:
+        lines += ["### Memory at about 2 GB", ""]
+        if memory.get("skipped"):
+            lines.append(f"Not run: {memory['skipped']}")
+        else:
+            lines.append(
+                f"(b) on a {memory['size'] / 1e9:.2f} GB file ({memory['rows']:,} rows, memory_limit "
+                f"{memory['memory_limit']}): {memory['seconds']:.1f} s ({memory['size'] / memory['seconds'] / 1e6:,.1f} MB/s), "
+                f"peak RSS {memory['peak_rss_mib']:,.0f} MiB (goal ≤ 1 GB = 954 MiB); "
+                f"{memory['findings']:,} findings on {memory['failing_rows']:,} rows."
+            )
+        lines.append("")
+    lines += ["### What each tool found", ""]
+    if "b" in best:
+        b = best["b"]
+        kinds = ", ".join(f"{kind} {count:,}" for kind, count in b["by_kind"].items())
+        lines.append(
+            f"- (b) {b['findings']:,} findings on {b['failing_rows']:,} distinct lines "
+            f"({b['counts'].get('error', 0):,} errors, {b['counts'].get('warning', 0):,} warnings); by rule kind: {kinds}. "
+            f"Skipped rules: {', '.join(b['skipped']) or 'none'}."
+        )
+    if "c" in best:
+        c = best["c"]
+        lines.append(
+            f"- (c) {c['findings']:,} failure cases on {c['failing_rows']:,} distinct rows, from "
+            f"{len(c['by_rule'])} failing checks."
+        )
+    lines.append(f"- Planted: {data.failing_rows:,} failing rows; a duplicate key makes two rows fail, and some planted "
+                 "failures break more than one rule (an unknown 金融许可证号 also misses both references).")
+    if "b" in best and "c" in best:
+        lines += [
+            "",
+            "Findings per rule, (b) by rule id and (c) by check name (AUTO-NOTNULL/CODELIST/FORMAT in (b) correspond "
+            "to NOTNULL, CODELIST, LENGTH, TYPE, PATTERN and CHECK in (c)):",
+            "",
+            "| Rule | (b) | (c) |",
+            "|---|---:|---:|",
+        ]
+        for rule_id in sorted(set(best["b"]["by_rule"]) | {name for name in best["c"]["by_rule"] if name.startswith("R-")}):
+            pandera_count = best["c"]["by_rule"].get(rule_id)
+            if rule_id in ("R-JJ-003", "AUTO-UNIQUE-PK"):
+                pandera_count = best["c"]["by_rule"].get("multiple_fields_uniqueness")
+            lines.append(f"| {rule_id} | {best['b']['by_rule'].get(rule_id, 0):,} | "
+                         f"{'' if pandera_count is None else f'{pandera_count:,}'} |")
+        passed = sorted(AGGREGATE_CHECKS - set(best["b"]["by_rule"]) - set(best["c"]["by_rule"]))
+        if passed:
+            lines += ["", f"{', '.join(passed)} (reconcile with G01, fluctuation against 2026-10) ran and passed in both."]
+        field_checks = {name: count for name, count in best["c"]["by_rule"].items()
+                        if not name.startswith("R-") and name != "multiple_fields_uniqueness"}
+        lines += ["", "(c) field checks: " + ", ".join(f"{name} {count:,}" for name, count in sorted(field_checks.items())) + "."]
+    lines += [
+        "",
+        "### Notes",
+        "",
+        "- (a) only parses: `SELECT count(*), sum(length(col)) for each of the 30 columns FROM read_csv(path, "
+        "delim='|', header=true, all_varchar=true)`.",
+        "- (b) also hashes the file (SM3), normalises code, number and date fields (NFKC, trim), writes the "
+        "staging Parquet (zstd) and builds a Chinese message for every finding; (a) and (c) do none of that.",
+        "- (c) reads with `pl.scan_csv(..., infer_schema=False)` (all strings), builds the lookup sets from "
+        "the batch CSV files and the warehouse Parquet inside the measurement, and writes pandera's failure "
+        "cases to CSV. The rules are written as Polars expressions, one pandera check each, with the same "
+        "NULL and `when` semantics as (b); it has no per-row Python.",
+        f"- The machine is shared with other work (load average {info['load']:.1f} at the end of the run).",
+    ]
+    return "\n".join(lines) + "\n"
+
+
+# --- main -----------------------------------------------------------------------------------------------
+
+
+def memory_check(work: Path, seed: int, memory_limit: str, batch_for: callable) -> dict:
+    free = shutil.disk_usage(work).free
+    if free < 3 * MEMORY_CHECK_BYTES:
+        message = (f"only {free / 1e9:.1f} GB free under {work}, less than 3 × {MEMORY_CHECK_BYTES / 1e9:.0f} GB "
+                   "needed for the file, its staging Parquet and DuckDB's spill files")
+        print(f"memory check skipped: {message}", file=sys.stderr)
+        return {"skipped": message}
+    folder = work / "memory"
+    rows = intake_data.estimate_rows(MEMORY_CHECK_BYTES, seed)
+    print(f"memory check: generating about {MEMORY_CHECK_BYTES / 1e9:.0f} GB ({rows:,} rows)", file=sys.stderr)
+    data = intake_data.generate(folder / "data", rows, seed, log=lambda text: print(text, file=sys.stderr))
+    spec = _spec(data, batch_for(data, folder), folder, memory_limit)
+    result = run_child("b", spec, folder)
+    result.update(size=data.size, rows=data.rows, memory_limit=memory_limit)
+    shutil.rmtree(folder, ignore_errors=True)
+    return result
+
+
+def _spec(data: intake_data.DataSet, batch: dict, work: Path, memory_limit: str) -> Path:
+    spec = json.loads(data.to_json())
+    spec.update(batch=batch, work=str(work), memory_limit=memory_limit)
+    path = work / "spec.json"
+    path.write_text(json.dumps(spec), encoding="utf-8")
+    return path
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--rows", type=int, default=1_000_000)
+    parser.add_argument("--scale-bytes", type=int, default=None, help="generate a file of about this many bytes instead of --rows")
+    parser.add_argument("--seed", type=int, default=20261130)
+    parser.add_argument("--rounds", type=int, default=3)
+    parser.add_argument("--memory-limit", default="1GB", help="DuckDB memory_limit of the validator (ValidationContext)")
+    parser.add_argument("--memory-check", action="store_true", help="also run (b) on a file of about 2 GB (slow, needs disk)")
+    parser.add_argument("--no-write", action="store_true", help="print the section instead of writing docs/benchmarks.md")
+    parser.add_argument("--child", choices=sorted(CHILDREN), help=argparse.SUPPRESS)
+    parser.add_argument("--spec", type=Path, help=argparse.SUPPRESS)
+    parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
+    args = parser.parse_args(argv)
+
+    if args.child:
+        spec = json.loads(args.spec.read_text(encoding="utf-8"))
+        result = CHILDREN[args.child](spec)
+        result["peak_rss_mib"] = peak_rss_mib()
+        args.out.write_text(json.dumps(result, ensure_ascii=False), encoding="utf-8")
+        return 0
+
+    rounds = max(1, min(args.rounds, 10))
+    command = "python benchmarks/intake_validation.py " + " ".join(argv if argv is not None else sys.argv[1:])
+    work = Path(tempfile.mkdtemp(prefix="intake_validation-", dir="/tmp"))
+    try:
+        ready = validator_ready()
+        note = None if ready else ("intake/validate.py was not available, so (b) was not measured; "
+                                   "only (a) and (c) ran.")
+        started = time.perf_counter()
+        rows = intake_data.estimate_rows(args.scale_bytes, args.seed) if args.scale_bytes else args.rows
+        data = intake_data.generate(work / "data", rows, args.seed, log=lambda text: print(text, file=sys.stderr))
+        generate_seconds = time.perf_counter() - started
+        print(f"generated {data.rows:,} rows, {data.size / 1e6:,.1f} MB in {generate_seconds:.1f} s", file=sys.stderr)
+
+        def batch_for(dataset: intake_data.DataSet, folder: Path) -> dict:
+            return stage_batch(dataset, folder) if ready else {}
+
+        spec = _spec(data, batch_for(data, work), work, args.memory_limit)
+        tools = ["a", "b", "c"] if ready else ["a", "c"]
+        results: dict[str, list[dict]] = {tool: [] for tool in tools}
+        for number in range(rounds):
+            for tool in tools:
+                result = run_child(tool, spec, work)
+                results[tool].append(result)
+                print(f"round {number + 1}: {TOOLS[tool]} {result['seconds']:.2f} s, "
+                      f"peak RSS {result['peak_rss_mib']:.0f} MiB", file=sys.stderr)
+        memory = None
+        if args.memory_check:
+            memory = memory_check(work, args.seed, args.memory_limit, batch_for) if ready else {
+                "skipped": "intake/validate.py was not available"}
+        body = render(data, results, machine(), command, rounds, generate_seconds, memory, note)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    if args.no_write:
+        print(body)
+    else:
+        from benchmarks.report_page import write_section
+
+        write_section(SECTION, body)
+        print(body)
+        print(f"wrote the {SECTION} section of docs/benchmarks.md", file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
