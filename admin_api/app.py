@@ -39,7 +39,7 @@ from admin_api.keyaccess import open_platform_keystore
 from admin_api.limits import MAX_BODY_BYTES, ChineseTooLarge
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
-from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, tokens, users
+from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, submissions, tokens, users
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -177,7 +177,7 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes):
+                   institution_routes, role_routes, submissions):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me):

@@ -11,7 +11,7 @@ MAX_BODY_BYTES = 1024 * 1024
 MAX_UPLOAD_BODY_BYTES = 12 * 1024 * 1024
 """Import uploads: above the largest import file (institutions 10 MB, users 5 MB), leaving room for the multipart framing."""
 TOO_LARGE_CODE = "PAYLOAD_TOO_LARGE"
-TOO_LARGE_DETAIL = ("请求体超过上限（一般请求 1 MB，导入文件 12 MB），未做任何修改。"
+TOO_LARGE_DETAIL = ("请求体超过上限（一般请求 1 MB，机构和用户导入文件 12 MB，报表文件 2 GB），未做任何修改。"
                     "请缩小请求内容；导入文件请拆分为多个较小的文件后分别导入。")
 
 

@@ -6,9 +6,9 @@ the migrations, not ``Base.metadata.create_all``, create the schema on SQLite an
 
 from __future__ import annotations
 
-from datetime import datetime
+from datetime import date, datetime
 
-from sqlalchemy import JSON, Boolean, ForeignKey, Index, Integer, String, Text, false
+from sqlalchemy import JSON, BigInteger, Boolean, Date, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from admin_api.db import Base, UTCDateTime, utc_now
@@ -323,6 +323,105 @@ class Message(Base):
     deleted: Mapped[bool] = mapped_column(Boolean, default=False)
 
 
+SUBMISSION_STATES: dict[str, str] = {
+    "validation_failed": "校验未通过",
+    "pending_review": "待审核",
+    "accepted": "审核通过",
+    "returned": "已退回",
+    "superseded": "已被新版本替代",
+}
+"""States of a report submission (报表报送) and their Chinese names, used by admin_api.submissions."""
+
+
+class ReportSubmission(Base):
+    """One uploaded version of a report file of an institution, template and period (报表报送).
+
+    A resubmission of the same institution, template and period adds a row with the next
+    ``version`` and marks the previous one ``superseded``. Earlier versions stay readable. The
+    file itself is stored encrypted under the institution's data key (admin_api.submissions).
+    """
+
+    __tablename__ = "report_submissions"
+    __table_args__ = (
+        UniqueConstraint("institution_id", "template_code", "period_end", "version",
+                         name="uq_report_submissions_version"),
+        Index("ix_report_submissions_institution", "institution_id", "period_end", "state"),
+        Index("ix_report_submissions_period", "period_end", "state"),
+        Index("ix_report_submissions_state", "state", "id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
+    template_code: Mapped[str] = mapped_column(String(64))
+    template_version: Mapped[int] = mapped_column(Integer)
+    template_digest: Mapped[str] = mapped_column(String(64))
+    """SM3 of the template file the submission was validated against."""
+    period_end: Mapped[date] = mapped_column(Date)
+    version: Mapped[int] = mapped_column(Integer)
+    """1, 2, ... per institution, template and period."""
+    state: Mapped[str] = mapped_column(String(32))
+    """One of :data:`SUBMISSION_STATES`."""
+    original_filename: Mapped[str] = mapped_column(String(255))
+    file_type: Mapped[str] = mapped_column(String(16))
+    """``text`` or ``xlsx``."""
+    encoding: Mapped[str | None] = mapped_column(String(16), nullable=True)
+    byte_size: Mapped[int] = mapped_column(BigInteger)
+    raw_sm3: Mapped[str] = mapped_column(String(64))
+    """SM3 of the submitted bytes (before encryption)."""
+    raw_path: Mapped[str] = mapped_column(String(500))
+    """Encrypted file, relative to the data directory."""
+    key_version: Mapped[int] = mapped_column(Integer)
+    """Version of the institution's data key that encrypts the file."""
+    row_count: Mapped[int] = mapped_column(Integer)
+    error_count: Mapped[int] = mapped_column(Integer, default=0)
+    warning_count: Mapped[int] = mapped_column(Integer, default=0)
+    explained_warning_count: Mapped[int] = mapped_column(Integer, default=0)
+    findings_path: Mapped[str | None] = mapped_column(String(500), nullable=True)
+    """Findings Parquet file relative to the data directory; NULL when the file was not validated."""
+    submitted_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    submitted_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    reviewed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    reviewed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    review_comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+    institution: Mapped[Institution] = relationship(lazy="joined")
+    submitter: Mapped[User] = relationship(foreign_keys=[submitted_by], lazy="joined")
+    reviewer: Mapped[User | None] = relationship(foreign_keys=[reviewed_by], lazy="joined")
+
+
+class SubmissionEvent(Base):
+    """A state change of a report submission, with who made it and why."""
+
+    __tablename__ = "submission_events"
+    __table_args__ = (Index("ix_submission_events_submission", "submission_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("report_submissions.id", ondelete="CASCADE"))
+    from_state: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    """NULL for the upload that created the submission."""
+    to_state: Mapped[str] = mapped_column(String(32))
+    actor: Mapped[str] = mapped_column(String(64))
+    comment: Mapped[str | None] = mapped_column(Text, nullable=True)
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+class SubmissionRowComment(Base):
+    """A reviewer's comment on one line (and optionally one field) of a returned submission."""
+
+    __tablename__ = "submission_row_comments"
+    __table_args__ = (Index("ix_submission_row_comments_submission", "submission_id", "line"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("report_submissions.id", ondelete="CASCADE"))
+    line: Mapped[int] = mapped_column(Integer)
+    field_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    comment: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
 __all__ = [
     "ApiEndpoint",
     "ApiToken",
@@ -334,6 +433,9 @@ __all__ = [
     "PasswordHistory",
     "ReportNotebook",
     "ReportRun",
+    "ReportSubmission",
     "Schedule",
+    "SubmissionEvent",
+    "SubmissionRowComment",
     "User",
 ]

@@ -90,6 +90,10 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "api_endpoints.read": ("查看接口参数配置", frozenset({"system_admin", "security_admin"})),
     "api_endpoints.write": ("管理接口参数配置", frozenset({"system_admin"})),
     "messages.own": ("查看和处理本人系统消息", _USERS),
+    # Report intake (报表报送): institution users see their own institution's submissions only (admin_api.submissions).
+    "submissions.submit": ("报送报表", frozenset({"reporter", "institution_admin"})),
+    "submissions.read": ("查看报表报送记录", _REGULATORS | {"reporter", "institution_admin"}),
+    "submissions.review": ("审核报表", frozenset({"regulator_reviewer"})),
 }
 
 

@@ -1,0 +1,189 @@
+"""报表报送 and 报表审核: upload report files, list and read submissions, error reports, the original file, review.
+
+Institution users (报送人员, 机构管理员) submit and read their own institution's submissions only;
+regulators read every institution's. Only the regulator reviewer (监管审查员) reviews and
+downloads the original file. Rejected writes are audited with outcome ``failed`` (denials by the
+authorisation checks are audited as ``denied`` where they happen).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import TypeVar
+
+from fastapi import APIRouter, Depends, File, Form, Query, Request, Response, UploadFile
+from fastapi.responses import FileResponse
+from pydantic import BaseModel, ConfigDict, Field
+from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
+
+from admin_api import submissions
+from admin_api.audit import record_event
+from admin_api.deps import get_session, require
+from admin_api.keyaccess import request_keystore
+from admin_api.security import Principal
+from regsandbox_core.errors import RegsandboxError
+
+router = APIRouter()
+T = TypeVar("T")
+
+MAX_SUBMISSION_BODY_BYTES = 2 * 1024**3 + 1024**2
+"""A report file of up to 2 GiB (intake.reader.DEFAULT_MAX_BYTES) plus room for the multipart framing and form fields."""
+REPORT_MEDIA_TYPES = {
+    "csv": "text/csv; charset=utf-8",
+    "xlsx": "application/vnd.openxmlformats-officedocument.spreadsheetml.sheet",
+}
+
+
+class RowCommentBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    line: int = Field(ge=1, le=2_000_000_000)
+    field_code: str | None = Field(default=None, max_length=64)
+    comment: str = Field(min_length=1, max_length=submissions.MAX_COMMENT_LENGTH)
+
+
+class AcceptBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    comment: str | None = Field(default=None, max_length=submissions.MAX_COMMENT_LENGTH)
+
+
+class ReturnBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    comment: str = Field(min_length=1, max_length=submissions.MAX_COMMENT_LENGTH)
+    row_comments: list[RowCommentBody] = Field(default_factory=list)
+
+
+def _audited(request: Request, session: Session, caller: Principal, action: str, resource: str,
+             work: Callable[[], T]) -> T:
+    """Run ``work``. On a platform error, roll back, store a ``failed`` audit event with the code and re-raise.
+
+    403 errors come from ``deny`` or ``check_institution``, which already stored a ``denied`` event.
+    """
+    try:
+        return work()
+    except RegsandboxError as error:
+        session.rollback()
+        if error.status != 403:
+            record_event(request, caller, action, resource, "failed", {"code": error.code})
+        raise
+
+
+@router.post("/submissions", response_model=submissions.SubmissionDetail, status_code=201,
+             max_body_size=MAX_SUBMISSION_BODY_BYTES)
+def submit_report(
+    request: Request,
+    template_code: str = Form(max_length=64, description="报表模板代码，如 EAST_DGXDYWJJB"),
+    period_end: str = Form(max_length=16, description="报告期末日期，YYYYMMDD，如 20261130"),
+    file: UploadFile = File(description="报表文件：按模板分隔的 TXT/CSV（UTF-8 或 GB18030）或 XLSX，最大 2 GB"),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.submit")),
+) -> submissions.SubmissionDetail:
+    """Upload a report file of the caller's institution: staged, validated, stored encrypted, and recorded.
+
+    The state is ``validation_failed`` when an error was found, else ``pending_review``. The previous
+    version of the same template and period becomes ``superseded``. A file that cannot be read is
+    rejected with 422 and the reader's code, and nothing is stored.
+    """
+    resource = f"submission:{caller.institution_code or '-'}/{template_code[:64]}/{period_end[:16]}"
+    row = _audited(request, session, caller, "submissions.submit", resource, lambda: submissions.submit(
+        session, request, caller, request_keystore(request), request.app.state.settings,
+        template_code=template_code, period_text=period_end, filename=file.filename, stream=file.file,
+    ))
+    return submissions.SubmissionDetail.load(session, row)
+
+
+@router.get("/submissions", response_model=list[submissions.SubmissionOut])
+def list_reports(
+    request: Request,
+    response: Response,
+    template_code: str | None = Query(default=None, max_length=64),
+    period_end: str | None = Query(default=None, max_length=16, description="YYYYMMDD"),
+    state: str | None = Query(default=None, max_length=32),
+    institution_code: str | None = Query(default=None, max_length=32),
+    offset: int = Query(default=0, ge=0),
+    limit: int = Query(default=50, ge=1, le=submissions.MAX_PAGE_SIZE),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.read")),
+) -> list[submissions.SubmissionOut]:
+    """List submissions, newest first, with the total in the X-Total-Count header."""
+    rows, total = submissions.list_submissions(
+        session, request, caller, template_code=template_code, period_text=period_end, state=state,
+        institution_code=institution_code, offset=offset, limit=limit)
+    response.headers["X-Total-Count"] = str(total)
+    return [submissions.SubmissionOut.of(row) for row in rows]
+
+
+@router.get("/submissions/{submission_id}", response_model=submissions.SubmissionDetail)
+def read_report(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.read")),
+) -> submissions.SubmissionDetail:
+    """Return one submission with its state changes and the reviewer's row comments."""
+    row = submissions.visible_submission(session, request, caller, submission_id, "submissions.read")
+    return submissions.SubmissionDetail.load(session, row)
+
+
+def _error_report(kind: str, submission_id: int, request: Request, session: Session, caller: Principal) -> FileResponse:
+    path, name = submissions.error_report(session, request, caller, request.app.state.settings, submission_id, kind)
+    return FileResponse(path, media_type=REPORT_MEDIA_TYPES[kind], filename=name,
+                        headers={"Cache-Control": "no-store"})
+
+
+@router.get("/submissions/{submission_id}/errors.csv")
+def report_errors_csv(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.read")),
+) -> FileResponse:
+    """Download the validation findings as CSV (UTF-8 with BOM)."""
+    return _error_report("csv", submission_id, request, session, caller)
+
+
+@router.get("/submissions/{submission_id}/errors.xlsx")
+def report_errors_xlsx(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.read")),
+) -> FileResponse:
+    """Download the validation findings as an XLSX workbook."""
+    return _error_report("xlsx", submission_id, request, session, caller)
+
+
+@router.get("/submissions/{submission_id}/raw")
+def report_raw(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.review")),
+) -> FileResponse:
+    """Download the submitted file as uploaded (decrypted). The access is audited as a read of protected data."""
+    path, name = _audited(request, session, caller, "submissions.raw_read", f"submission:{submission_id}",
+                          lambda: submissions.decrypt_raw(session, request, caller, request_keystore(request),
+                                                          request.app.state.settings, submission_id))
+    return FileResponse(path, media_type="application/octet-stream", filename=name,
+                        headers={"Cache-Control": "no-store"},
+                        background=BackgroundTask(path.unlink, missing_ok=True))
+
+
+@router.post("/submissions/{submission_id}/accept", response_model=submissions.SubmissionDetail)
+def accept_report(
+    submission_id: int, request: Request, body: AcceptBody | None = None, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.review")),
+) -> submissions.SubmissionDetail:
+    """Accept a submission that is pending review (审核通过) and send the submitter a system message."""
+    comment = body.comment if body else None
+    row = _audited(request, session, caller, "submissions.accept", f"submission:{submission_id}",
+                   lambda: submissions.review(session, request, caller, submission_id, "accepted", comment))
+    return submissions.SubmissionDetail.load(session, row)
+
+
+@router.post("/submissions/{submission_id}/return", response_model=submissions.SubmissionDetail)
+def return_report(
+    submission_id: int, body: ReturnBody, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.review")),
+) -> submissions.SubmissionDetail:
+    """Return a submission that is pending review (退回) with a comment and optional row comments."""
+    row_comments = [submissions.RowCommentIn(item.line, item.field_code, item.comment) for item in body.row_comments]
+    row = _audited(request, session, caller, "submissions.return", f"submission:{submission_id}",
+                   lambda: submissions.review(session, request, caller, submission_id, "returned", body.comment,
+                                              row_comments))
+    return submissions.SubmissionDetail.load(session, row)
