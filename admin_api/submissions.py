@@ -22,6 +22,14 @@ The validation batch of an upload (``ValidationContext.batch``) is the latest no
 submission of each template that the uploaded template's reference and reconcile rules name, of
 the same institution and period. Their encrypted files are decrypted into the work folder and
 staged again, then deleted, so no plaintext staging file outlives a request.
+
+Accepted data enters the warehouse (:mod:`intake.warehouse`). Accepting a submission decrypts its
+file, stages it again and writes the partition of its template, institution and period before the
+state change is committed. When that fails, the submission stays ``pending_review``, the partition
+is as it was, and the reviewer gets ``WAREHOUSE_LOAD_FAILED``. An upload's validation reads the
+partitions of the periods its history-uniqueness, fluctuation, reference and reconcile rules need
+(``ValidationContext.warehouse``), decrypted into the work folder and deleted with it. Only a
+partition whose manifest names a submission that was accepted is used.
 """
 
 from __future__ import annotations
@@ -49,7 +57,8 @@ from sqlalchemy.orm import Session
 from admin_api.audit import add_event
 from admin_api.db import utc_now
 from admin_api.deps import check_institution, deny
-from admin_api.errors import conflict, forbidden, invalid, not_found
+from admin_api.errors import ApiError, conflict, forbidden, invalid, not_found
+from admin_api.keyaccess import request_keystore
 from admin_api.messages import post_message
 from admin_api.models import (
     SUBMISSION_STATES,
@@ -62,9 +71,10 @@ from admin_api.models import (
 from admin_api.security import Principal
 from intake.reader import StagedFile, stage_file
 from intake.template_model import Template, TemplateCatalog
+from intake.warehouse import PeriodSelection, decrypt_for_validation, load_submission, warehouse_needs
 from regsandbox_core.documents import decrypt_document, encrypt_document
 from regsandbox_core.errors import RegsandboxError
-from regsandbox_core.files import fsync_directory
+from regsandbox_core.files import fsync_directory, make_private_dirs
 from regsandbox_core.keystore import KeyStore
 from regsandbox_core.settings import Settings
 
@@ -177,15 +187,6 @@ def raw_associated_data(institution_code: str, raw_sm3: str) -> bytes:
     return f"{ASSOCIATED_DATA_PREFIX}|{institution_code}|{raw_sm3}".encode("ascii")
 
 
-def _private_dirs(path: Path, top: Path) -> None:
-    """Create ``path`` and its parents below ``top`` with mode 0700."""
-    target = top
-    for part in path.relative_to(top).parts:
-        target = target / part
-        target.mkdir(mode=0o700, exist_ok=True)
-        os.chmod(target, 0o700)
-
-
 def _copy_upload(stream: BinaryIO, target: Path) -> None:
     """Copy the spooled upload to ``target`` (0600) in chunks, so memory does not grow with the file."""
     stream.seek(0)
@@ -261,6 +262,67 @@ def _stage_batch(settings: Settings, store: KeyStore, institution_code: str, sou
         finally:
             plain.unlink(missing_ok=True)
     return staged
+
+
+def _accepted_ids(session: Session, institution_id: int,
+                  needs: dict[str, PeriodSelection]) -> dict[str, set[int]]:
+    """Ids of the institution's submissions of the templates in ``needs`` that a reviewer accepted, by template.
+
+    A submission accepted and later superseded by a new upload still counts: its data stay in the
+    warehouse until a newer version is accepted.
+    """
+    if not needs:
+        return {}
+    rows = session.execute(
+        select(ReportSubmission.template_code, ReportSubmission.id)
+        .join(SubmissionEvent, SubmissionEvent.submission_id == ReportSubmission.id)
+        .where(ReportSubmission.institution_id == institution_id,
+               ReportSubmission.template_code.in_(sorted(needs)), SubmissionEvent.to_state == "accepted")
+    )
+    accepted: dict[str, set[int]] = {}
+    for template_code, submission_id in rows:
+        accepted.setdefault(template_code, set()).add(submission_id)
+    return accepted
+
+
+def _load_warehouse(settings: Settings, store: KeyStore, row: ReportSubmission) -> Any:
+    """Decrypt and stage the submission's file again and write it as its warehouse partition.
+
+    Returns the :class:`intake.warehouse.LoadOutcome`. Raises ``WAREHOUSE_LOAD_FAILED`` (Chinese
+    message naming the cause's code), and then the partition is as it was and no plaintext remains.
+    """
+    code = row.institution.code
+    folder = submission_dir(settings, row)
+    work = Path(tempfile.mkdtemp(prefix=".accept-", dir=folder))  # mode 0700
+    try:
+        template = catalog().get(row.template_code, row.template_version)
+        plain = work / "upload.source"
+        decrypt_document(store, code, settings.data_dir / row.raw_path, plain, raw_associated_data(code, row.raw_sm3))
+        text_columns = [item.code for item in template.fields if item.type in ("text", "code")]
+        staged = stage_file(plain, row.original_filename, template.file_layout(), work, sheet=template.code,
+                            text_columns=text_columns)
+        plain.unlink(missing_ok=True)
+        if staged.sm3 != row.raw_sm3:
+            raise RegsandboxError("RAW_DIGEST_MISMATCH", f"解密后的文件摘要 {staged.sm3[:16]}… 与报送记录中的 "
+                                                         f"{row.raw_sm3[:16]}… 不一致。")
+        return load_submission(
+            settings, store, institution_code=code, template_code=template.code, template_version=template.version,
+            field_codes=[item.code for item in template.fields], period_end=row.period_end, staged_path=staged.path,
+            submission_id=row.id, version=row.version, raw_sm3=row.raw_sm3)
+    except RegsandboxError as error:
+        logger.warning("submission %s not loaded into the warehouse: %s", row.id, error.code)
+        raise ApiError("WAREHOUSE_LOAD_FAILED",
+                       f"{label(row)}未能写入数据仓库（{error.code}：{error.message}），审核结果未保存，报送仍为“待审核”。"
+                       "请稍后重试；如仍失败，请联系平台管理员检查机构数据密钥和数据目录。",
+                       status=409 if error.status == 409 else 500) from error
+    except OSError as error:
+        logger.warning("submission %s not loaded into the warehouse: %s", row.id, error)
+        raise ApiError("WAREHOUSE_LOAD_FAILED",
+                       f"{label(row)}未能写入数据仓库（文件系统错误 {type(error).__name__}），审核结果未保存，"
+                       "报送仍为“待审核”。请稍后重试；如仍失败，请联系平台管理员检查数据目录的空间和权限。",
+                       status=500) from error
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
 
 
 # --- output -------------------------------------------------------------------------------------
@@ -405,6 +467,8 @@ def submit(
     institution_id, code = institution.id, institution.code
     identifiers = frozenset({institution.licence_no}) if institution.licence_no else frozenset()
     batch_sources = _batch_sources(session, institution_id, period_end, _related_codes(template))
+    needs = warehouse_needs(template, period_end, period_start(template, period_end))
+    accepted_ids = _accepted_ids(session, institution_id, needs)
     submitter_id = caller.user_id if caller.user_id is not None else session.scalars(
         select(User.id).where(User.username == caller.username)).one()
     # Release the connection while the file is read, which may take minutes for a large file.
@@ -412,7 +476,7 @@ def submit(
 
     original_name = clean_filename(filename)
     top = institution_dir(settings, code)
-    _private_dirs(top, settings.data_dir)
+    make_private_dirs(top, settings.data_dir)
     work = Path(tempfile.mkdtemp(prefix=".upload-", dir=top))  # mode 0700
     final_dir: Path | None = None
     try:
@@ -425,8 +489,9 @@ def submit(
         has_findings = False
         if validate_staged is not None and ValidationContext is not None:
             batch = _stage_batch(settings, store, code, batch_sources, work)
+            warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
             context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
-                                        institution_identifiers=identifiers, batch=batch)
+                                        institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
             result = validate_staged(staged, template, context, work / "validation", catalog=catalog())
             os.replace(result.findings_path, work / FINDINGS_NAME)
             errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
@@ -434,7 +499,7 @@ def submit(
         encrypted = encrypt_document(store, code, source, work / RAW_NAME, raw_associated_data(code, staged.sm3))
         for leftover in (source, staged.path):
             leftover.unlink(missing_ok=True)
-        for folder in ("batch", "validation"):
+        for folder in ("batch", "validation", "warehouse"):
             shutil.rmtree(work / folder, ignore_errors=True)
 
         version = (session.scalar(
@@ -611,8 +676,17 @@ def review(
     decision: str,
     comment: str | None,
     row_comments: Sequence[RowCommentIn] = (),
+    store: KeyStore | None = None,
+    settings: Settings | None = None,
 ) -> ReportSubmission:
-    """Accept or return a submission that is pending review, record the event and tell the submitter."""
+    """Accept or return a submission that is pending review, record the event and tell the submitter.
+
+    Accepting loads the submission into the warehouse first (``store`` and ``settings`` default to
+    the app's), and the load is undone when the commit fails.
+
+    NOTE: the state check does not lock the row, so two reviewers accepting at once both pass it.
+    The second load then finds the same submission in the manifest and writes nothing.
+    """
     row = visible_submission(session, request, caller, submission_id, "submissions.review")
     comment = (comment or "").strip()
 
@@ -638,32 +712,43 @@ def review(
 
     reviewer_id = caller.user_id if caller.user_id is not None else session.scalars(
         select(User.id).where(User.username == caller.username)).one()
-    previous_state = row.state
-    row.state = decision
-    row.reviewed_by = reviewer_id
-    row.reviewed_at = utc_now()
-    row.review_comment = comment or None
-    session.add(SubmissionEvent(submission_id=row.id, from_state=previous_state, to_state=decision,
-                                actor=caller.username, comment=comment or None))
-    for item in row_comments:
-        session.add(SubmissionRowComment(submission_id=row.id, line=item.line, field_code=item.field_code or None,
-                                         comment=item.comment.strip(), author=caller.username))
-
-    action = "submissions.accept" if decision == "accepted" else "submissions.return"
-    add_event(session, request, caller, action, f"submission:{row.id}", "success", {
-        "institution": row.institution.code, "template": row.template_code, "period_end": f"{row.period_end:%Y%m%d}",
-        "version": row.version, "row_comments": len(row_comments)})
-
+    loaded = None
     if decision == "accepted":
-        title = f"报表审核通过：{label(row)}"
-        body = f"{label(row)}已由监管方审核通过。" + (f"审核意见：{comment}" if comment else "")
-    else:
-        title = f"报表已退回：{label(row)}"
-        body = f"{label(row)}已被监管方退回，请按意见修改后重新报送。退回意见：{comment}"
-        if row_comments:
-            body += f"（另有 {len(row_comments)} 条行级意见，请在报送详情中查看。）"
-    post_message(session, category="system", title=title, body=body, usernames=[row.submitter.username])
+        loaded = _load_warehouse(settings or request.app.state.settings, store or request_keystore(request), row)
+    try:
+        previous_state = row.state
+        row.state = decision
+        row.reviewed_by = reviewer_id
+        row.reviewed_at = utc_now()
+        row.review_comment = comment or None
+        session.add(SubmissionEvent(submission_id=row.id, from_state=previous_state, to_state=decision,
+                                    actor=caller.username, comment=comment or None))
+        for item in row_comments:
+            session.add(SubmissionRowComment(submission_id=row.id, line=item.line, field_code=item.field_code or None,
+                                             comment=item.comment.strip(), author=caller.username))
 
-    session.commit()
+        action = "submissions.accept" if decision == "accepted" else "submissions.return"
+        add_event(session, request, caller, action, f"submission:{row.id}", "success", {
+            "institution": row.institution.code, "template": row.template_code, "period_end": f"{row.period_end:%Y%m%d}",
+            "version": row.version, "row_comments": len(row_comments),
+            **({"warehouse_rows": loaded.manifest.rows, "warehouse_written": loaded.written} if loaded else {})})
+
+        if decision == "accepted":
+            title = f"报表审核通过：{label(row)}"
+            body = f"{label(row)}已由监管方审核通过。" + (f"审核意见：{comment}" if comment else "")
+        else:
+            title = f"报表已退回：{label(row)}"
+            body = f"{label(row)}已被监管方退回，请按意见修改后重新报送。退回意见：{comment}"
+            if row_comments:
+                body += f"（另有 {len(row_comments)} 条行级意见，请在报送详情中查看。）"
+        post_message(session, category="system", title=title, body=body, usernames=[row.submitter.username])
+
+        session.commit()
+    except BaseException:
+        if loaded is not None:
+            loaded.undo()
+        raise
+    if loaded is not None:
+        loaded.finish()
     session.refresh(row)
     return row

@@ -74,3 +74,12 @@ def write_private_file(path: Path, data: bytes) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     with atomic_output(path) as stream:
         stream.write(data)
+
+
+def make_private_dirs(path: Path, top: Path) -> None:
+    """Create ``path`` and its parents below ``top`` with mode 0700, leaving ``top`` itself as it is."""
+    target = top
+    for part in path.relative_to(top).parts:
+        target = target / part
+        target.mkdir(mode=0o700, exist_ok=True)
+        os.chmod(target, 0o700)

@@ -8,20 +8,28 @@ from __future__ import annotations
 
 import csv
 import io
+import json
+import os
 import secrets
 import stat
 from collections.abc import Iterator, Mapping
 from pathlib import Path
+from datetime import date
 from typing import Any
 
+import pyarrow as pa
+import pyarrow.parquet as pq
 import pytest
 from openpyxl import load_workbook
 from sqlalchemy import func, select
 
+import admin_api.submissions as submissions_module
 from admin_api.models import AuditEvent, Institution, Message, ReportSubmission, SubmissionEvent, User
 from admin_api.submissions import catalog, raw_associated_data
+from intake.warehouse import load_submission, partition_associated_data, partition_dir, read_manifest
 from regsandbox_core.crypto import sm3_hex
 from regsandbox_core.documents import decrypt_document
+from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.platform_keys import open_keystore
 
 from .conftest import Env
@@ -371,3 +379,207 @@ def test_reviewer_downloads_raw(env: Env) -> None:
     assert sorted(path.name for path in folder.iterdir()) == ["findings.parquet", "raw.rssg"]
     missing = env.client.get("/api/v1/submissions/999999/raw", headers=env.auth("reviewer"))
     assert (missing.status_code, missing.json()["code"]) == (404, "SUBMISSION_NOT_FOUND")
+
+
+# --- warehouse ---------------------------------------------------------------------------------------
+
+LOANS = "EAST_DGXDYWJJB"
+
+
+def _day(period: str) -> date:
+    return date(int(period[:4]), int(period[4:6]), int(period[6:]))
+
+
+def partition_of(env: Env, template_code: str, period: str, institution: str = "bank_a") -> Path:
+    return partition_dir(env.settings, template_code, institution, _day(period)) / "part-0.parquet.rssg"
+
+
+def warehouse_rows(env: Env, template_code: str, period: str, institution: str = "bank_a") -> list[dict[str, str]]:
+    buffer = io.BytesIO()
+    decrypt_document(open_keystore(env.settings), institution, partition_of(env, template_code, period, institution),
+                     buffer, partition_associated_data(template_code, institution, period))
+    return pq.read_table(io.BytesIO(buffer.getvalue())).to_pylist()
+
+
+def accept(env: Env, submission_id: int, comment: str = "数据完整") -> Any:
+    return env.client.post(f"/api/v1/submissions/{submission_id}/accept", headers=env.auth("reviewer"),
+                           json={"comment": comment})
+
+
+def upload_loans(env: Env, period: str, rows: list[dict[str, str]]) -> dict[str, Any]:
+    response = upload(env, "reporter_a", LOANS, period, text_file(LOANS, rows))
+    assert response.status_code == 201, response.text
+    return response.json()
+
+
+def finding_rules(env: Env, submission_id: int) -> set[str]:
+    report = env.client.get(f"/api/v1/submissions/{submission_id}/errors.csv", headers=env.auth("reporter_a"))
+    assert report.status_code == 200, report.text
+    return {line[4] for line in list(csv.reader(io.StringIO(report.content.decode("utf-8-sig"))))[1:]}
+
+
+def hidden_leftovers(env: Env) -> list[Path]:
+    """Temporary files of the warehouse and work folders of accepts; a partition folder's .lock is not one."""
+    found = [path for path in (env.settings.data_dir / "warehouse" / "intake").rglob(".*")
+             if path.name != ".lock"] if (env.settings.data_dir / "warehouse" / "intake").exists() else []
+    return found + list((env.settings.data_dir / "intake").rglob(".accept-*"))
+
+
+def test_accept_loads_warehouse_once(env: Env) -> None:
+    period = "20250131"
+    upload_batch(env, period)
+    rows = [loan_row(1, period), loan_row(2, period, JJYE="500000.00")]
+    loans = upload_loans(env, period, rows)
+    assert loans["state"] == "pending_review", loans
+
+    response = accept(env, loans["id"])
+
+    assert response.status_code == 200, response.text
+    assert response.json()["state"] == "accepted"
+    codes = [item.code for item in catalog().get(LOANS).fields]
+    assert warehouse_rows(env, LOANS, period) == [{**{code: row[code] for code in codes}, "_period": period}
+                                                  for row in rows]
+    path = partition_of(env, LOANS, period)
+    stored = path.read_bytes()
+    for value in ("北京测试科技有限公司", "JJ000001", LICENSE, CUSTOMER_USCC, "800000.00"):
+        assert value.encode("utf-8") not in stored, value
+    assert stat.S_IMODE(path.stat().st_mode) == 0o600
+    assert stat.S_IMODE(path.parent.stat().st_mode) == 0o700
+    manifest = read_manifest(path.parent)
+    assert (manifest.submission_id, manifest.version, manifest.raw_sm3, manifest.rows) == (
+        loans["id"], 1, loans["raw_sm3"], 2)
+    before = path.stat()
+
+    again = accept(env, loans["id"])
+    with env.db() as session:  # A second load of the same submission, as after a commit that failed, writes nothing.
+        outcome = submissions_module._load_warehouse(env.settings, open_keystore(env.settings),
+                                                     session.get(ReportSubmission, loans["id"]))
+        outcome.finish()
+
+    assert (again.status_code, again.json()["code"]) == (409, "SUBMISSION_STATE_INVALID")
+    assert not outcome.written
+    after = path.stat()
+    assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
+    assert hidden_leftovers(env) == []
+    with env.db() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.resource == f"submission:{loans['id']}",
+                                                         AuditEvent.action == "submissions.accept")).first()
+        detail = json.loads(event.detail) if isinstance(event.detail, str) else event.detail
+        assert (event.outcome, detail["warehouse_rows"], detail["warehouse_written"]) == ("success", 2, True)
+
+
+def test_new_version_replaces_period_only(env: Env) -> None:
+    period, other_period = "20250531", "20250630"
+    store = open_keystore(env.settings)
+    source = env.settings.data_dir / "bank_b-staged.parquet"
+    codes = [item.code for item in catalog().get("EAST_DGKHXXB").fields]
+    pq.write_table(pa.table({code: pa.array(["B"], pa.string()) for code in codes}), source)
+    load_submission(env.settings, store, institution_code="bank_b", template_code="EAST_DGKHXXB", template_version=1,
+                    field_codes=codes, period_end=_day(period), staged_path=source, submission_id=999999, version=1,
+                    raw_sm3="0" * 64).finish()
+    source.unlink()
+    other = partition_of(env, "EAST_DGKHXXB", period, "bank_b")
+    other_before = (other.read_bytes(), other.stat().st_mtime_ns)
+    earlier = upload(env, "reporter_a", "EAST_DGKHXXB", other_period,
+                     text_file("EAST_DGKHXXB", [customer_row(5, other_period)])).json()
+    assert accept(env, earlier["id"]).status_code == 200
+    earlier_before = partition_of(env, "EAST_DGKHXXB", other_period).read_bytes()
+
+    first = upload(env, "reporter_a", "EAST_DGKHXXB", period,
+                   text_file("EAST_DGKHXXB", [customer_row(1, period), customer_row(2, period)])).json()
+    assert accept(env, first["id"]).status_code == 200
+    assert [row["KHTYBH"] for row in warehouse_rows(env, "EAST_DGKHXXB", period)] == ["C0001", "C0002"]
+    second = upload(env, "reporter_a", "EAST_DGKHXXB", period,
+                    text_file("EAST_DGKHXXB", [customer_row(3, period)])).json()
+    assert second["version"] == 2
+    # Until the new version is accepted, the warehouse keeps the accepted one.
+    assert [row["KHTYBH"] for row in warehouse_rows(env, "EAST_DGKHXXB", period)] == ["C0001", "C0002"]
+
+    response = accept(env, second["id"])
+
+    assert response.status_code == 200, response.text
+    assert [row["KHTYBH"] for row in warehouse_rows(env, "EAST_DGKHXXB", period)] == ["C0003"]
+    manifest = read_manifest(partition_of(env, "EAST_DGKHXXB", period).parent)
+    assert (manifest.submission_id, manifest.version) == (second["id"], 2)
+    assert (other.read_bytes(), other.stat().st_mtime_ns) == other_before
+    assert partition_of(env, "EAST_DGKHXXB", other_period).read_bytes() == earlier_before
+    assert hidden_leftovers(env) == []
+
+
+def test_failed_load_keeps_pending_review(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    period = "20250731"
+    first = upload(env, "reporter_a", "EAST_DGKHXXB", period,
+                   text_file("EAST_DGKHXXB", [customer_row(1, period)])).json()
+    assert accept(env, first["id"]).status_code == 200
+    second = upload(env, "reporter_a", "EAST_DGKHXXB", period,
+                    text_file("EAST_DGKHXXB", [customer_row(2, period)])).json()
+    folder = partition_of(env, "EAST_DGKHXXB", period).parent
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    real_replace = os.replace
+
+    def crash(source: Any, target: Any) -> None:
+        if Path(target).name == "part-0.parquet.rssg":
+            raise OSError(28, "No space left on device")
+        real_replace(source, target)
+
+    monkeypatch.setattr(os, "replace", crash)
+    request_id = f"wh-{secrets.token_hex(6)}"
+    response = env.client.post(f"/api/v1/submissions/{second['id']}/accept",
+                               headers={**env.auth("reviewer"), "X-Request-ID": request_id}, json={"comment": "通过"})
+    monkeypatch.setattr(os, "replace", real_replace)
+
+    assert response.status_code == 500, response.text
+    assert response.json()["code"] == "WAREHOUSE_LOAD_FAILED"
+    detail = response.json()["detail"]
+    assert "数据仓库" in detail
+    assert "待审核" in detail
+    with env.db() as session:
+        assert session.get(ReportSubmission, second["id"]).state == "pending_review"
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert hidden_leftovers(env) == []
+    assert [(event.action, event.outcome) for event in audit_events(env, request_id)] == [
+        ("submissions.accept", "failed")]
+    failure = audit_events(env, request_id)[0].detail
+    assert (json.loads(failure) if isinstance(failure, str) else failure)["code"] == "WAREHOUSE_LOAD_FAILED"
+
+    def broken_message(*args: Any, **kwargs: Any) -> None:
+        raise RegsandboxError("MESSAGE_FAILED", "站内消息发送失败。", status=500)
+
+    monkeypatch.setattr(submissions_module, "post_message", broken_message)
+    failed_commit = accept(env, second["id"])
+    monkeypatch.undo()
+
+    assert (failed_commit.status_code, failed_commit.json()["code"]) == (500, "MESSAGE_FAILED")
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before  # The load was undone.
+    assert hidden_leftovers(env) == []
+    with env.db() as session:
+        assert session.get(ReportSubmission, second["id"]).state == "pending_review"
+    assert accept(env, second["id"]).status_code == 200
+    assert [row["KHTYBH"] for row in warehouse_rows(env, "EAST_DGKHXXB", period)] == ["C0002"]
+
+
+def test_second_period_runs_history_and_fluctuation(env: Env) -> None:
+    first_period, second_period = "20250331", "20250430"
+    upload_batch(env, first_period)
+    first = upload_loans(env, first_period, [loan_row(1, first_period), loan_row(2, first_period)])
+    # Without accepted data the history and fluctuation rules are skipped, so no finding names them.
+    assert first["state"] == "pending_review"
+    assert not {"R-JJ-004", "R-JJ-021"} & finding_rules(env, first["id"])
+    assert accept(env, first["id"]).status_code == 200
+
+    upload_batch(env, second_period, (1, 3))
+    # Loan 1 again, as if newly granted this period (history), and a balance total down from 1.6 to 0.9 million.
+    second = upload_loans(env, second_period, [
+        loan_row(1, second_period, DKFFRQ="20250415", DKDQRQ="20270415"),
+        loan_row(3, second_period, JJYE="100000.00"),
+    ])
+
+    rules = finding_rules(env, second["id"])
+    assert {"R-JJ-004", "R-JJ-021"} <= rules, rules
+    assert second["warning_count"] >= 2
+    report = env.client.get(f"/api/v1/submissions/{second['id']}/errors.csv", headers=env.auth("reporter_a"))
+    text = report.content.decode("utf-8-sig")
+    assert "20250331" in text  # The fluctuation message names the accepted previous period.
+    assert not list((env.settings.data_dir / "intake" / "bank_a").glob(".upload-*"))
+    folder = env.settings.data_dir / "intake" / "bank_a" / str(second["id"])
+    assert sorted(path.name for path in folder.iterdir()) == ["errors.csv", "findings.parquet", "raw.rssg"]
