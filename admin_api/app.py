@@ -40,12 +40,14 @@ from admin_api.limits import MAX_BODY_BYTES, ChineseTooLarge
 from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, submissions, tokens, users
+from admin_api.routes import tasks as task_routes
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
 from admin_api import console_roles, console_user_admin
 from admin_api import console_me
 from admin_api.security import Principal, configure_password_hashing
+from admin_api.tasks import ReminderSender
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -145,7 +147,7 @@ def _add_docs(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the audit checkpoint writer while the application serves requests.
+    """Run the audit checkpoint writer and the task reminder sender while the application serves requests.
 
     In a server process (:func:`create_server_app`), the objects that live as long as the process
     (modules, routes, models, compiled statements) are moved out of the garbage collector's
@@ -158,12 +160,15 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
                               settings.audit_checkpoint_minutes * 60)
     writer.start()
+    reminders = ReminderSender(app.state.session_factory, settings.task_reminder_minutes * 60)
+    reminders.start()
     if app.state.freeze_gc:
         gc.collect()
         gc.freeze()
     try:
         yield
     finally:
+        reminders.stop()
         writer.stop()
 
 
@@ -177,7 +182,7 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes, submissions):
+                   institution_routes, role_routes, submissions, task_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me):

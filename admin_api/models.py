@@ -422,6 +422,65 @@ class SubmissionRowComment(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
 
+TASK_STATUSES: dict[str, str] = {"open": "进行中", "closed": "已关闭"}
+"""States of a collection task (报送任务), used by admin_api.tasks."""
+
+
+class ReportTask(Base):
+    """A collection task (报送任务): which institutions must submit a template for a period, and by when.
+
+    The targets are resolved to institutions when the task is created and stored as
+    :class:`ReportTaskTarget` rows, so later changes to the registry do not change an issued task.
+    """
+
+    __tablename__ = "report_tasks"
+    __table_args__ = (
+        Index("ix_report_tasks_status", "status", "deadline"),
+        Index("ix_report_tasks_template", "template_code", "period_end"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    template_code: Mapped[str] = mapped_column(String(64))
+    template_version: Mapped[int] = mapped_column(Integer)
+    period_end: Mapped[date] = mapped_column(Date)
+    frequency: Mapped[str] = mapped_column(String(16))
+    """``monthly``, ``quarterly``, ``semiannual``, ``annual`` or ``ad_hoc``."""
+    deadline: Mapped[datetime] = mapped_column(UTCDateTime())
+    target_kind: Mapped[str] = mapped_column(String(16))
+    """``institutions`` (codes) or ``types`` (institution types), as the creator gave them."""
+    target_values: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """The codes or types the creator gave; the resolved institutions are the target rows."""
+    reminder_days: Mapped[list[int]] = mapped_column(JSON, default=list)
+    """Days before the deadline on which reporters who have not submitted get a reminder, e.g. [3, 1]."""
+    status: Mapped[str] = mapped_column(String(16), default="open")
+    """One of :data:`TASK_STATUSES`."""
+    created_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    closed_by: Mapped[int | None] = mapped_column(ForeignKey("users.id"), nullable=True)
+    closed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+
+    creator: Mapped[User] = relationship(foreign_keys=[created_by], lazy="joined")
+    closer: Mapped[User | None] = relationship(foreign_keys=[closed_by], lazy="joined")
+
+
+class ReportTaskTarget(Base):
+    """One institution a collection task targets, with the reminders already sent to its reporters."""
+
+    __tablename__ = "report_task_targets"
+    __table_args__ = (
+        UniqueConstraint("task_id", "institution_id", name="uq_report_task_targets"),
+        Index("ix_report_task_targets_institution", "institution_id", "task_id"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    task_id: Mapped[int] = mapped_column(ForeignKey("report_tasks.id", ondelete="CASCADE"))
+    institution_id: Mapped[int] = mapped_column(ForeignKey("institutions.id"))
+    reminders_sent: Mapped[list[str]] = mapped_column(JSON, default=list)
+    """Keys of the reminders sent: the day counts as text (``"3"``) and ``"overdue"``."""
+
+    institution: Mapped[Institution] = relationship(lazy="joined")
+
+
 __all__ = [
     "ApiEndpoint",
     "ApiToken",
@@ -433,6 +492,8 @@ __all__ = [
     "PasswordHistory",
     "ReportNotebook",
     "ReportRun",
+    "ReportTask",
+    "ReportTaskTarget",
     "ReportSubmission",
     "Schedule",
     "SubmissionEvent",

@@ -94,6 +94,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "submissions.submit": ("报送报表", frozenset({"reporter", "institution_admin"})),
     "submissions.read": ("查看报表报送记录", _REGULATORS | {"reporter", "institution_admin"}),
     "submissions.review": ("审核报表", frozenset({"regulator_reviewer"})),
+    # Collection tasks (报送任务): institution users see the tasks that target their own institution only (admin_api.tasks).
+    "tasks.write": ("发布或关闭报送任务", frozenset({"system_admin", "regulator_reviewer"})),
+    "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
 }
 
 

@@ -146,6 +146,12 @@ class Settings(BaseSettings):
         description="Minutes between SM2-signed checkpoints of the audit chain head that admin_api writes under "
         "<data_dir>/audit/checkpoints/ while the head moves; `regsandbox audit verify` checks them.",
     )
+    task_reminder_minutes: int = Field(
+        default=60, ge=1,
+        description="Minutes between the runs of admin_api's collection task reminders (报送任务提醒): reporters of "
+        "institutions that have not submitted get a system message the configured days before the deadline and once "
+        "after it.",
+    )
     audit_export_max_rows: int = Field(
         default=100_000, ge=1, le=1_000_000,
         description="Maximum number of audit events in one CSV export; narrow the filter to export more.",
