@@ -6,7 +6,6 @@ shared by every test of the session. Reminders are sent by calling send_due_remi
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from datetime import datetime, timedelta
 from typing import Any
 
@@ -18,23 +17,10 @@ from admin_api.models import AuditEvent, Institution, ReportTask
 from admin_api.tasks import send_due_reminders
 
 from .conftest import Env
-from .test_submissions import LICENSE, customer_row, messages_of, text_file, upload
+from .test_submissions import bank_a_licence  # noqa: F401  # module fixture: bank_a gets the test files' 金融许可证号
+from .test_submissions import customer_row, messages_of, text_file, upload
 
 TEMPLATE = "EAST_DGKHXXB"
-
-
-@pytest.fixture(scope="module", autouse=True)
-def bank_a_licence(env: Env) -> Iterator[None]:
-    """Give bank_a the 金融许可证号 of the test files for this module, then restore it."""
-    with env.db() as session:
-        institution = session.scalars(select(Institution).where(Institution.code == "bank_a")).one()
-        before, institution.licence_no = institution.licence_no, LICENSE
-        session.commit()
-    yield
-    with env.db() as session:
-        institution = session.scalars(select(Institution).where(Institution.code == "bank_a")).one()
-        institution.licence_no = before
-        session.commit()
 
 
 def audit_events(env: Env, action: str) -> list[AuditEvent]:
