@@ -3,7 +3,7 @@
 Both writers stream the findings in batches of ``BATCH_ROWS`` rows, so memory stays bounded
 whatever the number of findings. Every cell is text, and text that a spreadsheet would run as
 a formula is escaped with :func:`regsandbox_core.cells.escape_cell`. An XLSX worksheet contains at
-most ``XLSX_MAX_ROWS`` rows: beyond that the report stops and its last row says how many
+most ``XLSX_MAX_ROWS`` rows: beyond that the report stops and its last row gives how many
 findings are only in the CSV report. Files are written under a temporary name in the target
 folder, fsynced and renamed, so no half-written report is left behind.
 """

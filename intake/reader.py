@@ -127,7 +127,7 @@ class FileLayout:
     column_names: tuple[str, ...]  # Chinese names, same order (for messages and header matching)
     normalised: frozenset[str]  # codes of code/number/date fields: NFKC + strip applied
     delimiter: str = "|"  # "|" or ","
-    header: bool = True  # first line/row holds codes or Chinese names
+    header: bool = True  # first line or row contains codes or Chinese names
     trailing_delimiter: str = "allowed"  # "forbidden" | "allowed" | "required"
 
 

@@ -17,7 +17,7 @@ Rule semantics, which the validator must follow:
 - ``error`` (错误) blocks acceptance of the file. ``warning`` (提示) needs an explanation in the
   remark field (备注) of the row or a reviewer's waiver.
 - ``{period: start}`` and ``{period: end}`` are the first and the last day of the reporting
-  period of the submission. The period field (采集日期) holds the period end.
+  period of the submission. The period field (采集日期) contains the period end.
 - Lookups in other tables (``reference``, ``reconcile``) use the data of the same institution.
 
 Every rule of kind ``not_null``, ``code_list`` and ``format`` that a field declaration implies
@@ -416,7 +416,7 @@ class ReferenceTarget(_Model):
 class ReferenceRule(_RuleBase):
     """关联: the values of ``fields`` exist as ``target.fields`` in a row of the target table.
 
-    ``source`` says where to look: the same submission batch, the warehouse of accepted data,
+    ``source`` names where to look: the same submission batch, the warehouse of accepted data,
     or both. ``period: same`` looks only at data of the same period.
     """
 

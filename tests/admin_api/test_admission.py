@@ -112,7 +112,7 @@ def test_request_slots_pass_lifespan() -> None:
     assert seen == ["lifespan"]
 
 
-def test_server_app_freezes_the_garbage_collector_and_test_apps_do_not(env) -> None:  # noqa: ANN001
+def test_gc_freeze_server_app_only(env) -> None:  # noqa: ANN001
     """The server process's long-lived objects leave the collector's generations; apps built in tests stay as they were."""
     import gc
 

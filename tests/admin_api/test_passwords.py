@@ -370,7 +370,7 @@ def test_new_hashes_use_the_configured_argon2id_cost(env: Env) -> None:
             env.settings.password_hash_lanes) == (47104, 1, 1)
 
 
-def test_sign_in_rehashes_a_password_stored_with_another_cost(env: Env) -> None:
+def test_sign_in_rehashes_other_cost(env: Env) -> None:
     username, password = make_user(env, role="reporter")
     older = PasswordHasher(time_cost=2, memory_cost=19456, parallelism=2).hash(password)
     with env.db() as session:

@@ -293,7 +293,7 @@ def test_unknown_user_not_found(env: Env) -> None:
         assert response.json()["code"] == "USER_NOT_FOUND"
 
 
-def test_search_ignores_ascii_case_and_treats_wildcards_as_text(env: Env) -> None:
+def test_search_literal_case_insensitive(env: Env) -> None:
     """``q`` is a literal substring of the user name or display name: no SQL, no LIKE wildcards, any ASCII case."""
     marker = secrets.token_hex(3)
     plain = create(env, username=f"srch_{marker}_a1", display_name="张三").json()["user"]["username"]

@@ -102,7 +102,7 @@ def test_xlsx_cap_adds_note_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch)
     assert "共有 10 条问题" in rows[5][8]
     assert "前 4 条" in rows[5][8]
     assert "CSV" in rows[5][8]
-    # the CSV report holds them all
+    # the CSV report contains them all
     assert len(read_csv(write_csv_report(source, tmp_path / "r.csv"))) == 11
     # exactly full: no note
     exact = findings_file(tmp_path / "g.parquet", [finding(line) for line in range(2, 7)])
