@@ -33,6 +33,10 @@ DEMO_INSTITUTIONS = [
 # the 18th character is the check character computed by python-stdnum, so the codes validate.
 _DEMO_USCC_BODIES = {"bank_a": "91310115MA1K4A001", "bank_b": "91310115MA1K4B002", "bank_c": "91310115MA1K4C003"}
 
+# Fictitious 金融许可证号 in the issued layout (type letter, 4 digits, level letter, 9 digits). Report
+# intake checks the institution field of every uploaded row against it.
+DEMO_LICENCES = {"bank_a": "B9001H231000001", "bank_b": "B9002H231000002", "bank_c": "B9003H231000003"}
+
 
 def demo_uscc(code: str) -> str:
     """Return the valid, fictitious 统一社会信用代码 of the demo institution ``code``."""
@@ -91,10 +95,12 @@ def seed_demo(session: Session, settings: Settings, project_root: Path = PROJECT
     institutions = {i.code: i for i in session.scalars(select(Institution))}
     for code, name, kind in DEMO_INSTITUTIONS:
         if code not in institutions:
-            institutions[code] = Institution(code=code, name=name, type=kind, uscc=demo_uscc(code))
+            institutions[code] = Institution(code=code, name=name, type=kind, uscc=demo_uscc(code),
+                                             licence_no=DEMO_LICENCES[code])
             session.add(institutions[code])
-        elif institutions[code].uscc is None:  # stored before the registry had a USCC column
-            institutions[code].uscc = demo_uscc(code)
+        else:  # stored before the registry had these columns
+            institutions[code].uscc = institutions[code].uscc or demo_uscc(code)
+            institutions[code].licence_no = institutions[code].licence_no or DEMO_LICENCES[code]
     session.flush()
 
     existing = set(session.scalars(select(User.username)))

@@ -11,7 +11,7 @@ from sqlalchemy import func, select
 from stdnum.cn import uscc as uscc_number
 
 from admin_api.models import AuditEvent, Institution
-from admin_api.seed import demo_uscc
+from admin_api.seed import DEMO_LICENCES, demo_uscc
 
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events
@@ -391,15 +391,17 @@ def test_write_anonymous_401(env: Env) -> None:
     assert response.status_code == 401
 
 
-def test_seed_fills_missing_uscc(env: Env) -> None:
+def test_seed_fills_missing_registry_numbers(env: Env) -> None:
     from admin_api.seed import seed_demo
 
     with env.db() as session:
-        session.scalars(select(Institution).where(Institution.code == "bank_c")).one().uscc = None
+        stored = session.scalars(select(Institution).where(Institution.code == "bank_c")).one()
+        stored.uscc = stored.licence_no = None
         session.commit()
     with env.db() as session:
         seed_demo(session, env.settings, env.project_root)
     with env.db() as session:
-        restored = session.scalars(select(Institution.uscc).where(Institution.code == "bank_c")).one()
+        restored = session.execute(
+            select(Institution.uscc, Institution.licence_no).where(Institution.code == "bank_c")).one()
 
-    assert restored == demo_uscc("bank_c")
+    assert tuple(restored) == (demo_uscc("bank_c"), DEMO_LICENCES["bank_c"])
