@@ -656,6 +656,23 @@ class TemplateCatalog:
         return sum(len(versions) for versions in self._by_code.values())
 
 
+def re2_problem(pattern: str) -> str | None:
+    """Return why DuckDB's regular-expression engine (RE2) rejects ``pattern``, or None when it compiles.
+
+    Validation runs the patterns in DuckDB, whose RE2 lacks lookaround and backreferences that
+    Python's ``re`` accepts, so a template is checked against both when it loads.
+    """
+    import duckdb  # noqa: PLC0415 - only templates with patterns need it
+
+    with duckdb.connect() as connection:
+        try:
+            connection.execute("SELECT regexp_full_match('', ?)", [pattern]).fetchall()
+        except duckdb.Error as exc:
+            text = str(exc)
+            return text.split(":", 1)[-1].strip()[:120] or "无法编译"
+    return None
+
+
 # --- loading ---------------------------------------------------------------------------------------
 
 
@@ -1142,6 +1159,14 @@ class _TemplateChecker:
                 "TEMPLATE_REGEX_INVALID",
                 f"{where} {_show(pattern)} 不是有效的正则表达式（第 {(exc.pos or 0) + 1} 个字符：{exc.msg}）。"
                 f"请修正该表达式，YAML 中建议用单引号包住它",
+            )
+            return
+        problem = re2_problem(pattern)
+        if problem is not None:
+            self.add(
+                "TEMPLATE_REGEX_INVALID",
+                f"{where} {_show(pattern)} 校验引擎（RE2）不支持：{problem}。"
+                f"请改写该表达式，不要使用前后查找（?= ?! ?<= ?<!）和反向引用（\\1）",
             )
 
     def _check_check(self, item: TemplateField, check: str, where: str) -> None:

@@ -313,6 +313,11 @@ def bad_regex(loan: dict[str, Any]) -> None:
     field_entry(loan, "JJH")["format"] = {"pattern": "^[0-9{4,20}$"}
 
 
+def lookahead_regex(loan: dict[str, Any]) -> None:
+    """Python's ``re`` accepts a lookahead; DuckDB's RE2, which runs the validation, does not."""
+    field_entry(loan, "JJH")["format"] = {"pattern": "(?=JJ)[A-Z0-9]{4,20}"}
+
+
 def date_compared_with_amount(loan: dict[str, Any]) -> None:
     rule_entry(loan, "R-T-001")["right"] = {"field": "JJJE"}
 
@@ -388,6 +393,7 @@ INVALID_CASES: list[tuple[str, Callable[[dict[str, Any]], None], str, tuple[str,
     ("two period fields", two_periods, "TEMPLATE_PERIOD_FIELD", ("DKFFRQ、CJRQ",)),
     ("bad severity", bad_severity, "TEMPLATE_INVALID", ("R-T-001", "severity", "'fatal'", "'error'、'warning'", "错误")),
     ("bad regex", bad_regex, "TEMPLATE_REGEX_INVALID", ("JJH", "正则表达式")),
+    ("regex RE2 rejects", lookahead_regex, "TEMPLATE_REGEX_INVALID", ("JJH", "RE2", "(?=", "前后查找")),
     ("date compared with amount", date_compared_with_amount, "TEMPLATE_TYPE_MISMATCH",
      ("R-T-001", "日期字段 DKDQRQ", "数值字段 JJJE")),
     ("ordering on code field", ordering_on_code_field, "TEMPLATE_TYPE_MISMATCH", ("DKZT", ">")),
