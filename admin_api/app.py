@@ -48,6 +48,7 @@ from admin_api import console_roles, console_user_admin
 from admin_api import console_me
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
+from admin_api.warehouse_recovery import recover_warehouse
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -147,7 +148,7 @@ def _add_docs(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Run the audit checkpoint writer and the task reminder sender while the application serves requests.
+    """Settle interrupted warehouse loads, then run the audit checkpoint writer and the task reminder sender.
 
     In a server process (:func:`create_server_app`), the objects that live as long as the process
     (modules, routes, models, compiled statements) are moved out of the garbage collector's
@@ -157,6 +158,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     would keep for good, so :func:`create_app` does not freeze.
     """
     settings = app.state.settings
+    recover_warehouse(app.state.session_factory, settings)
     writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
                               settings.audit_checkpoint_minutes * 60)
     writer.start()

@@ -38,7 +38,7 @@ import os
 import re
 import tempfile
 import uuid
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import asdict, dataclass, field
 from datetime import date, timedelta
 from pathlib import Path
@@ -66,6 +66,7 @@ __all__ = [
     "partition_dir",
     "partition_file",
     "read_manifest",
+    "recover_interrupted_loads",
     "warehouse_needs",
 ]
 
@@ -286,9 +287,10 @@ def load_submission(
     :class:`WarehouseLoadError` or the key store's error, and leave the previous partition and
     manifest untouched and no temporary file behind.
 
-    NOTE: a process that dies after the rename but before :meth:`LoadOutcome.finish` or
+    A process that dies after the rename but before :meth:`LoadOutcome.finish` or
     :meth:`LoadOutcome.undo` leaves the new partition and the hidden ``.*.previous`` copies in place.
-    :func:`decrypt_accepted` with ``accepted_ids`` then leaves that partition out, but nothing restores the copies.
+    :func:`decrypt_accepted` with ``accepted_ids`` leaves such a partition out, and
+    :func:`recover_interrupted_loads`, run at the next start, settles the folder.
     """
     period_text = _period_text(period_end)
     folder = partition_dir(settings, template_code, institution_code, period_end)
@@ -338,6 +340,75 @@ def load_submission(
     logger.info("warehouse partition %s written: submission %s v%s, %s rows, key v%s",
                 target, submission_id, version, table.num_rows, encrypted.version)
     return LoadOutcome(target, manifest, written=True, _previous=previous)
+
+
+# --- recovery after a crash ----------------------------------------------------------------------
+
+
+def recover_interrupted_loads(settings: Settings, accepted_ids: Callable[[set[int]], Collection[int]]) -> list[Path]:
+    """Settle every partition folder that a load left with hidden ``.*.previous`` copies, and return those folders.
+
+    ``accepted_ids`` gets the submission ids named by the folders' manifests (current and copies)
+    and returns those that are accepted. In each folder, the newest manifest that names an accepted
+    submission and has a partition file (current or copy) with the digest it recorded becomes the
+    folder's state; the other copies are deleted. When no manifest names an accepted submission,
+    the folder is left as it is and logged, since deleting data on a guess is worse than a stale
+    copy. Folders without copies are not touched: a partition whose load was never committed is
+    already left out by readers that pass ``accepted_ids``.
+
+    Run it before the process serves requests: a load in flight also has copies.
+    """
+    root = settings.data_dir / "warehouse" / INTAKE_TABLE_DIR
+    folders = sorted({path.parent for path in root.glob("*/institution=*/period=*/.*.previous")})
+    if not folders:
+        return []
+    named: set[int] = set()
+    for folder in folders:
+        named.update(item.submission_id for item, _path in _manifest_candidates(folder))
+    accepted = set(accepted_ids(named))
+    settled = []
+    for folder in folders:
+        with _locked(folder):
+            if _settle(folder, accepted):
+                settled.append(folder)
+    return settled
+
+
+def _manifest_candidates(folder: Path) -> list[tuple[Manifest, Path]]:
+    """Return the readable manifests of a folder, the current one and its hidden copies, with their files."""
+    found = []
+    for path in [folder / MANIFEST_NAME, *folder.glob(f".{MANIFEST_NAME}.*.previous")]:
+        try:
+            data = json.loads(path.read_text("utf-8"))
+            found.append((Manifest(**{key: data[key] for key in Manifest.__dataclass_fields__ if key in data}), path))
+        except (OSError, ValueError, TypeError):
+            continue
+    return found
+
+
+def _settle(folder: Path, accepted: set[int]) -> bool:
+    target, manifest_path = folder / PARTITION_NAME, folder / MANIFEST_NAME
+    partitions = [path for path in [target, *folder.glob(f".{PARTITION_NAME}.*.previous")] if path.exists()]
+    digests = {path: sm3_file(path) for path in partitions}
+    candidates = sorted(((item, path) for item, path in _manifest_candidates(folder) if item.submission_id in accepted),
+                        key=lambda pair: (pair[0].version, pair[1] == manifest_path), reverse=True)
+    for manifest, path in candidates:
+        partition = next((item for item in partitions if digests[item] == manifest.partition_sm3), None)
+        if partition is None:
+            continue
+        if partition != target:
+            os.replace(partition, target)
+        if path != manifest_path:
+            os.replace(path, manifest_path)
+        for leftover in folder.glob(".*.previous"):
+            leftover.unlink(missing_ok=True)
+        fsync_directory(folder)
+        logger.warning("warehouse partition %s settled after an interrupted load: submission %s v%s",
+                       target, manifest.submission_id, manifest.version)
+        return True
+    logger.warning("warehouse partition folder %s has copies of an interrupted load but no accepted state; left as is",
+                   folder)
+    return False
 
 
 # --- read for validation -------------------------------------------------------------------------

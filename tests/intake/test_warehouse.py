@@ -24,6 +24,7 @@ from intake.warehouse import (
     partition_associated_data,
     partition_dir,
     read_manifest,
+    recover_interrupted_loads,
     warehouse_needs,
 )
 from regsandbox_core.documents import decrypt_document
@@ -216,6 +217,71 @@ def test_undo_restores_previous_partition(settings: Settings, store: KeyStore, t
                  submission_id=3)
     first.undo()
     assert sorted(path.name for path in partition_dir(settings, TEMPLATE, "bank_a", FEBRUARY).iterdir()) == [".lock"]
+
+
+def interrupted_second_load(settings: Settings, store: KeyStore, tmp_path: Path) -> tuple[Path, dict[str, bytes]]:
+    """Accept version 1, then load version 2 and stop as a killed process would: neither finish nor undo."""
+    load(settings, store, staged(tmp_path, [customer(1, "20250131")], "v1.parquet")).finish()
+    folder = partition_dir(settings, TEMPLATE, "bank_a", JANUARY)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    load(settings, store, staged(tmp_path, [customer(2, "20250131")], "v2.parquet"), submission_id=2, version=2)
+    assert len(leftovers(folder)) == 2
+    return folder, before
+
+
+def test_recovery_restores_state_of_accepted_submission(settings: Settings, store: KeyStore, tmp_path: Path) -> None:
+    folder, before = interrupted_second_load(settings, store, tmp_path)
+    asked: list[set[int]] = []
+
+    settled = recover_interrupted_loads(settings, lambda ids: asked.append(ids) or {1})
+
+    assert settled == [folder]
+    assert asked == [{1, 2}]
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+    assert decrypted(settings, store, "bank_a", JANUARY).column("KHTYBH").to_pylist() == ["C0001"]
+
+
+def test_recovery_keeps_new_partition_when_its_commit_happened(settings: Settings, store: KeyStore,
+                                                                tmp_path: Path) -> None:
+    folder, _before = interrupted_second_load(settings, store, tmp_path)
+
+    assert recover_interrupted_loads(settings, lambda ids: {1, 2}) == [folder]
+
+    assert leftovers(folder) == []
+    assert read_manifest(folder).submission_id == 2
+    assert decrypted(settings, store, "bank_a", JANUARY).column("KHTYBH").to_pylist() == ["C0002"]
+
+
+def test_recovery_after_crash_between_partition_and_manifest(settings: Settings, store: KeyStore,
+                                                             tmp_path: Path) -> None:
+    load(settings, store, staged(tmp_path, [customer(1, "20250131")], "v1.parquet")).finish()
+    folder = partition_dir(settings, TEMPLATE, "bank_a", JANUARY)
+    before = {path.name: path.read_bytes() for path in folder.iterdir()}
+    original = folder / "part-0.parquet.rssg"
+    os.link(original, folder / ".part-0.parquet.rssg.0123.previous")
+    os.link(folder / MANIFEST_NAME, folder / f".{MANIFEST_NAME}.4567.previous")
+    replacement = folder / "new.tmp"
+    replacement.write_bytes(b"a partition of a load that never wrote its manifest")
+    os.replace(replacement, original)
+
+    assert recover_interrupted_loads(settings, lambda ids: ids) == [folder]
+
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
+
+
+def test_recovery_without_accepted_state_changes_nothing(settings: Settings, store: KeyStore, tmp_path: Path) -> None:
+    folder, _before = interrupted_second_load(settings, store, tmp_path)
+    files = {path.name: path.read_bytes() for path in folder.iterdir()}
+
+    assert recover_interrupted_loads(settings, lambda ids: set()) == []
+
+    assert {path.name: path.read_bytes() for path in folder.iterdir()} == files
+
+
+def test_recovery_ignores_settled_folders(settings: Settings, store: KeyStore, tmp_path: Path) -> None:
+    load(settings, store, staged(tmp_path, [customer(1, "20250131")], "v1.parquet")).finish()
+
+    assert recover_interrupted_loads(settings, lambda ids: pytest.fail("no folder needs the database")) == []
 
 
 def test_decrypt_accepted_selects_periods(settings: Settings, store: KeyStore, tmp_path: Path) -> None:
