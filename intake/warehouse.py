@@ -11,7 +11,8 @@ partitions of :mod:`extracts.warehouse`: a document of :mod:`regsandbox_core.doc
 SM4-GCM) under the institution's active data key, with the associated data
 ``regsandbox-warehouse/1|intake/<template>|<institution>|<period>``, so a partition moved to another
 template, institution or period folder fails to decrypt. The Parquet bytes are built in memory and
-never reach the disk in plaintext. (This module does not import :mod:`extracts`, because the intake
+never reach the disk in plaintext. NOTE: so a load holds the whole compressed partition in memory
+(314 MiB for 1,000,000 rows of 30 incompressible 10-digit columns). (This module does not import :mod:`extracts`, because the intake
 package depends only on :mod:`regsandbox_core`; it uses the same document format and prefix.)
 
 Writes are atomic: the ciphertext goes to a temporary file in the partition folder, which is
@@ -245,24 +246,31 @@ def _restore(previous: Mapping[Path, Path | None]) -> None:
         fsync_directory(folder)
 
 
-def _frame(staged_path: Path, field_codes: Sequence[str], period_text: str) -> pa.Table:
-    """Return the staged rows as text columns ``field_codes`` (missing ones empty) plus ``_period``.
+def _write_partition(staged_path: Path, field_codes: Sequence[str], period_text: str, sink: io.BytesIO) -> int:
+    """Write the staged rows as text columns ``field_codes`` (missing ones empty) plus ``_period`` to ``sink``.
 
-    NOTE: the whole staged file is read into memory, like the partitions of :mod:`extracts.warehouse`,
-    so memory use grows with the number of rows of the submission.
+    Rows go through one row group of the staging file at a time, so memory holds one row group and
+    the compressed partition. (``ParquetFile.iter_batches`` reads ahead and took twice the memory
+    on a 1,000,000-row file with pyarrow 25.) Returns the number of rows.
     """
-    staged = pq.read_table(staged_path)
-    columns, names = [], []
-    for code in field_codes:
-        if code in staged.column_names:
-            column = staged.column(code)
-            columns.append(column if column.type == pa.string() else column.cast(pa.string()))
-        else:
-            columns.append(pa.nulls(staged.num_rows, pa.string()))
-        names.append(code)
-    columns.append(pa.array([period_text] * staged.num_rows, pa.string()))
-    names.append(PERIOD_COLUMN)
-    return pa.Table.from_arrays(columns, names=names)
+    schema = pa.schema([(code, pa.string()) for code in field_codes] + [(PERIOD_COLUMN, pa.string())])
+    source = pq.ParquetFile(staged_path)
+    rows = 0
+    with pq.ParquetWriter(sink, schema) as writer:
+        for index in range(source.num_row_groups):
+            group = source.read_row_group(index)
+            columns = []
+            for code in field_codes:
+                if code in group.column_names:
+                    column = group.column(code)
+                    columns.append(column if column.type == pa.string() else column.cast(pa.string()))
+                else:
+                    columns.append(pa.nulls(group.num_rows, pa.string()))
+            columns.append(pa.array([period_text] * group.num_rows, pa.string()))
+            writer.write_table(pa.Table.from_arrays(columns, schema=schema))
+            rows += group.num_rows
+            del group, columns
+    return rows
 
 
 def load_submission(
@@ -311,24 +319,24 @@ def load_submission(
                     f"（报送记录 {current.submission_id}），不能用较早的第 {version} 版替换。",
                     status=409,
                 )
+        buffer = io.BytesIO()
         try:
-            table = _frame(staged_path, field_codes, period_text)
+            row_count = _write_partition(staged_path, field_codes, period_text, buffer)
         except (OSError, pa.ArrowException) as error:
             raise WarehouseLoadError(
                 "WAREHOUSE_STAGED_UNREADABLE",
                 f"报表 {template_code} {period_text} 的暂存数据无法读取（{type(error).__name__}），未写入数据仓库。",
             ) from error
-        buffer = io.BytesIO()
-        pq.write_table(table, buffer)
+        buffer.seek(0)
         associated = partition_associated_data(template_code, institution_code, period_text)
 
         previous = {target: _backup(target), manifest_path: _backup(manifest_path)}
         try:
             with _temporary(folder, PARTITION_NAME) as (handle, temporary):
-                encrypted = encrypt_document(store, institution_code, io.BytesIO(buffer.getvalue()), handle, associated)
+                encrypted = encrypt_document(store, institution_code, buffer, handle, associated)
             partition_digest = sm3_file(temporary)
             _install(temporary, target)
-            manifest = Manifest(submission_id=submission_id, version=version, raw_sm3=raw_sm3, rows=table.num_rows,
+            manifest = Manifest(submission_id=submission_id, version=version, raw_sm3=raw_sm3, rows=row_count,
                                 template_version=template_version, partition_sm3=partition_digest,
                                 key_version=encrypted.version)
             with _temporary(folder, MANIFEST_NAME) as (handle, temporary):
@@ -338,7 +346,7 @@ def load_submission(
             _restore(previous)
             raise
     logger.info("warehouse partition %s written: submission %s v%s, %s rows, key v%s",
-                target, submission_id, version, table.num_rows, encrypted.version)
+                target, submission_id, version, row_count, encrypted.version)
     return LoadOutcome(target, manifest, written=True, _previous=previous)
 
 
