@@ -14,7 +14,6 @@ widgets a caller gets from their capabilities and institution.
 
 from __future__ import annotations
 
-import math
 from dataclasses import dataclass
 from datetime import date, datetime
 
@@ -51,16 +50,17 @@ class DueTask:
     state: str
     state_name: str
     submission_id: int | None
-    days_left: int
-    """Whole days until the deadline, rounded up; 0 or less once it has passed."""
+    seconds_left: float
+    """Seconds until the deadline; negative once it has passed."""
 
     @property
     def overdue(self) -> bool:
-        return self.days_left <= 0
+        return self.seconds_left <= 0
 
     @property
-    def days_overdue(self) -> int:
-        return -self.days_left
+    def whole_days(self) -> int:
+        """Whole days left, or whole days overdue once the deadline has passed (rounded down)."""
+        return int(abs(self.seconds_left) // DAY_SECONDS)
 
 
 def due_tasks(session: Session, institution_id: int, now: datetime, limit: int = WIDGET_ROWS) -> tuple[list[DueTask], int]:
@@ -88,10 +88,10 @@ def due_tasks(session: Session, institution_id: int, now: datetime, limit: int =
     items = []
     for task, submission_id, state in rows:
         state = state or "not_submitted"
-        days_left = math.ceil((task.deadline - now).total_seconds() / DAY_SECONDS)
+        seconds_left = (task.deadline - now).total_seconds()
         items.append(DueTask(task.id, task.template_code, template_name(task.template_code, task.template_version),
                              task.period_end, task.deadline, state, target_state_name(state), submission_id,
-                             days_left))
+                             seconds_left))
     return items, total
 
 
