@@ -66,8 +66,9 @@ def parse_deadline(text: str) -> datetime:
     if match is None:
         raise invalid("DEADLINE_INVALID", f"截止时间“{text.strip()[:40]}”格式无效，请按北京时间填写，"
                                           "格式为 YYYY-MM-DD HH:MM，例如 2026-12-15 18:00。")
+    year, month, day, hour, minute = (int(part) for part in match.groups())
     try:
-        return datetime(*(int(part) for part in match.groups()), tzinfo=BEIJING)  # type: ignore[misc]
+        return datetime(year, month, day, hour, minute, tzinfo=BEIJING)
     except ValueError:
         raise invalid("DEADLINE_INVALID", f"截止时间“{text.strip()}”不是有效的日期时间，请检查月份、日期和时刻。") from None
 

@@ -7,7 +7,7 @@ Widgets and who gets them:
 - 待审核报送 and the counts per template: users with ``submissions.review``.
 - 报送情况最差的机构: users with ``tasks.statistics`` who belong to no institution; each view is audited.
 
-A user whose role has none of these sees a short note and the link to the home page.
+A user whose role has none of these gets a short note and the link to the home page.
 """
 
 from __future__ import annotations

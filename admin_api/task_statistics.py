@@ -12,8 +12,8 @@ once, however many versions the institution uploaded:
 - accepted (审核通过): the institution's current (non-superseded) submission is accepted.
 
 按时报送率 = on time / targets and 审核通过率 = accepted / submitted (None when nothing was
-submitted). Each call runs one grouped SQL query over the targets, so the cost does not grow with a
-query per institution; rows are sorted in SQL, worst on-time rate first by default.
+submitted). Each call runs one grouped SQL query over the targets instead of a query per
+institution. The rows are sorted in SQL, worst on-time rate first by default.
 """
 
 from __future__ import annotations

@@ -154,10 +154,13 @@ def test_list_filters_and_institution_view(env: Env) -> None:
     filtered = reviewer.get("/console/tasks?period_end=20220531&institution_code=bank_a").text
     reporter_page = reporter.get("/console/tasks?period_end=20220531&institution_code=bank_b").text
 
-    assert f'id="task-{own}"' in regulator_page and f'id="task-{other}"' in regulator_page
+    assert f'id="task-{own}"' in regulator_page
+    assert f'id="task-{other}"' in regulator_page
     assert 'id="create-task"' in regulator_page
-    assert f'id="task-{own}"' in filtered and f'id="task-{other}"' not in filtered
-    assert f'id="task-{own}"' in reporter_page and f'id="task-{other}"' not in reporter_page
+    assert f'id="task-{own}"' in filtered
+    assert f'id="task-{other}"' not in filtered
+    assert f'id="task-{own}"' in reporter_page
+    assert f'id="task-{other}"' not in reporter_page
     assert 'id="create-task"' not in reporter_page
     assert f'href="/console/submissions/new?task={own}"' in reporter_page
     assert "报送机构代码" not in reporter_page
@@ -230,7 +233,8 @@ def test_close_task_twice(env: Env) -> None:
     assert again.status_code == 409
     assert f"报送任务 {task_id} 已关闭" in again.text
     assert missing.status_code == 404
-    assert "已关闭" in page and 'id="close-task"' not in page
+    assert "已关闭" in page
+    assert 'id="close-task"' not in page
     assert [event.outcome for event in events(env, "tasks.close", "reviewer")
             if event.resource == f"task:{task_id}"] == ["success", "failed"]
 
@@ -263,7 +267,8 @@ def test_statistics_page_regulators_only(env: Env) -> None:
     by_admin = admin_a.get("/console/tasks/statistics")
 
     assert page.status_code == 200
-    assert 'id="institution-rates"' in page.text and 'id="task-rates"' in page.text
+    assert 'id="institution-rates"' in page.text
+    assert 'id="task-rates"' in page.text
     assert "未报送 ↓" in page.text
     assert by_reporter.status_code == 403
     assert "查看报送统计" in by_reporter.text
@@ -357,7 +362,8 @@ def test_workbench_reporter_widgets(env: Env) -> None:
     assert "第 3 行注册资本与营业执照不符" in returned
     failed = page.split('id="failed"', 1)[1].split("</section>", 1)[0]
     assert "12 个错误" in failed
-    assert 'id="drafts"' in page and "没有未提交的草稿" in page
+    assert 'id="drafts"' in page
+    assert "没有未提交的草稿" in page
     assert 'id="review-queue"' not in page
     assert 'id="worst-institutions"' not in page
     assert code not in page.split("<main>", 1)[0]
@@ -394,7 +400,8 @@ def test_workbench_widgets_per_role(env: Env) -> None:
     assert 'id="worst-institutions"' in analyst_page
     assert 'id="review-queue"' not in analyst_page
     assert 'id="no-widgets"' in auditor_page
-    assert 'id="due-tasks"' in admin_page and 'id="returned"' in admin_page
+    assert 'id="due-tasks"' in admin_page
+    assert 'id="returned"' in admin_page
     assert 'id="worst-institutions"' not in admin_page
     assert 'id="no-widgets"' in modeller_page
     for page in (analyst_page, auditor_page, admin_page, modeller_page):

@@ -1,8 +1,8 @@
 """The 报送任务 walk-through in headless Chromium against a real uvicorn on 127.0.0.1.
 
 The reviewer opens the workbench from the first navigation item, publishes a task for bank_a
-and bank_b through the form and sees both targets 未报送. The reporter of bank_a finds the task
-on the workbench with the days left, opens it and sees only bank_a's row with the upload link.
+and bank_b through the form and finds both targets 未报送. The reporter of bank_a finds the task
+on the workbench with the days left, opens it and finds only bank_a's row with the upload link.
 The analyst opens 报送统计 and sorts it by 审核通过率. Second factors are switched off, as in the
 other test environments, so the walk-through needs no TOTP enrolment.
 """

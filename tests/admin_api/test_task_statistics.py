@@ -207,8 +207,10 @@ def expected_counts(institutions: range, tasks: range) -> tuple[int, int, int, i
     submitted = on_time = accepted = 0
     for institution in institutions:
         for task in tasks:
-            one = OUTCOME_COUNTS[outcome(institution, task)]
-            submitted, on_time, accepted = submitted + one[0], on_time + one[1], accepted + one[2]
+            target_counts = OUTCOME_COUNTS[outcome(institution, task)]
+            submitted += target_counts[0]
+            on_time += target_counts[1]
+            accepted += target_counts[2]
     return len(institutions) * len(tasks), submitted, on_time, accepted
 
 
