@@ -29,6 +29,7 @@ from admin_api.institutions import INSTITUTION_TYPES
 from admin_api.models import TASK_STATUSES
 from admin_api.security import Principal
 from admin_api.submissions import FREQUENCY_NAMES, catalog
+from admin_api.workbench import template_name
 from regsandbox_core.errors import RegsandboxError
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -201,6 +202,7 @@ def statistics_page(request: Request, session: Session = Depends(get_session),
                      template_codes=_template_codes())
     task_statistics.record_read(session, request, caller, rate_filter, "page")
     return _page(request, "task_statistics.html", caller, error=None, form=form, institutions=institutions,
+                 template_name=template_name,
                  by_task=by_task, total=task_statistics.totals(institutions), sort_keys=task_statistics.SORT_KEYS,
                  template_codes=_template_codes())
 

@@ -117,8 +117,10 @@ def rate_rows(session: Session, grouping: Grouping, rate_filter: RateFilter, *, 
               descending: bool = False, now: datetime | None = None, limit: int | None = None) -> list[RateRow]:
     """Return the rates of each institution or each task with at least one due target, in one grouped query.
 
-    ``sort`` is a key of :data:`SORT_KEYS`; ascending order puts the worst rates first. Ties are
-    broken by institution code or task id. Rows with nothing submitted sort after every acceptance rate.
+    ``sort`` is a key of :data:`SORT_KEYS`, and ascending order puts the worst rates first. Equal
+    rates are ordered by the number of missing reports (on-time rate) or by the on-time rate
+    (acceptance rate), then by institution code or task id. Rows with nothing submitted sort after
+    every acceptance rate.
     """
     if sort not in SORT_KEYS:
         raise invalid("SORT_INVALID", f"排序字段“{sort[:32]}”无效，可选：{'、'.join(f'{k}（{v}）' for k, v in SORT_KEYS.items())}。")
@@ -178,18 +180,26 @@ def rate_rows(session: Session, grouping: Grouping, rate_filter: RateFilter, *, 
 
 def _ordering(sort: str, descending: bool, targets: ColumnElement, submitted: ColumnElement, on_time: ColumnElement,
               accepted: ColumnElement, tie_breaker: ColumnElement) -> list[ColumnElement]:
+    on_time_rate = cast(on_time, Float) / targets
+    acceptance_rate = case((submitted > 0, cast(accepted, Float) / submitted))
+    missing = targets - submitted
     expression: ColumnElement = {
-        "on_time_rate": cast(on_time, Float) / targets,
-        "acceptance_rate": case((submitted > 0, cast(accepted, Float) / submitted)),
-        "missing": targets - submitted,
+        "on_time_rate": on_time_rate,
+        "acceptance_rate": acceptance_rate,
+        "missing": missing,
         "late": submitted - on_time,
         "targets": targets,
         "key": tie_breaker,
     }[sort]
-    ordered = expression.desc() if descending else expression.asc()
+    # Equal rates are ordered by the next measure, in the same direction: more missing reports rank
+    # worse than fewer at an equal on-time rate, and a lower on-time rate at an equal acceptance rate.
+    secondary = {"on_time_rate": -missing, "acceptance_rate": on_time_rate}.get(sort)
+    ordered = [expression.desc() if descending else expression.asc()]
+    if secondary is not None:
+        ordered.append(secondary.desc() if descending else secondary.asc())
     # NULL acceptance rates (nothing submitted) go last in both directions; NULLS LAST differs between backends.
     nulls_last = case((expression.is_(None), 1), else_=0)
-    return [nulls_last, ordered, tie_breaker]
+    return [nulls_last, *ordered, tie_breaker]
 
 
 def _row(grouping: Grouping, values: tuple) -> RateRow:

@@ -114,7 +114,7 @@ def test_task_detail_agrees_with_rates(env: Env, small: dict[str, int]) -> None:
 @pytest.mark.parametrize(("sort", "descending", "expected"), [
     ("acceptance_rate", False, ["st_c", "st_a", "st_b", "st_d"]),
     ("acceptance_rate", True, ["st_a", "st_b", "st_c", "st_d"]),
-    ("on_time_rate", True, ["st_c", "st_a", "st_b", "st_d"]),
+    ("on_time_rate", True, ["st_c", "st_b", "st_a", "st_d"]),
     ("missing", True, ["st_a", "st_d", "st_b", "st_c"]),
     ("late", True, ["st_b", "st_a", "st_c", "st_d"]),
     ("key", True, ["st_d", "st_c", "st_b", "st_a"]),
