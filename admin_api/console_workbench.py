@@ -4,7 +4,7 @@ Widgets and who gets them:
 
 - 待报送任务, 草稿, 被退回的报送, 校验未通过的报送: institution users with ``tasks.read`` or
   ``submissions.read``, for their own institution only.
-- 待审核报送 and the counts per template: users with ``submissions.review``.
+- 待审核报送 and the counts per template: users with ``submissions.review`` who belong to no institution.
 - 报送情况最差的机构: users with ``tasks.statistics`` who belong to no institution; each view is audited.
 
 A user whose role has none of these gets a short note and the link to the home page.
@@ -63,7 +63,7 @@ def workbench_page(request: Request, session: Session = Depends(get_session),
     widgets: dict[str, Any] = {}
     if caller.institution_code is not None:
         widgets.update(_institution_widgets(session, caller))
-    if allows(caller.role, "submissions.review"):
+    if caller.institution_code is None and allows(caller.role, "submissions.review"):
         widgets.update(_review_widgets(session))
     if caller.institution_code is None and allows(caller.role, "tasks.statistics"):
         widgets.update(_statistics_widget(session, request, caller))
