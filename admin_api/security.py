@@ -97,6 +97,8 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Collection tasks (报送任务): institution users see the tasks that target their own institution only (admin_api.tasks).
     "tasks.write": ("发布或关闭报送任务", frozenset({"system_admin", "regulator_reviewer"})),
     "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
+    # On-time and acceptance rates compare institutions, so no institution role has this (admin_api.task_statistics).
+    "tasks.statistics": ("查看报送统计", _REGULATORS | {"system_admin"}),
 }
 
 

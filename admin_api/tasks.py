@@ -37,6 +37,7 @@ from admin_api.models import (
     ReportSubmission,
     ReportTask,
     ReportTaskTarget,
+    SubmissionEvent,
 )
 from admin_api.security import Principal
 from admin_api.submissions import FREQUENCY_NAMES, catalog, parse_period
@@ -49,20 +50,19 @@ MAX_PAGE_SIZE = 200
 MAX_TARGETS = 500
 MAX_REMINDER_DAY = 90
 NOT_SUBMITTED = "not_submitted"
-TARGET_STATE_NAMES = {
-    NOT_SUBMITTED: "未报送",
-    "validation_failed": SUBMISSION_STATES["validation_failed"],
-    "pending_review": SUBMISSION_STATES["pending_review"],
-    "accepted": SUBMISSION_STATES["accepted"],
-    "returned": SUBMISSION_STATES["returned"],
-}
-"""State of a task target: its newest non-superseded submission's state, or 未报送."""
+TARGET_STATE_OVERRIDES = {NOT_SUBMITTED: "未报送", "pending_review": "已报送待审核"}
+"""Names of target states that differ from the submission state's name in SUBMISSION_STATES."""
 SUBMITTED_STATES = frozenset({"pending_review", "accepted"})
 """States that count as submitted: no reminder, not overdue."""
 OVERDUE_NAME = "已逾期"
 OVERDUE_KEY = "overdue"
 _CHINA = ZoneInfo("Asia/Shanghai")
 """Deadlines in messages are shown in Beijing time."""
+
+
+def target_state_name(state: str) -> str:
+    """Return the Chinese name of a target state: its newest non-superseded submission's state, or 未报送."""
+    return TARGET_STATE_OVERRIDES.get(state) or SUBMISSION_STATES.get(state, state)
 
 
 # --- inputs -------------------------------------------------------------------------------------
@@ -195,6 +195,25 @@ class TargetState:
     state: str
     submission_id: int | None
     submitted_at: datetime | None
+    first_submitted_at: datetime | None = None
+    """When any submission of the target first reached a submitted state (待审核 or 审核通过); None if never."""
+
+
+def first_submission_times(session: Session, task: ReportTask, institution_ids: list[int]) -> dict[int, datetime]:
+    """Return, per institution, when a submission of the task's template and period first reached a submitted state.
+
+    The time comes from the state changes in ``submission_events``, so a submission later returned
+    or superseded by a resubmission still keeps the target's first submission time.
+    """
+    if not institution_ids:
+        return {}
+    rows = session.execute(
+        select(ReportSubmission.institution_id, func.min(SubmissionEvent.at))
+        .join(SubmissionEvent, SubmissionEvent.submission_id == ReportSubmission.id)
+        .where(ReportSubmission.template_code == task.template_code, ReportSubmission.period_end == task.period_end,
+               ReportSubmission.institution_id.in_(institution_ids), SubmissionEvent.to_state.in_(SUBMITTED_STATES))
+        .group_by(ReportSubmission.institution_id))
+    return {institution_id: at for institution_id, at in rows}
 
 
 def _latest_submissions(session: Session, task: ReportTask, institution_ids: list[int]) -> dict[int, ReportSubmission]:
@@ -216,12 +235,15 @@ def target_states(session: Session, task: ReportTask, institution_id: int | None
     if institution_id is not None:
         query = query.where(ReportTaskTarget.institution_id == institution_id)
     targets = list(session.scalars(query))
-    latest = _latest_submissions(session, task, [target.institution_id for target in targets])
+    ids = [target.institution_id for target in targets]
+    latest = _latest_submissions(session, task, ids)
+    first = first_submission_times(session, task, ids)
     states = []
     for target in sorted(targets, key=lambda item: item.institution.code):
         row = latest.get(target.institution_id)
         states.append(TargetState(target.institution, row.state if row else NOT_SUBMITTED,
-                                  row.id if row else None, row.submitted_at if row else None))
+                                  row.id if row else None, row.submitted_at if row else None,
+                                  first.get(target.institution_id)))
     return states
 
 
@@ -272,7 +294,7 @@ class TaskOut(BaseModel):
         )
         if own is not None:
             overdue = is_overdue(task, own.state, now or utc_now())
-            out.own_state, out.own_state_name = own.state, TARGET_STATE_NAMES.get(own.state, own.state)
+            out.own_state, out.own_state_name = own.state, target_state_name(own.state)
             out.own_submission_id = own.submission_id
             out.overdue, out.overdue_name = overdue, OVERDUE_NAME if overdue else None
         return out
@@ -286,8 +308,9 @@ class TargetOut(BaseModel):
     state_name: str
     submission_id: int | None
     submitted_at: datetime | None
+    first_submitted_at: datetime | None = None
     on_time: bool
-    """Submitted (pending review or accepted) no later than the deadline."""
+    """First submitted (待审核 or 审核通过) no later than the deadline; a later return or resubmission does not change it."""
     overdue: bool
     overdue_name: str | None
 
@@ -315,15 +338,14 @@ def task_detail(session: Session, request: Request, caller: Principal, task_id: 
     states = target_states(session, task, own_id)
     targets = []
     for item in states:
-        submitted = item.state in SUBMITTED_STATES
-        on_time = submitted and item.submitted_at is not None and item.submitted_at <= task.deadline
+        on_time = item.first_submitted_at is not None and item.first_submitted_at <= task.deadline
         overdue = is_overdue(task, item.state, now)
         targets.append(TargetOut(
             institution_code=item.institution.code, institution_name=item.institution.name,
             institution_type=item.institution.type, state=item.state,
-            state_name=TARGET_STATE_NAMES.get(item.state, item.state), submission_id=item.submission_id,
-            submitted_at=item.submitted_at, on_time=on_time, overdue=overdue,
-            overdue_name=OVERDUE_NAME if overdue else None))
+            state_name=target_state_name(item.state), submission_id=item.submission_id,
+            submitted_at=item.submitted_at, first_submitted_at=item.first_submitted_at, on_time=on_time,
+            overdue=overdue, overdue_name=OVERDUE_NAME if overdue else None))
     total = session.scalar(select(func.count()).select_from(ReportTaskTarget).where(ReportTaskTarget.task_id == task.id))
     base = TaskOut.of(task, total or 0, states[0] if own_id is not None and states else None, now)
     return TaskDetail(

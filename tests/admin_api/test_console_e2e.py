@@ -16,6 +16,7 @@ import subprocess
 import sys
 import time
 from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -39,15 +40,14 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     yield from backend_env(request.param, tmp_path_factory, "e2e")
 
 
-@pytest.fixture
-def served_with_totp(env: Env, tmp_path: Path) -> Iterator[str]:
-    """Serve the env's database with uvicorn on 127.0.0.1, TOTP required for administrators; return its URL."""
+@contextmanager
+def serve_admin_api(env: Env, log_path: Path, totp_roles: str) -> Iterator[str]:
+    """Serve the env's database with uvicorn on 127.0.0.1 with the given TOTP roles (JSON list); yield its URL."""
     port = free_port()
-    log_path = tmp_path / "uvicorn.log"
     environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
                    "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
                    "REGSANDBOX_MLFLOW_PORT": str(free_port()),
-                   "REGSANDBOX_TOTP_REQUIRED_ROLES": TOTP_ROLES}
+                   "REGSANDBOX_TOTP_REQUIRED_ROLES": totp_roles}
     log = log_path.open("w")
     process = subprocess.Popen(
         [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",
@@ -75,6 +75,13 @@ def served_with_totp(env: Env, tmp_path: Path) -> Iterator[str]:
             process.kill()
             process.wait(timeout=10)
         log.close()
+
+
+@pytest.fixture
+def served_with_totp(env: Env, tmp_path: Path) -> Iterator[str]:
+    """Serve the env's database with uvicorn on 127.0.0.1, TOTP required for administrators; return its URL."""
+    with serve_admin_api(env, tmp_path / "uvicorn.log", TOTP_ROLES) as url:
+        yield url
 
 
 def enrol_totp(url: str, username: str, password: str) -> str:

@@ -283,12 +283,14 @@ def test_audit_page_chinese_labels_and_wrapping(env: Env) -> None:
     assert '{"code"' not in audit
 
 
-def test_reporter_home_says_reporting_not_available(env: Env) -> None:
+def test_reporter_home_links_workbench_and_tasks(env: Env) -> None:
     reporter, _ = _signed_in(env, "reporter_a")
 
     home = reporter.get("/console/").text
 
-    assert "报表报送功能在当前版本中尚未开放" in home
+    assert '<a href="/console/workbench">工作台</a>' in home
+    assert "要求本机构报送的任务及本机构的报送状态" in home
+    assert "报送统计" not in home
     assert "JupyterHub" not in home
     assert "系统管理员" in home
     with env.db() as session:

@@ -143,7 +143,7 @@ def test_institution_user_own_tasks(env: Env) -> None:
     assert (before[0]["own_state"], before[0]["own_state_name"], before[0]["overdue"]) == (
         "not_submitted", "未报送", False)
     assert after.headers["X-Total-Count"] == "1"
-    assert (after.json()[0]["own_state_name"], after.json()[0]["own_submission_id"]) == ("待审核", submission_id)
+    assert (after.json()[0]["own_state_name"], after.json()[0]["own_submission_id"]) == ("已报送待审核", submission_id)
     assert [item["institution_code"] for item in detail["targets"]] == ["bank_a"]
     assert detail["target_count"] == 2
     assert [item["institution_code"] for item in regulator["targets"]] == ["bank_a", "bank_b"]
