@@ -97,6 +97,8 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Collection tasks (报送任务): institution users see the tasks that target their own institution only (admin_api.tasks).
     "tasks.write": ("发布或关闭报送任务", frozenset({"system_admin", "regulator_reviewer"})),
     "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
+    # Report application (报表应用): institution users query their own institution's accepted data only (admin_api.report_data).
+    "report_data.read": ("查询和导出已审核通过的报表数据", _REGULATORS | {"reporter", "institution_admin"}),
 }
 
 
