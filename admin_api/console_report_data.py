@@ -1,6 +1,6 @@
 """The console page 报表应用: a query form over accepted report data, the result table and its CSV/XLSX export.
 
-The form is sent with GET, so a result page can be bookmarked and reloaded; the export is a POST
+The form is sent with GET, so a result page can be bookmarked and reloaded. The export is a POST
 with the CSRF token. Both call :mod:`admin_api.report_data`, so the checks, the institution scope
 and the audit events are those of the API.
 """
@@ -37,7 +37,7 @@ def _template_or_none(code: str) -> Template | None:
 
 
 def _body(form: dict[str, Any]) -> report_data.ReportQueryIn:
-    """Build the API request from the form; raise 422 ``INVALID_REQUEST`` when a value breaks a field limit."""
+    """Build the API request from the form. Raises 422 ``INVALID_REQUEST`` when a value breaks a field limit."""
     filters: dict[str, list[str]] = {}
     for item in form["filters"]:
         code, _, value = item.partition(":")

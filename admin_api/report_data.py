@@ -5,8 +5,8 @@ period ends, filters on code-list fields, group-by dimensions and aggregates.
 :mod:`intake.warehouse_query` checks the query against the template and reads the warehouse
 partitions, decrypted in memory only. This module decides which institutions the caller may read,
 which submissions count as accepted, turns the result into columns with Chinese names, writes the
-CSV and XLSX exports and audits every query and export (template, institutions, periods, grouping,
-row counts, never the data).
+CSV and XLSX exports. It audits every query and export with the template, institutions, periods,
+grouping and row counts, never the data.
 
 Access: regulators (监管审查员, 监管分析员) read every institution. Institution users (报送人员,
 机构管理员) read their own institution only; naming another institution is refused with 403 and
@@ -46,6 +46,7 @@ from intake.warehouse_query import (
     GROUP_PERIOD,
     Aggregate,
     AggregateResult,
+    DetailTally,
     ReportQuery,
     build_query,
     detail_rows,
@@ -62,10 +63,10 @@ logger = logging.getLogger(__name__)
 
 CAPABILITY = "report_data.read"
 MAX_GROUPS = 10_000
-"""Result rows of an aggregate query or export at most; more groups set ``truncated``."""
+"""Maximum result rows of an aggregate query or export. More groups set ``truncated``."""
 MAX_PAGE_SIZE = 200
 EXPORT_MAX_DETAIL_ROWS = 50_000
-"""Detail rows of one export at most. The export is built in memory, so this bounds its size."""
+"""Maximum detail rows of one export. The export is built in memory, so this bounds its size."""
 MAX_INSTITUTIONS = 1000
 EMPTY_CODE_LABEL = "（未填报）"
 TOTAL_LABEL = "合计"
@@ -147,8 +148,8 @@ def readable_institutions(session: Session, request: Request, caller: Principal,
                           requested: Sequence[str] | None) -> dict[str, str]:
     """Return code → name of the institutions to query.
 
-    An institution user gets its own institution; naming another raises 403 ``INSTITUTION_FORBIDDEN``
-    (audited). A regulator gets the named institutions, or all of them; an unknown code raises 422.
+    An institution user gets its own institution, and naming another raises 403 ``INSTITUTION_FORBIDDEN``
+    (audited). A regulator gets the named institutions, or all of them. An unknown code raises 422.
     """
     codes = [code.strip() for code in requested or () if code.strip()]
     if caller.institution_code is not None:
@@ -356,7 +357,7 @@ def _xlsx_cell(value: Any) -> Any:
 
 
 def write_csv(header: Sequence[str], rows: Iterable[Sequence[Any]]) -> bytes:
-    """Write UTF-8 CSV with a byte order mark (so Excel shows the Chinese text); text cells escaped, numbers as is."""
+    """Write UTF-8 CSV with a byte order mark, so Excel shows the Chinese text. Text cells are escaped, numbers not."""
     buffer = io.StringIO()
     writer = csv.writer(buffer, lineterminator="\r\n")
     writer.writerow([escape_cell(name) for name in header])
@@ -381,14 +382,15 @@ def _export_content(settings: Settings, store: KeyStore, query: ReportQuery, bod
                     names: dict[str, str], accepted: dict[str, set[int]]) -> tuple[list[ReportColumn], list[list[Any]], dict[str, Any]]:
     """Return the columns and rows of an export and the counts for its audit event."""
     if body.mode == "detail":
-        counts: list[int] = []
+        tally = DetailTally()
         rows = [_detail_cells(row, names)
-                for row in iter_detail_rows(settings, store, query, accepted, 0, EXPORT_MAX_DETAIL_ROWS, counts)]
+                for row in iter_detail_rows(settings, store, query, accepted, 0, EXPORT_MAX_DETAIL_ROWS, tally)]
         exported = len(rows)
-        if counts[0] > exported:
-            rows.append([f"共 {counts[0]} 行，导出上限为 {EXPORT_MAX_DETAIL_ROWS} 行，此处只列出前 {exported} 行。"
+        if tally.rows > exported:
+            rows.append([f"共 {tally.rows} 行，导出上限为 {EXPORT_MAX_DETAIL_ROWS} 行，此处只列出前 {exported} 行。"
                          "请缩小机构、报告期范围或增加筛选条件后分批导出。"])
-        return _detail_columns(query.template), rows, {"rows": exported, "matching_rows": counts[0]}
+        return _detail_columns(query.template), rows, {"rows": exported, "matching_rows": tally.rows,
+                                                       "partitions": tally.partitions}
 
     result = run_aggregate(settings, store, query, accepted, MAX_GROUPS)
     group_columns = _group_columns(query.template, query.group_by)

@@ -4,7 +4,7 @@ A :class:`ReportQuery` names one template, the institutions, a range of period e
 code-list fields, the group-by dimensions and the aggregates. :func:`build_query` checks every
 field code against the template and raises :class:`ReportQueryError` (422) with a Chinese message
 naming the value and the valid choices. SQL is assembled only from field codes that exist in the
-template (quoted as identifiers) and from fixed function names; every filter value is a bound
+template (quoted as identifiers) and from fixed function names. Every filter value is a bound
 parameter.
 
 Plaintext stays in memory, never on disk. Partitions are read one at a time: a partition is
@@ -57,6 +57,7 @@ __all__ = [
     "Aggregate",
     "AggregateResult",
     "DetailResult",
+    "DetailTally",
     "GROUP_INSTITUTION",
     "GROUP_PERIOD",
     "Group",
@@ -80,7 +81,7 @@ MAX_GROUP_BY = 3
 MAX_AGGREGATES = 20
 MAX_FILTER_VALUES = 100
 DUCKDB_MEMORY_LIMIT = "512MB"
-"""Memory limit of each query's DuckDB connection; partial aggregates of one partition fit well within it."""
+"""Memory limit of each query's DuckDB connection. Nothing spills to disk, so a query above it fails."""
 DUCKDB_THREADS = 2
 AVERAGE_EXTRA_DIGITS = 2
 """Averages keep the field's scale plus this many digits, rounded half up."""
@@ -257,7 +258,7 @@ def build_query(
     group_by: Sequence[str] = (),
     aggregates: Sequence[tuple[str, str | None]] = (),
 ) -> ReportQuery:
-    """Check a query against ``template`` and return it; raise :class:`ReportQueryError` (422) on a bad part."""
+    """Check a query against ``template`` and return it. Raises :class:`ReportQueryError` (422) on a bad part."""
     if period_from > period_to:
         raise ReportQueryError("PERIOD_INVALID", f"起始报告期 {period_from:%Y%m%d} 晚于截止报告期 {period_to:%Y%m%d}，"
                                                  "请把起始报告期改为不晚于截止报告期的日期。")
@@ -323,7 +324,7 @@ def _partitions(settings: Settings, query: ReportQuery,
 
 
 def _read_partition(store: KeyStore, template: Template, partition: _Partition, columns: Sequence[str]) -> pa.Table:
-    """Decrypt a partition in memory and return its ``columns``; the plaintext buffer is dropped on return."""
+    """Decrypt a partition in memory and return its ``columns``. The plaintext buffer is closed before returning."""
     buffer = io.BytesIO()
     try:
         decrypt_document(store, partition.institution, partition.path, buffer,
@@ -446,7 +447,7 @@ class _Partial:
 
 @dataclass(frozen=True)
 class Group:
-    """One result row: the group's key (in ``group_by`` order; None for an empty value) and its aggregate values."""
+    """One result row: the group's key in ``group_by`` order (None for an empty value) and its aggregate values."""
 
     key: tuple[str | None, ...]
     values: tuple[Any, ...]
@@ -525,6 +526,14 @@ class DetailResult:
     partitions: int
 
 
+@dataclass
+class DetailTally:
+    """Matching rows and partitions read, filled in by :func:`iter_detail_rows` when its iteration ends."""
+
+    rows: int = 0
+    partitions: int = 0
+
+
 def _detail_sql(query: ReportQuery, fields: Sequence[TemplateField]) -> tuple[str, str, list[Any]]:
     selected = [_typed(item) if item.type in NUMERIC_TYPES else _quoted(item.code) for item in fields]
     where, params = _where(query)
@@ -539,26 +548,27 @@ def _masked(row: Sequence[Any], kinds: Sequence[str | None]) -> tuple[Any, ...]:
 
 
 def iter_detail_rows(settings: Settings, store: KeyStore, query: ReportQuery, accepted: Mapping[str, Collection[int]],
-                     offset: int, limit: int | None, counts: list[int] | None = None) -> Iterator[tuple[Any, ...]]:
+                     offset: int, limit: int | None, tally: DetailTally | None = None) -> Iterator[tuple[Any, ...]]:
     """Yield the matching rows from ``offset`` (at most ``limit``) as (institution, period, *field values).
 
     Numeric fields are Decimal or int, other fields text with personal data masked. Rows come in
-    institution, period and file order. When ``counts`` is given, the number of matching rows is
-    appended to it at the end, which needs every partition, so iteration continues after ``limit``
-    rows with counting only.
+    institution, period and file order. With ``tally``, every partition is read so that the
+    number of matching rows can be counted, and iteration goes on after ``limit`` rows with
+    counting only. Without it, iteration stops after ``limit`` rows.
     """
     fields = list(query.template.fields)
     kinds = [mask_kind(query.template, item.code) for item in fields]
     columns = [item.code for item in fields]
     count_sql, rows_sql, params = _detail_sql(query, fields)
-    seen = 0
+    seen = partitions = 0
     remaining = limit
     with _connect() as con:
         for partition in _partitions(settings, query, accepted):
-            if remaining == 0 and counts is None:
+            if remaining == 0 and tally is None:
                 break
             table = _read_partition(store, query.template, partition, columns)
             table = table.append_column(_ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
+            partitions += 1
             con.register("part", table)
             try:
                 matching = con.execute(count_sql, params).fetchall()[0][0]
@@ -573,14 +583,13 @@ def iter_detail_rows(settings: Settings, store: KeyStore, query: ReportQuery, ac
             finally:
                 con.unregister("part")
                 del table
-    if counts is not None:
-        counts.append(seen)
+    if tally is not None:
+        tally.rows, tally.partitions = seen, partitions
 
 
 def detail_rows(settings: Settings, store: KeyStore, query: ReportQuery, accepted: Mapping[str, Collection[int]],
                 offset: int, limit: int) -> DetailResult:
     """Return one page of masked detail rows and the number of matching rows."""
-    counts: list[int] = []
-    partitions = sum(1 for _ in _partitions(settings, query, accepted))
-    rows = list(iter_detail_rows(settings, store, query, accepted, offset, limit, counts))
-    return DetailResult(rows, counts[0], partitions)
+    tally = DetailTally()
+    rows = list(iter_detail_rows(settings, store, query, accepted, offset, limit, tally))
+    return DetailResult(rows, tally.rows, tally.partitions)

@@ -1,8 +1,8 @@
 """报表应用: query accepted report data with aggregates, and export the same query as CSV or XLSX.
 
-Regulators read every institution's accepted data; institution users (报送人员, 机构管理员) read their
-own institution's only. Every query and export is audited; a rejected one is audited with outcome
-``failed`` and its error code (denials of another institution are audited as ``denied`` where they happen).
+Regulators read every institution's accepted data, and institution users (报送人员, 机构管理员) read
+their own institution's only. Every query and export is audited. A rejected one is audited with
+outcome ``failed`` and its error code, and a denial of another institution as ``denied`` where it happens.
 """
 
 from __future__ import annotations
@@ -26,7 +26,7 @@ T = TypeVar("T")
 
 def audited(request: Request, session: Session, caller: Principal, action: str, template_code: str,
             work: Callable[[], T]) -> T:
-    """Run ``work``; on a platform error roll back, store a ``failed`` audit event with the code, and re-raise.
+    """Run ``work``. On a platform error, roll back, store a ``failed`` audit event with the code and re-raise.
 
     403 errors come from ``check_institution``, which already stored a ``denied`` event.
     """
@@ -63,7 +63,7 @@ def export_report_data_csv(
     body: report_data.ReportQueryIn, request: Request, session: Session = Depends(get_session),
     caller: Principal = Depends(require(report_data.CAPABILITY)),
 ) -> Response:
-    """Export the result of the same query as CSV (UTF-8 with BOM); detail exports stop at 50,000 rows."""
+    """Export the result of the same query as CSV (UTF-8 with BOM). Detail exports stop at 50,000 rows."""
     return _export("csv", body, request, session, caller)
 
 
@@ -72,5 +72,5 @@ def export_report_data_xlsx(
     body: report_data.ReportQueryIn, request: Request, session: Session = Depends(get_session),
     caller: Principal = Depends(require(report_data.CAPABILITY)),
 ) -> Response:
-    """Export the result of the same query as an XLSX workbook; detail exports stop at 50,000 rows."""
+    """Export the result of the same query as an XLSX workbook. Detail exports stop at 50,000 rows."""
     return _export("xlsx", body, request, session, caller)

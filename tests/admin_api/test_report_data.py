@@ -23,6 +23,7 @@ from openpyxl import load_workbook
 from sqlalchemy import select
 
 import intake.warehouse_query as warehouse_query
+from admin_api import report_data
 from admin_api.models import Institution
 from admin_api.security import csrf_token
 from intake.warehouse import load_submission
@@ -31,6 +32,7 @@ from regsandbox_core.platform_keys import open_keystore
 from .conftest import Env
 from .helpers import audit_events, console_cookie
 from .test_submissions import LICENSE, accept, catalog, customer_row, loan_row, text_file, upload
+from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401 - fixture
 from .test_submissions import bank_a_licence  # noqa: F401  # module fixture: bank_a gets the test files' 金融许可证号
 
 LICENSE_B = "B0002H222000002"
@@ -266,6 +268,22 @@ def test_detail_export_escapes_and_masks(seeded: Env) -> None:
         assert plain not in str(rows)
 
 
+def test_caps_truncate_with_note(seeded: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(report_data, "MAX_GROUPS", 2)
+    monkeypatch.setattr(report_data, "EXPORT_MAX_DETAIL_ROWS", 3)
+
+    grouped = ok(query(seeded, "reviewer", institutions=["bank_a", "bank_b"], group_by=["WJFL"]))
+    exported = query(seeded, "reviewer", path="export.csv", institutions=["bank_a", "bank_b"], mode="detail")
+
+    assert (grouped["rows"], grouped["group_count"], grouped["truncated"]) == ([["01", "正常", 4], ["02", "关注", 2]],
+                                                                              3, True)
+    assert grouped["totals"] == ["合计", "", 7]
+    assert "分组结果共 3 行，只返回前 2 行" in grouped["notes"][0]
+    table = list(csv.reader(io.StringIO(exported.content.decode("utf-8-sig"))))
+    assert len(table) == 1 + 3 + 1
+    assert table[-1][0].startswith("共 7 行，导出上限为 3 行")
+
+
 # --- access ----------------------------------------------------------------------------------------
 
 
@@ -422,3 +440,53 @@ def test_console_other_institution_denied(seeded: Env) -> None:
     assert '<th style="text-align: right">4</th>' in own.text
     assert bad.status_code == 422
     assert "起始报告期“2025年”无效" in bad.text
+
+
+def test_console_walkthrough_in_chromium(seeded: Env, served_admin_api: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{served_admin_api}/console/login")
+            page.fill("input[name=username]", "analyst")
+            page.fill("input[name=password]", seeded.passwords["analyst"])
+            page.click("button[type=submit]")
+            page.wait_for_load_state()
+            page.click("header a:has-text('报表应用')")
+            page.wait_for_load_state()
+
+            # Choosing a template reloads the form with that template's fields.
+            with page.expect_navigation():
+                page.select_option("#report-template", LOAN_TABLE)
+            page.select_option("#report-institutions", ["bank_a", "bank_b"])
+            page.fill("#report-period-from", FIRST)
+            page.fill("#report-period-to", SECOND)
+            page.check("#report-group-by input[value=WJFL]")
+            page.check("#report-aggregates input[value='sum:JJYE']")
+            page.click("#report-submit")
+            page.wait_for_load_state()
+
+            table = page.locator("#report-result")
+            headers = table.locator("thead th").all_inner_texts()
+            assert headers == ["五级分类代码", "五级分类", "记录数", "借据余额合计"]
+            assert table.locator("tbody tr").count() == 3
+            assert table.locator("tfoot th").all_inner_texts() == ["合计", "", "7", "5400000.00"]
+            assert "汇总 7 条记录，共 3 个分组" in page.locator("#report-summary").inner_text()
+
+            with page.expect_download() as download_info:
+                page.click("#export-xlsx")
+            path = download_info.value.path()
+            assert download_info.value.suggested_filename.endswith(".xlsx")
+            sheet = load_workbook(io.BytesIO(Path(path).read_bytes()), read_only=True).active
+            rows = [list(row) for row in sheet.iter_rows(values_only=True)]
+            assert rows[0] == headers
+            assert rows[-1][:3] == ["合计", None, 7]
+
+            page.fill("#report-period-from", "2025-11")
+            page.click("#report-submit")
+            page.wait_for_load_state()
+            assert "起始报告期“2025-11”无效" in page.locator("#report-error").inner_text()
+        finally:
+            browser.close()
