@@ -23,10 +23,11 @@ because a report that silently misses an institution's period would show wrong t
 
 from __future__ import annotations
 
+import contextlib
 import io
 import logging
 import re
-from collections.abc import Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, datetime
 from decimal import ROUND_HALF_UP, Decimal
@@ -64,9 +65,11 @@ __all__ = [
     "ReportQuery",
     "ReportQueryError",
     "build_query",
+    "code_fields",
     "detail_rows",
     "iter_detail_rows",
     "mask_kind",
+    "numeric_fields",
     "parse_period_text",
     "run_aggregate",
 ]
@@ -323,31 +326,47 @@ def _partitions(settings: Settings, query: ReportQuery,
             yield _Partition(institution, match.group(1), source)
 
 
-def _read_partition(store: KeyStore, template: Template, partition: _Partition, columns: Sequence[str]) -> pa.Table:
-    """Decrypt a partition in memory and return its ``columns``. The plaintext buffer is closed before returning."""
+def _unreadable(template: Template, partition: _Partition, error: Exception) -> ReportQueryError:
+    code = getattr(error, "code", type(error).__name__)
+    logger.warning("warehouse partition %s of %s not readable for a report query: %s", partition.path,
+                   partition.institution, code)
+    return ReportQueryError(
+        "REPORT_PARTITION_UNREADABLE",
+        f"报表 {template.code} 机构 {partition.institution} 报告期 {partition.period} 的数据仓库分区无法读取（{code}），"
+        "查询未完成。请联系平台管理员检查该机构的数据密钥和数据仓库文件。", status=500)
+
+
+@contextlib.contextmanager
+def _opened(store: KeyStore, template: Template, partition: _Partition) -> Iterator[Callable[[Sequence[str]], pa.Table]]:
+    """Decrypt a partition into memory and yield a function that reads some of its columns as Arrow.
+
+    The plaintext buffer is closed when the block ends. A column missing from an older partition
+    (a field added by a later template version) reads as empty.
+    """
     buffer = io.BytesIO()
     try:
-        decrypt_document(store, partition.institution, partition.path, buffer,
-                         partition_associated_data(template.code, partition.institution, partition.period))
-        buffer.seek(0)
-        present = set(pq.read_schema(buffer).names)
-        buffer.seek(0)
-        table = pq.read_table(buffer, columns=[name for name in columns if name in present])
-    except (RegsandboxError, pa.ArrowException, OSError) as error:
-        code = getattr(error, "code", type(error).__name__)
-        logger.warning("warehouse partition %s of %s not readable for a report query: %s", partition.path,
-                       partition.institution, code)
-        raise ReportQueryError(
-            "REPORT_PARTITION_UNREADABLE",
-            f"报表 {template.code} 机构 {partition.institution} 报告期 {partition.period} 的数据仓库分区无法读取（{code}），"
-            "查询未完成。请联系平台管理员检查该机构的数据密钥和数据仓库文件。", status=500) from error
+        try:
+            decrypt_document(store, partition.institution, partition.path, buffer,
+                             partition_associated_data(template.code, partition.institution, partition.period))
+        except (RegsandboxError, OSError) as error:
+            raise _unreadable(template, partition, error) from error
+
+        def read(columns: Sequence[str]) -> pa.Table:
+            try:
+                buffer.seek(0)
+                present = set(pq.read_schema(buffer).names)
+                buffer.seek(0)
+                table = pq.read_table(buffer, columns=[name for name in columns if name in present])
+            except (pa.ArrowException, OSError) as error:
+                raise _unreadable(template, partition, error) from error
+            for name in columns:
+                if name not in table.column_names:
+                    table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
+            return table
+
+        yield read
     finally:
         buffer.close()
-    # A field added to a later template version is missing from older partitions: it reads as empty.
-    for name in columns:
-        if name not in table.column_names:
-            table = table.append_column(name, pa.nulls(table.num_rows, pa.string()))
-    return table
 
 
 def _connect() -> duckdb.DuckDBPyConnection:
@@ -405,6 +424,18 @@ def _aggregate_sql(query: ReportQuery, dimensions: Sequence[str]) -> tuple[str, 
     where, params = _where(query)
     group = f" GROUP BY {', '.join(f'd{index}' for index in range(len(dimensions)))}" if dimensions else ""
     return f"SELECT {', '.join(outer)} FROM (SELECT {', '.join(inner) or '1 AS one'} FROM part{where}){group}", params
+
+
+def _select(con: duckdb.DuckDBPyConnection, table: pa.Table, sql: str, params: list[Any]) -> list[tuple[Any, ...]]:
+    con.register("part", table)
+    try:
+        return con.execute(sql, params).fetchall()
+    finally:
+        con.unregister("part")
+
+
+def _count(con: duckdb.DuckDBPyConnection, table: pa.Table, sql: str, params: list[Any]) -> int:
+    return _select(con, table, sql, params)[0][0]
 
 
 # --- aggregates ----------------------------------------------------------------------------------
@@ -492,21 +523,18 @@ def run_aggregate(settings: Settings, store: KeyStore, query: ReportQuery,
     partitions = 0
     with _connect() as con:
         for partition in _partitions(settings, query, accepted):
-            table = _read_partition(store, query.template, partition, columns)
+            with _opened(store, query.template, partition) as read:
+                table = read(columns)
             partitions += 1
-            con.register("part", table)
-            try:
-                for row in con.execute(group_sql, params).fetchall():
-                    codes = dict(zip(dimensions, row[:len(dimensions)]))
-                    key = tuple(partition.institution if name == GROUP_INSTITUTION
-                                else partition.period if name == GROUP_PERIOD else codes[name]
-                                for name in query.group_by)
-                    partials.setdefault(key, _Partial()).add(row[len(dimensions)], row[len(dimensions) + 1:], fields)
-                total = con.execute(total_sql, total_params).fetchall()[0]
-                overall.add(total[0], total[1:], fields)
-            finally:
-                con.unregister("part")
-                del table
+            for row in _select(con, table, group_sql, params):
+                codes = dict(zip(dimensions, row[:len(dimensions)]))
+                key = tuple(partition.institution if name == GROUP_INSTITUTION
+                            else partition.period if name == GROUP_PERIOD else codes[name]
+                            for name in query.group_by)
+                partials.setdefault(key, _Partial()).add(row[len(dimensions)], row[len(dimensions) + 1:], fields)
+            total = _select(con, table, total_sql, total_params)[0]
+            overall.add(total[0], total[1:], fields)
+            del table
     keys = sorted((key for key, partial in partials.items() if partial.count), key=_sort_key)
     groups = [Group(key, tuple(partials[key].value(item, query.template) for item in aggregates))
               for key in keys[:max_groups]]
@@ -547,6 +575,11 @@ def _masked(row: Sequence[Any], kinds: Sequence[str | None]) -> tuple[Any, ...]:
                  for value, kind in zip(row, kinds))
 
 
+def _numbered(table: pa.Table) -> pa.Table:
+    """Add the row's position in the partition, so that pages keep the file order."""
+    return table.append_column(_ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
+
+
 def iter_detail_rows(settings: Settings, store: KeyStore, query: ReportQuery, accepted: Mapping[str, Collection[int]],
                      offset: int, limit: int | None, tally: DetailTally | None = None) -> Iterator[tuple[Any, ...]]:
     """Yield the matching rows from ``offset`` (at most ``limit``) as (institution, period, *field values).
@@ -566,23 +599,18 @@ def iter_detail_rows(settings: Settings, store: KeyStore, query: ReportQuery, ac
         for partition in _partitions(settings, query, accepted):
             if remaining == 0 and tally is None:
                 break
-            table = _read_partition(store, query.template, partition, columns)
-            table = table.append_column(_ROW_COLUMN, pa.array(range(table.num_rows), pa.int64()))
-            partitions += 1
-            con.register("part", table)
-            try:
-                matching = con.execute(count_sql, params).fetchall()[0][0]
+            with _opened(store, query.template, partition) as read:
+                # Counting reads the filter columns only. The other columns are read for a partition in the page.
+                matching = _count(con, _numbered(read([PERIOD_COLUMN, *query.filters])), count_sql, params)
                 start = max(offset - seen, 0)
                 if start < matching and remaining != 0:
                     take = matching - start if remaining is None else min(remaining, matching - start)
-                    for row in con.execute(rows_sql, [*params, take, start]).fetchall():
+                    for row in _select(con, _numbered(read(columns)), rows_sql, [*params, take, start]):
                         yield (partition.institution, partition.period, *_masked(row, kinds))
                     if remaining is not None:
                         remaining -= take
-                seen += matching
-            finally:
-                con.unregister("part")
-                del table
+            partitions += 1
+            seen += matching
     if tally is not None:
         tally.rows, tally.partitions = seen, partitions
 
