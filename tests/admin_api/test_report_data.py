@@ -246,6 +246,7 @@ def test_export_csv_and_xlsx(seeded: Env) -> None:
 
 def test_detail_export_escapes_and_masks(seeded: Env) -> None:
     loans = query(seeded, "reviewer", path="export.csv", institutions=["bank_a"], period_to=FIRST, mode="detail")
+    loans_xlsx = query(seeded, "reviewer", path="export.xlsx", institutions=["bank_a"], period_to=FIRST, mode="detail")
     customers = query(seeded, "reviewer", path="export.xlsx", template_code=CUSTOMER_TABLE, institutions=["bank_a"],
                       mode="detail")
 
@@ -256,6 +257,12 @@ def test_detail_export_escapes_and_masks(seeded: Env) -> None:
     purpose = [line[header.index("贷款用途")] for line in table[1:]]
     assert purpose == ["'" + FORMULA, "流动资金周转"]
     assert [line[header.index("借据余额")] for line in table[1:]] == ["800000.00", "300000.00"]
+    loan_sheet = load_workbook(io.BytesIO(loans_xlsx.content)).active
+    loan_cells = list(loan_sheet.iter_rows())
+    column = [cell.value for cell in loan_cells[0]].index("贷款用途")
+    assert (loan_cells[1][column].value, loan_cells[1][column].data_type) == ("'" + FORMULA, "s")
+    balance = [cell.value for cell in loan_cells[0]].index("借据余额")
+    assert (loan_cells[1][balance].value, loan_cells[1][balance].data_type) == (800000, "n")
     assert customers.status_code == 200, customers.text
     sheet = load_workbook(io.BytesIO(customers.content), read_only=True).active
     rows = [list(row) for row in sheet.iter_rows(values_only=True)]
