@@ -41,6 +41,8 @@ from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, submissions, tokens, users
 from admin_api.routes import tasks as task_routes
+from admin_api.routes import report_data as report_data_routes
+from admin_api import console_report_data
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -185,10 +187,11 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes, submissions, task_routes):
+                   institution_routes, role_routes, submissions, task_routes, report_data_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
-                        console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench):
+                        console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
+                        console_report_data):
         app.include_router(page_module.router)
     _add_docs(app)
 

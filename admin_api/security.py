@@ -99,6 +99,8 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
     # On-time and acceptance rates compare institutions, so no institution role has this (admin_api.task_statistics).
     "tasks.statistics": ("查看报送统计", _REGULATORS | {"system_admin"}),
+    # Report application (报表应用): institution users query their own institution's accepted data only (admin_api.report_data).
+    "report_data.read": ("查询和导出已审核通过的报表数据", _REGULATORS | {"reporter", "institution_admin"}),
 }
 
 
