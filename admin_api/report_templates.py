@@ -104,7 +104,7 @@ def _next_version(code: str) -> int:
 def _in_use_error(template_label: str, code: str, usage: Usage, action: str) -> TemplateError:
     return TemplateError(
         "TEMPLATE_IN_USE",
-        f"报表模板 {template_label} 已被{usage.describe()}使用，不能{action}。已使用的版本保持不变，"
+        f"报表模板 {template_label} 已被 {usage.describe()}使用，不能{action}。已使用的版本保持不变，"
         f"请把文件中的 version 改为 {_next_version(code)}，作为新版本上传。",
         status=409,
     )
