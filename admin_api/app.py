@@ -2,8 +2,8 @@
 
 Run with ``uvicorn admin_api.app:create_server_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
 The factory refuses to start (exit with a Chinese message) when the platform secrets are
-missing, the master key or key store is unusable, or the database is not migrated to the newest
-revision.
+missing, the master key or key store is unusable, the database is not migrated to the newest
+revision, or a shipped report template is invalid.
 
 ``app.state`` contains what the routes share: ``settings``, ``secrets``, ``engine``,
 ``session_factory``, ``keystore`` (use :func:`admin_api.keyaccess.request_keystore` in routes), ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``

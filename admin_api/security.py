@@ -97,7 +97,7 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Collection tasks (报送任务): institution users see the tasks that target their own institution only (admin_api.tasks).
     "tasks.write": ("发布或关闭报送任务", frozenset({"system_admin", "regulator_reviewer"})),
     "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
-    # Report templates (报表模板): whoever submits, reads or reviews reports reads them; only the system administrator adds or deletes versions.
+    # Report templates (报表模板): whoever submits, reads or reviews reports reads them. Only the system administrator writes them.
     "templates.read": ("查看报表模板", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
     "templates.write": ("上传或删除报表模板版本", frozenset({"system_admin"})),
 }

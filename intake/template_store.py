@@ -46,7 +46,7 @@ logger = logging.getLogger(__name__)
 ADDED_FOLDER_NAME = "templates"
 """Folder below the data directory that contains the versions added by the system administrator."""
 MAX_TEMPLATE_BYTES = 1024 * 1024
-"""Largest template file accepted for upload. The largest shipped template is about 20 KB."""
+"""Largest template file accepted for upload. The largest shipped template has 8 KB."""
 _LOCK_FILE = ".lock"
 
 
@@ -97,6 +97,8 @@ def configure(folder: Path | None) -> CatalogState:
     """Use ``folder`` for added versions (created with mode 0700 if missing) and load the catalog.
 
     The folder applies to the whole process. Raises ``TemplateError`` when a shipped template is invalid.
+    NOTE: another process that serves the same data directory keeps its cached catalog until it
+    reloads or restarts; the launcher runs admin_api as a single process.
     """
     global _added_folder
     if folder is not None:
@@ -190,7 +192,7 @@ def _unloadable_reason(path: Path) -> str | None:
 def _broken(path: Path, code: str, message: str) -> BrokenFile:
     text = (f"{message.rstrip('。')}。该文件未加载，其他模板不受影响。请在控制台上传修正后的新版本并把该文件移出"
             f"数据目录，或修正该文件后重启管理服务。")
-    if (path, code) not in _logged_broken:  # every reload sees the file again; log it once
+    if (path, code) not in _logged_broken:  # every reload finds the file again; log it once
         _logged_broken.add((path, code))
         logger.error("template file %s in the data directory was not loaded: %s", path, code)
     return BrokenFile(path=path, code=code, message=text)
@@ -364,10 +366,10 @@ def remove_version(code: str, version: int) -> Template:
                 status=409,
             )
         remaining = [item for item in state.catalog.all() if item is not template]
-        users = dependents(code, version, remaining)
+        referrers = dependents(code, version, remaining)
         remaining_catalog = TemplateCatalog(remaining)
         blocking = []
-        for item in users:
+        for item in referrers:
             try:
                 check_cross_references(item, remaining_catalog)
             except TemplateError:

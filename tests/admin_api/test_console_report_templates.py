@@ -1,4 +1,4 @@
-"""The console page 报表模板: who sees it, search, the version page, check, upload and delete, and a browser walk-through.
+"""The console page 报表模板: which roles may open it, search, the version page, check, upload and delete, and a browser walk-through.
 
 The environment is the one of test_report_templates.py (one per database backend), because an
 uploaded version joins the process-wide catalog. The walk-through serves that environment's
@@ -7,35 +7,26 @@ database and data directory with uvicorn on 127.0.0.1 and drives it with Debian 
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
 import httpx
 import pytest
 
-from intake import template_store
 from intake.template_model import TEMPLATES_DIR
 
-from .conftest import BACKENDS, Env, backend_env, free_port
-from .helpers import console_cookie
+from .conftest import BACKENDS, Env
+from .helpers import console_cookie, serve_admin_api
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS
-from .test_report_templates import added_files, events, new_code, template_text
+from .test_report_templates import added_files, events, new_code, private_env, template_text
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
 
 
 @pytest.fixture(scope="module", params=BACKENDS)
 def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
-    previous = template_store.configured_folder()
-    try:
-        yield from backend_env(request.param, tmp_path_factory, "console-templates")
-    finally:
-        template_store.configure(previous)
+    yield from private_env(request.param, tmp_path_factory, "console-templates")
 
 
 def _csrf(env: Env, cookie: dict[str, str]) -> str:
@@ -143,7 +134,7 @@ def test_upload_problem_shown_not_stored(env: Env) -> None:
     assert events(env, "templates.upload", "template_file:模板.yaml")[-1][0] == "failed"
 
 
-def test_in_use_delete_refused(env: Env) -> None:
+def test_in_use_delete_rejected(env: Env) -> None:
     cookie = console_cookie(env, "sysadmin")
     code = new_code()
     assert _post_file(env, "/console/templates", cookie, template_text(code)).status_code == 303
@@ -153,14 +144,14 @@ def test_in_use_delete_refused(env: Env) -> None:
     assert task.status_code == 201, task.text
 
     page = env.client.get(f"/console/templates/{code}/1", headers=cookie)
-    refused = env.client.post(f"/console/templates/{code}/1/delete", headers=cookie,
+    rejected = env.client.post(f"/console/templates/{code}/1/delete", headers=cookie,
                               data={"csrf_token": _csrf(env, cookie)}, follow_redirects=False)
 
     assert 'id="template-delete"' not in page.text
     assert "使用中（1 个报送任务" in page.text
-    assert refused.status_code == 409
-    assert "已被 1 个报送任务使用，不能删除" in refused.text
-    assert "version 改为 2" in refused.text
+    assert rejected.status_code == 409
+    assert "已被 1 个报送任务使用，不能删除" in rejected.text
+    assert "version 改为 2" in rejected.text
     assert f"{code}.v1.yaml" in added_files(env)
 
 
@@ -194,39 +185,9 @@ def test_bad_csrf_denied(env: Env) -> None:
 
 @pytest.fixture
 def served(env: Env, tmp_path: Path) -> Iterator[str]:
-    """Serve the env's database and data directory with uvicorn on 127.0.0.1; return its URL."""
-    port = free_port()
-    log_path = tmp_path / "uvicorn.log"
-    environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
-                   "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
-                   "REGSANDBOX_MLFLOW_PORT": str(free_port()), "REGSANDBOX_TOTP_REQUIRED_ROLES": "[]"}
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-        else:
-            raise AssertionError("admin_api did not start within 30 s")
+    """Serve the env with uvicorn on 127.0.0.1 (demo users sign in without TOTP, as in the env fixture)."""
+    with serve_admin_api(env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES="[]") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
 
 
 def test_browser_walkthrough(env: Env, served: str, tmp_path: Path) -> None:

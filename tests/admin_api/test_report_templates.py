@@ -29,13 +29,18 @@ from .test_submissions import customer_row, text_file, upload
 SOURCE = (TEMPLATES_DIR / "EAST_DGKHXXB.v1.yaml").read_text(encoding="utf-8")
 
 
-@pytest.fixture(scope="module", params=BACKENDS)
-def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+def private_env(backend: str, tmp_path_factory: pytest.TempPathFactory, label: str) -> Iterator[Env]:
+    """Yield an environment of its own; afterwards the process-wide catalog uses the folder it used before."""
     previous = template_store.configured_folder()
     try:
-        yield from backend_env(request.param, tmp_path_factory, "templates")
+        yield from backend_env(backend, tmp_path_factory, label)
     finally:
         template_store.configure(previous)
+
+
+@pytest.fixture(scope="module", params=BACKENDS)
+def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Env]:
+    yield from private_env(request.param, tmp_path_factory, "templates")
 
 
 def new_code() -> str:
