@@ -10,8 +10,9 @@ not start. An invalid file in the data directory (edited by hand, or broken by a
 shipped template or code list) is left out of the catalog and logged, and :attr:`CatalogState.broken`
 lists it with a Chinese message naming the file and the fix. The other templates keep working.
 
-The catalog is loaded once and cached. :func:`reload_catalog` loads it again and calls every
-callback registered with :func:`on_reload`, so that callers who cache the catalog drop their copy.
+The catalog is loaded once and cached. :func:`reload_catalog` reads the added files again (the
+shipped ones are read once per process) and calls every callback registered with
+:func:`on_reload`, so that callers who cache the catalog drop their copy.
 """
 
 from __future__ import annotations
@@ -74,6 +75,7 @@ _added_folder: Path | None = None
 _state: CatalogState | None = None
 _listeners: list[Callable[[], None]] = []
 _logged_broken: set[tuple[Path, str]] = set()
+_shipped_cache: dict[Path, tuple[TemplateCatalog, dict[str, CodeList]]] = {}
 
 
 def added_folder_of(data_dir: Path) -> Path:
@@ -139,9 +141,7 @@ def reload_catalog() -> CatalogState:
 
 def load_state(added_folder: Path | None) -> CatalogState:
     """Load the shipped templates and the valid files of ``added_folder``; see the module docstring."""
-    shipped = load_catalog(TEMPLATES_DIR)
-    shared_path = TEMPLATES_DIR / SHARED_CODE_LISTS_FILE
-    shared = load_shared_code_lists(shared_path) if shared_path.exists() else {}
+    shipped, shared = _shipped_templates(TEMPLATES_DIR)
     if added_folder is None or not added_folder.is_dir():
         return CatalogState(shipped, added_folder, (), shared)
 
@@ -177,6 +177,22 @@ def load_state(added_folder: Path | None) -> CatalogState:
         path = template.source_path or added_folder / template.code
         broken.append(_broken(path, error.code, error.message))
     return CatalogState(TemplateCatalog(accepted), added_folder, tuple(broken), shared)
+
+
+def _shipped_templates(folder: Path) -> tuple[TemplateCatalog, dict[str, CodeList]]:
+    """Return the shipped catalog and shared code lists of ``folder``, loaded once per process.
+
+    The shipped files are part of the release and do not change while the service runs, so a
+    reload after an upload reads only the added files.
+    """
+    key = folder.resolve()
+    with _lock:
+        if key not in _shipped_cache:
+            catalog = load_catalog(folder)
+            shared_path = folder / SHARED_CODE_LISTS_FILE
+            shared = load_shared_code_lists(shared_path) if shared_path.exists() else {}
+            _shipped_cache[key] = (catalog, shared)
+        return _shipped_cache[key]
 
 
 def _unloadable_reason(path: Path) -> str | None:
