@@ -7,8 +7,8 @@ file per version named ``<code>.v<version>.yaml``. Both use the shared code list
 
 Start-up behaviour: an invalid shipped template raises :class:`TemplateError`, so the service does
 not start. An invalid file in the data directory (edited by hand, or broken by a change of a
-shipped template or code list) is left out of the catalog and logged, and :attr:`CatalogState.broken`
-lists it with a Chinese message naming the file and the fix. The other templates keep working.
+shipped template or code list) is left out of the catalog and logged. :attr:`CatalogState.broken`
+lists it with a Chinese message naming the file and the fix, and the other templates keep working.
 
 The catalog is loaded once and cached. :func:`reload_catalog` reads the added files again (the
 shipped ones are read once per process) and calls every callback registered with
@@ -130,7 +130,7 @@ def current_catalog() -> TemplateCatalog:
 
 
 def reload_catalog() -> CatalogState:
-    """Load the shipped and added templates again, then notify every :func:`on_reload` callback."""
+    """Read the added templates again, then notify every :func:`on_reload` callback."""
     global _state
     with _lock:
         _state = load_state(_added_folder)
