@@ -2,8 +2,8 @@
 
 Run with ``uvicorn admin_api.app:create_server_app --factory --host 127.0.0.1 --port $REGSANDBOX_ADMIN_API_PORT``.
 The factory refuses to start (exit with a Chinese message) when the platform secrets are
-missing, the master key or key store is unusable, or the database is not migrated to the newest
-revision.
+missing, the master key or key store is unusable, the database is not migrated to the newest
+revision, or a shipped report template is invalid.
 
 ``app.state`` contains what the routes share: ``settings``, ``secrets``, ``engine``,
 ``session_factory``, ``keystore`` (use :func:`admin_api.keyaccess.request_keystore` in routes), ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
@@ -42,7 +42,10 @@ from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, submissions, tokens, users
 from admin_api.routes import tasks as task_routes
 from admin_api.routes import report_data as report_data_routes
+from admin_api.routes import templates as template_routes
 from admin_api import console_report_data
+from admin_api import console_templates
+from admin_api.report_templates import configure_templates
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -187,11 +190,11 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes, submissions, task_routes, report_data_routes):
+                   institution_routes, role_routes, submissions, task_routes, report_data_routes, template_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
-                        console_report_data):
+                        console_report_data, console_templates):
         app.include_router(page_module.router)
     _add_docs(app)
 
@@ -227,6 +230,7 @@ def create_app(
         keystore = open_platform_keystore(settings)
         engine = make_engine(settings.sqlalchemy_url)
         _check_database(engine)
+        configure_templates(settings)
     except ConfigurationError as error:
         logger.error("admin_api cannot start: %s", error.code)
         raise SystemExit(f"admin_api 无法启动：{error.message}") from error

@@ -101,6 +101,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "tasks.statistics": ("查看报送统计", _REGULATORS | {"system_admin"}),
     # Report application (报表应用): institution users query their own institution's accepted data only (admin_api.report_data).
     "report_data.read": ("查询和导出已审核通过的报表数据", _REGULATORS | {"reporter", "institution_admin"}),
+    # Report templates (报表模板): whoever submits, reads or reviews reports reads them. Only the system administrator writes them.
+    "templates.read": ("查看报表模板", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
+    "templates.write": ("上传或删除报表模板版本", frozenset({"system_admin"})),
 }
 
 

@@ -607,7 +607,17 @@ class TemplateCatalog:
             self._by_code.setdefault(template.code, {})[template.version] = template
 
     @classmethod
-    def load(cls, directory: Path | str = TEMPLATES_DIR) -> TemplateCatalog:
+    def load(cls, directory: Path | str | None = None) -> TemplateCatalog:
+        """Load the templates of ``directory``, or return the current catalog when ``directory`` is None.
+
+        The current catalog contains the shipped templates and the versions a system administrator
+        added in the data directory (see :mod:`intake.template_store`). It is cached until
+        :func:`intake.template_store.reload_catalog` is called.
+        """
+        if directory is None:
+            from intake.template_store import current_catalog  # that module imports this one
+
+            return current_catalog()
         return load_catalog(directory)
 
     def get(self, code: str, version: int | None = None) -> Template:
@@ -732,7 +742,7 @@ def load_catalog(directory: Path | str = TEMPLATES_DIR) -> TemplateCatalog:
 
     catalog = TemplateCatalog(templates)
     for template in templates:
-        _check_cross_references(template, catalog)
+        check_cross_references(template, catalog)
     return catalog
 
 
@@ -753,14 +763,18 @@ def load_shared_code_lists(path: Path | str) -> dict[str, CodeList]:
     return dict(parsed.code_lists)
 
 
-def load_template_file(path: Path | str, shared_code_lists: Mapping[str, CodeList] | None = None) -> Template:
+def load_template_file(
+    path: Path | str, shared_code_lists: Mapping[str, CodeList] | None = None, *, content: bytes | None = None
+) -> Template:
     """Load and check one template file against the shared code lists.
 
-    References to other templates are checked only by :func:`load_catalog`, which loads them all.
+    With ``content``, the file is not read: ``content`` is parsed and ``path`` only names the file
+    in messages, as for an uploaded file that is not stored yet. References to other templates are
+    checked only by :func:`load_catalog` and :func:`check_cross_references`.
     """
     file_path = Path(path)
     shared = dict(shared_code_lists or {})
-    raw = _read_yaml(file_path)
+    raw = _read_yaml(file_path) if content is None else _parse_yaml(content, file_path)
     problems = _Problems(file_path)
     try:
         template = Template.model_validate(raw)
@@ -785,6 +799,10 @@ def _read_yaml(path: Path) -> Any:
         data = path.read_bytes()
     except OSError as exc:
         raise TemplateError("TEMPLATE_INVALID", f"无法读取报表模板文件 {path}：{exc.strerror}。请检查文件是否存在及其权限。") from exc
+    return _parse_yaml(data, path)
+
+
+def _parse_yaml(data: bytes, path: Path) -> Any:
     try:
         text = data.decode("utf-8-sig")
     except UnicodeDecodeError as exc:
@@ -1489,8 +1507,11 @@ def _target_versions(catalog: TemplateCatalog, code: str, version: int | None) -
     return [catalog.get(code, version)]
 
 
-def _check_cross_references(template: Template, catalog: TemplateCatalog) -> None:
-    """Check reference and reconcile targets. A target without ``version`` must fit every loaded version."""
+def check_cross_references(template: Template, catalog: TemplateCatalog) -> None:
+    """Check reference and reconcile targets. A target without ``version`` must fit every loaded version.
+
+    Raises ``TemplateError`` listing every problem of ``template``.
+    """
     problems = _Problems(template.source_path or Path(template.code))
     checker = _TemplateChecker(template, {}, problems)
     for rule in template.rules:

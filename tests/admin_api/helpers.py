@@ -2,15 +2,23 @@
 
 from __future__ import annotations
 
+import contextlib
+import os
 import secrets
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from pathlib import Path
 
+import httpx
 from sqlalchemy import select
 
 from admin_api.db import utc_now
 from admin_api.models import ApiToken, AuditEvent, ReportNotebook, ReportRun, User
 from admin_api.security import CONSOLE_SESSION_LIFETIME, issue_token
 
-from .conftest import Env
+from .conftest import Env, free_port
 
 
 def notebook_id(env: Env, path_stem: str) -> int:
@@ -71,3 +79,41 @@ def tokens_of(env: Env, username: str) -> list[ApiToken]:
     with env.db() as session:
         user = session.scalars(select(User).where(User.username == username)).one()
         return list(session.scalars(select(ApiToken).where(ApiToken.user_id == user.id)))
+
+
+@contextlib.contextmanager
+def serve_admin_api(env: Env, log_path: Path, **settings: str) -> Iterator[str]:
+    """Serve the env's database and data directory with uvicorn on 127.0.0.1 and yield its URL.
+
+    ``settings`` are extra REGSANDBOX_* environment variables. The server is stopped on exit.
+    """
+    port = free_port()
+    environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
+                   "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
+                   "REGSANDBOX_MLFLOW_PORT": str(free_port()), **settings}
+    with log_path.open("w") as log:
+        process = subprocess.Popen(
+            [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",
+             "--port", str(port)],
+            env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
+        )
+        url = f"http://127.0.0.1:{port}"
+        try:
+            deadline = time.monotonic() + 30
+            while time.monotonic() < deadline:
+                try:
+                    httpx.get(f"{url}/healthz", timeout=2)
+                    break
+                except httpx.TransportError:
+                    assert process.poll() is None, log_path.read_text()
+                    time.sleep(0.2)
+            else:
+                raise AssertionError("admin_api did not start within 30 s")
+            yield url
+        finally:
+            process.terminate()
+            try:
+                process.wait(timeout=10)
+            except subprocess.TimeoutExpired:
+                process.kill()
+                process.wait(timeout=10)

@@ -10,13 +10,9 @@ enrolments stay out of the other modules' environments.
 from __future__ import annotations
 
 import json
-import os
 import secrets
-import subprocess
-import sys
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -26,7 +22,8 @@ from sqlalchemy import select
 
 from admin_api.models import AuditEvent
 
-from .conftest import BACKENDS, Env, backend_env, free_port
+from .conftest import BACKENDS, Env, backend_env
+from .helpers import serve_admin_api
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS
 from .test_institutions import make_uscc
 
@@ -40,47 +37,10 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
     yield from backend_env(request.param, tmp_path_factory, "e2e")
 
 
-@contextmanager
-def serve_admin_api(env: Env, log_path: Path, totp_roles: str) -> Iterator[str]:
-    """Serve the env's database with uvicorn on 127.0.0.1 with the given TOTP roles (JSON list); yield its URL."""
-    port = free_port()
-    environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
-                   "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
-                   "REGSANDBOX_MLFLOW_PORT": str(free_port()),
-                   "REGSANDBOX_TOTP_REQUIRED_ROLES": totp_roles}
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-        else:
-            raise AssertionError("admin_api did not start within 30 s")
-        yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
-
-
 @pytest.fixture
 def served_with_totp(env: Env, tmp_path: Path) -> Iterator[str]:
     """Serve the env's database with uvicorn on 127.0.0.1, TOTP required for administrators; return its URL."""
-    with serve_admin_api(env, tmp_path / "uvicorn.log", TOTP_ROLES) as url:
+    with serve_admin_api(env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES=TOTP_ROLES) as url:
         yield url
 
 

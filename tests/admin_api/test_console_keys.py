@@ -5,20 +5,15 @@ The last test drives the page in headless Chromium against admin_api served by u
 
 from __future__ import annotations
 
-import os
 import re
-import subprocess
-import sys
-import time
 from collections.abc import Iterator
 from pathlib import Path
 
-import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from .conftest import Env, free_port
-from .helpers import audit_events
+from .conftest import Env
+from .helpers import audit_events, serve_admin_api
 from .test_keys import OWNER, assert_no_material, entry, pending_version, store
 
 _CSRF = re.compile(r'name="csrf_token" value="([^"]+)"')
@@ -210,39 +205,9 @@ def test_keys_console_auditor_cannot_post(env: Env) -> None:
 @pytest.fixture
 def served_admin_api(env: Env, tmp_path: Path) -> Iterator[str]:
     """Serve the env's data directory and database with uvicorn on 127.0.0.1; return its URL."""
-    port = free_port()
-    log_path = tmp_path / "uvicorn.log"
-    environment = {**os.environ, "REGSANDBOX_DATA_DIR": str(env.settings.data_dir),
-                   "REGSANDBOX_DATABASE_URL": env.settings.sqlalchemy_url,
-                   "REGSANDBOX_MLFLOW_PORT": str(free_port()),
-                   "REGSANDBOX_TOTP_REQUIRED_ROLES": "[]"}  # as the env fixture: demo users sign in without TOTP
-    log = log_path.open("w")
-    process = subprocess.Popen(
-        [sys.executable, "-m", "uvicorn", "admin_api.app:create_app", "--factory", "--host", "127.0.0.1",
-         "--port", str(port)],
-        env=environment, stdout=log, stderr=subprocess.STDOUT, cwd=Path(__file__).resolve().parents[2],
-    )
-    url = f"http://127.0.0.1:{port}"
-    try:
-        deadline = time.monotonic() + 30
-        while time.monotonic() < deadline:
-            try:
-                httpx.get(f"{url}/healthz", timeout=2)
-                break
-            except httpx.TransportError:
-                assert process.poll() is None, log_path.read_text()
-                time.sleep(0.2)
-        else:
-            raise AssertionError("admin_api did not start within 30 s")
+    # As in the env fixture, the demo users sign in without TOTP.
+    with serve_admin_api(env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES="[]") as url:
         yield url
-    finally:
-        process.terminate()
-        try:
-            process.wait(timeout=10)
-        except subprocess.TimeoutExpired:
-            process.kill()
-            process.wait(timeout=10)
-        log.close()
 
 
 def test_keys_page_in_chromium(env: Env, served_admin_api: str) -> None:

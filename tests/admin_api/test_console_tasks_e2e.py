@@ -19,7 +19,8 @@ from admin_api.db import utc_now
 from admin_api.display import BEIJING
 
 from .conftest import BACKENDS, Env, backend_env
-from .test_console_e2e import serve_admin_api, sign_in
+from .helpers import serve_admin_api
+from .test_console_e2e import sign_in
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS
 
 
@@ -30,7 +31,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 
 @pytest.fixture
 def served(env: Env, tmp_path: Path) -> Iterator[str]:
-    with serve_admin_api(env, tmp_path / "uvicorn.log", "[]") as url:
+    with serve_admin_api(env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES="[]") as url:
         yield url
 
 
