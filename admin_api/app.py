@@ -46,6 +46,7 @@ from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
 from admin_api import console_roles, console_user_admin
 from admin_api import console_me
+from admin_api import console_submissions
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from regsandbox_core.errors import ConfigurationError
@@ -185,7 +186,7 @@ def install_routes(app: FastAPI) -> None:
                    institution_routes, role_routes, submissions, task_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
-                        console_messages, console_user_admin, console_roles, console_me):
+                        console_messages, console_user_admin, console_roles, console_me, console_submissions):
         app.include_router(page_module.router)
     _add_docs(app)
 
