@@ -15,6 +15,7 @@ from urllib.parse import urlencode
 from fastapi import APIRouter, Depends, File, Form, Query, Request, UploadFile
 from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
+from starlette.background import BackgroundTask
 
 from admin_api import submission_workflow, submissions
 from admin_api.console import _check_csrf, _failed, _page
@@ -31,7 +32,7 @@ router = APIRouter(prefix="/console", include_in_schema=False)
 LIST_PAGE_SIZE = 50
 FINDINGS_PAGE_SIZE = 50
 ROW_COMMENT_SLOTS = 5
-"""Empty row-comment lines on the return form; more can be given through the API."""
+"""Empty row-comment lines on the return form. The API takes more."""
 _LINE_SEPARATORS = re.compile(r"[\s,，;；、]+")
 _NOTICES = {
     "uploaded": "已上传并完成校验。",
@@ -53,7 +54,7 @@ def _templates() -> list[dict[str, str]]:
 
 def _list_context(session: Session, request: Request, caller: Principal, *, state: str, template: str,
                   period: str, institution: str, page: int) -> dict[str, Any]:
-    """Return the template context of a submissions list; a bad filter becomes ``error`` and an empty list."""
+    """Return the template context of a submissions list. A bad filter gives ``error`` and an empty list."""
     context: dict[str, Any] = {"items": [], "total": 0, "page": page, "pages": 1, "error": None,
                                "filters": {"state": state, "template": template, "period": period,
                                            "institution": institution},
@@ -197,6 +198,18 @@ def error_report_file(
                         headers={"Cache-Control": "no-store"})
 
 
+@router.get("/submissions/{submission_id}/raw")
+def raw_file(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.review", console=True)),
+) -> Response:
+    """Download the submitted file as uploaded (as GET /api/v1/submissions/{id}/raw). The read is audited."""
+    path, name = submissions.decrypt_raw(session, request, caller, request_keystore(request),
+                                         request.app.state.settings, submission_id)
+    return FileResponse(path, media_type="application/octet-stream", filename=name,
+                        headers={"Cache-Control": "no-store"}, background=BackgroundTask(path.unlink, missing_ok=True))
+
+
 def _act(request: Request, session: Session, caller: Principal, submission_id: int, capability: str, action: str,
          csrf: str, work: Any, done: str, form: dict[str, Any] | None = None) -> Response:
     """Run one form action on a submission; show the detail page with the message when it is rejected."""
@@ -232,7 +245,7 @@ def discard_form(submission_id: int, request: Request,
 
 
 def parse_lines(text: str) -> list[int] | None:
-    """Parse line numbers separated by spaces, commas or 、; an empty text means every line (None)."""
+    """Parse line numbers separated by spaces, commas or 、. An empty text means every line (None)."""
     parts = [part for part in _LINE_SEPARATORS.split(text.strip()) if part]
     if not parts:
         return None
@@ -268,7 +281,7 @@ def accept_form(submission_id: int, request: Request, comment: str = Form(defaul
 
 
 def _row_comments(lines: list[str], fields: list[str], comments: list[str]) -> list[submissions.RowCommentIn]:
-    """Pair the row-comment inputs of the return form; slots left empty are skipped."""
+    """Pair the row-comment inputs of the return form, skipping the slots left empty."""
     result = []
     for index, comment in enumerate(comments):
         line = lines[index].strip() if index < len(lines) else ""
@@ -280,7 +293,8 @@ def _row_comments(lines: list[str], fields: list[str], comments: list[str]) -> l
                           f"第 {index + 1} 条行级意见的行号“{line[:20]}”无效，请填写文件中的行号（正整数）。")
         if not comment.strip():
             raise invalid("ROW_COMMENT_EMPTY", f"第 {line} 行的行级意见为空，请填写意见或清空该行。")
-        result.append(submissions.RowCommentIn(int(line), field or None, comment.strip()[:submissions.MAX_COMMENT_LENGTH]))
+        text = comment.strip()[:submissions.MAX_COMMENT_LENGTH]
+        result.append(submissions.RowCommentIn(int(line), field or None, text))
     return result
 
 

@@ -1,7 +1,7 @@
 """Drafts (草稿) and reviewers' waivers (豁免) of report submissions, and paged reading of their findings.
 
 A draft is an upload stored with state ``draft`` (:func:`admin_api.submissions.submit` with
-``draft=True``). Only its own institution sees it. Submitting it records ``draft → submitted`` and
+``draft=True``). Only its own institution can read it. Submitting it records ``draft → submitted`` and
 ``submitted → validation_failed`` or ``pending_review`` from the findings of its upload, and
 supersedes the earlier submitted version then. Discarding it sets ``withdrawn`` and keeps the row
 and its files for the audit trail.
@@ -24,7 +24,7 @@ import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from fastapi import Request
 from pydantic import BaseModel
-from sqlalchemy import select
+from sqlalchemy import func, select
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event
@@ -34,6 +34,7 @@ from admin_api.models import SUBMISSION_STATES, ReportSubmission, SubmissionEven
 from admin_api.security import Principal
 from admin_api.submissions import (
     MAX_COMMENT_LENGTH,
+    PRIVATE_STATES,
     _caller_institution,
     label,
     post_outcome_message,
@@ -73,6 +74,13 @@ def submit_draft(session: Session, request: Request, caller: Principal, submissi
     row = visible_submission(session, request, caller, submission_id, "submissions.submit")
     _caller_institution(session, request, caller)
     _require_state(row, "draft", "提交")
+    newer = session.scalar(select(func.max(ReportSubmission.version)).where(
+        ReportSubmission.institution_id == row.institution_id, ReportSubmission.template_code == row.template_code,
+        ReportSubmission.period_end == row.period_end, ReportSubmission.version > row.version,
+        ReportSubmission.state.notin_(PRIVATE_STATES)))
+    if newer is not None:
+        raise conflict("DRAFT_OUTDATED", f"{label(row)}是草稿，但同一报表同一报告期已提交了更新的第 {newer} 版，"
+                                         "提交此草稿会替代更新的版本。请作废此草稿；如需报送其内容，请重新上传。")
 
     final = "validation_failed" if row.error_count else "pending_review"
     session.add(SubmissionEvent(submission_id=row.id, from_state="draft", to_state="submitted", actor=caller.username))
@@ -93,7 +101,7 @@ def submit_draft(session: Session, request: Request, caller: Principal, submissi
 
 
 def discard_draft(session: Session, request: Request, caller: Principal, submission_id: int) -> ReportSubmission:
-    """Discard a draft of the caller's institution (state ``withdrawn``); the row and its files stay for the audit trail."""
+    """Discard a draft of the caller's institution (state ``withdrawn``), keeping the row and its files for audit."""
     row = visible_submission(session, request, caller, submission_id, "submissions.submit")
     _require_state(row, "draft", "作废")
     session.add(SubmissionEvent(submission_id=row.id, from_state="draft", to_state="withdrawn", actor=caller.username,
@@ -205,7 +213,7 @@ def findings_page(session: Session, request: Request, caller: Principal, setting
 
 def _line_list(lines: Sequence[int]) -> str:
     shown = "、".join(str(line) for line in lines[:LINES_NAMED])
-    return shown + (f" 等 {len(lines)} 行" if len(lines) > LINES_NAMED else "")
+    return shown + (f" 等（共 {len(lines)} 个）" if len(lines) > LINES_NAMED else "")
 
 
 def waive(session: Session, request: Request, caller: Principal, settings: Settings, submission_id: int, *,
@@ -242,8 +250,9 @@ def waive(session: Session, request: Request, caller: Principal, settings: Setti
     else:
         missing = [line for line in unique_lines if line not in entry.lines]
         if missing:
-            raise invalid("WAIVER_LINES_INVALID", f"规则 {rule_id} 在第 {_line_list(missing)} 没有待处理的提示，"
-                                                  f"请只填写该规则有提示的行号：{_line_list(sorted(k for k in entry.lines if k is not None))}。")
+            valid = _line_list(sorted(line for line in entry.lines if line is not None))
+            raise invalid("WAIVER_LINES_INVALID", f"规则 {rule_id} 在第 {_line_list(missing)} 行没有待处理的提示，"
+                                                  f"请只填写该规则有提示的行号：{valid}。")
         covered = sum(entry.lines[line] for line in unique_lines)
 
     waiver = SubmissionWaiver(submission_id=row.id, rule_id=rule_id, lines=unique_lines, finding_count=covered,

@@ -105,7 +105,7 @@ MAX_COMMENT_LENGTH = 2000
 _PERIOD = re.compile(r"^[0-9]{8}$")
 _QUARTER_ENDS = (3, 6, 9, 12)
 PRIVATE_STATES = ("draft", "withdrawn")
-"""States of uploads that were never submitted: only their own institution sees them."""
+"""States of uploads that were never submitted: only their own institution can read them."""
 FREQUENCY_NAMES = {"monthly": "月报", "quarterly": "季报", "semiannual": "半年报", "annual": "年报", "ad_hoc": "不定期"}
 
 
@@ -551,7 +551,10 @@ def submit(
                 ReportSubmission.institution_id == institution_id, ReportSubmission.template_code == template.code,
                 ReportSubmission.period_end == period_end)
         ) or 0) + 1
-        state = "draft" if draft else "validation_failed" if errors else "pending_review"
+        if draft:
+            state = "draft"
+        else:
+            state = "validation_failed" if errors else "pending_review"
         row = ReportSubmission(
             institution_id=institution_id, template_code=template.code, template_version=template.version,
             template_digest=template.digest, period_end=period_end, version=version, state=state,

@@ -1,7 +1,7 @@
 """The console pages 报表报送 and 报表审核: forms, denied cases, and bad files uploaded in headless Chromium.
 
 The bad-file cases upload through the console what tests/intake and test_submissions.py check at the
-reader and API level, and check what a person sees: the Chinese message on the page, and that a
+reader and API level, and check what a person reads: the Chinese message on the page, and that a
 rejected file leaves no submission and no file behind. Periods are in 2021, apart from the other
 submission tests of the shared environment.
 """
@@ -124,6 +124,10 @@ def test_review_forms(env: Env) -> None:
     rows = [customer(1, period, JLKHGXRQ=EARLY_RELATION), customer(2, period, JLKHGXRQ=EARLY_RELATION)]
     first = submission_id(console_upload(reporter, period, text_file(CUSTOMERS, rows)))
 
+    raw = reviewer.get(f"/console/submissions/{first}/raw")
+    assert raw.content == text_file(CUSTOMERS, rows)
+    assert ("submissions.raw_read", "success", "reviewer") in actions(env, f"submission:{first}")
+    assert reporter.get(f"/console/submissions/{first}/raw").status_code == 403
     refused = form_post(reviewer, first, "accept", {"comment": "同意"})
     assert refused.status_code == 409
     assert "尚有 2 条提示既未在备注中说明也未豁免" in refused.text

@@ -147,6 +147,20 @@ def test_discard_draft_kept(env: Env) -> None:
     assert detail(env, first["id"])["state"] == "superseded"
 
 
+def test_outdated_draft_refused(env: Env) -> None:
+    period = "20220831"
+    draft = save_draft(env, period, [customer(1, period)]).json()
+    newer = upload(env, "reporter_a", CUSTOMERS, period, text_file(CUSTOMERS, [customer(2, period)])).json()
+    assert (draft["version"], newer["version"]) == (1, 2)
+
+    refused = post(env, "reporter_a", f"/{draft['id']}/submit")
+
+    assert (refused.status_code, refused.json()["code"]) == (409, "DRAFT_OUTDATED")
+    assert "第 2 版" in refused.json()["detail"]
+    assert (detail(env, draft["id"])["state"], detail(env, newer["id"])["state"]) == ("draft", "pending_review")
+    assert ("submissions.submit_draft", "failed", "reporter_a") in actions(env, f"submission:{draft['id']}")
+
+
 # --- waivers ---------------------------------------------------------------------------------------
 
 
@@ -243,7 +257,8 @@ def test_findings_paged(env: Env) -> None:
 def test_workflow_denied(env: Env) -> None:
     period = "20220630"
     draft = save_draft(env, period, warned_customers(period)).json()
-    pending = upload(env, "reporter_a", CUSTOMERS, "20220731", text_file(CUSTOMERS, warned_customers("20220731"))).json()
+    pending_file = text_file(CUSTOMERS, warned_customers("20220731"))
+    pending = upload(env, "reporter_a", CUSTOMERS, "20220731", pending_file).json()
     waiver = {"rule_id": WARNING_RULE, "reason": "越权豁免"}
 
     for path in ("", "/errors.csv", "/findings"):
