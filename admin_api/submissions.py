@@ -821,7 +821,8 @@ def review(
             body = f"{label(row)}已被监管方退回，请按意见修改后重新报送。退回意见：{comment}"
             if row_comments:
                 body += f"（另有 {len(row_comments)} 条行级意见，请在报送详情中查看。）"
-        post_message(session, category="system", title=title, body=body, usernames=[row.submitter.username])
+        post_message(session, category="system", title=title, body=body, link=f"/console/submissions/{row.id}",
+                     usernames=[row.submitter.username])
 
         session.commit()
     except BaseException:

@@ -27,6 +27,7 @@ from .test_submissions import (  # noqa: F401  # bank_a_licence: bank_a gets the
     actions,
     bank_a_licence,
     intake_files,
+    messages_of,
     submission_count,
     text_file,
 )
@@ -152,6 +153,7 @@ def test_review_forms(env: Env) -> None:
         "row_comment": ["请按营业执照填写", ""]})
     assert returned.status_code == 303, returned.text
     assert state_of(env, second) == "returned"
+    assert messages_of(env, "reporter_a")[-1].link == f"/console/submissions/{second}"
     page = reporter.get(f"/console/submissions/{second}").text
     assert "请按营业执照填写" in page
     assert "客户名称与工商登记不符" in page
