@@ -52,6 +52,7 @@ from admin_api import console_institutions
 from admin_api import console_roles, console_user_admin
 from admin_api import console_me
 from admin_api import console_tasks, console_workbench
+from admin_api import console_submissions
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
@@ -194,7 +195,7 @@ def install_routes(app: FastAPI) -> None:
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
-                        console_report_data, console_templates):
+                        console_report_data, console_templates, console_submissions):
         app.include_router(page_module.router)
     _add_docs(app)
 

@@ -324,11 +324,14 @@ class Message(Base):
 
 
 SUBMISSION_STATES: dict[str, str] = {
+    "draft": "草稿",
+    "submitted": "已提交",
     "validation_failed": "校验未通过",
     "pending_review": "待审核",
     "accepted": "审核通过",
     "returned": "已退回",
     "superseded": "已被新版本替代",
+    "withdrawn": "已作废",
 }
 """States of a report submission (报表报送) and their Chinese names, used by admin_api.submissions."""
 
@@ -376,6 +379,8 @@ class ReportSubmission(Base):
     error_count: Mapped[int] = mapped_column(Integer, default=0)
     warning_count: Mapped[int] = mapped_column(Integer, default=0)
     explained_warning_count: Mapped[int] = mapped_column(Integer, default=0)
+    waived_warning_count: Mapped[int] = mapped_column(Integer, default=0)
+    """Unexplained warnings covered by a reviewer's waiver (:class:`SubmissionWaiver`)."""
     findings_path: Mapped[str | None] = mapped_column(String(500), nullable=True)
     """Findings Parquet file relative to the data directory; NULL when the file was not validated."""
     submitted_by: Mapped[int] = mapped_column(ForeignKey("users.id"))
@@ -418,6 +423,24 @@ class SubmissionRowComment(Base):
     line: Mapped[int] = mapped_column(Integer)
     field_code: Mapped[str | None] = mapped_column(String(64), nullable=True)
     comment: Mapped[str] = mapped_column(Text)
+    author: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
+class SubmissionWaiver(Base):
+    """A reviewer's waiver (豁免) of the unexplained warnings (提示) of one rule, on all lines or on listed lines."""
+
+    __tablename__ = "submission_waivers"
+    __table_args__ = (Index("ix_submission_waivers_submission", "submission_id", "id"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    submission_id: Mapped[int] = mapped_column(ForeignKey("report_submissions.id", ondelete="CASCADE"))
+    rule_id: Mapped[str] = mapped_column(String(64))
+    lines: Mapped[list[int] | None] = mapped_column(JSON, nullable=True)
+    """Line numbers the waiver covers; NULL covers every finding of the rule, file-level ones included."""
+    finding_count: Mapped[int] = mapped_column(Integer)
+    """Unexplained warnings that this waiver newly covered when it was made."""
+    reason: Mapped[str] = mapped_column(Text)
     author: Mapped[str] = mapped_column(String(64))
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 

@@ -17,6 +17,9 @@ Parquet files are deleted before the rename.
 States: ``validation_failed`` (errors found) or ``pending_review`` after the upload; a reviewer
 moves ``pending_review`` to ``accepted`` or ``returned``. A new upload for the same institution,
 template and period gets the next version and marks the previous version ``superseded``.
+An upload saved as a ``draft`` is validated and stored the same way but supersedes nothing and is
+hidden from regulators until the institution submits it (:mod:`admin_api.submission_workflow`).
+Accepting requires every warning (提示) to be explained in the remark field or waived by a reviewer.
 
 The validation batch of an upload (``ValidationContext.batch``) is the latest non-superseded
 submission of each template that the uploaded template's reference and reconcile rules name, of
@@ -66,6 +69,7 @@ from admin_api.models import (
     ReportSubmission,
     SubmissionEvent,
     SubmissionRowComment,
+    SubmissionWaiver,
     User,
 )
 from admin_api.security import Principal
@@ -84,7 +88,7 @@ except ImportError:  # pragma: no cover - depends on the checkout
     ValidationContext = None  # type: ignore[assignment,misc]
     validate_staged = None  # type: ignore[assignment]
 try:
-    from intake.error_report import write_csv_report, write_xlsx_report
+    from intake.error_report import Waiver, write_csv_report, write_xlsx_report
 except ImportError:  # pragma: no cover - depends on the checkout
     write_csv_report = write_xlsx_report = None  # type: ignore[assignment]
 
@@ -100,6 +104,8 @@ MAX_ROW_COMMENTS = 1000
 MAX_COMMENT_LENGTH = 2000
 _PERIOD = re.compile(r"^[0-9]{8}$")
 _QUARTER_ENDS = (3, 6, 9, 12)
+PRIVATE_STATES = ("draft", "withdrawn")
+"""States of uploads that were never submitted: only their own institution can read them."""
 FREQUENCY_NAMES = {"monthly": "月报", "quarterly": "季报", "semiannual": "半年报", "annual": "年报", "ad_hoc": "不定期"}
 
 
@@ -230,7 +236,8 @@ def _batch_sources(session: Session, institution_id: int, period_end: date, code
     rows = session.scalars(
         select(ReportSubmission)
         .where(ReportSubmission.institution_id == institution_id, ReportSubmission.period_end == period_end,
-               ReportSubmission.template_code.in_(sorted(codes)), ReportSubmission.state != "superseded")
+               ReportSubmission.template_code.in_(sorted(codes)),
+               ReportSubmission.state.notin_(("superseded", "withdrawn")))
         .order_by(ReportSubmission.template_code, ReportSubmission.version.desc())
     )
     latest: dict[str, _BatchSource] = {}
@@ -367,6 +374,9 @@ class SubmissionOut(BaseModel):
     error_count: int
     warning_count: int
     explained_warning_count: int
+    waived_warning_count: int
+    unresolved_warning_count: int
+    """Warnings neither explained in the remark field nor waived: accepting needs 0."""
     has_error_report: bool
     submitted_by: str
     submitted_at: datetime
@@ -390,6 +400,7 @@ class SubmissionOut(BaseModel):
             file_type=row.file_type, encoding=row.encoding, byte_size=row.byte_size, raw_sm3=row.raw_sm3,
             key_version=row.key_version, row_count=row.row_count, error_count=row.error_count,
             warning_count=row.warning_count, explained_warning_count=row.explained_warning_count,
+            waived_warning_count=row.waived_warning_count, unresolved_warning_count=unresolved_warnings(row),
             has_error_report=row.findings_path is not None, submitted_by=row.submitter.username,
             submitted_at=row.submitted_at, reviewed_by=row.reviewer.username if row.reviewer else None,
             reviewed_at=row.reviewed_at, review_comment=row.review_comment, created_at=row.created_at,
@@ -401,9 +412,20 @@ class SubmissionOut(BaseModel):
         return cls(**cls.fields_of(row))
 
 
+class WaiverOut(BaseModel):
+    id: int
+    rule_id: str
+    lines: list[int] | None
+    finding_count: int
+    reason: str
+    author: str
+    at: datetime
+
+
 class SubmissionDetail(SubmissionOut):
     events: list[EventOut]
     row_comments: list[RowCommentOut]
+    waivers: list[WaiverOut]
 
     @classmethod
     def load(cls, session: Session, row: ReportSubmission) -> SubmissionDetail:
@@ -418,7 +440,26 @@ class SubmissionDetail(SubmissionOut):
                              comment=item.comment, at=item.at) for item in events],
             row_comments=[RowCommentOut(line=item.line, field_code=item.field_code, comment=item.comment,
                                         author=item.author, at=item.at) for item in comments],
+            waivers=[WaiverOut(id=item.id, rule_id=item.rule_id, lines=item.lines, finding_count=item.finding_count,
+                               reason=item.reason, author=item.author, at=item.at)
+                     for item in waivers_of(session, row.id)],
         )
+
+
+def waivers_of(session: Session, submission_id: int) -> list[SubmissionWaiver]:
+    return list(session.scalars(select(SubmissionWaiver).where(SubmissionWaiver.submission_id == submission_id)
+                                .order_by(SubmissionWaiver.id)))
+
+
+def report_waivers(session: Session, submission_id: int) -> list[Waiver]:
+    """Return the waivers of a submission in the form :mod:`intake.error_report` matches findings against."""
+    return [Waiver(item.rule_id, None if item.lines is None else frozenset(item.lines), item.reason)
+            for item in waivers_of(session, submission_id)]
+
+
+def unresolved_warnings(row: ReportSubmission) -> int:
+    """Return the warnings (提示) of a submission that are neither explained in 备注 nor waived by a reviewer."""
+    return max(0, row.warning_count - row.explained_warning_count - (row.waived_warning_count or 0))
 
 
 def label(row: ReportSubmission) -> str:
@@ -453,8 +494,11 @@ def submit(
     period_text: str,
     filename: str | None,
     stream: BinaryIO,
+    draft: bool = False,
 ) -> ReportSubmission:
     """Stage, validate, encrypt and record one uploaded file, and return the committed row.
+
+    A ``draft`` is stored in state ``draft``: it supersedes nothing until it is submitted.
 
     Raises the reader's :class:`~intake.reader.IntakeFileError` (422, 413 for a file too large),
     :class:`~admin_api.errors.ApiError` for a bad template or period, and the validator's or key
@@ -507,7 +551,10 @@ def submit(
                 ReportSubmission.institution_id == institution_id, ReportSubmission.template_code == template.code,
                 ReportSubmission.period_end == period_end)
         ) or 0) + 1
-        state = "validation_failed" if errors else "pending_review"
+        if draft:
+            state = "draft"
+        else:
+            state = "validation_failed" if errors else "pending_review"
         row = ReportSubmission(
             institution_id=institution_id, template_code=template.code, template_version=template.version,
             template_digest=template.digest, period_end=period_end, version=version, state=state,
@@ -528,19 +575,10 @@ def submit(
         row.raw_path = _relative(settings, target / RAW_NAME)
         row.findings_path = _relative(settings, target / FINDINGS_NAME) if has_findings else None
         session.add(SubmissionEvent(submission_id=row.id, from_state=None, to_state=state, actor=caller.username))
+        previous = [] if draft else supersede_previous(session, row, caller)
 
-        previous = session.scalars(
-            select(ReportSubmission).where(
-                ReportSubmission.institution_id == institution_id, ReportSubmission.template_code == template.code,
-                ReportSubmission.period_end == period_end, ReportSubmission.id != row.id,
-                ReportSubmission.state != "superseded")
-        ).all()
-        for old in previous:
-            session.add(SubmissionEvent(submission_id=old.id, from_state=old.state, to_state="superseded",
-                                        actor=caller.username, comment=f"已被第 {version} 版替代"))
-            old.state = "superseded"
-
-        add_event(session, request, caller, "submissions.submit", f"submission:{row.id}", "success", {
+        add_event(session, request, caller, "submissions.save_draft" if draft else "submissions.submit",
+                  f"submission:{row.id}", "success", {
             "template": template.code, "template_version": template.version, "period_end": f"{period_end:%Y%m%d}",
             "version": version, "state": state, "errors": errors, "warnings": warnings, "rows": staged.rows,
             "sm3": staged.sm3, "key_version": encrypted.version,
@@ -548,12 +586,7 @@ def submit(
         })
         session.flush()
         session.refresh(row)
-        outcome = (f"校验未通过：错误 {errors} 条，提示 {warnings} 条" if errors
-                   else f"已通过校验，待审核：提示 {warnings} 条（已说明 {explained} 条）")
-        body = (f"文件“{original_name}”共 {staged.rows} 行，{outcome}。"
-                + ("请下载校验结果，修正错误后重新上传。" if errors else "监管方审核后将另行通知。"))
-        post_message(session, category="system", title=f"{label(row)}{outcome}", body=body,
-                     usernames=[caller.username])
+        post_outcome_message(session, row, caller)
         session.commit()
     except BaseException as error:
         session.rollback()
@@ -569,6 +602,42 @@ def submit(
     return row
 
 
+def supersede_previous(session: Session, row: ReportSubmission, caller: Principal) -> list[ReportSubmission]:
+    """Mark every other submitted version of the row's institution, template and period ``superseded``; return them.
+
+    Drafts and discarded drafts are left as they are, because they were never submitted.
+    """
+    previous = session.scalars(
+        select(ReportSubmission).where(
+            ReportSubmission.institution_id == row.institution_id, ReportSubmission.template_code == row.template_code,
+            ReportSubmission.period_end == row.period_end, ReportSubmission.id != row.id,
+            ReportSubmission.state.notin_(("superseded", *PRIVATE_STATES)))
+    ).all()
+    for old in previous:
+        session.add(SubmissionEvent(submission_id=old.id, from_state=old.state, to_state="superseded",
+                                    actor=caller.username, comment=f"已被第 {row.version} 版替代"))
+        old.state = "superseded"
+    return list(previous)
+
+
+def post_outcome_message(session: Session, row: ReportSubmission, caller: Principal) -> None:
+    """Send the caller the validation outcome of an upload, a saved draft or a submitted draft as a system message."""
+    errors, warnings, explained = row.error_count, row.warning_count, row.explained_warning_count
+    counts = f"错误 {errors} 条，提示 {warnings} 条（已说明 {explained} 条）"
+    if row.state == "draft":
+        outcome = f"草稿已保存：{counts}"
+        advice = "草稿只有本机构可见，确认无误后请在报送详情中提交。"
+    elif errors:
+        outcome = f"校验未通过：错误 {errors} 条，提示 {warnings} 条"
+        advice = "请下载校验结果，修正错误后重新上传。"
+    else:
+        outcome = f"已通过校验，待审核：提示 {warnings} 条（已说明 {explained} 条）"
+        advice = "监管方审核后将另行通知。"
+    body = f"文件“{row.original_filename}”共 {row.row_count} 行，{outcome}。{advice}"
+    post_message(session, category="system", title=f"{label(row)}{outcome}", body=body,
+                 link=f"/console/submissions/{row.id}", usernames=[caller.username])
+
+
 # --- read ---------------------------------------------------------------------------------------
 
 
@@ -576,9 +645,12 @@ def visible_submission(session: Session, request: Request, caller: Principal, su
                        capability: str) -> ReportSubmission:
     """Return a submission the caller may see. Raise 404 for an unknown id and 403 (audited) for another institution's."""
     row = session.get(ReportSubmission, submission_id)
+    missing = not_found("SUBMISSION_NOT_FOUND", f"报送记录 {submission_id} 不存在，请刷新报送列表后重试。")
     if row is None:
-        raise not_found("SUBMISSION_NOT_FOUND", f"报送记录 {submission_id} 不存在，请刷新报送列表后重试。")
+        raise missing
     check_institution(request, caller, capability, row.institution.code)
+    if row.state in PRIVATE_STATES and caller.institution_code is None:
+        raise missing  # A draft exists for its own institution only.
     return row
 
 
@@ -602,6 +674,8 @@ def list_submissions(
         conditions.append(Institution.code == caller.institution_code)
     elif institution_code:
         conditions.append(Institution.code == institution_code)
+    if caller.institution_code is None:
+        conditions.append(ReportSubmission.state.notin_(PRIVATE_STATES))
     if template_code:
         conditions.append(ReportSubmission.template_code == template_code)
     if period_text:
@@ -626,8 +700,8 @@ def error_report(session: Session, request: Request, caller: Principal, settings
         raise not_found("ERROR_REPORT_UNAVAILABLE", f"报送记录 {submission_id} 没有校验结果（文件未经校验），无法生成校验报告。")
     findings = settings.data_dir / row.findings_path
     target = findings.parent / f"errors.{kind}"
-    if not target.exists():
-        writer(findings, target)
+    if not target.exists():  # A new waiver deletes the reports, so they are written again with it.
+        writer(findings, target, report_waivers(session, row.id))
     add_event(session, request, caller, "submissions.error_report", f"submission:{row.id}", "success", {"format": kind})
     session.commit()
     return target, f"{row.template_code}_{row.period_end:%Y%m%d}_v{row.version}_校验结果.{kind}"
@@ -697,6 +771,12 @@ def review(
         raise invalid("REVIEW_COMMENT_REQUIRED", "退回报表须填写退回意见，说明需要机构修改的内容。")
     if decision == "accepted" and row_comments:
         raise invalid("ROW_COMMENTS_NOT_ALLOWED", "审核通过时不能附带行级意见；如需机构修改，请退回报表。")
+    if decision == "accepted" and unresolved_warnings(row):
+        raise conflict("WARNINGS_UNRESOLVED",
+                       f"{label(row)}尚有 {unresolved_warnings(row)} 条提示既未在备注中说明也未豁免"
+                       f"（提示共 {row.warning_count} 条，已说明 {row.explained_warning_count} 条，"
+                       f"已豁免 {row.waived_warning_count} 条），不能审核通过。"
+                       "请逐条核实后豁免这些提示，或退回报表请机构在备注中说明。")
     if len(row_comments) > MAX_ROW_COMMENTS:
         raise invalid("ROW_COMMENTS_TOO_MANY", f"行级意见最多 {MAX_ROW_COMMENTS} 条，收到 {len(row_comments)} 条。")
     try:
@@ -741,7 +821,8 @@ def review(
             body = f"{label(row)}已被监管方退回，请按意见修改后重新报送。退回意见：{comment}"
             if row_comments:
                 body += f"（另有 {len(row_comments)} 条行级意见，请在报送详情中查看。）"
-        post_message(session, category="system", title=title, body=body, usernames=[row.submitter.username])
+        post_message(session, category="system", title=title, body=body, link=f"/console/submissions/{row.id}",
+                     usernames=[row.submitter.username])
 
         session.commit()
     except BaseException:

@@ -217,13 +217,14 @@ def first_submission_times(session: Session, task: ReportTask, institution_ids: 
 
 
 def _latest_submissions(session: Session, task: ReportTask, institution_ids: list[int]) -> dict[int, ReportSubmission]:
-    """Return the newest non-superseded submission of the task's template and period of each institution."""
+    """Return the newest submitted, non-superseded submission of the task's template and period of each institution."""
     if not institution_ids:
         return {}
     rows = session.scalars(
         select(ReportSubmission).where(
             ReportSubmission.template_code == task.template_code, ReportSubmission.period_end == task.period_end,
-            ReportSubmission.institution_id.in_(institution_ids), ReportSubmission.state != "superseded",
+            ReportSubmission.institution_id.in_(institution_ids),
+            ReportSubmission.state.notin_(("superseded", "draft", "withdrawn")),  # drafts were never submitted
         ).order_by(ReportSubmission.version)
     )
     return {row.institution_id: row for row in rows}

@@ -6,12 +6,16 @@ a formula is escaped with :func:`regsandbox_core.cells.escape_cell`. An XLSX wor
 most ``XLSX_MAX_ROWS`` rows: beyond that the report stops and its last row gives how many
 findings are only in the CSV report. Files are written under a temporary name in the target
 folder, fsynced and renamed, so no half-written report is left behind.
+
+The column 审核豁免 gives the reason of a reviewer's waiver (:class:`Waiver`) for each unexplained
+warning that a waiver covers, and is empty for every other finding.
 """
 
 from __future__ import annotations
 
 import csv
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 
 import pyarrow.parquet as pq
@@ -21,9 +25,9 @@ from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 from regsandbox_core.cells import escape_cell
 from regsandbox_core.files import atomic_path
 
-__all__ = ["HEADER", "XLSX_MAX_ROWS", "write_csv_report", "write_xlsx_report"]
+__all__ = ["HEADER", "XLSX_MAX_ROWS", "Waiver", "waiver_for", "write_csv_report", "write_xlsx_report"]
 
-HEADER = ("行号", "字段代码", "字段名称", "填报值", "规则编号", "规则名称", "严重程度", "已说明", "问题说明")
+HEADER = ("行号", "字段代码", "字段名称", "填报值", "规则编号", "规则名称", "严重程度", "已说明", "问题说明", "审核豁免")
 COLUMNS = ("line", "field_code", "field_name", "value", "rule_id", "rule_name", "severity", "explained", "message")
 SEVERITY_NAMES = {"error": "错误", "warning": "提示"}
 FILE_LEVEL_LINE = "全文件"
@@ -33,13 +37,34 @@ XLSX_MAX_ROWS = 1_048_576
 SHEET_TITLE = "校验结果"
 
 
-def _rows(findings_path: Path) -> Iterator[list[str]]:
+@dataclass(frozen=True)
+class Waiver:
+    """A reviewer's waiver of the unexplained warnings of one rule, on the listed lines or on all (``lines`` None)."""
+
+    rule_id: str
+    lines: frozenset[int] | None
+    reason: str
+
+
+def waiver_for(waivers: Sequence[Waiver], rule_id: str | None, line: int | None, severity: str | None,
+               explained: bool | None) -> Waiver | None:
+    """Return the first waiver covering a finding. Only unexplained warnings can be waived."""
+    if severity != "warning" or explained:
+        return None
+    for waiver in waivers:
+        if waiver.rule_id == rule_id and (waiver.lines is None or line in waiver.lines):
+            return waiver
+    return None
+
+
+def _rows(findings_path: Path, waivers: Sequence[Waiver] = ()) -> Iterator[list[str]]:
     """Yield every finding as a list of display texts, in file order, reading ``BATCH_ROWS`` at a time."""
     parquet = pq.ParquetFile(findings_path)
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
             columns = [batch.column(name).to_pylist() for name in COLUMNS]
             for line, code, name, value, rule_id, rule_name, severity, explained, message in zip(*columns):
+                waiver = waiver_for(waivers, rule_id, line, severity, explained)
                 yield [
                     FILE_LEVEL_LINE if line is None or line == 0 else str(line),
                     code or "",
@@ -50,6 +75,7 @@ def _rows(findings_path: Path) -> Iterator[list[str]]:
                     SEVERITY_NAMES.get(severity, severity or ""),
                     "是" if explained else "否",
                     message or "",
+                    f"已豁免：{waiver.reason}" if waiver else "",
                 ]
     finally:
         parquet.close()
@@ -65,14 +91,14 @@ def _replace_atomically(target: Path, write) -> Path:  # noqa: ANN001 - callable
     return Path(target)
 
 
-def write_csv_report(findings_path: Path, target: Path) -> Path:
+def write_csv_report(findings_path: Path, target: Path, waivers: Sequence[Waiver] = ()) -> Path:
     """Write the findings as CSV in UTF-8 with a byte order mark (so Excel shows the Chinese text)."""
 
     def write(path: Path) -> None:
         with open(path, "w", encoding="utf-8-sig", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\r\n")
             writer.writerow(HEADER)
-            for row in _rows(Path(findings_path)):
+            for row in _rows(Path(findings_path), waivers):
                 writer.writerow([escape_cell(cell) for cell in row])
 
     return _replace_atomically(target, write)
@@ -83,7 +109,7 @@ def _xlsx_text(value: str) -> str:
     return ILLEGAL_CHARACTERS_RE.sub("\ufffd", escape_cell(value))
 
 
-def write_xlsx_report(findings_path: Path, target: Path) -> Path:
+def write_xlsx_report(findings_path: Path, target: Path, waivers: Sequence[Waiver] = ()) -> Path:
     """Write the findings as an XLSX workbook of one worksheet with every cell stored as text.
 
     openpyxl's write-only mode streams rows to disk and writes strings inline, so memory does
@@ -98,7 +124,7 @@ def write_xlsx_report(findings_path: Path, target: Path) -> Path:
         sheet = workbook.create_sheet(SHEET_TITLE)
         sheet.append(list(HEADER))
         written = 0
-        for row in _rows(Path(findings_path)):
+        for row in _rows(Path(findings_path), waivers):
             if written >= limit:
                 break
             sheet.append([_xlsx_text(cell) for cell in row])
@@ -116,6 +142,7 @@ def write_xlsx_report(findings_path: Path, target: Path) -> Path:
                     "",
                     f"共有 {total} 条问题，Excel 工作表最多容纳 {XLSX_MAX_ROWS} 行，此处只列出前 {limit} 条。"
                     f"其余 {total - limit} 条请查看 CSV 格式的校验报告。",
+                    "",
                 ]
             )
         workbook.save(path)

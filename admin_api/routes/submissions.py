@@ -2,7 +2,8 @@
 
 Institution users (报送人员, 机构管理员) submit and read their own institution's submissions only;
 regulators read every institution's. Only the regulator reviewer (监管审查员) reviews and
-downloads the original file. Rejected writes are audited with outcome ``failed`` (denials by the
+downloads the original file and waives warnings (提示). A draft is seen by its own institution
+only, which submits or discards it. Rejected writes are audited with outcome ``failed`` (denials by the
 authorisation checks are audited as ``denied`` where they happen).
 """
 
@@ -17,7 +18,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from admin_api import submissions
+from admin_api import submission_workflow, submissions
 from admin_api.audit import record_event
 from admin_api.deps import get_session, require
 from admin_api.keyaccess import request_keystore
@@ -56,6 +57,15 @@ class ReturnBody(BaseModel):
     row_comments: list[RowCommentBody] = Field(default_factory=list)
 
 
+class WaiverBody(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+    rule_id: str = Field(min_length=1, max_length=64, description="规则编号，如 R-JJ-025")
+    lines: list[int] | None = Field(default=None, max_length=submission_workflow.MAX_WAIVER_LINES,
+                                    description="要豁免的行号；不填则豁免该规则的全部未说明提示")
+    reason: str = Field(min_length=1, max_length=submissions.MAX_COMMENT_LENGTH, description="豁免理由")
+
+
 def _audited(request: Request, session: Session, caller: Principal, action: str, resource: str,
              work: Callable[[], T]) -> T:
     """Run ``work``. On a platform error, roll back, store a ``failed`` audit event with the code and re-raise.
@@ -78,19 +88,22 @@ def submit_report(
     template_code: str = Form(max_length=64, description="报表模板代码，如 EAST_DGXDYWJJB"),
     period_end: str = Form(max_length=16, description="报告期末日期，YYYYMMDD，如 20261130"),
     file: UploadFile = File(description="报表文件：按模板分隔的 TXT/CSV（UTF-8 或 GB18030）或 XLSX，最大 2 GB"),
+    draft: bool = Form(default=False, description="true：保存为草稿，仅本机构可见，之后再提交"),
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("submissions.submit")),
 ) -> submissions.SubmissionDetail:
     """Upload a report file of the caller's institution: staged, validated, stored encrypted, and recorded.
 
     The state is ``validation_failed`` when an error was found, else ``pending_review``. The previous
-    version of the same template and period becomes ``superseded``. A file that cannot be read is
+    version of the same template and period becomes ``superseded``. With ``draft`` the state is
+    ``draft`` and nothing is superseded until the draft is submitted. A file that cannot be read is
     rejected with 422 and the reader's code, and nothing is stored.
     """
     resource = f"submission:{caller.institution_code or '-'}/{template_code[:64]}/{period_end[:16]}"
-    row = _audited(request, session, caller, "submissions.submit", resource, lambda: submissions.submit(
+    action = "submissions.save_draft" if draft else "submissions.submit"
+    row = _audited(request, session, caller, action, resource, lambda: submissions.submit(
         session, request, caller, request_keystore(request), request.app.state.settings,
-        template_code=template_code, period_text=period_end, filename=file.filename, stream=file.file,
+        template_code=template_code, period_text=period_end, filename=file.filename, stream=file.file, draft=draft,
     ))
     return submissions.SubmissionDetail.load(session, row)
 
@@ -186,4 +199,53 @@ def return_report(
     row = _audited(request, session, caller, "submissions.return", f"submission:{submission_id}",
                    lambda: submissions.review(session, request, caller, submission_id, "returned", body.comment,
                                               row_comments))
+    return submissions.SubmissionDetail.load(session, row)
+
+
+@router.post("/submissions/{submission_id}/submit", response_model=submissions.SubmissionDetail)
+def submit_draft(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.submit")),
+) -> submissions.SubmissionDetail:
+    """Submit a draft of the caller's institution: it becomes ``validation_failed`` or ``pending_review``."""
+    row = _audited(request, session, caller, "submissions.submit_draft", f"submission:{submission_id}",
+                   lambda: submission_workflow.submit_draft(session, request, caller, submission_id))
+    return submissions.SubmissionDetail.load(session, row)
+
+
+@router.post("/submissions/{submission_id}/discard", response_model=submissions.SubmissionDetail)
+def discard_draft(
+    submission_id: int, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.submit")),
+) -> submissions.SubmissionDetail:
+    """Discard a draft of the caller's institution (state ``withdrawn``, kept for the audit trail)."""
+    row = _audited(request, session, caller, "submissions.discard", f"submission:{submission_id}",
+                   lambda: submission_workflow.discard_draft(session, request, caller, submission_id))
+    return submissions.SubmissionDetail.load(session, row)
+
+
+@router.get("/submissions/{submission_id}/findings", response_model=submission_workflow.FindingsPage)
+def read_findings(
+    submission_id: int, request: Request,
+    offset: int = Query(default=0, ge=0),
+    limit: int = Query(default=50, ge=1, le=submissions.MAX_PAGE_SIZE),
+    severity: str | None = Query(default=None, max_length=16, description="error（错误）或 warning（提示）"),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.read")),
+) -> submission_workflow.FindingsPage:
+    """Return one page of the validation findings (values masked), with the waiver reason of waived warnings."""
+    return submission_workflow.findings_page(session, request, caller, request.app.state.settings, submission_id,
+                                             offset, limit, severity)
+
+
+@router.post("/submissions/{submission_id}/waivers", response_model=submissions.SubmissionDetail)
+def waive_warnings(
+    submission_id: int, body: WaiverBody, request: Request, session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.review")),
+) -> submissions.SubmissionDetail:
+    """Waive the unexplained warnings (提示) of one rule, on all lines or the listed ones, with a reason."""
+    row = _audited(request, session, caller, "submissions.waive", f"submission:{submission_id}",
+                   lambda: submission_workflow.waive(session, request, caller, request.app.state.settings,
+                                                     submission_id, rule_id=body.rule_id, lines=body.lines,
+                                                     reason=body.reason))
     return submissions.SubmissionDetail.load(session, row)

@@ -12,7 +12,7 @@ import pyarrow.parquet as pq
 import pytest
 
 from intake import error_report
-from intake.error_report import HEADER, write_csv_report, write_xlsx_report
+from intake.error_report import HEADER, Waiver, write_csv_report, write_xlsx_report
 from intake.template_model import TemplateCatalog
 from intake.validate import FINDINGS_SCHEMA, validate_staged
 from regsandbox_core.cells import escape_cell
@@ -90,6 +90,27 @@ def test_xlsx_report_is_text_and_escaped(tmp_path: Path, sample: Path) -> None:
     assert sheet["D4"].value == "'-5"
     assert sheet["D5"].value == "12\ufffd"  # a control character XML cannot hold
     assert sheet.max_row == 5
+
+
+def test_waivers_in_both_reports(tmp_path: Path) -> None:
+    source = findings_file(tmp_path / "f.parquet", [
+        finding(None, severity="warning"),
+        finding(2, severity="warning"),
+        finding(3, severity="warning"),
+        finding(4, severity="warning", explained=True),
+        finding(5),
+    ])
+    waivers = [Waiver("R-JJ-009", frozenset({2}), "=已核实"), Waiver("R-JJ-009", None, "全部核实")]
+
+    csv_rows = read_csv(write_csv_report(source, tmp_path / "r.csv", waivers))
+    xlsx_rows = read_xlsx(write_xlsx_report(source, tmp_path / "r.xlsx", waivers))
+
+    assert HEADER[-1] == "审核豁免"
+    expected = ["已豁免：全部核实", "已豁免：=已核实", "已豁免：全部核实", "", ""]
+    assert [row[9] for row in csv_rows[1:]] == expected  # an explained warning and an error are never waived
+    assert [row[9] or "" for row in xlsx_rows[1:]] == expected
+    unwaived = read_csv(write_csv_report(source, tmp_path / "plain.csv"))
+    assert [row[9] for row in unwaived[1:]] == [""] * 5
 
 
 def test_xlsx_cap_adds_note_row(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
