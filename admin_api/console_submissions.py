@@ -17,7 +17,7 @@ from fastapi.responses import FileResponse, HTMLResponse, RedirectResponse, Resp
 from sqlalchemy.orm import Session
 from starlette.background import BackgroundTask
 
-from admin_api import submission_workflow, submissions
+from admin_api import submission_workflow, submissions, tasks
 from admin_api.console import _check_csrf, _failed, _page
 from admin_api.deps import get_session, require
 from admin_api.errors import invalid
@@ -97,6 +97,22 @@ def submissions_page(
     """Show the upload form (报送人员) and the visible submissions, newest first, with a state filter."""
     return _submissions_page(request, session, caller, state=state.strip(), template=template.strip(),
                              period=period.strip(), page=page)
+
+
+@router.get("/submissions/new", response_class=HTMLResponse)
+def upload_for_task(
+    request: Request,
+    task: int = Query(ge=1, le=2**31 - 1),
+    session: Session = Depends(get_session),
+    caller: Principal = Depends(require("submissions.submit", console=True)),
+) -> Response:
+    """Open the upload form filled with the template and period of collection task ``task`` (the 上传报表 links)."""
+    try:
+        detail = tasks.task_detail(session, request, caller, task)
+    except RegsandboxError as error:
+        return _submissions_page(request, session, caller, status_code=error.status, error=error.message)
+    query = urlencode({"template": detail.template_code, "period": f"{detail.period_end:%Y%m%d}"})
+    return RedirectResponse(f"/console/submissions?{query}#upload", status_code=303)
 
 
 @router.post("/submissions", response_class=HTMLResponse, max_body_size=MAX_SUBMISSION_BODY_BYTES)

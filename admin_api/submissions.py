@@ -37,6 +37,8 @@ partition whose manifest names a submission that was accepted is used.
 
 from __future__ import annotations
 
+import contextlib
+import fcntl
 import functools
 import logging
 import os
@@ -44,7 +46,7 @@ import re
 import shutil
 import tempfile
 import uuid
-from collections.abc import Sequence
+from collections.abc import Iterator, Sequence
 from calendar import monthrange
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -97,6 +99,7 @@ logger = logging.getLogger(__name__)
 INTAKE_DIR = "intake"
 RAW_NAME = "raw.rssg"
 FINDINGS_NAME = "findings.parquet"
+REVIEW_LOCK_NAME = ".review.lock"
 ASSOCIATED_DATA_PREFIX = "regsandbox-intake/1"
 COPY_CHUNK_BYTES = 1024 * 1024
 MAX_PAGE_SIZE = 200
@@ -758,10 +761,20 @@ def review(
     Accepting loads the submission into the warehouse first (``store`` and ``settings`` default to
     the app's), and the load is undone when the commit fails.
 
-    NOTE: the state check does not lock the row, so two reviewers accepting at once both pass it.
-    The second load then finds the same submission in the manifest and writes nothing.
+    Two reviews of one submission run one after the other: :func:`_reviewing` holds a lock file in
+    the submission's folder (one host) and the row lock of ``SELECT ... FOR UPDATE`` (PostgreSQL)
+    from the state check to the commit, so a second accept or return finds the state changed and
+    gets ``SUBMISSION_STATE_INVALID`` before it loads anything.
     """
     row = visible_submission(session, request, caller, submission_id, "submissions.review")
+    settings = settings or request.app.state.settings
+    with _reviewing(session, settings, row):
+        return _review_locked(session, request, caller, row, decision, comment, row_comments, store, settings)
+
+
+def _review_locked(session: Session, request: Request, caller: Principal, row: ReportSubmission, decision: str,
+                   comment: str | None, row_comments: Sequence[RowCommentIn], store: KeyStore | None,
+                   settings: Settings) -> ReportSubmission:
     comment = (comment or "").strip()
 
     if row.state != "pending_review":
@@ -794,7 +807,7 @@ def review(
         select(User.id).where(User.username == caller.username)).one()
     loaded = None
     if decision == "accepted":
-        loaded = _load_warehouse(settings or request.app.state.settings, store or request_keystore(request), row)
+        loaded = _load_warehouse(settings, store or request_keystore(request), row)
     try:
         previous_state = row.state
         row.state = decision
@@ -833,3 +846,16 @@ def review(
         loaded.finish()
     session.refresh(row)
     return row
+
+
+@contextlib.contextmanager
+def _reviewing(session: Session, settings: Settings, row: ReportSubmission) -> Iterator[None]:
+    """Hold the review lock of ``row`` and reload it, so the state checked is the state committed last."""
+    descriptor = os.open(submission_dir(settings, row) / REVIEW_LOCK_NAME, os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        session.execute(select(ReportSubmission.id).where(ReportSubmission.id == row.id).with_for_update())
+        session.refresh(row)
+        yield
+    finally:
+        os.close(descriptor)

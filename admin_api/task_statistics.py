@@ -11,8 +11,8 @@ once, however many versions the institution uploaded:
   after it; missing (未报送): never submitted.
 - accepted (审核通过): the institution's current (non-superseded) submission is accepted.
 
-NOTE: a target whose only submission was later withdrawn still counts as submitted at its first
-submission time, because the rates follow the state changes and not the current state.
+Drafts (草稿) never count: only a draft can be withdrawn, and a draft reaches 待审核 only when the
+reporter submits it, which is its submission time.
 
 按时报送率 = on time / targets and 审核通过率 = accepted / submitted (None when nothing was
 submitted). Each call runs one grouped SQL query over the targets instead of a query per

@@ -197,6 +197,29 @@ def test_institution_user_other_task_denied(env: Env) -> None:
     assert events(env, "tasks.read", "reporter_a")[-1].outcome == "denied"
 
 
+def test_upload_link_fills_task_form(env: Env) -> None:
+    own = publish(env, period_end="20220831", institution_codes="bank_a")
+    other = publish(env, period_end="20220831", institution_codes="bank_b")
+    reporter, _ = signed_in(env, "reporter_a")
+    reviewer, _ = signed_in(env, "reviewer")
+
+    opened = reporter.get(f"/console/submissions/new?task={own}", follow_redirects=False)
+    form = reporter.get(opened.headers["location"]).text
+    denied = reporter.get(f"/console/submissions/new?task={other}")
+    missing = reporter.get("/console/submissions/new?task=999999")
+    not_a_reporter = reviewer.get(f"/console/submissions/new?task={own}")
+
+    assert opened.status_code == 303
+    assert opened.headers["location"] == f"/console/submissions?template={TEMPLATE}&period=20220831#upload"
+    assert f'<option value="{TEMPLATE}" selected>' in form
+    assert 'name="period_end" value="20220831"' in form
+    assert denied.status_code == 403
+    assert "您只能访问本机构（bank_a）的数据" in denied.text
+    assert missing.status_code == 404
+    assert "报送任务 999999 不存在" in missing.text
+    assert not_a_reporter.status_code == 403
+
+
 def test_institution_user_sees_own_target_only(env: Env) -> None:
     task_id = publish(env, period_end="20220731", institution_codes="bank_a bank_b")
     reporter, _ = signed_in(env, "reporter_a")
@@ -381,7 +404,7 @@ def test_workbench_reviewer_queue_oldest_first(env: Env) -> None:
     assert code in first_row.group(2)  # submitted in 1999, older than any other pending submission
     assert re.search(r'<td class="warnings">7</td>', first_row.group(2))
     assert f'id="queue-template-{TEMPLATE}"' in queue
-    assert 'href="/console/review"' in queue
+    assert 'href="/console/reviews"' in queue
     assert 'id="due-tasks"' not in page
     assert 'id="worst-institutions"' in page
 

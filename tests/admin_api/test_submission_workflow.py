@@ -16,7 +16,7 @@ from sqlalchemy import select
 from admin_api.models import ReportSubmission
 
 from .conftest import Env
-from .helpers import audit_events
+from .helpers import audit_events, console_cookie
 from .test_institutions import make_uscc
 from .test_submissions import (  # noqa: F401  # bank_a_licence: bank_a gets the test files' 金融许可证号
     actions,
@@ -293,3 +293,21 @@ def test_workflow_denied(env: Env) -> None:
         waived = session.get(ReportSubmission, pending["id"]).waived_warning_count
     assert states == {draft["id"]: "draft", pending["id"]: "pending_review"}
     assert waived == 0
+
+
+def test_workbench_lists_own_drafts(env: Env) -> None:
+    period = "20220930"
+    saved = save_draft(env, period, [customer(1, period)])
+    assert saved.status_code == 201, saved.text
+    draft_id = saved.json()["id"]
+
+    own = env.client.get("/console/workbench", headers=console_cookie(env, "reporter_a")).text
+    other = env.client.get("/console/workbench", headers=console_cookie(env, "reporter_b")).text
+    assert post(env, "reporter_a", f"/{draft_id}/discard").status_code == 200
+    after_discard = env.client.get("/console/workbench", headers=console_cookie(env, "reporter_a")).text
+
+    drafts = own.split('id="drafts"', 1)[1].split("</section>", 1)[0]
+    assert f'id="drafts-{draft_id}"' in drafts
+    assert f'href="/console/submissions/{draft_id}"' in drafts
+    assert f'id="drafts-{draft_id}"' not in other
+    assert f'id="drafts-{draft_id}"' not in after_discard

@@ -12,6 +12,7 @@ import json
 import os
 import secrets
 import stat
+import threading
 from collections.abc import Iterator, Mapping
 from pathlib import Path
 from datetime import date
@@ -438,6 +439,35 @@ def hidden_leftovers(env: Env) -> list[Path]:
     found = [path for path in (env.settings.data_dir / "warehouse" / "intake").rglob(".*")
              if path.name != ".lock"] if (env.settings.data_dir / "warehouse" / "intake").exists() else []
     return found + list((env.settings.data_dir / "intake").rglob(".accept-*"))
+
+
+def test_concurrent_accepts_load_once(env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    period = "20250831"
+    upload_batch(env, period)
+    loans = upload_loans(env, period, [loan_row(1, period)])
+    waive_open_warnings(env, loans["id"])
+    load = submissions_module._load_warehouse
+    second: dict[str, Any] = {}
+
+    def load_while_second_accept_waits(*args: Any, **kwargs: Any) -> Any:
+        if "thread" not in second:  # Only the first accept starts a second one.
+            second["thread"] = threading.Thread(target=lambda: second.update(response=env.client.post(
+                f"/api/v1/submissions/{loans['id']}/accept", headers=env.auth("reviewer"), json={"comment": "重复"})))
+            second["thread"].start()
+            second["thread"].join(timeout=1.0)
+            second["waited"] = second["thread"].is_alive()
+        return load(*args, **kwargs)
+
+    monkeypatch.setattr(submissions_module, "_load_warehouse", load_while_second_accept_waits)
+    first = accept(env, loans["id"])
+    second["thread"].join(timeout=60)
+
+    assert first.status_code == 200, first.text
+    assert second["waited"] is True
+    assert (second["response"].status_code, second["response"].json()["code"]) == (409, "SUBMISSION_STATE_INVALID")
+    assert [row["JJH"] for row in warehouse_rows(env, LOANS, period)] == ["JJ000001"]
+    detail = env.client.get(f"/api/v1/submissions/{loans['id']}", headers=env.auth("reviewer")).json()
+    assert [event["to_state"] for event in detail["events"]].count("accepted") == 1
 
 
 def test_accept_loads_warehouse_once(env: Env) -> None:
