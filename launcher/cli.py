@@ -7,6 +7,7 @@ Messages for the operator are in Chinese; logs are in English.
 from __future__ import annotations
 
 import argparse
+import datetime
 import grp
 import json
 import logging
@@ -40,6 +41,8 @@ log = logging.getLogger("launcher")
 
 VENV_BIN = Path(sys.executable).parent
 PYTHON = str(VENV_BIN / "python")
+SAMPLES_DIR = "samples"
+"""Folder of the data directory with the demo report files of intake.samples, one subfolder per demo bank."""
 
 # Start order matters: the hub authenticates against admin_api and the scheduler reads it,
 # and the registry sync needs both admin_api and MLflow.
@@ -81,6 +84,11 @@ def prepare_data_dir(settings: Settings) -> None:
         os.chmod(folder, 0o700)
     settings.extracts_dir.mkdir(exist_ok=True)
     os.chmod(settings.extracts_dir, 0o711)
+
+
+def sample_period(today: datetime.date) -> str:
+    """Return the end of the month before ``today`` (YYYYMMDD), the period of the demo report files."""
+    return (today.replace(day=1) - datetime.timedelta(days=1)).strftime("%Y%m%d")
 
 
 def _institution_codes(settings: Settings) -> list[str]:
@@ -135,6 +143,13 @@ def init(settings: Settings) -> dict[str, str]:
 
     if not _institution_codes(settings):
         _run_step(settings, "加载示范信贷数据", [PYTHON, "-m", "extracts", "load-demo"])
+    samples = settings.data_dir / SAMPLES_DIR
+    if not samples.exists():
+        from admin_api.seed import DEMO_LICENCES  # noqa: PLC0415 - keeps the CLI start light
+
+        institutions = [f"--institution={code}:{licence}" for code, licence in DEMO_LICENCES.items()]
+        _run_step(settings, "生成示范报表文件", [PYTHON, "-m", "intake.samples", "--out", str(samples),
+                                          "--period", sample_period(datetime.date.today()), *institutions])
     _ensure_keys(settings)
 
     build = [PYTHON, "-m", "extracts", "build"]
