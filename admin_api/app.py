@@ -41,6 +41,7 @@ from admin_api.migrate import current_revision, head_revision
 from admin_api.registry import MlflowRegistry, ModelRegistry
 from admin_api.routes import api_endpoints, audit_log, identity, keys, messages, models, reports, submissions, tokens, users
 from admin_api.routes import tasks as task_routes
+from admin_api.routes import catalog as catalog_routes
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -49,6 +50,8 @@ from admin_api import console_me
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
+from admin_api.data_catalog import sync_at_start
+from admin_api.submissions import catalog as template_catalog
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -148,7 +151,7 @@ def _add_docs(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Settle interrupted warehouse loads, then run the audit checkpoint writer and the task reminder sender.
+    """Settle interrupted warehouse loads and sync the data catalog, then run the checkpoint writer and reminders.
 
     In a server process (:func:`create_server_app`), the objects that live as long as the process
     (modules, routes, models, compiled statements) are moved out of the garbage collector's
@@ -159,6 +162,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """
     settings = app.state.settings
     recover_warehouse(app.state.session_factory, settings)
+    with app.state.session_factory() as session:
+        sync_at_start(session, settings, app.state.keystore, template_catalog())
     writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
                               settings.audit_checkpoint_minutes * 60)
     writer.start()
@@ -184,7 +189,7 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes, submissions, task_routes):
+                   institution_routes, role_routes, submissions, task_routes, catalog_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me):

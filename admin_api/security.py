@@ -53,7 +53,7 @@ class Principal:
 ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
 
 _USERS = frozenset({"system_admin", "regulator_reviewer", "regulator_analyst", "institution_admin", "modeller", "reporter",
-                    "security_admin", "audit_admin"})
+                    "security_admin", "audit_admin", "data_steward"})
 _REGULATORS = frozenset({"regulator_reviewer", "regulator_analyst"})
 
 CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
@@ -97,6 +97,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Collection tasks (报送任务): institution users see the tasks that target their own institution only (admin_api.tasks).
     "tasks.write": ("发布或关闭报送任务", frozenset({"system_admin", "regulator_reviewer"})),
     "tasks.read": ("查看报送任务", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
+    # Data catalog (数据目录, 数据分级分类): only the data steward (数据治理专员) confirms or changes classes (admin_api.data_catalog).
+    "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
+    "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
 }
 
 
