@@ -47,6 +47,7 @@ from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
 from admin_api import console_roles, console_user_admin
 from admin_api import console_me
+from admin_api import console_catalog
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
@@ -192,7 +193,7 @@ def install_routes(app: FastAPI) -> None:
                    institution_routes, role_routes, submissions, task_routes, catalog_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
-                        console_messages, console_user_admin, console_roles, console_me):
+                        console_messages, console_user_admin, console_roles, console_me, console_catalog):
         app.include_router(page_module.router)
     _add_docs(app)
 
