@@ -25,6 +25,7 @@ import pyarrow as pa
 from fastapi import Request
 from pydantic import BaseModel, Field
 from sqlalchemy import and_, case, func, or_, select
+from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event
@@ -319,14 +320,29 @@ def warehouse_sampler(session: Session, settings: Settings, store: KeyStore) -> 
 
 
 def sync_at_start(session: Session, settings: Settings, store: KeyStore, template_catalog: TemplateCatalog) -> SyncResult:
-    """Run the catalog sync when admin_api starts, with sampling of tables not sampled yet; commit and audit."""
+    """Run the catalog sync when admin_api starts, with sampling of tables not sampled yet; commit and audit.
+
+    Two processes starting together may insert the same column; the one that loses the race rolls
+    back and syncs once more, which then finds the other's rows.
+    """
+    try:
+        result = _sync_and_audit_at_start(session, settings, store, template_catalog)
+    except IntegrityError:
+        session.rollback()
+        logger.info("data catalog rows were created by another process at the same time; syncing again")
+        result = _sync_and_audit_at_start(session, settings, store, template_catalog)
+    logger.info("data catalog synced at start: %d created, %d updated, %d tables sampled",
+                result.created, result.updated, len(result.sampled_tables))
+    return result
+
+
+def _sync_and_audit_at_start(session: Session, settings: Settings, store: KeyStore,
+                             template_catalog: TemplateCatalog) -> SyncResult:
     result = sync_catalog(session, template_catalog, sampler=warehouse_sampler(session, settings, store))
     if result.created or result.updated or result.sampled_tables:
         session.add(AuditEvent(actor=SYNC_ACTOR, role="service", action="catalog.sync", resource="catalog",
                                outcome="success", detail=_sync_detail(result)))
     session.commit()
-    logger.info("data catalog synced at start: %d created, %d updated, %d tables sampled",
-                result.created, result.updated, len(result.sampled_tables))
     return result
 
 
@@ -411,9 +427,10 @@ def list_columns(session: Session, search: ColumnFilter, offset: int, limit: int
         conditions.append(CatalogColumn.confirmed_level.is_(None) if search.unconfirmed
                           else CatalogColumn.confirmed_level.isnot(None))
     if search.text:
-        pattern = f"%{search.text.strip()}%"
-        conditions.append(or_(CatalogColumn.column_code.ilike(pattern), CatalogColumn.name.ilike(pattern),
-                              CatalogColumn.table_code.ilike(pattern), CatalogColumn.description.ilike(pattern)))
+        literal = search.text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
+        pattern = f"%{literal}%"
+        conditions.append(or_(*(field.ilike(pattern, escape="\\") for field in (
+            CatalogColumn.column_code, CatalogColumn.name, CatalogColumn.table_code, CatalogColumn.description))))
     where = and_(*conditions) if conditions else None
     query = select(CatalogColumn).order_by(CatalogColumn.table_code, CatalogColumn.id)
     count = select(func.count()).select_from(CatalogColumn)

@@ -371,3 +371,11 @@ def test_sync_unknown_table(catalog_env: Env) -> None:
 
     assert response.status_code == 404
     assert response.json()["code"] == "CATALOG_TABLE_NOT_FOUND"
+
+
+def test_search_wildcards_literal(catalog_env: Env) -> None:
+    percent = catalog_env.client.get(COLUMNS, params={"q": "%"}, headers=catalog_env.auth("steward"))
+    underscore = catalog_env.client.get(COLUMNS, params={"q": "DGKHXXB_"}, headers=catalog_env.auth("steward"))
+
+    assert [item["column_code"] for item in percent.json()] == ["SJLL"]  # its description is "4.35 表示 4.35%"
+    assert underscore.json() == []
