@@ -54,7 +54,7 @@ logger = logging.getLogger(__name__)
 MAX_PAGE_SIZE = 500
 REASON_MAX_LENGTH = 500
 SYNC_ACTOR = "admin_api:catalog-sync"
-CHANGE_NAMES = {"created": "创建", "proposed": "更新建议", "confirmed": "确认", "changed": "变更"}
+CHANGE_NAMES = {"created": "创建", "proposed": "更新建议", "reopened": "重新待审", "confirmed": "确认", "changed": "变更"}
 
 Sampler = Callable[[Template, list[str]], dict[str, list[str | None]] | None]
 """Returns sampled values by column code for a template's table, or None when the table has no accepted data."""
@@ -91,6 +91,8 @@ class ColumnOut(BaseModel):
     confirmed_at: datetime | None
     effective: ClassOut
     """The class masking applies now: the confirmed one, else level 4 at least (fail closed)."""
+    mismatch: bool
+    """Whether the confirmed kind differs from the current proposal, e.g. after new values were sampled."""
     version: int
 
 
@@ -175,7 +177,7 @@ def column_out(row: CatalogColumn) -> ColumnOut:
         proposed_confidence=row.proposed_confidence, evidence=list(row.evidence or []), sampled_at=row.sampled_at,
         confirmed=class_out(confirmed) if confirmed else None, confirmed_by=row.confirmed_by,
         confirmed_at=row.confirmed_at, effective=class_out(effective_class(proposed_class(row), confirmed)),
-        version=row.version,
+        mismatch=confirmed is not None and confirmed.kind != row.proposed_kind, version=row.version,
     )
 
 
@@ -233,6 +235,15 @@ def _apply_proposal(row: CatalogColumn, template: Template, item: TemplateField,
     return changed
 
 
+REOPEN_REASON = "模板字段的名称或类型已变更，原确认的分级分类失效，须重新确认。"
+
+
+def _reopen(row: CatalogColumn) -> None:
+    """Clear a confirmed class whose field was redeclared, so the column is masked at level 4 until confirmed again."""
+    row.confirmed_level = row.confirmed_category = row.confirmed_kind = None
+    row.confirmed_by = row.confirmed_at = None
+
+
 def _needs_sample(rows: Iterable[CatalogColumn | None]) -> bool:
     return any(row is None or row.sampled_at is None for row in rows)
 
@@ -244,7 +255,9 @@ def sync_catalog(session: Session, template_catalog: TemplateCatalog, *, actor: 
 
     A table is sampled (when ``sampler`` is given) if ``resample`` is set or one of its columns is
     new or has never had value evidence. Rows whose declaration is unchanged and that were not
-    sampled keep their proposal. Confirmed classes are never changed here.
+    sampled keep their proposal. A confirmed class is kept unless a newer template version changes
+    the field's name or type: then the confirmation is cleared (history ``reopened``), because it
+    was made for another field.
     """
     created = updated = 0
     sampled_tables: list[str] = []
@@ -272,10 +285,16 @@ def sync_catalog(session: Session, template_catalog: TemplateCatalog, *, actor: 
                 session.flush()
                 _append_history(session, row, "created", actor)
                 created += 1
-            elif _apply_proposal(row, template, item, proposal, values is not None):
+            else:
+                redeclared = row.confirmed_level is not None and (row.name, row.data_type) != (item.name, item.type)
+                if not _apply_proposal(row, template, item, proposal, values is not None) and not redeclared:
+                    continue
+                if redeclared:
+                    _reopen(row)
                 row.version += 1
                 session.flush()
-                _append_history(session, row, "proposed", actor)
+                _append_history(session, row, "reopened" if redeclared else "proposed", actor,
+                                REOPEN_REASON if redeclared else None)
                 updated += 1
     session.flush()
     return SyncResult(created=created, updated=updated, sampled_tables=sampled_tables)

@@ -538,7 +538,8 @@ class CatalogColumnHistory(Base):
     column_id: Mapped[int] = mapped_column(ForeignKey("catalog_columns.id"))
     version: Mapped[int] = mapped_column(Integer)
     change: Mapped[str] = mapped_column(String(16))
-    """``created``, ``proposed`` (a sync changed the proposal or the declaration), ``confirmed`` or ``changed``."""
+    """``created``, ``proposed`` (a sync changed the proposal or the declaration), ``reopened`` (a changed
+    declaration cleared the confirmed class), ``confirmed`` or ``changed``."""
     snapshot: Mapped[dict] = mapped_column(JSON)
     """The column's declaration, proposal and confirmed class after the change."""
     reason: Mapped[str | None] = mapped_column(Text, nullable=True)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import secrets
+import shutil
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -13,11 +14,12 @@ import pyarrow.parquet as pq
 import pytest
 from faker import Faker
 from sqlalchemy import select, text
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 
 from admin_api.data_catalog import sync_catalog
 from admin_api.models import AuditEvent, CatalogColumn, CatalogColumnHistory, Institution, ReportSubmission, User
 from admin_api.submissions import catalog as template_catalog
+from intake.template_model import TEMPLATES_DIR, TemplateCatalog
 from intake.warehouse import load_submission
 
 from .conftest import BACKENDS, Env, backend_env
@@ -339,6 +341,8 @@ def test_sync_samples_accepted_values(catalog_env: Env, tmp_path: Path) -> None:
     companies = [fake.company() for _ in range(40)]
     _accepted_partition(catalog_env, "EAST_XDHTB", "bank_c", date(2019, 12, 31),
                         {"KHMC": companies, "HTH": [f"HT{index:06d}" for index in range(40)]}, tmp_path)
+    assert classify(catalog_env, "EAST_XDHTB", "KHMC",
+                    {"level": 3, "pi_category": "C2", "kind": "person_name"}).status_code == 200
     rid = request_id()
 
     response = catalog_env.client.post("/api/v1/catalog/sync", json={"table_code": "EAST_XDHTB"},
@@ -348,6 +352,8 @@ def test_sync_samples_accepted_values(catalog_env: Env, tmp_path: Path) -> None:
     assert response.json()["sampled_tables"] == ["EAST_XDHTB"]
     customer = column(catalog_env, "EAST_XDHTB", "KHMC")
     assert customer["proposed"]["kind"] == "org_name"
+    assert customer["confirmed"]["kind"] == "person_name"
+    assert customer["mismatch"] is True
     assert customer["sampled_at"] is not None
     values = [item for item in customer["evidence"] if item["source"] == "values"]
     assert (values[0]["matched"], values[0]["sampled"]) == (40, 40)
@@ -379,3 +385,57 @@ def test_search_wildcards_literal(catalog_env: Env) -> None:
 
     assert [item["column_code"] for item in percent.json()] == ["SJLL"]  # its description is "4.35 表示 4.35%"
     assert underscore.json() == []
+
+
+def test_new_template_version_reopens_changed_field(catalog_env: Env, tmp_path: Path) -> None:
+    confirmed = classify(catalog_env, "EAST_STZFXXB", "ZFYT", {"level": 3, "pi_category": "C1", "kind": "free_text"})
+    assert confirmed.status_code == 200
+    kept = classify(catalog_env, "EAST_STZFXXB", "STZFJE", {"level": 3, "pi_category": "C1", "kind": "amount"})
+    assert kept.status_code == 200
+    folder = tmp_path / "templates"
+    shutil.copytree(TEMPLATES_DIR, folder)
+    source = (folder / "EAST_STZFXXB.v1.yaml").read_text("utf-8")
+    added = "  - {code: SKRSJ, name: 收款人手机号码, type: text, length: 20, format: {check: mobile}}\n"
+    renamed = "  - {code: ZFYT, name: 支付用途及收款人说明, type: text, length: 400, required: true}\n"
+    version_two = source.replace("version: 1", "version: 2").replace(
+        "  - {code: ZFYT, name: 支付用途, type: text, length: 400, required: true}\n", renamed + added)
+    (folder / "EAST_STZFXXB.v2.yaml").write_text(version_two, "utf-8")
+
+    with catalog_env.db() as session:
+        result = sync_catalog(session, TemplateCatalog.load(folder), actor="steward")
+        session.commit()
+
+    assert result.created == 1
+    new = column(catalog_env, "EAST_STZFXXB", "SKRSJ")
+    assert new["proposed"]["kind"] == "mobile"
+    assert new["template_version"] == 2
+    reopened = column(catalog_env, "EAST_STZFXXB", "ZFYT")
+    assert reopened["confirmed"] is None
+    assert reopened["effective"]["level"] == 4
+    assert reopened["name"] == "支付用途及收款人说明"
+    assert reopened["history"][0]["change"] == "reopened"
+    assert "须重新确认" in reopened["history"][0]["reason"]
+    amount = column(catalog_env, "EAST_STZFXXB", "STZFJE")
+    assert amount["confirmed"]["kind"] == "amount"
+    assert amount["template_version"] == 2
+
+
+def test_start_sync_retries_after_race(catalog_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
+    from admin_api import data_catalog
+
+    calls = []
+    original = data_catalog.sync_catalog
+
+    def racing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
+        calls.append(1)
+        if len(calls) == 1:
+            raise IntegrityError("INSERT", {}, Exception("duplicate key"))
+        return original(*args, **kwargs)
+
+    monkeypatch.setattr(data_catalog, "sync_catalog", racing)
+    with catalog_env.db() as session:
+        result = data_catalog.sync_at_start(session, catalog_env.settings, catalog_env.client.app.state.keystore,
+                                            template_catalog())
+
+    assert len(calls) == 2
+    assert result.created == 0
