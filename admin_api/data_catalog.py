@@ -248,6 +248,34 @@ def _needs_sample(rows: Iterable[CatalogColumn | None]) -> bool:
     return any(row is None or row.sampled_at is None for row in rows)
 
 
+def _sync_column(session: Session, table_code: str, template: Template, item: TemplateField,
+                 row: CatalogColumn | None, values: list[str | None] | None, actor: str) -> str | None:
+    """Create or refresh one column; return ``created``, ``updated`` or None when nothing changed."""
+    declared_same = row is not None and (row.template_version, row.name, row.data_type) == (
+        template.version, item.name, item.type)
+    if declared_same and values is None:
+        return None
+    proposal = propose(template, item, values)
+    if row is None:
+        row = CatalogColumn(table_code=table_code, column_code=item.code, version=1, evidence=[])
+        _apply_proposal(row, template, item, proposal, values is not None)
+        session.add(row)
+        session.flush()
+        _append_history(session, row, "created", actor)
+        return "created"
+
+    redeclared = row.confirmed_level is not None and (row.name, row.data_type) != (item.name, item.type)
+    if not _apply_proposal(row, template, item, proposal, values is not None) and not redeclared:
+        return None
+    if redeclared:
+        _reopen(row)
+    row.version += 1
+    session.flush()
+    _append_history(session, row, "reopened" if redeclared else "proposed", actor,
+                    REOPEN_REASON if redeclared else None)
+    return "updated"
+
+
 def sync_catalog(session: Session, template_catalog: TemplateCatalog, *, actor: str = SYNC_ACTOR,
                  sampler: Sampler | None = None, resample: bool = False,
                  table_code: str | None = None) -> SyncResult:
@@ -273,29 +301,9 @@ def sync_catalog(session: Session, template_catalog: TemplateCatalog, *, actor: 
                 sampled_tables.append(code)
         for (template, item), row in zip(columns, rows, strict=True):
             values = samples.get(item.code) if samples is not None else None
-            declared_same = row is not None and (row.template_version, row.name, row.data_type) == (
-                template.version, item.name, item.type)
-            if declared_same and values is None:
-                continue
-            proposal = propose(template, item, values)
-            if row is None:
-                row = CatalogColumn(table_code=code, column_code=item.code, version=1, evidence=[])
-                _apply_proposal(row, template, item, proposal, values is not None)
-                session.add(row)
-                session.flush()
-                _append_history(session, row, "created", actor)
-                created += 1
-            else:
-                redeclared = row.confirmed_level is not None and (row.name, row.data_type) != (item.name, item.type)
-                if not _apply_proposal(row, template, item, proposal, values is not None) and not redeclared:
-                    continue
-                if redeclared:
-                    _reopen(row)
-                row.version += 1
-                session.flush()
-                _append_history(session, row, "reopened" if redeclared else "proposed", actor,
-                                REOPEN_REASON if redeclared else None)
-                updated += 1
+            outcome = _sync_column(session, code, template, item, row, values, actor)
+            created += outcome == "created"
+            updated += outcome == "updated"
     session.flush()
     return SyncResult(created=created, updated=updated, sampled_tables=sampled_tables)
 
