@@ -105,9 +105,11 @@ def _review(request: Request, session: Session, caller: Principal, table_code: s
             error: str | None = None) -> Response:
     search = data_catalog.ColumnFilter(table_code=table_code or None, unconfirmed=True)
     rows, total = data_catalog.list_columns(session, search, 0, PAGE_SIZE)
+    recheck, _recheck_total = data_catalog.list_columns(
+        session, data_catalog.ColumnFilter(table_code=table_code or None, mismatch=True), 0, PAGE_SIZE)
     return _page(request, "catalog_review.html", caller, status_code=status_code, error=error,
                  notice=None if error else _notice(request), columns=[data_catalog.column_out(row) for row in rows],
-                 total=total, table_code=table_code, tables=data_catalog.list_tables(session, template_catalog()),
+                 recheck=[data_catalog.column_out(row) for row in recheck], total=total, table_code=table_code, tables=data_catalog.list_tables(session, template_catalog()),
                  **_choices())
 
 

@@ -422,6 +422,8 @@ class ColumnFilter:
     category: str | None = None
     kind: str | None = None
     unconfirmed: bool | None = None
+    mismatch: bool | None = None
+    """True: only confirmed columns whose confirmed kind differs from the latest proposal."""
     text: str | None = None
 
 
@@ -453,6 +455,9 @@ def list_columns(session: Session, search: ColumnFilter, offset: int, limit: int
     if search.unconfirmed is not None:
         conditions.append(CatalogColumn.confirmed_level.is_(None) if search.unconfirmed
                           else CatalogColumn.confirmed_level.isnot(None))
+    if search.mismatch:
+        conditions.append(and_(CatalogColumn.confirmed_level.isnot(None),
+                               CatalogColumn.confirmed_kind != CatalogColumn.proposed_kind))
     if search.text:
         literal = search.text.strip().replace("\\", "\\\\").replace("%", "\\%").replace("_", "\\_")
         pattern = f"%{literal}%"

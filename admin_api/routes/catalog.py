@@ -36,6 +36,7 @@ def list_columns(
     category: str | None = Query(default=None, max_length=8, description="C1、C2、C3，或 none（非个人信息）"),
     kind: str | None = Query(default=None, max_length=32, description="字段语义类型"),
     unconfirmed: bool | None = Query(default=None, description="true：只列未确认的字段；false：只列已确认的"),
+    mismatch: bool | None = Query(default=None, description="true：只列确认类型与最新建议不一致、需复核的字段"),
     q: str | None = Query(default=None, max_length=100, description="按字段代码、中文名称、表代码或说明搜索"),
     offset: int = Query(default=0, ge=0),
     limit: int = Query(default=100, ge=1, le=data_catalog.MAX_PAGE_SIZE),
@@ -44,7 +45,7 @@ def list_columns(
 ) -> list[data_catalog.ColumnOut]:
     """Search catalog columns by table, effective level, category, kind and text; the total is in X-Total-Count."""
     search = data_catalog.ColumnFilter(table_code=table_code, level=level, category=category, kind=kind,
-                                       unconfirmed=unconfirmed, text=q)
+                                       unconfirmed=unconfirmed, mismatch=mismatch, text=q)
     rows, total = data_catalog.list_columns(session, search, offset, limit)
     response.headers["X-Total-Count"] = str(total)
     return [data_catalog.column_out(row) for row in rows]

@@ -23,7 +23,7 @@ from intake.template_model import TEMPLATES_DIR, TemplateCatalog
 from intake.warehouse import load_submission
 
 from .conftest import BACKENDS, Env, backend_env
-from .helpers import audit_events
+from .helpers import audit_events, console_cookie
 
 COLUMNS = "/api/v1/catalog/columns"
 
@@ -439,3 +439,17 @@ def test_start_sync_retries_after_race(catalog_env: Env, monkeypatch: pytest.Mon
 
     assert len(calls) == 2
     assert result.created == 0
+
+
+def test_mismatch_filter_lists_recheck(catalog_env: Env) -> None:
+    assert column(catalog_env, "EAST_DKWJXTBDB", "BDYY")["proposed"]["kind"] == "free_text"
+    assert classify(catalog_env, "EAST_DKWJXTBDB", "BDYY", {"level": 2, "kind": "other"}).status_code == 200
+
+    response = catalog_env.client.get(COLUMNS, params={"mismatch": "true"}, headers=catalog_env.auth("steward"))
+
+    assert response.status_code == 200
+    listed = {(item["table_code"], item["column_code"]) for item in response.json()}
+    assert ("EAST_DKWJXTBDB", "BDYY") in listed
+    assert all(item["mismatch"] for item in response.json())
+    page = catalog_env.client.get("/console/catalog/review", headers=console_cookie(catalog_env, "steward"))
+    assert "recheck-EAST_DKWJXTBDB-BDYY" in page.text
