@@ -453,3 +453,13 @@ def test_mismatch_filter_lists_recheck(catalog_env: Env) -> None:
     assert all(item["mismatch"] for item in response.json())
     page = catalog_env.client.get("/console/catalog/review", headers=console_cookie(catalog_env, "steward"))
     assert "recheck-EAST_DKWJXTBDB-BDYY" in page.text
+
+
+def test_non_integer_level_message(catalog_env: Env) -> None:
+    response = classify(catalog_env, "EAST_DBHTB", "BEIZ", {"level": "高", "kind": "other"})
+    missing = classify(catalog_env, "EAST_DBHTB", "BEIZ", {"level": 3})
+
+    assert response.status_code == 422
+    assert response.json()["code"] == "INVALID_REQUEST"
+    assert "安全级别" in response.json()["detail"]
+    assert "字段语义类型" in missing.json()["detail"]
