@@ -78,7 +78,8 @@ def _browser(request: Request, session: Session, caller: Principal, *, table_cod
         rows, total, status_code, error = [], 0, failure.status, failure.message
     query = "&".join(f"{key}={quote(value)}" for key, value in filters.items() if value)
     return _page(request, "catalog.html", caller, status_code=status_code, error=error,
-                 notice=None if error else _notice(request), tables=data_catalog.list_tables(session, template_catalog()),
+                 notice=None if error else _notice(request),
+                 tables=data_catalog.list_tables(session, template_catalog()),
                  columns=[data_catalog.column_out(row) for row in rows], total=total, offset=offset,
                  page_size=PAGE_SIZE, filters=filters, query=query, **_choices())
 
@@ -109,7 +110,8 @@ def _review(request: Request, session: Session, caller: Principal, table_code: s
         session, data_catalog.ColumnFilter(table_code=table_code or None, mismatch=True), 0, PAGE_SIZE)
     return _page(request, "catalog_review.html", caller, status_code=status_code, error=error,
                  notice=None if error else _notice(request), columns=[data_catalog.column_out(row) for row in rows],
-                 recheck=[data_catalog.column_out(row) for row in recheck], total=total, table_code=table_code, tables=data_catalog.list_tables(session, template_catalog()),
+                 recheck=[data_catalog.column_out(row) for row in recheck], total=total, table_code=table_code,
+                 tables=data_catalog.list_tables(session, template_catalog()),
                  **_choices())
 
 

@@ -187,7 +187,7 @@ def _snapshot(row: CatalogColumn) -> dict[str, Any]:
         "name": row.name, "data_type": row.data_type, "length": row.length, "template_code": row.template_code,
         "template_version": row.template_version, "data_owner": row.data_owner,
         "proposed": {"level": row.proposed_level, "pi_category": row.proposed_category, "kind": row.proposed_kind,
-                     "confidence": row.proposed_confidence},
+                     "confidence": row.proposed_confidence, "evidence": list(row.evidence or [])},
         "confirmed": None if confirmed is None else {"level": confirmed.level, "pi_category": confirmed.pi_category,
                                                      "kind": confirmed.kind},
     }
@@ -346,7 +346,8 @@ def warehouse_sampler(session: Session, settings: Settings, store: KeyStore) -> 
     return sample
 
 
-def sync_at_start(session: Session, settings: Settings, store: KeyStore, template_catalog: TemplateCatalog) -> SyncResult:
+def sync_at_start(session: Session, settings: Settings, store: KeyStore,
+                  template_catalog: TemplateCatalog) -> SyncResult:
     """Run the catalog sync when admin_api starts, with sampling of tables not sampled yet; commit and audit.
 
     Two processes starting together may insert the same column; the one that loses the race rolls
@@ -415,7 +416,7 @@ def _effective_kind():  # type: ignore[no-untyped-def]
 
 @dataclass(frozen=True)
 class ColumnFilter:
-    """Search of the catalog; every field is optional. ``level``, ``category`` and ``kind`` match the effective class."""
+    """Search of the catalog with optional fields. ``level``, ``category`` and ``kind`` match the effective class."""
 
     table_code: str | None = None
     level: int | None = None
@@ -441,6 +442,7 @@ def check_filter(search: ColumnFilter) -> None:
 def list_columns(session: Session, search: ColumnFilter, offset: int, limit: int) -> tuple[list[CatalogColumn], int]:
     """Return one page of the columns matching ``search``, by table and column code, and the total."""
     check_filter(search)
+
     conditions = []
     if search.table_code:
         conditions.append(CatalogColumn.table_code == search.table_code)
@@ -463,6 +465,7 @@ def list_columns(session: Session, search: ColumnFilter, offset: int, limit: int
         pattern = f"%{literal}%"
         conditions.append(or_(*(field.ilike(pattern, escape="\\") for field in (
             CatalogColumn.column_code, CatalogColumn.name, CatalogColumn.table_code, CatalogColumn.description))))
+
     where = and_(*conditions) if conditions else None
     query = select(CatalogColumn).order_by(CatalogColumn.table_code, CatalogColumn.id)
     count = select(func.count()).select_from(CatalogColumn)
@@ -476,12 +479,14 @@ def list_tables(session: Session, template_catalog: TemplateCatalog) -> list[Tab
     unconfirmed = func.sum(case((CatalogColumn.confirmed_level.is_(None), 1), else_=0))
     rows = session.execute(select(CatalogColumn.table_code, func.count(), unconfirmed)
                            .group_by(CatalogColumn.table_code).order_by(CatalogColumn.table_code)).all()
-    return [TableOut(table_code=code, template_name=template_catalog.get(code).name if code in template_catalog else None,
+    return [TableOut(table_code=code,
+                     template_name=template_catalog.get(code).name if code in template_catalog else None,
                      columns=count, unconfirmed=int(open_count or 0)) for code, count, open_count in rows]
 
 
 def find_column(session: Session, table_code: str, column_code: str, *, lock: bool = False) -> CatalogColumn:
-    query = select(CatalogColumn).where(CatalogColumn.table_code == table_code, CatalogColumn.column_code == column_code)
+    query = select(CatalogColumn).where(CatalogColumn.table_code == table_code,
+                                        CatalogColumn.column_code == column_code)
     if lock:
         query = query.with_for_update()
     row = session.scalars(query).first()

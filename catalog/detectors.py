@@ -248,7 +248,7 @@ def detect_from_template(template: Template, item: TemplateField) -> list[Eviden
 # --- detection from sampled values -----------------------------------------------------------------
 
 MIN_SAMPLES = 20
-"""Fewest non-empty samples from which value evidence is drawn; with fewer, values are not judged."""
+"""Minimum number of non-empty samples for value evidence; with fewer, the values are not judged."""
 
 VALUE_THRESHOLDS: dict[str, float] = {
     "resident_id": 0.9,
@@ -261,9 +261,9 @@ VALUE_THRESHOLDS: dict[str, float] = {
 }
 """Share of non-empty samples that must pass a detector for the values to support its kind.
 
-Checked identifiers (resident ID, USCC, bank card) need 90%: a random digit string passes a
-Luhn or ISO 7064 check digit about once in 10 or 11 tries, so 90% cannot happen by chance, while a
-few mistyped values still allow a match. Mobile numbers have no check digit, but 11 digits starting
+Checked identifiers (resident ID, USCC, bank card) need 90%. A random digit string passes a Luhn
+or ISO 7064 check digit about once in 10 or 11 tries, so 90% cannot happen by chance, while a few
+mistyped values still allow a match. Mobile numbers have no check digit, but 11 digits starting
 1[3-9] rarely occur by chance in other columns. Person names need only 70% because the surname
 list (catalog.surnames) covers most, not all, people. Addresses and organisation names (80%) are
 recognised by markers that some real values lack.
@@ -278,10 +278,10 @@ _ORG_MARKER = re.compile(r"公司|有限|集团|银行|厂|中心|合作社|事�
 
 
 def is_resident_id(value: str) -> bool:
-    """Whether ``value`` is 18 characters with a valid GB 11643 check digit and birth date.
+    """Return whether ``value`` is 18 characters with a valid GB 11643 check digit and birth date.
 
-    The area code (first six digits) is not required to be known to python-stdnum, because its
-    table misses many codes in use; a wrong check digit or an impossible birth date fails.
+    The area code (first six digits) need not be in python-stdnum's table, because the table misses
+    many codes in use. A wrong check digit or an impossible birth date fails.
     """
     number = value.strip().upper()
     if len(number) != 18 or not number[:17].isdigit():
@@ -296,36 +296,36 @@ def is_resident_id(value: str) -> bool:
 
 
 def is_uscc(value: str) -> bool:
-    """Whether ``value`` is a 统一社会信用代码 with a valid GB 32100 check character (python-stdnum cn.uscc)."""
+    """Return whether ``value`` is a 统一社会信用代码 with a valid GB 32100 check character (python-stdnum cn.uscc)."""
     return uscc.is_valid(value.strip())
 
 
 def is_bank_card(value: str) -> bool:
-    """Whether ``value`` is 13 to 19 digits whose last digit is the Luhn check digit."""
+    """Return whether ``value`` is 13 to 19 digits whose last digit is the Luhn check digit."""
     number = value.strip()
     return bool(_CARD.match(number)) and luhn.is_valid(number)
 
 
 def is_mobile(value: str) -> bool:
-    """Whether ``value`` is a mainland mobile number: 11 digits, 1 then 3–9 (an optional +86 or 86 prefix is removed)."""
+    """Return whether ``value`` is a mainland mobile number: 11 digits, 1 then 3–9, after a +86 or 86 prefix if any."""
     number = re.sub(r"^\+?86[- ]?", "", value.strip())
     return bool(_MOBILE.match(number))
 
 
 def is_person_name(value: str) -> bool:
-    """Whether ``value`` is 2 to 4 Han characters starting with a listed common surname."""
+    """Return whether ``value`` is 2 to 4 Han characters starting with a listed common surname."""
     text = value.strip().replace("·", "")
     return bool(_HAN_NAME.match(text)) and surname_of(text) is not None and not _ORG_MARKER.search(text)
 
 
 def is_address(value: str) -> bool:
-    """Whether ``value`` names an administrative area (省, 市, 区, 县 ...) and a street-level place (路, 街道, 号 ...)."""
+    """Return whether ``value`` names an administrative area (省, 市, 区, 县 ...) and a street-level place (路, 号 ...)."""
     text = value.strip()
     return len(text) >= 6 and bool(_ADMIN_MARKER.search(text)) and bool(_STREET_MARKER.search(text))
 
 
 def is_org_name(value: str) -> bool:
-    """Whether ``value`` contains a marker of an organisation's name (公司, 有限, 银行, 合作社 ...)."""
+    """Return whether ``value`` contains a marker of an organisation's name (公司, 有限, 银行, 合作社 ...)."""
     text = value.strip()
     return len(text) >= 4 and bool(_ORG_MARKER.search(text)) and not is_address(text)
 

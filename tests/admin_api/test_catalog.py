@@ -43,7 +43,8 @@ def column(env: Env, table: str, code: str, user: str = "steward") -> dict:
     return response.json()
 
 
-def classify(env: Env, table: str, code: str, body: dict, user: str = "steward", rid: str | None = None):  # noqa: ANN201
+def classify(env: Env, table: str, code: str, body: dict, user: str = "steward",  # noqa: ANN201
+             rid: str | None = None):
     headers = {**env.auth(user), **({"X-Request-ID": rid} if rid else {})}
     return env.client.post(f"{COLUMNS}/{table}/{code}/classification", json=body, headers=headers)
 
