@@ -16,12 +16,14 @@ from faker import Faker
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from admin_api.data_catalog import sync_catalog
+from admin_api import data_catalog
+from admin_api.data_catalog import sync_at_start, sync_catalog
 from admin_api.models import AuditEvent, CatalogColumn, CatalogColumnHistory, Institution, ReportSubmission, User
 from admin_api.submissions import catalog as template_catalog
 from intake.template_model import TEMPLATES_DIR, TemplateCatalog
 from intake.warehouse import load_submission
 
+from ..catalog.test_detectors import resident_id
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events, console_cookie
 
@@ -422,8 +424,6 @@ def test_new_template_version_reopens_changed_field(catalog_env: Env, tmp_path: 
 
 
 def test_start_sync_retries_after_race(catalog_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
-    from admin_api import data_catalog
-
     calls = []
     original = data_catalog.sync_catalog
 
@@ -464,3 +464,23 @@ def test_non_integer_level_message(catalog_env: Env) -> None:
     assert response.json()["code"] == "INVALID_REQUEST"
     assert "安全级别" in response.json()["detail"]
     assert "字段语义类型" in missing.json()["detail"]
+
+
+def test_start_sync_samples_new_data(catalog_env: Env, tmp_path: Path) -> None:
+    identifiers = [resident_id() for _ in range(30)]
+    _accepted_partition(catalog_env, "EAST_DBHTB", "bank_b", date(2019, 12, 31),
+                        {"DBRZJHM": identifiers, "DBRMC": ["担保人"] * 30}, tmp_path)
+    with catalog_env.db() as session:
+        result = sync_at_start(session, catalog_env.settings, catalog_env.client.app.state.keystore,
+                               template_catalog())
+
+    assert "EAST_DBHTB" in result.sampled_tables
+    guarantor = column(catalog_env, "EAST_DBHTB", "DBRZJHM")
+    values = [item for item in guarantor["evidence"] if item["source"] == "values"]
+    assert (values[0]["kind"], values[0]["matched"], values[0]["sampled"]) == ("resident_id", 30, 30)
+    with catalog_env.db() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "catalog.sync")
+                                .order_by(AuditEvent.id.desc())).first()
+    assert event.actor == "admin_api:catalog-sync"
+    assert "EAST_DBHTB" in event.detail
+    assert not any(number in event.detail for number in identifiers)
