@@ -51,7 +51,7 @@ from admin_api import console_catalog
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
-from admin_api.data_catalog import sync_at_start
+from admin_api.catalog_sync import sync_at_start
 from admin_api.submissions import catalog as template_catalog
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets

@@ -15,7 +15,7 @@ from fastapi import APIRouter, Depends, Form, Query, Request
 from fastapi.responses import HTMLResponse, RedirectResponse, Response
 from sqlalchemy.orm import Session
 
-from admin_api import data_catalog
+from admin_api import catalog_sync, data_catalog
 from admin_api.console import _check_csrf, _failed, _page
 from admin_api.deps import get_session, require
 from admin_api.errors import invalid
@@ -185,8 +185,8 @@ def sync_form(
     """Re-run the catalog sync with sampling of every table (same as POST /api/v1/catalog/sync)."""
     _check_csrf(request, caller, "catalog.classify", csrf)
     try:
-        result = data_catalog.sync_by_request(session, request, caller, template_catalog(),
-                                              data_catalog.SyncRequest(), request_keystore(request))
+        result = catalog_sync.sync_by_request(session, request, caller, template_catalog(),
+                                              catalog_sync.SyncRequest(), request_keystore(request))
     except RegsandboxError as error:
         _failed(request, session, caller, "catalog.sync", "catalog:*", error)
         return _review(request, session, caller, "", status_code=error.status, error=error.message)

@@ -10,7 +10,7 @@ from __future__ import annotations
 from fastapi import APIRouter, Body, Depends, Query, Request, Response
 from sqlalchemy.orm import Session
 
-from admin_api import data_catalog
+from admin_api import catalog_sync, data_catalog
 from admin_api.audit import record_event
 from admin_api.deps import get_session, require
 from admin_api.keyaccess import request_keystore
@@ -97,14 +97,14 @@ def classify_column(
     return data_catalog.column_detail(session, table_code, column_code)
 
 
-@router.post("/catalog/sync", response_model=data_catalog.SyncResult)
+@router.post("/catalog/sync", response_model=catalog_sync.SyncResult)
 def sync_catalog(
-    request: Request, body: data_catalog.SyncRequest = Body(default_factory=data_catalog.SyncRequest),
+    request: Request, body: catalog_sync.SyncRequest = Body(default_factory=catalog_sync.SyncRequest),
     session: Session = Depends(get_session), caller: Principal = Depends(require("catalog.classify")),
-) -> data_catalog.SyncResult:
+) -> catalog_sync.SyncResult:
     """Create missing catalog columns and propose classes again from templates and sampled warehouse values."""
     try:
-        return data_catalog.sync_by_request(session, request, caller, template_catalog(), body,
+        return catalog_sync.sync_by_request(session, request, caller, template_catalog(), body,
                                             request_keystore(request))
     except RegsandboxError as error:
         session.rollback()

@@ -16,8 +16,8 @@ from faker import Faker
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from admin_api import data_catalog
-from admin_api.data_catalog import sync_at_start, sync_catalog
+from admin_api import catalog_sync
+from admin_api.catalog_sync import sync_at_start, sync_catalog
 from admin_api.models import AuditEvent, CatalogColumn, CatalogColumnHistory, Institution, ReportSubmission, User
 from admin_api.submissions import catalog as template_catalog
 from intake.template_model import TEMPLATES_DIR, TemplateCatalog
@@ -425,7 +425,7 @@ def test_new_template_version_reopens_changed_field(catalog_env: Env, tmp_path: 
 
 def test_start_sync_retries_after_race(catalog_env: Env, monkeypatch: pytest.MonkeyPatch) -> None:
     calls = []
-    original = data_catalog.sync_catalog
+    original = catalog_sync.sync_catalog
 
     def racing(*args, **kwargs):  # noqa: ANN002, ANN003, ANN202
         calls.append(1)
@@ -433,9 +433,9 @@ def test_start_sync_retries_after_race(catalog_env: Env, monkeypatch: pytest.Mon
             raise IntegrityError("INSERT", {}, Exception("duplicate key"))
         return original(*args, **kwargs)
 
-    monkeypatch.setattr(data_catalog, "sync_catalog", racing)
+    monkeypatch.setattr(catalog_sync, "sync_catalog", racing)
     with catalog_env.db() as session:
-        result = data_catalog.sync_at_start(session, catalog_env.settings, catalog_env.client.app.state.keystore,
+        result = catalog_sync.sync_at_start(session, catalog_env.settings, catalog_env.client.app.state.keystore,
                                             template_catalog())
 
     assert len(calls) == 2
