@@ -202,26 +202,37 @@ def sync_at_start(session: Session, settings: Settings, store: KeyStore,
                   template_catalog: TemplateCatalog) -> SyncResult:
     """Run the catalog sync when admin_api starts, with sampling of tables not sampled yet; commit and audit.
 
-    Two processes starting together may insert the same column; the one that loses the race rolls
+    Two processes starting together may insert the same column. The one that loses the race rolls
     back and syncs once more, which then finds the other's rows.
     """
     try:
-        result = _sync_and_audit_at_start(session, settings, store, template_catalog)
+        result = sync_by_operator(session, settings, store, template_catalog, SYNC_ACTOR, role="service")
     except IntegrityError:
         session.rollback()
         logger.info("data catalog rows were created by another process at the same time; syncing again")
-        result = _sync_and_audit_at_start(session, settings, store, template_catalog)
+        result = sync_by_operator(session, settings, store, template_catalog, SYNC_ACTOR, role="service")
     logger.info("data catalog synced at start: %d created, %d updated, %d tables sampled",
                 result.created, result.updated, len(result.sampled_tables))
     return result
 
 
-def _sync_and_audit_at_start(session: Session, settings: Settings, store: KeyStore,
-                             template_catalog: TemplateCatalog) -> SyncResult:
-    result = sync_catalog(session, template_catalog, sampler=warehouse_sampler(session, settings, store))
-    if result.created or result.updated or result.sampled_tables:
-        session.add(AuditEvent(actor=SYNC_ACTOR, role="service", action="catalog.sync", resource="catalog",
-                               outcome="success", detail=_sync_detail(result)))
+def sync_by_operator(session: Session, settings: Settings, store: KeyStore, template_catalog: TemplateCatalog,
+                     actor: str, *, role: str = "operator", resample: bool = False,
+                     table_code: str | None = None) -> SyncResult:
+    """Run the sync outside a request (start-up or ``python -m admin_api.manage catalog-sync``); commit.
+
+    The audit event names ``actor`` and is written when the sync changed or sampled anything, or
+    always for an operator, whose command should leave a trace even when it found nothing new.
+    """
+    if table_code is not None and table_code not in template_catalog:
+        raise not_found("CATALOG_TABLE_NOT_FOUND",
+                        f"数据表“{table_code}”不存在。现有数据表：{'、'.join(template_catalog.codes())}。")
+    result = sync_catalog(session, template_catalog, actor=actor, sampler=warehouse_sampler(session, settings, store),
+                          resample=resample, table_code=table_code)
+    if role == "operator" or result.created or result.updated or result.sampled_tables:
+        session.add(AuditEvent(actor=actor[:64], role=role, action="catalog.sync",
+                               resource=f"catalog:{table_code or '*'}", outcome="success",
+                               detail=_sync_detail(result)))
     session.commit()
     return result
 

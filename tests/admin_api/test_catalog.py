@@ -16,7 +16,7 @@ from faker import Faker
 from sqlalchemy import select, text
 from sqlalchemy.exc import DBAPIError, IntegrityError
 
-from admin_api import catalog_sync
+from admin_api import catalog_sync, manage
 from admin_api.catalog_sync import sync_at_start, sync_catalog
 from admin_api.models import AuditEvent, CatalogColumn, CatalogColumnHistory, Institution, ReportSubmission, User
 from admin_api.submissions import catalog as template_catalog
@@ -484,3 +484,24 @@ def test_start_sync_samples_new_data(catalog_env: Env, tmp_path: Path) -> None:
     assert event.actor == "admin_api:catalog-sync"
     assert "EAST_DBHTB" in event.detail
     assert not any(number in event.detail for number in identifiers)
+
+
+def test_manage_catalog_sync(catalog_env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    _accepted_partition(catalog_env, "EAST_DBHTB", "bank_a", date(2018, 12, 31),
+                        {"DBRZJHM": [resident_id() for _ in range(25)]}, tmp_path)
+
+    status = manage.catalog_sync(catalog_env.settings, "EAST_DBHTB", resample=True)
+    unknown = manage.catalog_sync(catalog_env.settings, "NO_SUCH", resample=False)
+
+    captured = capsys.readouterr()
+    assert status == 0
+    assert json.loads(captured.out.splitlines()[0])["sampled_tables"] == ["EAST_DBHTB"]
+    assert "数据目录已同步" in captured.err
+    assert unknown == 1
+    assert "数据表“NO_SUCH”不存在" in captured.err
+    with catalog_env.db() as session:
+        event = session.scalars(select(AuditEvent).where(AuditEvent.action == "catalog.sync")
+                                .order_by(AuditEvent.id.desc())).first()
+    assert event.actor.startswith("cli:")
+    assert event.role == "operator"
+    assert event.resource == "catalog:EAST_DBHTB"
