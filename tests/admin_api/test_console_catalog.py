@@ -54,6 +54,16 @@ def test_catalog_pages_forbidden(env: Env, username: str) -> None:
     assert 'id="nav-catalog"' not in home.text
 
 
+def test_home_lists_catalog_pages(env: Env) -> None:
+    steward = env.client.get("/console/", headers=console_cookie(env, "steward"))
+    analyst = env.client.get("/console/", headers=console_cookie(env, "analyst"))
+
+    assert 'href="/console/catalog/review"' in steward.text
+    assert "分级分类审核" in steward.text
+    assert 'href="/console/catalog"' in analyst.text
+    assert "分级分类、变更历史和数据血缘（只读）" in analyst.text
+
+
 def test_catalog_anonymous_to_login(env: Env) -> None:
     response = env.client.get("/console/catalog", follow_redirects=False)
 
