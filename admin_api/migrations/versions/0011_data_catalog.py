@@ -1,8 +1,7 @@
 """The data catalog (数据目录): warehouse columns with their classes, and the append-only history of each.
 
-Revision ID: 0011
-Revises: 0010
-Create Date: 2026-12-05
+Create Date: 2026-12-05. The revision id is set only in ``revision`` below, so a renumbering edits one line
+(and ``down_revision``).
 
 ``catalog_column_history`` rejects UPDATE and DELETE with triggers, like ``audit_events``, so
 every past version of a column's classes stays as it was recorded.
