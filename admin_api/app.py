@@ -46,6 +46,7 @@ from admin_api.routes import templates as template_routes
 from admin_api import console_report_data
 from admin_api import console_templates
 from admin_api.report_templates import configure_templates
+from admin_api.routes import catalog as catalog_routes
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -53,9 +54,12 @@ from admin_api import console_roles, console_user_admin
 from admin_api import console_me
 from admin_api import console_tasks, console_workbench
 from admin_api import console_submissions
+from admin_api import console_catalog
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
+from admin_api.catalog_sync import sync_at_start
+from admin_api.submissions import catalog as template_catalog
 from regsandbox_core.errors import ConfigurationError
 from regsandbox_core.secrets import load_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
@@ -155,7 +159,7 @@ def _add_docs(app: FastAPI) -> None:
 
 @asynccontextmanager
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
-    """Settle interrupted warehouse loads, then run the audit checkpoint writer and the task reminder sender.
+    """Settle interrupted warehouse loads and sync the data catalog, then run the checkpoint writer and reminders.
 
     In a server process (:func:`create_server_app`), the objects that live as long as the process
     (modules, routes, models, compiled statements) are moved out of the garbage collector's
@@ -166,6 +170,8 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     """
     settings = app.state.settings
     recover_warehouse(app.state.session_factory, settings)
+    with app.state.session_factory() as session:
+        sync_at_start(session, settings, app.state.keystore, template_catalog())
     writer = CheckpointWriter(app.state.session_factory, settings, app.state.keystore,
                               settings.audit_checkpoint_minutes * 60)
     writer.start()
@@ -191,11 +197,12 @@ class _AdminApp(FastAPI):
 def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
-                   institution_routes, role_routes, submissions, task_routes, report_data_routes, template_routes):
+                   institution_routes, role_routes, submissions, task_routes, report_data_routes, template_routes,
+                   catalog_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
-                        console_report_data, console_templates, console_submissions):
+                        console_report_data, console_templates, console_submissions, console_catalog):
         app.include_router(page_module.router)
     _add_docs(app)
 

@@ -89,6 +89,10 @@ ACTION_LABELS = {
     "messages.read": "标记系统消息已读",
     "messages.read_all": "全部系统消息标记已读",
     "messages.delete": "删除系统消息",
+    "catalog.confirm": "确认数据分级分类",
+    "catalog.change": "变更数据分级分类",
+    "catalog.classify": "确认或变更数据分级分类",
+    "catalog.sync": "同步数据目录",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 
@@ -137,6 +141,11 @@ DETAIL_KEY_LABELS = {
     "status_code": "HTTP 状态码",
     "elapsed_ms": "用时（毫秒）",
     "count": "条数",
+    "from": "原分级分类",
+    "to": "新分级分类",
+    "created": "新增字段数",
+    "updated": "更新字段数",
+    "tables": "抽样数据表",
 }
 
 

@@ -40,6 +40,10 @@ _FIELD_NAMES = {
     "reason": "吊销原因",
     "confirm": "确认文本",
     "version": "版本号",
+    "level": "安全级别",
+    "pi_category": "个人金融信息类别",
+    "kind": "字段语义类型",
+    "data_owner": "数据责任部门",
 }
 
 

@@ -4,6 +4,9 @@
     python -m admin_api.manage seed-demo                   create the demo data; prints {username: password}
                                                            of the users created now as JSON on stdout
     python -m admin_api.manage set-active USER --disable   disable (or --enable) a user
+    python -m admin_api.manage catalog-sync [--table CODE] [--resample]
+                                                           sync the data catalog with the report templates and
+                                                           sample accepted warehouse data; prints the counts as JSON
 
 Messages for the operator go to stderr in Chinese; exit status 0 on success, 1 on error.
 """
@@ -11,16 +14,21 @@ Messages for the operator go to stderr in Chinese; exit status 0 on success, 1 o
 from __future__ import annotations
 
 import argparse
+import getpass
 import json
 import sys
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
+from admin_api.catalog_sync import sync_by_operator
 from admin_api.db import make_engine, make_session_factory, utc_now
+from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision, upgrade_to_head
 from admin_api.models import ApiToken, User
 from admin_api.seed import seed_demo
+from intake.template_model import TemplateCatalog
+from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.settings import Settings, get_settings
 
@@ -61,6 +69,22 @@ def set_active(settings: Settings, username: str, active: bool) -> int:
     return 0
 
 
+def catalog_sync(settings: Settings, table_code: str | None, resample: bool) -> int:
+    """Sync the data catalog as the operator ``cli:<user>``; the key store decrypts the sampled partitions."""
+    try:
+        store = open_platform_keystore(settings)
+        with _session(settings) as session:
+            result = sync_by_operator(session, settings, store, TemplateCatalog.load(), f"cli:{getpass.getuser()}",
+                                      resample=resample, table_code=table_code)
+    except RegsandboxError as error:
+        print(f"数据目录同步失败：{error.message}", file=sys.stderr)
+        return 1
+    print(result.model_dump_json())
+    print(f"数据目录已同步：新增 {result.created} 个字段，更新 {result.updated} 个字段，"
+          f"抽样 {len(result.sampled_tables)} 张表。", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m admin_api.manage", description="admin_api 运维命令")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -71,6 +95,9 @@ def build_parser() -> argparse.ArgumentParser:
     state = active.add_mutually_exclusive_group(required=True)
     state.add_argument("--disable", action="store_true", help="停用该用户并吊销其全部令牌与会话")
     state.add_argument("--enable", action="store_true", help="重新启用该用户")
+    sync = commands.add_parser("catalog-sync", help="按报表模板同步数据目录，并抽样已入仓数据提出分级分类建议")
+    sync.add_argument("--table", default=None, help="只同步这一张数据表（报表模板代码）")
+    sync.add_argument("--resample", action="store_true", help="重新抽样已抽样过的数据表")
     return parser
 
 
@@ -83,6 +110,8 @@ def main(argv: list[str] | None = None) -> int:
             return migrate(settings)
         if arguments.command == "seed-demo":
             return seed(settings)
+        if arguments.command == "catalog-sync":
+            return catalog_sync(settings, arguments.table, arguments.resample)
         return set_active(settings, arguments.username, active=arguments.enable)
     except SQLAlchemyError as error:
         print(f"访问管理数据库失败：{type(error).__name__}。请检查 REGSANDBOX_DATABASE_URL 与数据库服务。", file=sys.stderr)

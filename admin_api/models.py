@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 
-from sqlalchemy import JSON, BigInteger, Boolean, Date, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
+from sqlalchemy import JSON, BigInteger, Boolean, Date, Float, ForeignKey, Index, Integer, String, Text, UniqueConstraint, false
 from sqlalchemy.orm import Mapped, mapped_column, relationship
 
 from admin_api.db import Base, UTCDateTime, utc_now
@@ -22,6 +22,7 @@ ROLE_NAMES: dict[str, str] = {
     "institution_admin": "机构管理员",
     "modeller": "建模人员",
     "reporter": "报送人员",
+    "data_steward": "数据治理专员",
 }
 """Built-in roles and their Chinese names; custom roles are rows of :class:`Role` (see admin_api.roles)."""
 
@@ -504,11 +505,78 @@ class ReportTaskTarget(Base):
     institution: Mapped[Institution] = relationship(lazy="joined")
 
 
+class CatalogColumn(Base):
+    """A warehouse column in the data catalog (数据目录) with its proposed and confirmed classes.
+
+    Warehouse tables are named by report template codes, and every field of a template is a column.
+    The proposal comes from :mod:`catalog.detectors`; a data steward (数据治理专员) confirms or changes
+    it. Until ``confirmed_level`` is set, :func:`catalog.classes.effective_class` applies level 4.
+    Every change increments ``version`` and adds a :class:`CatalogColumnHistory` row.
+    """
+
+    __tablename__ = "catalog_columns"
+    __table_args__ = (
+        UniqueConstraint("table_code", "column_code", name="uq_catalog_columns"),
+        Index("ix_catalog_columns_confirmed", "confirmed_level", "table_code"),
+    )
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    table_code: Mapped[str] = mapped_column(String(64))
+    column_code: Mapped[str] = mapped_column(String(32))
+    name: Mapped[str] = mapped_column(String(200))
+    """Chinese name of the field in its template."""
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    data_type: Mapped[str] = mapped_column(String(16))
+    """Template field type: text, code, integer, decimal or date."""
+    length: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    template_code: Mapped[str] = mapped_column(String(64))
+    template_version: Mapped[int] = mapped_column(Integer)
+    """Newest template version that declares the column."""
+    data_owner: Mapped[str | None] = mapped_column(String(100), nullable=True)
+    proposed_level: Mapped[int] = mapped_column(Integer)
+    proposed_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
+    proposed_kind: Mapped[str] = mapped_column(String(32))
+    proposed_confidence: Mapped[float] = mapped_column(Float)
+    evidence: Mapped[list[dict]] = mapped_column(JSON, default=list)
+    """Evidence of the proposal (catalog.detectors.Evidence.as_dict): sources, match counts, never values."""
+    sampled_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    """When accepted warehouse values last contributed to the proposal; NULL when none did."""
+    confirmed_level: Mapped[int | None] = mapped_column(Integer, nullable=True)
+    confirmed_category: Mapped[str | None] = mapped_column(String(2), nullable=True)
+    confirmed_kind: Mapped[str | None] = mapped_column(String(32), nullable=True)
+    confirmed_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    confirmed_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    version: Mapped[int] = mapped_column(Integer, default=1)
+    created_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    updated_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now, onupdate=utc_now)
+
+
+class CatalogColumnHistory(Base):
+    """One version of a catalog column: the state after a change, who made it and why. Append-only (triggers)."""
+
+    __tablename__ = "catalog_column_history"
+    __table_args__ = (UniqueConstraint("column_id", "version", name="uq_catalog_column_history"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    column_id: Mapped[int] = mapped_column(ForeignKey("catalog_columns.id"))
+    version: Mapped[int] = mapped_column(Integer)
+    change: Mapped[str] = mapped_column(String(16))
+    """``created``, ``proposed`` (a sync changed the proposal or the declaration), ``reopened`` (a changed
+    declaration cleared the confirmed class), ``confirmed`` or ``changed``."""
+    snapshot: Mapped[dict] = mapped_column(JSON)
+    """The column's declaration, proposal and confirmed class after the change."""
+    reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    actor: Mapped[str] = mapped_column(String(64))
+    at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+
+
 __all__ = [
     "ApiEndpoint",
     "ApiToken",
     "AuditChainHead",
     "AuditEvent",
+    "CatalogColumn",
+    "CatalogColumnHistory",
     "Institution",
     "Message",
     "ModelReview",

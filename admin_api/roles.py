@@ -39,6 +39,7 @@ BUILTIN_SCOPES: dict[str, str] = {
     "audit_admin": REGULATOR,
     "regulator_reviewer": REGULATOR,
     "regulator_analyst": REGULATOR,
+    "data_steward": REGULATOR,
     "institution_admin": INSTITUTION,
     "modeller": INSTITUTION,
     "reporter": INSTITUTION,
@@ -52,6 +53,10 @@ SEPARATED_DUTIES: dict[str, frozenset[str]] = {
     "audit_admin": frozenset({"audit.read"}),
 }
 """Capabilities reserved to each of the three administrators; a custom role may draw on one of these sets at most."""
+
+STEWARD_DUTY = frozenset({"catalog.classify"})
+"""Capabilities of the data steward (数据治理专员). The classes decide what every extract exposes, so a
+custom role holding them may hold no capability reserved to one of the three administrators."""
 
 SERVICE_ONLY = frozenset({"public", "auth.verify", "audit.append", "runs.work"})
 """Capabilities of platform services (or of everyone), never granted through a custom role."""
@@ -230,6 +235,12 @@ def _check_capabilities(scope: str, capabilities: list[str]) -> frozenset[str]:
         raise conflict(
             "ROLE_SEPARATION_OF_DUTIES",
             f"同一角色不能同时包含{'与'.join(duties)}的专属权限（三员分立）。请把这些权限分到不同角色，由不同用户担任。",
+        )
+    if duties and chosen & STEWARD_DUTY:
+        raise conflict(
+            "ROLE_STEWARD_SEPARATION",
+            f"同一角色不能同时包含数据治理专员的分级分类权限（{'、'.join(sorted(chosen & STEWARD_DUTY))}）"
+            f"与{duties[0]}的专属权限。请把这些权限分到不同角色，由不同用户担任。",
         )
     return chosen
 

@@ -53,7 +53,7 @@ class Principal:
 ANONYMOUS_PRINCIPAL = Principal(kind=ANONYMOUS, username=ANONYMOUS, role=ANONYMOUS)
 
 _USERS = frozenset({"system_admin", "regulator_reviewer", "regulator_analyst", "institution_admin", "modeller", "reporter",
-                    "security_admin", "audit_admin"})
+                    "security_admin", "audit_admin", "data_steward"})
 _REGULATORS = frozenset({"regulator_reviewer", "regulator_analyst"})
 
 CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
@@ -104,6 +104,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Report templates (报表模板): whoever submits, reads or reviews reports reads them. Only the system administrator writes them.
     "templates.read": ("查看报表模板", _REGULATORS | {"system_admin", "reporter", "institution_admin"}),
     "templates.write": ("上传或删除报表模板版本", frozenset({"system_admin"})),
+    # Data catalog (数据目录, 数据分级分类): only the data steward (数据治理专员) confirms or changes classes (admin_api.data_catalog).
+    "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
+    "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
 }
 
 

@@ -57,6 +57,7 @@ DEMO_USERS = [
     ("sysadmin", "周强（系统管理员）", "system_admin", None, "sysadmin@regulator.example"),
     ("secadmin", "吴刚（安全管理员）", "security_admin", None, "secadmin@regulator.example"),
     ("auditor", "孙丽（审计管理员）", "audit_admin", None, "auditor@regulator.example"),
+    ("steward", "冯雪（数据治理专员）", "data_steward", None, "steward@regulator.example"),
 ]
 
 

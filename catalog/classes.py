@@ -53,9 +53,20 @@ KINDS: dict[str, str] = {
     "amount": "金额",
     "auth_secret": "鉴别信息（密码、口令、生物特征等）",
     "licence_no": "金融许可证号",
+    "customer_no": "客户编号",
+    "contract_no": "合同号、借据号或流水号",
+    "phone": "联系电话",
+    "free_text": "自由文本（备注、摘要、用途等）",
     "other": "其他",
 }
 """Semantic kinds a detector may propose and a policy may name."""
+
+CATEGORY_MIN_LEVELS: dict[str, int] = {"C1": 2, "C2": 3, "C3": 4}
+"""Lowest security level a column of each personal-information category may have.
+
+NOTE: modelled on our reading of JR/T 0197-2020, which places C3 information at level 4, C2 at
+level 3 and C1 at level 2; the steward may always choose a higher level.
+"""
 
 UNCONFIRMED_LEVEL = 4
 """Level applied to a column that no data steward has confirmed yet (fail closed)."""

@@ -124,7 +124,7 @@ class Settings(BaseSettings):
     )
     totp_required_roles: list[str] = Field(
         default=["system_admin", "security_admin", "audit_admin", "institution_admin", "regulator_reviewer",
-                 "regulator_analyst"],
+                 "regulator_analyst", "data_steward"],
         description="Built-in roles that must sign in with a TOTP code; a user of these roles without one can only "
         "enrol. JSON list of role codes; [] makes the second factor optional for every built-in role. Custom "
         "regulator roles and custom roles holding an administrator capability always require it.",

@@ -36,6 +36,7 @@ USER_OF_ROLE = {
     "reporter": "reporter_a",
     "security_admin": "secadmin",
     "audit_admin": "auditor",
+    "data_steward": "steward",
 }
 _PARAMETER = re.compile(r"\{([^}:]+)(?::[^}]+)?\}")
 _DENIAL_CODES = {"FORBIDDEN", "NOT_AUTHENTICATED"}

@@ -24,6 +24,7 @@ USERS = {
     "reporter": "reporter_a",
     "security_admin": "secadmin",
     "audit_admin": "auditor",
+    "data_steward": "steward",
 }
 ROLES = ["anonymous", "service", *USERS]
 ALL_USERS = frozenset(USERS)

@@ -17,7 +17,7 @@ from .helpers import audit_events, console_cookie
 
 BUILTIN = {
     "system_admin": "regulator", "security_admin": "regulator", "audit_admin": "regulator",
-    "regulator_reviewer": "regulator", "regulator_analyst": "regulator",
+    "regulator_reviewer": "regulator", "regulator_analyst": "regulator", "data_steward": "regulator",
     "institution_admin": "institution", "modeller": "institution", "reporter": "institution",
 }
 

@@ -30,7 +30,7 @@ from .conftest import BACKENDS, free_port, make_project_root
 TABLES = {"institutions", "users", "api_tokens", "model_reviews", "report_notebooks", "schedules", "report_runs",
           "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages", "roles",
           "report_submissions", "submission_events", "submission_row_comments", "report_tasks", "report_task_targets",
-          "submission_waivers",
+          "submission_waivers", "catalog_columns", "catalog_column_history",
           "alembic_version"}
 
 
@@ -72,7 +72,7 @@ def test_seed_demo_idempotent(database_url: str, tmp_path: Path) -> None:
         engine.dispose()
 
     assert set(created) == {"modeller_a", "modeller_b", "modeller_c", "reporter_a", "reporter_b", "reporter_c",
-                            "instadmin_a", "reviewer", "analyst", "sysadmin", "secadmin", "auditor"}
+                            "instadmin_a", "reviewer", "analyst", "sysadmin", "secadmin", "auditor", "steward"}
     assert again == {}
     assert all(len(password) >= 16 for password in created.values())
     assert len(set(created.values())) == len(created)
@@ -115,7 +115,7 @@ def test_manage_commands(tmp_path: Path) -> None:
     first = _manage(data_dir, "seed-demo")
     second = _manage(data_dir, "seed-demo")
     assert first.returncode == 0
-    assert len(json.loads(first.stdout)) == 12
+    assert len(json.loads(first.stdout)) == 13
     assert json.loads(second.stdout) == {}
 
     disabled = _manage(data_dir, "set-active", "modeller_a", "--disable")
