@@ -27,6 +27,7 @@ names) appear masked in every finding and message.
 from __future__ import annotations
 
 import functools
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,6 +102,15 @@ INSTITUTION_RULE_PREFIX = "AUTO-INSTITUTION-"
 READER_RULE_KIND = "reader"
 INSTITUTION_RULE_KIND = "institution"
 
+DUCKDB_MEMORY_SHARE = 0.6
+"""Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. Measured with
+benchmarks/intake_validation.py --memory-check (2 GB file): at 1GB, DuckDB's limit alone let the
+process peak at 1,221 MiB."""
+_MEMORY_UNITS = {
+    "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+}
+
 _OP_NAMES = {
     "=": "等于",
     "!=": "不等于",
@@ -141,6 +151,10 @@ class ValidationContext:
     warehouse: Mapping[str, Sequence[Path]] = field(default_factory=dict)
     """Template code → Parquet files of the institution's accepted data, with a ``_period`` column (YYYYMMDD)."""
     memory_limit: str = "1GB"
+    """Peak memory the validation may use, as DuckDB writes sizes ("1GB", "512MiB").
+
+    DuckDB's own ``memory_limit`` gets ``DUCKDB_MEMORY_SHARE`` of it, because the limit covers
+    DuckDB's buffer pool only, not Python, pyarrow or DuckDB's other allocations."""
     threads: int | None = None
 
 
@@ -395,7 +409,8 @@ class _FieldSql:
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, 0)) END"
         if item.type == "decimal":
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, {item.scale or 0})) END"
-        return f"CASE WHEN {ok} THEN CAST(try_strptime({raw}, '%Y%m%d') AS DATE) END"
+        # try_strptime returns NULL for an invalid calendar date, so it runs once, not in the test and the value.
+        return f"CAST(CASE WHEN {_regex(raw, '[0-9]{8}')} THEN try_strptime({raw}, '%Y%m%d') END AS DATE)"
 
     def typed_select(self, source: str, codes: Iterable[str] | None = None) -> str:
         """``SELECT *, typed values FROM source``; the optimizer drops the typed values a query does not use."""
@@ -868,7 +883,8 @@ class _Run:
         temp_dir = self.work_dir / "duckdb-tmp"
         temp_dir.mkdir(parents=True, exist_ok=True)
         con = duckdb.connect(":memory:")
-        con.execute(f"SET memory_limit = {_lit(self.context.memory_limit)}")
+        duckdb_bytes = int(memory_bytes(self.context.memory_limit) * DUCKDB_MEMORY_SHARE)
+        con.execute(f"SET memory_limit = '{duckdb_bytes}B'")
         con.execute(f"SET temp_directory = {_lit(str(temp_dir))}")
         con.execute("SET preserve_insertion_order = false")
         if self.context.threads is not None:
@@ -1312,6 +1328,15 @@ class _Run:
             if severity == "warning" and is_explained:
                 explained += number
         return target, counts, explained, rule_counts
+
+
+def memory_bytes(size: str) -> int:
+    """Return the bytes of a size such as "1GB" (10**9) or "512MiB" (2**29); raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", size)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _MEMORY_UNITS:
+        raise ValueError(f"invalid memory size {size!r}: expected a number and one of {', '.join(_MEMORY_UNITS)}")
+    return int(Decimal(match.group(1)) * _MEMORY_UNITS[unit])
 
 
 def _tolerance(rule: ReconcileRule, right: Decimal) -> Decimal:
