@@ -228,6 +228,31 @@ def test_full_width_normalised_fields_only(tmp_path: Path, out: Path) -> None:
     assert row["BZ"] == "１２３４５ "
 
 
+def test_ascii_normalised_fields_still_trimmed(tmp_path: Path, out: Path) -> None:
+    # ZJHM is ASCII in every row, so the reader skips NFKC for it but must still trim it;
+    # JE has one full-width value, so that column goes through NFKC.
+    data = f"{HEADER_NAMES}\n 00123\t|张三| 1.00 |x\n00456 |李四|２．５０|y\n".encode()
+    rows = rows_of(stage(tmp_path, out, data))
+    assert [row["ZJHM"] for row in rows] == ["00123", "00456"]
+    assert [row["JE"] for row in rows] == ["1.00", "2.50"]
+    assert [row["BZ"] for row in rows] == ["x", "y"]
+
+
+def test_ascii_and_full_width_batches_agree(tmp_path: Path, out: Path) -> None:
+    # The same values written in ASCII and in full-width forms stage identically after NFKC.
+    ascii_rows = "".join(f" {i:05d} |名{i}|{i}.50|备注\n" for i in range(50))
+    wide_rows = "".join(f"　{i:05d}　|名{i}|{i}.50|备注\n".translate(_FULL_WIDTH) for i in range(50))
+    narrow = rows_of(stage(tmp_path, out, f"{HEADER_CODES}\n{ascii_rows}".encode()))
+    (tmp_path / "wide").mkdir()
+    wide = rows_of(stage(tmp_path / "wide", out, f"{HEADER_CODES}\n{wide_rows}".encode()))
+    assert [(row["ZJHM"], row["JE"]) for row in wide] == [(row["ZJHM"], row["JE"]) for row in narrow]
+    assert narrow[7]["ZJHM"] == "00007"
+    assert narrow[7]["JE"] == "7.50"
+
+
+_FULL_WIDTH = str.maketrans("0123456789.", "０１２３４５６７８９．")
+
+
 def test_leading_zeros_kept(tmp_path: Path, out: Path) -> None:
     data = f"{HEADER_NAMES}\n000000000000000001|0|007.50|0012\n".encode()
     row = rows_of(stage(tmp_path, out, data))[0]
@@ -542,6 +567,15 @@ def test_row_groups(tmp_path: Path, out: Path) -> None:
     lines = pq.read_table(staged.path, columns=["_line", "ZJHM"])
     assert lines["_line"][-1].as_py() == reader.ROW_GROUP_ROWS * 2 + 11
     assert lines["ZJHM"][-1].as_py() == f"{reader.ROW_GROUP_ROWS * 2 + 9:06d}"
+
+
+def test_error_after_written_row_groups(tmp_path: Path, out: Path) -> None:
+    # Two row groups are already in the writer thread when line 2 × ROW_GROUP_ROWS + 7 fails.
+    good = "".join(f"{i:06d}|a|1|\n" for i in range(reader.ROW_GROUP_ROWS * 2 + 5))
+    error = rejected(tmp_path, out, f"{HEADER_CODES}\n{good}1|2\n".encode())
+    assert error.code == "ROW_FIELD_COUNT"
+    assert error.line == reader.ROW_GROUP_ROWS * 2 + 7
+    assert f"第 {reader.ROW_GROUP_ROWS * 2 + 7} 行有 2 个字段" in error.message
 
 
 # --- XLSX -----------------------------------------------------------------------------------
