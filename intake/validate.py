@@ -935,13 +935,15 @@ class _Run:
         # Flags computed in a projection below the filter ran twice, because DuckDB copied them into the pushed-down filter.
         any_failure = " OR ".join(check.fail for check in checks)
         self.sql(f"CREATE TEMP TABLE bad AS SELECT {raw_columns} FROM typed WHERE {any_failure}")
-        # The failing rows are few: each check runs again on them to say which rule failed.
-        self.sql(f"CREATE TEMP VIEW bad_typed AS {self.fields.typed_select('bad')}")
+        # The failing rows are few. One pass over them stores which checks failed, with the typed
+        # values, so that each check's findings are a plain filter on its flag.
+        flags = ", ".join(f"{check.fail} AS {_q(f'__fail_{index}')}" for index, check in enumerate(checks))
+        self.sql(f"CREATE TEMP TABLE bad_typed AS SELECT *, {flags} FROM ({self.fields.typed_select('bad')})")
         parts = []
-        for check in checks:
+        for index, check in enumerate(checks):
             parts.append(
                 self._insert(
-                    f"bad_typed WHERE {check.fail}", check.rule, check.field, check.value, check.message,
+                    f"bad_typed WHERE {_q(f'__fail_{index}')}", check.rule, check.field, check.value, check.message,
                     sort_rule=self.rule_order.get(check.rule.id, -1),
                 )
             )
