@@ -488,8 +488,8 @@ def submit(
                                         text_columns=text_columns)
         errors = warnings = explained = 0
         has_findings = False
-        # The upload is encrypted while it is validated: the SM4 stream cipher releases the GIL and
-        # DuckDB does too. Leaving the block waits for the encryption, also when validation fails.
+        # The upload is encrypted while it is validated, because the SM4 stream cipher and DuckDB
+        # both release the GIL. Leaving the block waits for the encryption, also when validation fails.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submission-encrypt") as encryption:
             encrypting = encryption.submit(encrypt_document, store, code, source, work / RAW_NAME,
                                            raw_associated_data(code, staged.sm3))

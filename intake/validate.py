@@ -102,10 +102,10 @@ INSTITUTION_RULE_PREFIX = "AUTO-INSTITUTION-"
 READER_RULE_KIND = "reader"
 INSTITUTION_RULE_KIND = "institution"
 
-DUCKDB_MEMORY_SHARE = 0.6
-"""Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. Measured with
-benchmarks/intake_validation.py --memory-check (2 GB file): at 1GB, DuckDB's limit alone let the
-process peak at 1,221 MiB."""
+DUCKDB_MEMORY_SHARE = 0.5
+"""Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. On the 2 GB file of
+benchmarks/intake_validation.py --memory-check (2 cores), staging and validation with a 1GB budget
+peaked at 1,221 MiB RSS when DuckDB had all of it, 931 MiB with a share of 0.6 and 795 MiB with 0.5."""
 _MEMORY_UNITS = {
     "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
     "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
@@ -182,6 +182,9 @@ class ValidationResult:
     skipped_rules: tuple[SkippedRule, ...]
     accepted_possible: bool
     """True when no finding is an error."""
+    step_seconds: Mapping[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of each step, in run order: connect, row_checks, unique_checks, reference_checks,
+    aggregate_checks, reader_findings and write."""
 
     @property
     def errors(self) -> int:
@@ -409,7 +412,7 @@ class _FieldSql:
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, 0)) END"
         if item.type == "decimal":
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, {item.scale or 0})) END"
-        # try_strptime returns NULL for an invalid calendar date, so it runs once, not in the test and the value.
+        # try_strptime returns NULL for an invalid calendar date, so one call both tests and converts the value.
         return f"CAST(CASE WHEN {_regex(raw, '[0-9]{8}')} THEN try_strptime({raw}, '%Y%m%d') END AS DATE)"
 
     def typed_select(self, source: str, codes: Iterable[str] | None = None) -> str:
@@ -1382,14 +1385,19 @@ def validate_staged(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(staged, template, context, work_dir, catalog)
+    step_seconds: dict[str, float] = {}
+
+    def timed(step: Callable[[], Any]) -> Any:
+        step_started = time.perf_counter()
+        result = step()
+        step_seconds[step.__name__] = time.perf_counter() - step_started
+        return result
+
     try:
-        run.connect()
-        run.row_checks()
-        run.unique_checks()
-        run.reference_checks()
-        run.aggregate_checks()
-        run.reader_findings()
-        path, counts, explained, rule_counts = run.write()
+        for step in (run.connect, run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks,
+                     run.reader_findings):
+            timed(step)
+        path, counts, explained, rule_counts = timed(run.write)
     except duckdb.OutOfMemoryException as exc:
         raise ValidationError(
             "VALIDATION_OUT_OF_MEMORY",
@@ -1412,5 +1420,6 @@ def validate_staged(
         seconds=time.perf_counter() - started,
         skipped_rules=tuple(run.skipped),
         accepted_possible=counts.get("error", 0) == 0,
+        step_seconds=step_seconds,
     )
 
