@@ -597,9 +597,13 @@ def _parse_pipe(text: _TextSource, layout: FileLayout, sink: _Sink) -> bool:
                 text.name, layout, int(numbers[bad]), int(counts[bad]), bool(ends[bad]), lines[bad].as_py()
             )
         # Each column gets its own buffers, so a waiting row group contains no data twice.
-        total = len(lines) * width
-        values = pc.list_slice(fields, 0, width, return_fixed_size_list=True).flatten()
-        sink.add_columns(numbers, [values.take(np.arange(j, total, width)) for j in range(width)])
+        stride = int(counts[0])
+        if not (counts == stride).all():
+            # Lines with and without a trailing delimiter: cut every line to its first ``width`` fields.
+            fields, stride = pc.list_slice(fields, 0, width, return_fixed_size_list=True), width
+        values = fields.flatten()
+        total = len(lines) * stride
+        sink.add_columns(numbers, [values.take(np.arange(j, total, stride)) for j in range(width)])
     return seen
 
 

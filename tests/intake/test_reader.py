@@ -300,6 +300,19 @@ def test_trailing_delimiter_allowed_per_line(tmp_path: Path, out: Path) -> None:
     assert [(r["ZJHM"], r["BZ"]) for r in rows] == [("1", ""), ("2", "备注")]
 
 
+@pytest.mark.parametrize("body", [
+    "1|张三|1.00|备注|\n2|李四|2.00||\n",  # every line ends with the delimiter
+    "1|张三|1.00|备注\n2|李四|2.00||\n",  # only the second line does
+    "1|张三|1.00|备注\n2|李四|2.00|\n",  # no line does
+])
+def test_trailing_delimiter_columns_align(tmp_path: Path, out: Path, body: str) -> None:
+    rows = rows_of(stage(tmp_path, out, f"{HEADER_CODES}\n{body}".encode()))
+    assert rows == [
+        {"_line": 2, "ZJHM": "1", "KHMC": "张三", "JE": "1.00", "BZ": "备注"},
+        {"_line": 3, "ZJHM": "2", "KHMC": "李四", "JE": "2.00", "BZ": ""},
+    ]
+
+
 def test_trailing_delimiter_forbidden(tmp_path: Path, out: Path) -> None:
     data = f"{HEADER_CODES}\n1|张三|1.00|备注|\n".encode()
     error = rejected(tmp_path, out, data, file_layout=layout(trailing_delimiter="forbidden"))
