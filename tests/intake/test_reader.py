@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import unicodedata
 import zipfile
 from datetime import date, datetime
 from pathlib import Path
@@ -251,6 +252,60 @@ def test_ascii_and_full_width_batches_agree(tmp_path: Path, out: Path) -> None:
 
 
 _FULL_WIDTH = str.maketrans("0123456789.", "０１２３４５６７８９．")
+
+
+def _expected_rows(text: str, file_layout: FileLayout) -> list[dict[str, object]]:
+    """Split ``text`` line by line in plain Python, as the reader's contract describes."""
+    width = len(file_layout.columns)
+    rows: list[dict[str, object]] = []
+    header_pending = file_layout.header
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        if header_pending:
+            header_pending = False
+            continue
+        fields = line.split("|")
+        if len(fields) == width + 1 and fields[-1] == "":
+            fields.pop()
+        assert len(fields) == width
+        row: dict[str, object] = {"_line": number}
+        for code, value in zip(file_layout.columns, fields, strict=True):
+            if code in file_layout.normalised:
+                value = unicodedata.normalize("NFKC", value).strip()
+            row[code] = value
+        rows.append(row)
+    return rows
+
+
+def test_pipe_rows_match_plain_python(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small blocks and row groups put block ends, row group ends and ASCII-only batches
+    # of a normalised column at many places in one file.
+    monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(reader, "ROW_GROUP_ROWS", 300)
+    rng = random.Random(20261205)
+    pieces = ["1", "23", "AB", "x", "张三", "１２", "ＡＢ", "．", " ", "\t", "\u3000"]
+    lines = [HEADER_CODES]
+    for index in range(3000):
+        if index % 97 == 0:
+            lines.append("")  # a blank line: skipped, but counted in line numbers
+        # Long ASCII-only stretches leave whole batches of ZJHM and JE without full-width text.
+        wide = index % 1000 > 700
+        values = [
+            "".join(rng.choice(pieces if wide and column in (0, 2) else pieces[:4] + pieces[8:10])
+                    for _ in range(rng.randrange(0, 4)))
+            for column in range(4)
+        ]
+        line = "|".join(values) + ("|" if rng.random() < 0.3 else "")
+        lines.append(line + ("\r" if index % 11 == 0 else ""))
+    text = "\n".join(lines) + "\n"
+
+    rows = rows_of(stage(tmp_path, out, text.encode()))
+
+    expected = _expected_rows(text, layout())
+    assert len(rows) == len(expected)
+    assert rows == expected
 
 
 def test_leading_zeros_kept(tmp_path: Path, out: Path) -> None:
