@@ -152,10 +152,11 @@ class ValidationContext:
     warehouse: Mapping[str, Sequence[Path]] = field(default_factory=dict)
     """Template code → Parquet files of the institution's accepted data, with a ``_period`` column (YYYYMMDD)."""
     memory_limit: str = "1GB"
-    """Peak memory the validation may use, as DuckDB writes sizes ("1GB", "512MiB").
+    """Memory budget of the validating process, as DuckDB writes sizes ("1GB", "512MiB").
 
-    DuckDB's own ``memory_limit`` gets ``DUCKDB_MEMORY_SHARE`` of it, because the limit covers
-    DuckDB's buffer pool only, not Python, pyarrow or DuckDB's other allocations."""
+    DuckDB's own ``memory_limit`` gets ``DUCKDB_MEMORY_SHARE`` of it, because that limit covers
+    DuckDB's buffer pool only. The rest is left for Python, pyarrow and DuckDB's other
+    allocations, which nothing limits."""
     threads: int | None = None
 
 
