@@ -105,8 +105,8 @@ INSTITUTION_RULE_KIND = "institution"
 DUCKDB_MEMORY_SHARE = 0.5
 """Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. On the 2 GB file of
 benchmarks/intake_validation.py --memory-check (2 cores), staging and validation with a 1GB budget
-peaked at 931 MiB RSS with a share of 0.6 and at 795 MiB with 0.5. Giving DuckDB all of it had
-peaked at 1,221 MiB."""
+peaked at 931 MiB RSS with a share of 0.6 and at 795 to 865 MiB with 0.5 (three runs). Giving
+DuckDB all of it had peaked at 1,221 MiB."""
 _MEMORY_UNITS = {
     "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
     "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,

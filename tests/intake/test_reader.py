@@ -230,7 +230,7 @@ def test_full_width_normalised_fields_only(tmp_path: Path, out: Path) -> None:
 
 
 def test_ascii_normalised_fields_still_trimmed(tmp_path: Path, out: Path) -> None:
-    # ZJHM is ASCII in every row, so the reader skips NFKC for it but must still trim it;
+    # ZJHM is ASCII in every row, so the reader skips NFKC for it but must still trim it.
     # JE has one full-width value, so that column goes through NFKC.
     data = f"{HEADER_NAMES}\n 00123\t|张三| 1.00 |x\n00456 |李四|２．５０|y\n".encode()
     rows = rows_of(stage(tmp_path, out, data))
@@ -638,7 +638,7 @@ def test_row_groups(tmp_path: Path, out: Path) -> None:
 
 
 def test_error_after_written_row_groups(tmp_path: Path, out: Path) -> None:
-    # Two row groups are already in the writer thread when line 2 × ROW_GROUP_ROWS + 7 fails.
+    # Two row groups have gone to the writer thread when line 2 × ROW_GROUP_ROWS + 7 fails.
     good = "".join(f"{i:06d}|a|1|\n" for i in range(reader.ROW_GROUP_ROWS * 2 + 5))
     error = rejected(tmp_path, out, f"{HEADER_CODES}\n{good}1|2\n".encode())
     assert error.code == "ROW_FIELD_COUNT"
