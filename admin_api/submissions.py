@@ -47,6 +47,7 @@ import shutil
 import tempfile
 import uuid
 from collections.abc import Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from calendar import monthrange
 from dataclasses import dataclass
 from datetime import date, datetime
@@ -534,16 +535,21 @@ def submit(
                                         text_columns=text_columns)
         errors = warnings = explained = 0
         has_findings = False
-        if validate_staged is not None and ValidationContext is not None:
-            batch = _stage_batch(settings, store, code, batch_sources, work)
-            warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
-            context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
-                                        institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
-            result = validate_staged(staged, template, context, work / "validation", catalog=catalog())
-            os.replace(result.findings_path, work / FINDINGS_NAME)
-            errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
-            has_findings = True
-        encrypted = encrypt_document(store, code, source, work / RAW_NAME, raw_associated_data(code, staged.sm3))
+        # The upload is encrypted while it is validated, because the SM4 stream cipher and DuckDB
+        # both release the GIL. Leaving the block waits for the encryption, also when validation fails.
+        with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submission-encrypt") as encryption:
+            encrypting = encryption.submit(encrypt_document, store, code, source, work / RAW_NAME,
+                                           raw_associated_data(code, staged.sm3))
+            if validate_staged is not None and ValidationContext is not None:
+                batch = _stage_batch(settings, store, code, batch_sources, work)
+                warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
+                context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
+                                            institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
+                result = validate_staged(staged, template, context, work / "validation", catalog=catalog())
+                os.replace(result.findings_path, work / FINDINGS_NAME)
+                errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
+                has_findings = True
+        encrypted = encrypting.result()
         for leftover in (source, staged.path):
             leftover.unlink(missing_ok=True)
         for folder in ("batch", "validation", "warehouse"):

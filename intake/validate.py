@@ -27,6 +27,7 @@ names) appear masked in every finding and message.
 from __future__ import annotations
 
 import functools
+import re
 import time
 import uuid
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -101,6 +102,16 @@ INSTITUTION_RULE_PREFIX = "AUTO-INSTITUTION-"
 READER_RULE_KIND = "reader"
 INSTITUTION_RULE_KIND = "institution"
 
+DUCKDB_MEMORY_SHARE = 0.5
+"""Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. On the 2 GB file of
+benchmarks/intake_validation.py --memory-check (2 cores), staging and validation with a 1GB budget
+peaked at 931 MiB RSS with a share of 0.6 and at 795 to 865 MiB with 0.5 (three runs). Giving
+DuckDB all of it had peaked at 1,221 MiB."""
+_MEMORY_UNITS = {
+    "B": 1, "KB": 1000, "MB": 1000**2, "GB": 1000**3, "TB": 1000**4,
+    "KIB": 1024, "MIB": 1024**2, "GIB": 1024**3, "TIB": 1024**4,
+}
+
 _OP_NAMES = {
     "=": "等于",
     "!=": "不等于",
@@ -141,6 +152,11 @@ class ValidationContext:
     warehouse: Mapping[str, Sequence[Path]] = field(default_factory=dict)
     """Template code → Parquet files of the institution's accepted data, with a ``_period`` column (YYYYMMDD)."""
     memory_limit: str = "1GB"
+    """Memory budget of the validating process, as DuckDB writes sizes ("1GB", "512MiB").
+
+    DuckDB's own ``memory_limit`` gets ``DUCKDB_MEMORY_SHARE`` of it, because that limit covers
+    DuckDB's buffer pool only. The rest is left for Python, pyarrow and DuckDB's other
+    allocations, which nothing limits."""
     threads: int | None = None
 
 
@@ -168,6 +184,9 @@ class ValidationResult:
     skipped_rules: tuple[SkippedRule, ...]
     accepted_possible: bool
     """True when no finding is an error."""
+    step_seconds: Mapping[str, float] = field(default_factory=dict)
+    """Wall-clock seconds of each step, in run order: connect, row_checks, unique_checks, reference_checks,
+    aggregate_checks, reader_findings and write."""
 
     @property
     def errors(self) -> int:
@@ -395,7 +414,8 @@ class _FieldSql:
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, 0)) END"
         if item.type == "decimal":
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, {item.scale or 0})) END"
-        return f"CASE WHEN {ok} THEN CAST(try_strptime({raw}, '%Y%m%d') AS DATE) END"
+        # try_strptime returns NULL for an invalid calendar date, so one call both tests and converts the value.
+        return f"CAST(CASE WHEN {_regex(raw, '[0-9]{8}')} THEN try_strptime({raw}, '%Y%m%d') END AS DATE)"
 
     def typed_select(self, source: str, codes: Iterable[str] | None = None) -> str:
         """``SELECT *, typed values FROM source``; the optimizer drops the typed values a query does not use."""
@@ -868,7 +888,8 @@ class _Run:
         temp_dir = self.work_dir / "duckdb-tmp"
         temp_dir.mkdir(parents=True, exist_ok=True)
         con = duckdb.connect(":memory:")
-        con.execute(f"SET memory_limit = {_lit(self.context.memory_limit)}")
+        duckdb_bytes = int(memory_bytes(self.context.memory_limit) * DUCKDB_MEMORY_SHARE)
+        con.execute(f"SET memory_limit = '{duckdb_bytes}B'")
         con.execute(f"SET temp_directory = {_lit(str(temp_dir))}")
         con.execute("SET preserve_insertion_order = false")
         if self.context.threads is not None:
@@ -919,13 +940,15 @@ class _Run:
         # Flags computed in a projection below the filter ran twice, because DuckDB copied them into the pushed-down filter.
         any_failure = " OR ".join(check.fail for check in checks)
         self.sql(f"CREATE TEMP TABLE bad AS SELECT {raw_columns} FROM typed WHERE {any_failure}")
-        # The failing rows are few: each check runs again on them to say which rule failed.
-        self.sql(f"CREATE TEMP VIEW bad_typed AS {self.fields.typed_select('bad')}")
+        # The failing rows are few. One pass over them stores which checks failed, with the typed
+        # values, so that each check's findings are a plain filter on its flag.
+        flags = ", ".join(f"{check.fail} AS {_q(f'__fail_{index}')}" for index, check in enumerate(checks))
+        self.sql(f"CREATE TEMP TABLE bad_typed AS SELECT *, {flags} FROM ({self.fields.typed_select('bad')})")
         parts = []
-        for check in checks:
+        for index, check in enumerate(checks):
             parts.append(
                 self._insert(
-                    f"bad_typed WHERE {check.fail}", check.rule, check.field, check.value, check.message,
+                    f"bad_typed WHERE {_q(f'__fail_{index}')}", check.rule, check.field, check.value, check.message,
                     sort_rule=self.rule_order.get(check.rule.id, -1),
                 )
             )
@@ -1314,6 +1337,15 @@ class _Run:
         return target, counts, explained, rule_counts
 
 
+def memory_bytes(size: str) -> int:
+    """Return the bytes of a size such as "1GB" (10**9) or "512MiB" (2**29); raise ValueError otherwise."""
+    match = re.fullmatch(r"\s*([0-9]+(?:\.[0-9]+)?)\s*([A-Za-z]*)\s*", size)
+    unit = match.group(2).upper() if match else ""
+    if match is None or unit not in _MEMORY_UNITS:
+        raise ValueError(f"invalid memory size {size!r}: expected a number and one of {', '.join(_MEMORY_UNITS)}")
+    return int(Decimal(match.group(1)) * _MEMORY_UNITS[unit])
+
+
 def _tolerance(rule: ReconcileRule, right: Decimal) -> Decimal:
     if rule.tolerance is None:
         return Decimal(0)
@@ -1355,14 +1387,19 @@ def validate_staged(
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     run = _Run(staged, template, context, work_dir, catalog)
+    step_seconds: dict[str, float] = {}
+
+    def timed(step: Callable[[], Any]) -> Any:
+        step_started = time.perf_counter()
+        result = step()
+        step_seconds[step.__name__] = time.perf_counter() - step_started
+        return result
+
     try:
-        run.connect()
-        run.row_checks()
-        run.unique_checks()
-        run.reference_checks()
-        run.aggregate_checks()
-        run.reader_findings()
-        path, counts, explained, rule_counts = run.write()
+        for step in (run.connect, run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks,
+                     run.reader_findings):
+            timed(step)
+        path, counts, explained, rule_counts = timed(run.write)
     except duckdb.OutOfMemoryException as exc:
         raise ValidationError(
             "VALIDATION_OUT_OF_MEMORY",
@@ -1385,5 +1422,6 @@ def validate_staged(
         seconds=time.perf_counter() - started,
         skipped_rules=tuple(run.skipped),
         accepted_possible=counts.get("error", 0) == 0,
+        step_seconds=step_seconds,
     )
 

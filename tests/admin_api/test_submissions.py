@@ -27,6 +27,7 @@ from sqlalchemy import func, select
 import admin_api.submissions as submissions_module
 from admin_api.models import AuditEvent, Institution, Message, ReportSubmission, SubmissionEvent, User
 from admin_api.submissions import catalog, raw_associated_data
+from intake.validate import ValidationError
 from intake.warehouse import load_submission, partition_associated_data, partition_dir, read_manifest
 from regsandbox_core.crypto import sm3_hex
 from regsandbox_core.documents import decrypt_document
@@ -334,6 +335,41 @@ def test_bad_upload_stores_nothing(env: Env, kind: str) -> None:
     assert not [path for path in root.iterdir() if path.name.startswith(".upload-")] if root.exists() else True
     events = [(event.action, event.outcome) for event in audit_events(env, request_id)]
     assert events == [("submissions.submit", "failed")]
+
+
+@pytest.mark.parametrize("broken", ["validation", "encryption"])
+def test_failure_beside_encryption_stores_nothing(env: Env, monkeypatch: pytest.MonkeyPatch, broken: str) -> None:
+    files_before, rows_before = intake_files(env), submission_count(env)
+    real_encrypt = submissions_module.encrypt_document
+    finished: list[Path] = []
+
+    def encrypt(*args: Any, **kwargs: Any) -> Any:
+        if broken == "encryption":
+            raise RegsandboxError("TEST_ENCRYPTION_FAILED", "加密失败（测试）。", status=503)
+        result = real_encrypt(*args, **kwargs)
+        finished.append(Path(args[3]))
+        return result
+
+    def validate(*args: Any, **kwargs: Any) -> Any:
+        raise ValidationError("VALIDATION_FAILED", "校验未完成（测试）。")
+
+    monkeypatch.setattr(submissions_module, "encrypt_document", encrypt)
+    if broken == "validation":
+        monkeypatch.setattr(submissions_module, "validate_staged", validate)
+    content = text_file("EAST_DGKHXXB", [customer_row(1, "20240831")])
+
+    response = upload(env, "reporter_a", "EAST_DGKHXXB", "20240831", content)
+
+    expected = {"validation": (500, "VALIDATION_FAILED"), "encryption": (503, "TEST_ENCRYPTION_FAILED")}[broken]
+    assert (response.status_code, response.json()["code"]) == expected, response.text
+    if broken == "validation":
+        # The encryption thread finished before the work folder was removed, so it left no file behind.
+        assert len(finished) == 1
+        assert not finished[0].exists()
+    assert submission_count(env) == rows_before
+    assert intake_files(env) == files_before
+    root = env.settings.data_dir / "intake" / "bank_a"
+    assert not [path for path in root.iterdir() if path.name.startswith(".upload-")]
 
 
 def test_other_institution_denied(env: Env) -> None:

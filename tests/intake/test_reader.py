@@ -9,6 +9,7 @@ import random
 import subprocess
 import sys
 import textwrap
+import unicodedata
 import zipfile
 from datetime import date, datetime
 from pathlib import Path
@@ -228,6 +229,85 @@ def test_full_width_normalised_fields_only(tmp_path: Path, out: Path) -> None:
     assert row["BZ"] == "１２３４５ "
 
 
+def test_ascii_normalised_fields_still_trimmed(tmp_path: Path, out: Path) -> None:
+    # ZJHM is ASCII in every row, so the reader skips NFKC for it but must still trim it.
+    # JE has one full-width value, so that column goes through NFKC.
+    data = f"{HEADER_NAMES}\n 00123\t|张三| 1.00 |x\n00456 |李四|２．５０|y\n".encode()
+    rows = rows_of(stage(tmp_path, out, data))
+    assert [row["ZJHM"] for row in rows] == ["00123", "00456"]
+    assert [row["JE"] for row in rows] == ["1.00", "2.50"]
+    assert [row["BZ"] for row in rows] == ["x", "y"]
+
+
+def test_ascii_and_full_width_batches_agree(tmp_path: Path, out: Path) -> None:
+    # The same values written in ASCII and in full-width forms stage identically after NFKC.
+    ascii_rows = "".join(f" {i:05d} |名{i}|{i}.50|备注\n" for i in range(50))
+    wide_rows = "".join(f"　{i:05d}　|名{i}|{i}.50|备注\n".translate(_FULL_WIDTH) for i in range(50))
+    narrow = rows_of(stage(tmp_path, out, f"{HEADER_CODES}\n{ascii_rows}".encode()))
+    (tmp_path / "wide").mkdir()
+    wide = rows_of(stage(tmp_path / "wide", out, f"{HEADER_CODES}\n{wide_rows}".encode()))
+    assert [(row["ZJHM"], row["JE"]) for row in wide] == [(row["ZJHM"], row["JE"]) for row in narrow]
+    assert narrow[7]["ZJHM"] == "00007"
+    assert narrow[7]["JE"] == "7.50"
+
+
+_FULL_WIDTH = str.maketrans("0123456789.", "０１２３４５６７８９．")
+
+
+def _expected_rows(text: str, file_layout: FileLayout) -> list[dict[str, object]]:
+    """Split ``text`` line by line in plain Python, as the reader's contract describes."""
+    width = len(file_layout.columns)
+    rows: list[dict[str, object]] = []
+    header_pending = file_layout.header
+    for number, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line:
+            continue
+        if header_pending:
+            header_pending = False
+            continue
+        fields = line.split("|")
+        if len(fields) == width + 1 and fields[-1] == "":
+            fields.pop()
+        assert len(fields) == width
+        row: dict[str, object] = {"_line": number}
+        for code, value in zip(file_layout.columns, fields, strict=True):
+            if code in file_layout.normalised:
+                value = unicodedata.normalize("NFKC", value).strip()
+            row[code] = value
+        rows.append(row)
+    return rows
+
+
+def test_pipe_rows_match_plain_python(tmp_path: Path, out: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    # Small blocks and row groups put block ends, row group ends and ASCII-only batches
+    # of a normalised column at many places in one file.
+    monkeypatch.setattr(reader, "READ_CHUNK_BYTES", 4096)
+    monkeypatch.setattr(reader, "ROW_GROUP_ROWS", 300)
+    rng = random.Random(20261205)
+    pieces = ["1", "23", "AB", "x", "张三", "１２", "ＡＢ", "．", " ", "\t", "\u3000"]
+    lines = [HEADER_CODES]
+    for index in range(3000):
+        if index % 97 == 0:
+            lines.append("")  # a blank line: skipped, but counted in line numbers
+        # Long ASCII-only stretches leave whole batches of ZJHM and JE without full-width text.
+        wide = index % 1000 > 700
+        values = [
+            "".join(rng.choice(pieces if wide and column in (0, 2) else pieces[:4] + pieces[8:10])
+                    for _ in range(rng.randrange(0, 4)))
+            for column in range(4)
+        ]
+        line = "|".join(values) + ("|" if rng.random() < 0.3 else "")
+        lines.append(line + ("\r" if index % 11 == 0 else ""))
+    text = "\n".join(lines) + "\n"
+
+    rows = rows_of(stage(tmp_path, out, text.encode()))
+
+    expected = _expected_rows(text, layout())
+    assert len(rows) == len(expected)
+    assert rows == expected
+
+
 def test_leading_zeros_kept(tmp_path: Path, out: Path) -> None:
     data = f"{HEADER_NAMES}\n000000000000000001|0|007.50|0012\n".encode()
     row = rows_of(stage(tmp_path, out, data))[0]
@@ -273,6 +353,19 @@ def test_trailing_delimiter_allowed_per_line(tmp_path: Path, out: Path) -> None:
     data = f"{HEADER_CODES}\n1|张三|1.00|\n2|李四|2.00|备注|\n".encode()
     rows = rows_of(stage(tmp_path, out, data))
     assert [(r["ZJHM"], r["BZ"]) for r in rows] == [("1", ""), ("2", "备注")]
+
+
+@pytest.mark.parametrize("body", [
+    "1|张三|1.00|备注|\n2|李四|2.00||\n",  # every line ends with the delimiter
+    "1|张三|1.00|备注\n2|李四|2.00||\n",  # only the second line does
+    "1|张三|1.00|备注\n2|李四|2.00|\n",  # no line does
+])
+def test_trailing_delimiter_columns_align(tmp_path: Path, out: Path, body: str) -> None:
+    rows = rows_of(stage(tmp_path, out, f"{HEADER_CODES}\n{body}".encode()))
+    assert rows == [
+        {"_line": 2, "ZJHM": "1", "KHMC": "张三", "JE": "1.00", "BZ": "备注"},
+        {"_line": 3, "ZJHM": "2", "KHMC": "李四", "JE": "2.00", "BZ": ""},
+    ]
 
 
 def test_trailing_delimiter_forbidden(tmp_path: Path, out: Path) -> None:
@@ -542,6 +635,15 @@ def test_row_groups(tmp_path: Path, out: Path) -> None:
     lines = pq.read_table(staged.path, columns=["_line", "ZJHM"])
     assert lines["_line"][-1].as_py() == reader.ROW_GROUP_ROWS * 2 + 11
     assert lines["ZJHM"][-1].as_py() == f"{reader.ROW_GROUP_ROWS * 2 + 9:06d}"
+
+
+def test_error_after_written_row_groups(tmp_path: Path, out: Path) -> None:
+    # Two row groups have gone to the writer thread when line 2 × ROW_GROUP_ROWS + 7 fails.
+    good = "".join(f"{i:06d}|a|1|\n" for i in range(reader.ROW_GROUP_ROWS * 2 + 5))
+    error = rejected(tmp_path, out, f"{HEADER_CODES}\n{good}1|2\n".encode())
+    assert error.code == "ROW_FIELD_COUNT"
+    assert error.line == reader.ROW_GROUP_ROWS * 2 + 7
+    assert f"第 {reader.ROW_GROUP_ROWS * 2 + 7} 行有 2 个字段" in error.message
 
 
 # --- XLSX -----------------------------------------------------------------------------------

@@ -23,6 +23,7 @@ from intake.validate import (
     ValidationContext,
     ValidationResult,
     check_sql,
+    memory_bytes,
     validate_staged,
 )
 
@@ -687,3 +688,12 @@ def test_bank_card_sql_matches_luhn() -> None:
 def test_mobile_sql() -> None:
     values = ["13812345678", "19912345678", "12812345678", "1381234567", "138123456789", "2381234567a", ""]
     assert _sql_results("mobile", values) == [True, True, False, False, False, False, False]
+
+
+def test_memory_bytes_units() -> None:
+    assert memory_bytes("1GB") == 10**9
+    assert memory_bytes("512MiB") == 512 * 2**20
+    assert memory_bytes(" 1.5 gb ") == 1_500_000_000
+    for text in ("", "1", "GB", "1 PB", "-1GB"):
+        with pytest.raises(ValueError, match="invalid memory size"):
+            memory_bytes(text)
