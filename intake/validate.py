@@ -359,6 +359,7 @@ class _FieldSql:
     def __init__(self, template: Template, masked: frozenset[str] = frozenset()) -> None:
         self.template = template
         self.masked = masked
+        self._mask_kinds: dict[str, str | None] = {}
 
     def item(self, code: str) -> TemplateField:
         return self.template.field(code)
@@ -556,13 +557,9 @@ class _FieldSql:
     def mask_kind(self, code: str) -> str | None:
         if code not in self.masked:
             return None
-        item = self.item(code)
-        check = item.format.check if item.format else None
-        if check in MASKED_CHECKS:
-            return check
-        if PERSONAL_NAME_MARKER in item.name:
-            return "name"
-        return _masked_check_from_rules(self.template, code) or "resident_id"
+        if code not in self._mask_kinds:
+            self._mask_kinds[code] = mask_kind(self.template, code)
+        return self._mask_kinds[code]
 
     def shown(self, code: str, expr: str | None = None) -> str:
         """Return the value as a report may show it: masked for personal data, clipped when long."""
@@ -611,6 +608,19 @@ def masked_fields(template: Template) -> frozenset[str]:
         elif _masked_check_from_rules(template, item.code):
             codes.add(item.code)
     return frozenset(codes)
+
+
+def mask_kind(template: Template, code: str) -> str | None:
+    """Return how :func:`mask_value` masks a field (resident_id, bank_card, mobile or name), or None when it is not personal."""
+    if code not in masked_fields(template):
+        return None
+    item = template.field(code)
+    check = item.format.check if item.format else None
+    if check in MASKED_CHECKS:
+        return check
+    if PERSONAL_NAME_MARKER in item.name:
+        return "name"
+    return _masked_check_from_rules(template, code) or "resident_id"
 
 
 # --- conditions and operands -------------------------------------------------------------------------

@@ -38,8 +38,8 @@ import duckdb
 import pyarrow as pa
 import pyarrow.parquet as pq
 
-from intake.template_model import MULTI_VALUE_SEPARATOR, NUMERIC_TYPES, FormatRule, Template, TemplateField
-from intake.validate import MASKED_CHECKS, PERSONAL_NAME_MARKER, mask_value, masked_fields
+from intake.template_model import MULTI_VALUE_SEPARATOR, NUMERIC_TYPES, Template, TemplateField
+from intake.validate import mask_kind, mask_value
 from intake.warehouse import (
     PARTITION_NAME,
     PERIOD_COLUMN,
@@ -269,25 +269,6 @@ def build_query(
         template=template, institutions=tuple(sorted(set(institutions))), period_from=period_from,
         period_to=period_to, filters=_check_filters(template, filters or {}),
         group_by=_check_group_by(template, group_by), aggregates=_check_aggregates(template, aggregates))
-
-
-# --- masking -------------------------------------------------------------------------------------
-
-
-def mask_kind(template: Template, code: str) -> str | None:
-    """Return how :func:`intake.validate.mask_value` masks a field (resident_id, bank_card, mobile, name), or None."""
-    if code not in masked_fields(template):
-        return None
-    item = template.field(code)
-    check = item.format.check if item.format else None
-    if check in MASKED_CHECKS:
-        return check
-    if PERSONAL_NAME_MARKER in item.name:
-        return "name"
-    for rule in template.effective_rules():
-        if isinstance(rule, FormatRule) and code in rule.fields and rule.check in MASKED_CHECKS:
-            return rule.check
-    return "resident_id"
 
 
 # --- partitions ----------------------------------------------------------------------------------
