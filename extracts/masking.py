@@ -149,6 +149,6 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
         f"SELECT {_text(quote_identifier(column))} AS value FROM {relation} WHERE {quote_identifier(column)} IS NOT NULL"
         for column in columns
     )
-    values = con.sql(union).fetch_arrow_table().column("value").to_pylist()
+    values = con.sql(union).to_arrow_table().column("value").to_pylist()
     tokens = [hmac_sm3(key, value.encode("utf-8")).hex() for value in values]
     return pa.table({"value": pa.array(values, pa.string()), "token": pa.array(tokens, pa.string())})
