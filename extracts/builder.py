@@ -78,6 +78,7 @@ __all__ = [
     "ExtractDirNotWritable",
     "ExtractKeyMissingError",
     "ExtractOutcome",
+    "ExtractWriteFailed",
     "ExtractPermissions",
     "InvalidInstitutionError",
     "MANIFEST_NAME",
@@ -120,6 +121,12 @@ class WarehouseMissingError(RegsandboxError):
 
 class ExtractDirNotWritable(RegsandboxError):
     """The extract folder cannot be created or written."""
+
+    status = 500
+
+
+class ExtractWriteFailed(RegsandboxError):
+    """Reading the decrypted warehouse data or writing the new build failed (disk full, I/O error)."""
 
     status = 500
 
@@ -475,9 +482,9 @@ def build_institution(
     and ExtractDirNotWritable. None of them leaves a new build published.
     """
     validate_institution(settings, institution_code)
+    sources = _sources(settings, institution_code, accepted_ids)
     if keystore is None:
         keystore = open_keystore(settings)
-    sources = _sources(settings, institution_code, accepted_ids)
     token_key = _active_key(keystore, institution_code, KIND_TOKEN)
     signing_key = _active_key(keystore, PLATFORM_OWNER, KIND_SIGNING)
     policy = _verified(settings, keystore, policy)
@@ -512,7 +519,11 @@ def build_institution(
         publish(settings, institution_code, build)
     except OSError as error:
         discard_build(build)
-        raise _not_writable(settings, error) from error
+        raise ExtractWriteFailed(
+            "EXTRACT_WRITE_FAILED",
+            f"生成机构 {institution_code} 的数据提取时读写 {error.filename or build} 失败（{error.strerror}），"
+            "未发布新的数据提取，原有提取保持不变。请检查磁盘空间和目录权限后重试。",
+        ) from error
     except BaseException:
         discard_build(build)
         raise
