@@ -84,7 +84,10 @@ def _year(value: str) -> str:
 def _city(value: str) -> str:
     # Province (省/自治区) if any, then the first city-level unit (市/自治州/地区/盟). For a
     # municipality such as 上海市 the city is the first unit. No match gives NULL, never the raw value.
-    pattern = "^((?:[^省市]{2,}?(?:省|自治区))?[^市州区盟]{2,}?(?:市|自治州|地区|盟))"
+    # The units may not contain district, county, road, street or house-number characters, so a
+    # text without a city yields NULL instead of a street.
+    unit = "[^省市区县路街号0-9]{2,}?"
+    pattern = f"^((?:{unit}(?:省|自治区))?{unit}(?:市|自治州|地区|盟))"
     return f"NULLIF(regexp_extract({value}, {quote_literal(pattern)}, 1), '')"
 
 
