@@ -224,6 +224,10 @@ def _parse_bands(rule_id: str, raw: object) -> tuple[Band, ...]:
 
 def _check_fit(rule: Rule) -> None:
     """Raise unless the treatment fits every kind the rule matches and the keep and C3 limits hold."""
+    if rule.treatment != "drop" and "C3" in rule.pi_categories:
+        raise _fail("POLICY_C3_NOT_DROPPED",
+                    f"规则 {rule.id} 对 C3 类个人金融信息（用户鉴别信息）使用 {TREATMENTS[rule.treatment]}（{rule.treatment}）。"
+                    "JR/T 0171-2020 要求 C3 信息不得进入数据提取：请把 C3 从该规则的 pi_categories 中去掉，并用 treatment: drop 的规则处理 C3。")
     if rule.treatment == "partial_mask":
         misfits = sorted(rule.kinds - set(PARTIAL_MASKS) - {"person_name"})
         if misfits:
@@ -243,10 +247,6 @@ def _check_fit(rule: Rule) -> None:
     if rule.treatment in ("token", "keep") and "auth_secret" in rule.kinds:
         raise _fail("POLICY_TREATMENT_KIND_MISMATCH",
                     f"规则 {rule.id} 对鉴别信息（auth_secret）使用 {rule.treatment}；密码、口令、生物特征等鉴别信息只能删除（drop）。")
-    if rule.treatment != "drop" and "C3" in rule.pi_categories:
-        raise _fail("POLICY_C3_NOT_DROPPED",
-                    f"规则 {rule.id} 对 C3 类个人金融信息（用户鉴别信息）使用 {TREATMENTS[rule.treatment]}（{rule.treatment}）。"
-                    "JR/T 0171-2020 要求 C3 信息不得进入数据提取：请把 C3 从该规则的 pi_categories 中去掉，并用 treatment: drop 的规则处理 C3。")
     if rule.treatment == "keep":
         high = sorted(level for level in rule.levels if level > KEEP_MAX_LEVEL)
         personal = sorted(str(category) for category in rule.pi_categories if category not in KEEP_CATEGORIES)
