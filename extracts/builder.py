@@ -34,7 +34,7 @@ import re
 import shutil
 import tempfile
 from collections.abc import Collection, Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import duckdb
@@ -45,6 +45,7 @@ from extracts.masking import TOKEN_TABLE, ColumnPlan, quote_literal, select_sql,
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
 from extracts.publish import (
     ExtractPermissions,
+    build_lock,
     create_build_dir,
     current_build,
     discard_build,
@@ -55,6 +56,7 @@ from extracts.publish import (
     resolve_permissions,
     write_trusted_keys,
 )
+from extracts.segments import concatenate, ensure_segments, prune, segments_dir
 from extracts.sources import (
     SOURCE_DEMO,
     SourcePartition,
@@ -98,7 +100,7 @@ MANIFEST_FORMAT = "regsandbox-extract/2"
 MANIFEST_SIGNATURE_KIND = "extract_manifest"
 PLATFORM_COLUMNS: dict[str, ColumnClass] = {PERIOD_COLUMN: ColumnClass(level=1)}
 """Columns the platform adds to intake partitions; kept whatever the policy says about level 1."""
-_RESERVED_COLUMNS = ("_extract_file", "file_row_number")
+_RESERVED_COLUMNS = ("_extract_file", "_segment", "file_row_number")
 
 ColumnClasses = Mapping[tuple[str, str], ColumnClass]
 
@@ -133,10 +135,13 @@ class ExtractWriteFailed(RegsandboxError):
 
 @dataclass(frozen=True)
 class TableOutcome:
+    """One table of a build: ``rebuilt`` False when the previous file was reused, and the periods masked anew."""
+
     name: str
     rows: int
     sm3: str
     rebuilt: bool
+    periods_rebuilt: tuple[str, ...] = ()
 
 
 @dataclass(frozen=True)
@@ -160,8 +165,8 @@ class ExtractOutcome:
             "institution": self.institution, "status": self.status, "build_id": self.build_id,
             "policy": {"name": self.policy_name, "version": self.policy_version, "sm3": self.policy_sm3},
             "token_key": self.token_key, "manifest_sm3": self.manifest_sm3,
-            "tables": [{"name": table.name, "rows": table.rows, "sm3": table.sm3, "rebuilt": table.rebuilt}
-                       for table in self.tables],
+            "tables": [{"name": table.name, "rows": table.rows, "sm3": table.sm3, "rebuilt": table.rebuilt,
+                        "periods_rebuilt": list(table.periods_rebuilt)} for table in self.tables],
         }
 
 
@@ -243,15 +248,18 @@ def _plan(table: SourceTable, columns: list[str], classes: ColumnClasses, policy
     return plans
 
 
-def _fingerprint(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
-                 partitions: list[dict]) -> str:
-    """Return the SM3 of everything a table's content depends on, to decide whether to rebuild it."""
+def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion) -> dict:
+    """Return what a table's content depends on besides its partitions: policy, token key and classes."""
     table_classes = sorted(
         [column, value.level, value.pi_category, value.kind]
         for (catalog_table, column), value in classes.items() if catalog_table == table.catalog_table
     )
-    document = {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label,
-                "partitions": partitions, "classes": table_classes}
+    return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes}
+
+
+def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
+    """Return the SM3 of everything a table's content depends on, to decide whether to rebuild it."""
+    document = {**inputs, "partitions": partitions}
     return sm3_hex(json.dumps(document, sort_keys=True, ensure_ascii=False).encode("utf-8"))
 
 
@@ -353,15 +361,15 @@ def _write_json(document: dict, path: Path, permissions: ExtractPermissions) -> 
         stream.write(text.encode("utf-8"))
 
 
-def _table_entry(table: SourceTable, plans: list[ColumnPlan], path: Path, fingerprint: str,
+def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, fingerprint: str,
                  partitions: list[dict]) -> dict:
     columns, row_count = describe_parquet(path)
     types = {column["name"]: column["type"] for column in columns}
     described = []
-    for plan in plans:
-        entry = plan.manifest_entry()
-        if plan.treatment != "drop":
-            entry["type"] = types[plan.name]
+    for plan_entry in plan_entries:
+        entry = dict(plan_entry)
+        if entry["treatment"] != "drop":
+            entry["type"] = types[entry["name"]]
         described.append(entry)
     return {
         "name": table.name,
@@ -378,41 +386,65 @@ def _table_entry(table: SourceTable, plans: list[ColumnPlan], path: Path, finger
 
 def _build_tables(settings: Settings, store: KeyStore, institution_code: str, sources: list[SourceTable],
                   build: Path, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
-                  previous: Path | None, previous_manifest: dict) -> tuple[list[dict], list[TableOutcome]]:
+                  previous: Path | None, previous_manifest: dict,
+                  ) -> tuple[list[dict], list[TableOutcome], list[tuple[Path, list[Path]]]]:
+    """Write every table into ``build``; return manifest entries, outcomes and the segments in use per folder."""
     entries: list[dict] = []
     outcomes: list[TableOutcome] = []
+    segments_in_use: list[tuple[Path, list[Path]]] = []
     work_root = settings.warehouse_dir
     work_root.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=".extract-work-", dir=work_root))
     try:
         for table in sources:
             target = build / f"{table.name}.parquet"
-            files: list[Path] | None = None
+            inputs = _inputs(table, classes, policy, token_key)
+            demo_file = None
             if table.kind == SOURCE_DEMO:
                 demo_file, digest = decrypt_demo(settings, store, institution_code, work_dir)
-                files = [demo_file]
                 key_version = int(partition_key_label(settings, institution_code).rsplit("/v", 1)[1])
                 partitions = [SourcePartition(None, table.partitions[0].path, digest,
                                               key_version=key_version).manifest_entry()]
             else:
                 partitions = [partition.manifest_entry() for partition in table.partitions]
-            fingerprint = _fingerprint(table, classes, policy, token_key, partitions)
+            fingerprint = _fingerprint(inputs, partitions)
             reused = _reuse(previous, previous_manifest, table.name, fingerprint, target)
             if reused is not None:
                 entries.append(reused)
                 outcomes.append(TableOutcome(table.name, reused["row_count"], reused["sm3"], rebuilt=False))
                 continue
-            if files is None:
-                files = decrypt_intake(store, institution_code, table, work_dir)
-            plans = _mask_table(table, files, target, work_dir, classes, policy, token_key)
-            for path in files:
-                path.unlink(missing_ok=True)
-            entry = _table_entry(table, plans, target, fingerprint, partitions)
+            if demo_file is not None:
+                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key)
+                plan_entries, periods = [plan.manifest_entry() for plan in plans], ()
+            else:
+                plan_entries, periods, used = _build_intake_table(settings, store, institution_code, table, target,
+                                                                   work_dir, classes, policy, token_key, inputs)
+                segments_in_use.append(used)
+            entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entries.append(entry)
-            outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], rebuilt=True))
+            outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], True, tuple(periods)))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return entries, outcomes
+    return entries, outcomes, segments_in_use
+
+
+def _build_intake_table(settings: Settings, store: KeyStore, institution_code: str, table: SourceTable,
+                        target: Path, work_dir: Path, classes: ColumnClasses, policy: MaskingPolicy,
+                        token_key: KeyVersion, inputs: dict) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
+    """Mask the new or changed periods of an intake table into segments and concatenate all of them to ``target``."""
+
+    def mask(partition: SourcePartition, segment: Path) -> list[dict]:
+        (source,) = decrypt_intake(store, institution_code, replace(table, partitions=(partition,)), work_dir)
+        try:
+            plans = _mask_table(table, [source], segment, work_dir, classes, policy, token_key)
+        finally:
+            source.unlink(missing_ok=True)
+        return [plan.manifest_entry() for plan in plans]
+
+    folder = segments_dir(settings, institution_code, table.name)
+    segments, plan_entries, periods = ensure_segments(folder, inputs, table.partitions, mask)
+    concatenate(segments, target, work_dir / "spill")
+    return plan_entries, periods, (folder, segments)
 
 
 def _manifest(institution_code: str, build_id: str, policy: MaskingPolicy, token_key: KeyVersion,
@@ -490,18 +522,28 @@ def build_institution(
     policy = _verified(settings, keystore, policy)
     classes = dict(classes or {})
     permissions = resolve_permissions(unix_group)
-    previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
-
-    build_id = new_build_id()
     try:
         prepare_root(settings, permissions)
+        with build_lock(settings, institution_code):
+            return _build_locked(settings, keystore, institution_code, sources, classes, policy, token_key,
+                                 signing_key, permissions)
+    except OSError as error:
+        raise _not_writable(settings, error) from error
+
+
+def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str, sources: list[SourceTable],
+                  classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, signing_key: KeyVersion,
+                  permissions: ExtractPermissions) -> ExtractOutcome:
+    previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
+    build_id = new_build_id()
+    try:
         build = create_build_dir(settings, institution_code, build_id)
     except OSError as error:
         raise _not_writable(settings, error) from error
 
     try:
-        entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
-                                          token_key, previous, previous_manifest)
+        entries, outcomes, segments_in_use = _build_tables(settings, keystore, institution_code, sources, build,
+                                                           classes, policy, token_key, previous, previous_manifest)
         if _unchanged(previous, previous_manifest, entries, outcomes, permissions):
             discard_build(build)
             logger.info("extract of %s unchanged, build %s kept", institution_code, previous)
@@ -517,6 +559,8 @@ def build_institution(
         permissions.apply(build, is_dir=True)
         write_trusted_keys(settings, keystore)
         publish(settings, institution_code, build)
+        for folder, segments in segments_in_use:
+            prune(folder, segments)
     except OSError as error:
         discard_build(build)
         raise ExtractWriteFailed(

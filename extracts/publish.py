@@ -21,10 +21,12 @@ with another institution's link.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import ctypes.util
 import datetime
 import errno
+import fcntl
 import grp
 import json
 import logging
@@ -32,6 +34,7 @@ import os
 import secrets
 import shutil
 import stat
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -122,6 +125,17 @@ def _warn_untraversable_parents(path: Path) -> None:
             )
 
 
+@contextlib.contextmanager
+def build_lock(settings: Settings, institution_code: str) -> Iterator[None]:
+    """Hold an exclusive lock on ``extracts/.<code>.lock``, so two builds of one institution do not interleave."""
+    descriptor = os.open(settings.extracts_dir / f".{institution_code}.lock", os.O_RDWR | os.O_CREAT, 0o600)
+    try:
+        fcntl.flock(descriptor, fcntl.LOCK_EX)
+        yield
+    finally:
+        os.close(descriptor)
+
+
 def create_build_dir(settings: Settings, institution_code: str, build_id: str) -> Path:
     """Create ``<code>.builds/<build id>`` (0700 until it is published)."""
     parent = builds_dir(settings, institution_code)
@@ -189,7 +203,8 @@ def _replace_plain_folder(settings: Settings, institution_code: str, link: Path,
 
 def _delete_old_builds(settings: Settings, institution_code: str, current: Path) -> None:
     parent = builds_dir(settings, institution_code)
-    others = sorted((path for path in parent.iterdir() if path.is_dir() and path != current),
+    others = sorted((path for path in parent.iterdir()
+                     if path.is_dir() and path != current and not path.name.startswith(".")),
                     key=lambda path: path.stat().st_mtime)
     for folder in others[: max(0, len(others) - KEEP_PREVIOUS_BUILDS)]:
         shutil.rmtree(folder, ignore_errors=True)

@@ -144,6 +144,10 @@ def _sensitive_values(raw: dict[str, list[dict[str, str]]]) -> set[str]:
     return values
 
 
+def _builds(settings: Settings, code: str) -> list[str]:
+    return sorted(path.name for path in builds_dir(settings, code).iterdir() if not path.name.startswith("."))
+
+
 def _all_files(settings: Settings) -> list[Path]:
     return [path for path in settings.extracts_dir.rglob("*") if path.is_file()]
 
@@ -155,8 +159,10 @@ def test_no_raw_sensitive_value_in_any_extract_file(warehouse) -> None:
 
     sensitive = _sensitive_values(raw)
     assert SHARED_ID in sensitive and "pw-0-1-secret" in sensitive
-    files = _all_files(settings)
-    assert len([path for path in files if path.suffix == ".parquet"]) == 6
+    files = _all_files(settings)  # published builds and the cached period segments
+    published = [path for code in INSTITUTIONS for path in extract_dir(settings, code).iterdir()]
+    assert len([path for path in published if path.suffix == ".parquet"]) == 6
+    assert len([path for path in files if ".segments" in path.parts and path.suffix == ".parquet"]) == 6
     for path in files:
         content = path.read_bytes()
         for value in sensitive:
@@ -270,7 +276,7 @@ def test_unchanged_warehouse_writes_nothing(warehouse) -> None:
     assert second.status == "unchanged"
     assert second.build_id == first.build_id
     assert not any(table.rebuilt for table in second.tables)
-    assert [path.name for path in builds_dir(settings, "bank_a").iterdir()] == [first.build_id]
+    assert _builds(settings, "bank_a") == [first.build_id]
 
 
 def test_new_period_rebuilds_only_its_table(warehouse, tmp_path: Path) -> None:
@@ -281,8 +287,8 @@ def test_new_period_rebuilds_only_its_table(warehouse, tmp_path: Path) -> None:
     _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 7, "123")], FEBRUARY, 30)
     second = build_institution(settings, "bank_a", classes=CLASSES)
 
-    rebuilt = {table.name: table.rebuilt for table in second.tables}
-    assert rebuilt == {"test_khxx": False, "test_dkxx": True}
+    rebuilt = {table.name: (table.rebuilt, table.periods_rebuilt) for table in second.tables}
+    assert rebuilt == {"test_khxx": (False, ()), "test_dkxx": (True, ("20250228",))}
     assert second.build_id != first.build_id
     assert os.path.realpath(extract_dir(settings, "bank_a")) == str(second.folder)
     assert (second.folder / "test_khxx.parquet").stat().st_ino == old_customers.stat().st_ino
@@ -343,7 +349,7 @@ def test_failure_after_tables_keeps_old_extract(warehouse, tmp_path: Path, monke
         build_institution(settings, "bank_a", classes=CLASSES)
     assert caught.value.code == "EXTRACT_WRITE_FAILED"
     assert os.path.realpath(extract_dir(settings, "bank_a")) == str(first.folder)
-    assert [path.name for path in builds_dir(settings, "bank_a").iterdir()] == [first.build_id]
+    assert _builds(settings, "bank_a") == [first.build_id]
     assert _manifest(settings, "bank_a")["build_id"] == first.build_id
 
 
@@ -383,3 +389,29 @@ def test_kernel_reads_intake_extract(warehouse, monkeypatch: pytest.MonkeyPatch)
         assert con.sql("SELECT count(*) FROM test_dkxx JOIN test_khxx USING (ZJHM)").fetchall() == [(6,)]
     finally:
         con.close()
+
+
+def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 7, "123")], FEBRUARY, 30)
+    first = build_institution(settings, "bank_a", classes=CLASSES)
+    assert {table.name: table.periods_rebuilt for table in first.tables} == {
+        "test_khxx": ("20250131",), "test_dkxx": ("20250131", "20250228")}
+    segments = sorted((builds_dir(settings, "bank_a") / ".segments" / "test_dkxx").glob("*.parquet"))
+    january = next(path for path in segments if path.name.startswith("20250131"))
+    january_inode = january.stat().st_ino
+
+    # A corrected January submission (version 2) replaces that period only.
+    staged = _staged(tmp_path, "january-v2", LOAN_FIELDS, [_loan("bank_a", 1, "42")])
+    load_submission(settings, store, institution_code="bank_a", template_code=LOANS, template_version=1,
+                    field_codes=LOAN_FIELDS, period_end=JANUARY, staged_path=staged, submission_id=40, version=2,
+                    raw_sm3="4" * 64).finish()
+    second = build_institution(settings, "bank_a", classes=CLASSES)
+
+    assert {table.name: table.periods_rebuilt for table in second.tables} == {"test_khxx": (), "test_dkxx": ("20250131",)}
+    rows = _table(settings, "bank_a", "test_dkxx")
+    assert [(row["HTH"], row["DKJE"], row["_period"]) for row in rows] == [
+        ("HT000001", "[0, 1万)", "20250131"), ("HT000007", "[0, 1万)", "20250228")]
+    remaining = sorted((builds_dir(settings, "bank_a") / ".segments" / "test_dkxx").glob("*.parquet"))
+    assert len(remaining) == 2 and january not in remaining
+    assert all(path.stat().st_ino != january_inode for path in remaining if path.name.startswith("20250131"))
