@@ -267,7 +267,7 @@ def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
 
 
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
-                policy: MaskingPolicy, token_key: KeyVersion) -> list[ColumnPlan]:
+                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str]) -> list[ColumnPlan]:
     """Write the masked table to ``target`` with one DuckDB COPY and return its column plans."""
     con = duckdb.connect(":memory:")
     try:
@@ -285,7 +285,7 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
                 f"filename='_extract_file', file_row_number=true)")
         plans = _plan(table, columns, classes, policy)
         token_columns = [plan.name for plan in plans if plan.treatment == "token"]
-        tokens = token_dictionary(con, "source", token_columns, token_key.key)
+        tokens = token_dictionary(con, "source", token_columns, token_key.key, token_cache)
         con.register(TOKEN_TABLE, tokens)
         # Rows keep the order of the partitions (by period) and of the rows in them, so an
         # unchanged input gives the same file.
@@ -395,6 +395,8 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
     work_root = settings.warehouse_dir
     work_root.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=".extract-work-", dir=work_root))
+    # Tokens already computed in this build (value -> token under this institution's key).
+    token_cache: dict[str, str] = {}
     try:
         for table in sources:
             target = build / f"{table.name}.parquet"
@@ -414,11 +416,12 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 outcomes.append(TableOutcome(table.name, reused["row_count"], reused["sm3"], rebuilt=False))
                 continue
             if demo_file is not None:
-                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key)
+                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache)
                 plan_entries, periods = [plan.manifest_entry() for plan in plans], ()
             else:
                 plan_entries, periods, used = _build_intake_table(settings, store, institution_code, table, target,
-                                                                   work_dir, classes, policy, token_key, inputs)
+                                                                   work_dir, classes, policy, token_key, inputs,
+                                                                   token_cache)
                 segments_in_use.append(used)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entries.append(entry)
@@ -430,13 +433,14 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
 
 def _build_intake_table(settings: Settings, store: KeyStore, institution_code: str, table: SourceTable,
                         target: Path, work_dir: Path, classes: ColumnClasses, policy: MaskingPolicy,
-                        token_key: KeyVersion, inputs: dict) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
+                        token_key: KeyVersion, inputs: dict,
+                        token_cache: dict[str, str]) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
     """Mask the new or changed periods of an intake table into segments and concatenate all of them to ``target``."""
 
     def mask(partition: SourcePartition, segment: Path) -> list[dict]:
         (source,) = decrypt_intake(store, institution_code, replace(table, partitions=(partition,)), work_dir)
         try:
-            plans = _mask_table(table, [source], segment, work_dir, classes, policy, token_key)
+            plans = _mask_table(table, [source], segment, work_dir, classes, policy, token_key, token_cache)
         finally:
             source.unlink(missing_ok=True)
         return [plan.manifest_entry() for plan in plans]

@@ -16,10 +16,11 @@ from dataclasses import dataclass
 
 import duckdb
 import pyarrow as pa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from catalog.classes import ColumnClass
 from extracts.policy import COMPOUND_SURNAMES, PARTIAL_MASKS, Band, Rule
-from regsandbox_core.crypto import hmac_sm3
 
 TOKEN_TABLE = "_tokens"
 """Name of the registered Arrow table (``value``, ``token``) that token columns join with."""
@@ -144,8 +145,13 @@ def select_sql(plans: Iterable[ColumnPlan], relation: str, order_by: str | None 
     return sql
 
 
-def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes) -> pa.Table:
-    """Return the (value, token) table of every distinct non-null value of ``columns`` in ``relation``."""
+def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes,
+                     cache: dict[str, str] | None = None) -> pa.Table:
+    """Return the (value, token) table of every distinct non-null value of ``columns`` in ``relation``.
+
+    ``cache`` (value -> token under ``key``) carries tokens from one period to the next within a
+    build, so a customer seen in every period is tokenised once.
+    """
     if not columns:
         return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})
     union = " UNION ".join(
@@ -153,5 +159,16 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
         for column in columns
     )
     values = con.sql(union).to_arrow_table().column("value").to_pylist()
-    tokens = [hmac_sm3(key, value.encode("utf-8")).hex() for value in values]
+    cache = {} if cache is None else cache
+    # HMAC-SM3 of each value, as regsandbox_core.crypto.keyed_token computes it. Copying a keyed
+    # HMAC object is about twice as fast as keying a new one for every value.
+    keyed = crypto_hmac.HMAC(key, hashes.SM3())
+    tokens = []
+    for value in values:
+        token = cache.get(value)
+        if token is None:
+            mac = keyed.copy()
+            mac.update(value.encode("utf-8"))
+            token = cache[value] = mac.finalize().hex()
+        tokens.append(token)
     return pa.table({"value": pa.array(values, pa.string()), "token": pa.array(tokens, pa.string())})
