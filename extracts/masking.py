@@ -154,8 +154,11 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
     """
     if not columns:
         return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})
+    # DISTINCT as well as UNION: with one token column there is no UNION to remove repeated values,
+    # and a repeated value in the dictionary would repeat rows in the join.
     union = " UNION ".join(
-        f"SELECT {_text(quote_identifier(column))} AS value FROM {relation} WHERE {quote_identifier(column)} IS NOT NULL"
+        f"SELECT DISTINCT {_text(quote_identifier(column))} AS value FROM {relation} "
+        f"WHERE {quote_identifier(column)} IS NOT NULL"
         for column in columns
     )
     values = con.sql(union).to_arrow_table().column("value").to_pylist()

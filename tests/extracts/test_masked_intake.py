@@ -415,3 +415,13 @@ def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> Non
     remaining = sorted((builds_dir(settings, "bank_a") / ".segments" / "test_dkxx").glob("*.parquet"))
     assert len(remaining) == 2 and january not in remaining
     assert all(path.stat().st_ino != january_inode for path in remaining if path.name.startswith("20250131"))
+
+
+def test_repeated_values_keep_row_count(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    loans = [_loan("bank_a", 1, "10"), _loan("bank_a", 1, "20"), _loan("bank_a", 1, "30")]
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, loans, FEBRUARY, 50)
+    build_institution(settings, "bank_a", classes=CLASSES)
+    february = [row for row in _table(settings, "bank_a", "test_dkxx") if row["_period"] == "20250228"]
+    assert len(february) == 3
+    assert len({row["ZJHM"] for row in february}) == 1
