@@ -287,9 +287,10 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
         token_columns = [plan.name for plan in plans if plan.treatment == "token"]
         tokens = token_dictionary(con, "source", token_columns, token_key.key, token_cache)
         con.register(TOKEN_TABLE, tokens)
-        # Rows keep the order of the partitions (by period) and of the rows in them, so an
-        # unchanged input gives the same file.
-        query = select_sql(plans, "source", order_by="src._extract_file, src.file_row_number")
+        # The token joins reorder rows, so the rows are sorted back into the order of the files
+        # and of the rows in them: an unchanged input gives the same file.
+        order_by = "src.file_row_number" if len(files) == 1 else "src._extract_file, src.file_row_number"
+        query = select_sql(plans, "source", order_by=order_by)
         con.sql(f"COPY ({query}) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
     finally:
         con.close()
