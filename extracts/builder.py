@@ -56,7 +56,7 @@ from extracts.publish import (
     resolve_permissions,
     write_trusted_keys,
 )
-from extracts.segments import concatenate, ensure_segments, prune, segments_dir
+from extracts.segments import concatenate, cut_period, ensure_segments, prune, segment_name, segments_dir
 from extracts.sources import (
     SOURCE_DEMO,
     SourcePartition,
@@ -259,8 +259,7 @@ def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, t
 
 def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
     """Return the SM3 of everything a table's content depends on, to decide whether to rebuild it."""
-    document = {**inputs, "partitions": partitions}
-    return sm3_hex(json.dumps(document, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+    return _digest({**inputs, "partitions": partitions})
 
 
 # --- building one table ---------------------------------------------------------------------------
@@ -422,9 +421,10 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
             else:
                 plan_entries, periods, used = _build_intake_table(settings, store, institution_code, table, target,
                                                                    work_dir, classes, policy, token_key, inputs,
-                                                                   token_cache)
+                                                                   token_cache, previous, previous_manifest)
                 segments_in_use.append(used)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
+            entry["inputs_sm3"] = _digest(inputs)
             entries.append(entry)
             outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], True, tuple(periods)))
     finally:
@@ -434,22 +434,59 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
 
 def _build_intake_table(settings: Settings, store: KeyStore, institution_code: str, table: SourceTable,
                         target: Path, work_dir: Path, classes: ColumnClasses, policy: MaskingPolicy,
-                        token_key: KeyVersion, inputs: dict,
-                        token_cache: dict[str, str]) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
-    """Mask the new or changed periods of an intake table into segments and concatenate all of them to ``target``."""
+                        token_key: KeyVersion, inputs: dict, token_cache: dict[str, str], previous: Path | None,
+                        previous_manifest: dict) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
+    """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
-    def mask(partition: SourcePartition, segment: Path) -> list[dict]:
+    Without cached segments and without a previous table built from the same policy, token key and
+    classes, all partitions are masked in one pass straight into ``target`` (one write of the rows).
+    Otherwise each period becomes a segment: a cached one, one cut from the previous table when its
+    partition is unchanged, or one masked anew; ``target`` is their concatenation.
+    """
+    folder = segments_dir(settings, institution_code, table.name)
+    prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
+    if prior is None and not any((folder / segment_name(inputs, item)).is_file() for item in table.partitions):
+        files = decrypt_intake(store, institution_code, table, work_dir)
+        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache)
+        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions], (folder, [])
+
+    def mask(partition: SourcePartition, segment: Path) -> tuple[list[dict], bool]:
+        if prior is not None and partition.manifest_entry() in prior[1]["source"]["partitions"]:
+            cut_period(prior[0], partition.period or "", segment, work_dir / "spill")
+            entries = [{key: value for key, value in column.items() if key != "type"}
+                       for column in prior[1]["columns"] + prior[1]["dropped_columns"]]
+            return entries, False
         (source,) = decrypt_intake(store, institution_code, replace(table, partitions=(partition,)), work_dir)
         try:
             plans = _mask_table(table, [source], segment, work_dir, classes, policy, token_key, token_cache)
         finally:
             source.unlink(missing_ok=True)
-        return [plan.manifest_entry() for plan in plans]
+        return [plan.manifest_entry() for plan in plans], True
 
-    folder = segments_dir(settings, institution_code, table.name)
     segments, plan_entries, periods = ensure_segments(folder, inputs, table.partitions, mask)
     concatenate(segments, target, work_dir / "spill")
     return plan_entries, periods, (folder, segments)
+
+
+def _digest(document: dict) -> str:
+    return sm3_hex(json.dumps(document, sort_keys=True, ensure_ascii=False).encode("utf-8"))
+
+
+def _prior_table(previous: Path | None, document: dict, name: str, inputs_sm3: str) -> tuple[Path, dict] | None:
+    """Return the previous build's file and entry of a table built from the same inputs, if its digest still matches."""
+    if previous is None:
+        return None
+    entry = next((item for item in document.get("tables", []) if item.get("name") == name), None)
+    if entry is None or entry.get("inputs_sm3") != inputs_sm3:
+        return None
+    path = previous / entry["file"]
+    try:
+        if sm3_file(path) != entry.get("sm3"):
+            logger.warning("extract table %s of the published build changed on disk; not reused", path)
+            return None
+    except OSError:
+        return None
+    return path, entry
 
 
 def _manifest(institution_code: str, build_id: str, policy: MaskingPolicy, token_key: KeyVersion,

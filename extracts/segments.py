@@ -1,6 +1,8 @@
 """Masked period segments: the unit of incremental rebuilds of intake tables.
 
-Each accepted period of an intake table is masked into its own Parquet segment, kept in
+The first build of an intake table masks all periods in one pass and keeps no segments. Later
+builds split the table into period segments: each accepted period is masked into its own
+Parquet segment, or cut from the previous table when its partition did not change, kept in
 ``extracts/<code>.builds/.segments/<table>/`` (0700, owner only) and named by the SM3 of everything
 its content depends on: the partition's digest from its warehouse manifest, the policy digest,
 the token key label and the classes of the table. The next build reuses every segment whose name
@@ -50,12 +52,13 @@ def ensure_segments(
     folder: Path,
     base: dict,
     partitions: tuple[SourcePartition, ...],
-    mask: Callable[[SourcePartition, Path], list[dict]],
+    mask: Callable[[SourcePartition, Path], tuple[list[dict], bool]],
 ) -> tuple[list[Path], list[dict], list[str]]:
     """Return the segments of ``partitions`` in order, their merged column entries and the periods masked now.
 
-    ``mask(partition, target)`` writes the masked segment of one partition to ``target`` and returns
-    its column entries. A segment is written under a temporary name and renamed into place.
+    ``mask(partition, target)`` writes the segment of one partition to ``target`` and returns its
+    column entries and whether it masked warehouse data (False when it cut the segment from the
+    previous table). A segment is written under a temporary name and renamed into place.
     """
     segments: list[Path] = []
     columns: dict[str, dict] = {}
@@ -65,11 +68,12 @@ def ensure_segments(
         sidecar = path.with_suffix(".json")
         if not (path.is_file() and sidecar.is_file()):
             temporary = path.with_name(f".{path.name}.tmp")
-            entries = mask(partition, temporary)
+            entries, masked = mask(partition, temporary)
             sidecar.write_text(json.dumps(entries, ensure_ascii=False), encoding="utf-8")
             os.replace(temporary, path)
             fsync_directory(folder)
-            rebuilt.append(partition.period or "")
+            if masked:
+                rebuilt.append(partition.period or "")
         for entry in json.loads(sidecar.read_text("utf-8")):
             columns.setdefault(entry["name"], entry)
         segments.append(path)
@@ -89,6 +93,18 @@ def concatenate(segments: list[Path], target: Path, spill_dir: Path) -> None:
         con.sql("SET preserve_insertion_order=true")
         files = "[" + ", ".join(quote_literal(str(path)) for path in segments) + "]"
         con.sql(f"COPY (SELECT * FROM read_parquet({files}, union_by_name=true)) "
+                f"TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+    finally:
+        con.close()
+
+
+def cut_period(table: Path, period: str, target: Path, spill_dir: Path) -> None:
+    """Write the rows of one period (column ``_period``) of a previous masked table to ``target``, in order."""
+    con = duckdb.connect(":memory:")
+    try:
+        con.sql(f"SET temp_directory={quote_literal(str(spill_dir))}")
+        con.sql("SET preserve_insertion_order=true")
+        con.sql(f"COPY (SELECT * FROM read_parquet({quote_literal(str(table))}) WHERE _period = {quote_literal(period)}) "
                 f"TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
     finally:
         con.close()

@@ -152,17 +152,23 @@ def _all_files(settings: Settings) -> list[Path]:
     return [path for path in settings.extracts_dir.rglob("*") if path.is_file()]
 
 
-def test_no_raw_sensitive_value_in_any_extract_file(warehouse) -> None:
+def test_no_raw_sensitive_value_in_any_extract_file(warehouse, tmp_path: Path) -> None:
     settings, _store, raw = warehouse
     for code in INSTITUTIONS:
+        build_institution(settings, code, classes=CLASSES)
+    # A second period makes the next build cut and cache period segments, which are scanned too.
+    for offset, code in enumerate(INSTITUTIONS):
+        loans = [_loan(code, number, "77") for number in range(3)]
+        _load(settings, _store, tmp_path, code, LOANS, LOAN_FIELDS, loans, FEBRUARY, 60 + offset)
+        raw[code] = raw[code] + loans
         build_institution(settings, code, classes=CLASSES)
 
     sensitive = _sensitive_values(raw)
     assert SHARED_ID in sensitive and "pw-0-1-secret" in sensitive
-    files = _all_files(settings)  # published builds and the cached period segments
+    files = _all_files(settings)  # current and previous builds, and the cached period segments
     published = [path for code in INSTITUTIONS for path in extract_dir(settings, code).iterdir()]
     assert len([path for path in published if path.suffix == ".parquet"]) == 6
-    assert len([path for path in files if ".segments" in path.parts and path.suffix == ".parquet"]) == 6
+    assert len([path for path in files if path.suffix == ".parquet"]) == 6 + 6 + 6
     for path in files:
         content = path.read_bytes()
         for value in sensitive:
@@ -397,11 +403,11 @@ def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> Non
     first = build_institution(settings, "bank_a", classes=CLASSES)
     assert {table.name: table.periods_rebuilt for table in first.tables} == {
         "test_khxx": ("20250131",), "test_dkxx": ("20250131", "20250228")}
-    segments = sorted((builds_dir(settings, "bank_a") / ".segments" / "test_dkxx").glob("*.parquet"))
-    january = next(path for path in segments if path.name.startswith("20250131"))
-    january_inode = january.stat().st_ino
+    segments = builds_dir(settings, "bank_a") / ".segments" / "test_dkxx"
+    assert list(segments.glob("*.parquet")) == []  # the first build masks all periods in one pass
 
-    # A corrected January submission (version 2) replaces that period only.
+    # A corrected January submission (version 2) replaces that period only; February is cut from
+    # the previous table instead of being decrypted and masked again.
     staged = _staged(tmp_path, "january-v2", LOAN_FIELDS, [_loan("bank_a", 1, "42")])
     load_submission(settings, store, institution_code="bank_a", template_code=LOANS, template_version=1,
                     field_codes=LOAN_FIELDS, period_end=JANUARY, staged_path=staged, submission_id=40, version=2,
@@ -412,9 +418,15 @@ def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> Non
     rows = _table(settings, "bank_a", "test_dkxx")
     assert [(row["HTH"], row["DKJE"], row["_period"]) for row in rows] == [
         ("HT000001", "[0, 1万)", "20250131"), ("HT000007", "[0, 1万)", "20250228")]
-    remaining = sorted((builds_dir(settings, "bank_a") / ".segments" / "test_dkxx").glob("*.parquet"))
-    assert len(remaining) == 2 and january not in remaining
-    assert all(path.stat().st_ino != january_inode for path in remaining if path.name.startswith("20250131"))
+    cached = sorted(path.name[:8] for path in segments.glob("*.parquet"))
+    assert cached == ["20250131", "20250228"]
+
+    # A new March period masks March alone and reuses both cached segments.
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 2, "5")], date(2025, 3, 31), 41)
+    third = build_institution(settings, "bank_a", classes=CLASSES)
+    assert {table.name: table.periods_rebuilt for table in third.tables} == {"test_khxx": (), "test_dkxx": ("20250331",)}
+    assert [row["_period"] for row in _table(settings, "bank_a", "test_dkxx")] == ["20250131", "20250228", "20250331"]
+    assert {table.name: table.rows for table in third.tables}["test_dkxx"] == 3
 
 
 def test_repeated_values_keep_row_count(warehouse, tmp_path: Path) -> None:
