@@ -41,7 +41,7 @@ import duckdb
 
 from catalog.classes import ColumnClass, effective_class
 from extracts.demo_data import DEMO_CLASSES, DEMO_FEATURE_CLASS
-from extracts.masking import TOKEN_TABLE, ColumnPlan, quote_literal, select_sql, token_dictionary
+from extracts.masking import TOKEN_TABLE, ColumnPlan, merge_periods, quote_literal, select_sql, token_dictionary
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
 from extracts.publish import (
     ExtractPermissions,
@@ -56,7 +56,6 @@ from extracts.publish import (
     resolve_permissions,
     write_trusted_keys,
 )
-from extracts.segments import concatenate, cut_period, ensure_segments, prune, segment_name, segments_dir
 from extracts.sources import (
     SOURCE_DEMO,
     SourcePartition,
@@ -100,7 +99,7 @@ MANIFEST_FORMAT = "regsandbox-extract/2"
 MANIFEST_SIGNATURE_KIND = "extract_manifest"
 PLATFORM_COLUMNS: dict[str, ColumnClass] = {PERIOD_COLUMN: ColumnClass(level=1)}
 """Columns the platform adds to intake partitions; kept whatever the policy says about level 1."""
-_RESERVED_COLUMNS = ("_extract_file", "_segment", "file_row_number")
+_RESERVED_COLUMNS = ("_extract_file", "file_row_number")
 
 ColumnClasses = Mapping[tuple[str, str], ColumnClass]
 
@@ -387,11 +386,10 @@ def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, finge
 def _build_tables(settings: Settings, store: KeyStore, institution_code: str, sources: list[SourceTable],
                   build: Path, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
                   previous: Path | None, previous_manifest: dict,
-                  ) -> tuple[list[dict], list[TableOutcome], list[tuple[Path, list[Path]]]]:
-    """Write every table into ``build``; return manifest entries, outcomes and the segments in use per folder."""
+                  ) -> tuple[list[dict], list[TableOutcome]]:
+    """Write every table into ``build``; return the manifest entries and the outcomes."""
     entries: list[dict] = []
     outcomes: list[TableOutcome] = []
-    segments_in_use: list[tuple[Path, list[Path]]] = []
     work_root = settings.warehouse_dir
     work_root.mkdir(parents=True, exist_ok=True)
     work_dir = Path(tempfile.mkdtemp(prefix=".extract-work-", dir=work_root))
@@ -417,55 +415,52 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 continue
             if demo_file is not None:
                 plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache)
-                plan_entries, periods = [plan.manifest_entry() for plan in plans], ()
+                plan_entries, periods = [plan.manifest_entry() for plan in plans], []
             else:
-                plan_entries, periods, used = _build_intake_table(settings, store, institution_code, table, target,
-                                                                   work_dir, classes, policy, token_key, inputs,
-                                                                   token_cache, previous, previous_manifest)
-                segments_in_use.append(used)
+                plan_entries, periods = _build_intake_table(store, institution_code, table, target, work_dir, classes,
+                                                            policy, token_key, inputs, token_cache, previous,
+                                                            previous_manifest)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entry["inputs_sm3"] = _digest(inputs)
             entries.append(entry)
             outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], True, tuple(periods)))
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
-    return entries, outcomes, segments_in_use
+    return entries, outcomes
 
 
-def _build_intake_table(settings: Settings, store: KeyStore, institution_code: str, table: SourceTable,
-                        target: Path, work_dir: Path, classes: ColumnClasses, policy: MaskingPolicy,
-                        token_key: KeyVersion, inputs: dict, token_cache: dict[str, str], previous: Path | None,
-                        previous_manifest: dict) -> tuple[list[dict], list[str], tuple[Path, list[Path]]]:
+def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
+                        classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
+                        token_cache: dict[str, str], previous: Path | None,
+                        previous_manifest: dict) -> tuple[list[dict], list[str]]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
-    Without cached segments and without a previous table built from the same policy, token key and
-    classes, all partitions are masked in one pass straight into ``target`` (one write of the rows).
-    Otherwise each period becomes a segment: a cached one, one cut from the previous table when its
-    partition is unchanged, or one masked anew; ``target`` is their concatenation.
+    Without a previous table built from the same policy, token key and classes, all partitions are
+    masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table
+    and only new or changed periods are decrypted and masked; they follow the copied rows, so a
+    corrected period moves to the end of the table. Returns the column entries and the periods masked.
     """
-    folder = segments_dir(settings, institution_code, table.name)
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
-    if prior is None and not any((folder / segment_name(inputs, item)).is_file() for item in table.partitions):
+    if prior is None:
         files = decrypt_intake(store, institution_code, table, work_dir)
         plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache)
-        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions], (folder, [])
+        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions]
 
-    def mask(partition: SourcePartition, segment: Path) -> tuple[list[dict], bool]:
-        if prior is not None and partition.manifest_entry() in prior[1]["source"]["partitions"]:
-            cut_period(prior[0], partition.period or "", segment, work_dir / "spill")
-            entries = [{key: value for key, value in column.items() if key != "type"}
-                       for column in prior[1]["columns"] + prior[1]["dropped_columns"]]
-            return entries, False
-        (source,) = decrypt_intake(store, institution_code, replace(table, partitions=(partition,)), work_dir)
-        try:
-            plans = _mask_table(table, [source], segment, work_dir, classes, policy, token_key, token_cache)
-        finally:
-            source.unlink(missing_ok=True)
-        return [plan.manifest_entry() for plan in plans], True
-
-    segments, plan_entries, periods = ensure_segments(folder, inputs, table.partitions, mask)
-    concatenate(segments, target, work_dir / "spill")
-    return plan_entries, periods, (folder, segments)
+    prior_path, prior_entry = prior
+    changed = tuple(item for item in table.partitions if item.manifest_entry() not in prior_entry["source"]["partitions"])
+    kept = [item.period or "" for item in table.partitions if item not in changed]
+    entries = {column["name"]: {key: value for key, value in column.items() if key != "type"}
+               for column in prior_entry["columns"] + prior_entry["dropped_columns"]}
+    changed_file = work_dir / f"{table.name}.changed.parquet"
+    if changed:
+        files = decrypt_intake(store, institution_code, replace(table, partitions=changed), work_dir)
+        plans = _mask_table(table, files, changed_file, work_dir, classes, policy, token_key, token_cache)
+        for path in files:
+            path.unlink(missing_ok=True)
+        for plan in plans:
+            entries.setdefault(plan.name, plan.manifest_entry())
+    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill")
+    return list(entries.values()), [item.period or "" for item in changed]
 
 
 def _digest(document: dict) -> str:
@@ -584,8 +579,8 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
         raise _not_writable(settings, error) from error
 
     try:
-        entries, outcomes, segments_in_use = _build_tables(settings, keystore, institution_code, sources, build,
-                                                           classes, policy, token_key, previous, previous_manifest)
+        entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
+                                          token_key, previous, previous_manifest)
         if _unchanged(previous, previous_manifest, entries, outcomes, permissions):
             discard_build(build)
             logger.info("extract of %s unchanged, build %s kept", institution_code, previous)
@@ -601,8 +596,6 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
         permissions.apply(build, is_dir=True)
         write_trusted_keys(settings, keystore)
         publish(settings, institution_code, build)
-        for folder, segments in segments_in_use:
-            prune(folder, segments)
     except OSError as error:
         discard_build(build)
         raise ExtractWriteFailed(

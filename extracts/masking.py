@@ -13,6 +13,7 @@ from __future__ import annotations
 
 from collections.abc import Iterable
 from dataclasses import dataclass
+from pathlib import Path
 
 import duckdb
 import pyarrow as pa
@@ -175,3 +176,23 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
             token = cache[value] = mac.finalize().hex()
         tokens.append(token)
     return pa.table({"value": pa.array(values, pa.string()), "token": pa.array(tokens, pa.string())})
+
+
+def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, spill_dir: Path) -> None:
+    """Write the rows of ``kept_periods`` (column ``_period``) of ``previous``, then all rows of ``changed``, to ``target``.
+
+    One scan over both files with a filter keeps their order, because DuckDB preserves insertion
+    order (its default, set here explicitly), so no sort is needed.
+    """
+    files = [previous] if changed is None else [previous, changed]
+    listing = "[" + ", ".join(quote_literal(str(path)) for path in files) + "]"
+    periods = ", ".join(quote_literal(period) for period in kept_periods) or "NULL"
+    con = duckdb.connect(":memory:")
+    try:
+        con.sql(f"SET temp_directory={quote_literal(str(spill_dir))}")
+        con.sql("SET preserve_insertion_order=true")
+        con.sql(f"COPY (SELECT * EXCLUDE (_extract_file) FROM read_parquet({listing}, union_by_name=true, "
+                f"filename='_extract_file') WHERE _extract_file <> {quote_literal(str(previous))} "
+                f"OR _period IN ({periods})) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+    finally:
+        con.close()

@@ -156,7 +156,7 @@ def test_no_raw_sensitive_value_in_any_extract_file(warehouse, tmp_path: Path) -
     settings, _store, raw = warehouse
     for code in INSTITUTIONS:
         build_institution(settings, code, classes=CLASSES)
-    # A second period makes the next build cut and cache period segments, which are scanned too.
+    # A second period makes the next build merge the previous table with the new period.
     for offset, code in enumerate(INSTITUTIONS):
         loans = [_loan(code, number, "77") for number in range(3)]
         _load(settings, _store, tmp_path, code, LOANS, LOAN_FIELDS, loans, FEBRUARY, 60 + offset)
@@ -165,10 +165,10 @@ def test_no_raw_sensitive_value_in_any_extract_file(warehouse, tmp_path: Path) -
 
     sensitive = _sensitive_values(raw)
     assert SHARED_ID in sensitive and "pw-0-1-secret" in sensitive
-    files = _all_files(settings)  # current and previous builds, and the cached period segments
+    files = _all_files(settings)  # current and previous builds
     published = [path for code in INSTITUTIONS for path in extract_dir(settings, code).iterdir()]
     assert len([path for path in published if path.suffix == ".parquet"]) == 6
-    assert len([path for path in files if path.suffix == ".parquet"]) == 6 + 6 + 6
+    assert len([path for path in files if path.suffix == ".parquet"]) == 6 + 6
     for path in files:
         content = path.read_bytes()
         for value in sensitive:
@@ -403,11 +403,9 @@ def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> Non
     first = build_institution(settings, "bank_a", classes=CLASSES)
     assert {table.name: table.periods_rebuilt for table in first.tables} == {
         "test_khxx": ("20250131",), "test_dkxx": ("20250131", "20250228")}
-    segments = builds_dir(settings, "bank_a") / ".segments" / "test_dkxx"
-    assert list(segments.glob("*.parquet")) == []  # the first build masks all periods in one pass
 
-    # A corrected January submission (version 2) replaces that period only; February is cut from
-    # the previous table instead of being decrypted and masked again.
+    # A corrected January submission (version 2) replaces that period only. February is copied
+    # from the previous table, and the corrected rows follow it.
     staged = _staged(tmp_path, "january-v2", LOAN_FIELDS, [_loan("bank_a", 1, "42")])
     load_submission(settings, store, institution_code="bank_a", template_code=LOANS, template_version=1,
                     field_codes=LOAN_FIELDS, period_end=JANUARY, staged_path=staged, submission_id=40, version=2,
@@ -417,16 +415,16 @@ def test_changed_period_masks_only_that_period(warehouse, tmp_path: Path) -> Non
     assert {table.name: table.periods_rebuilt for table in second.tables} == {"test_khxx": (), "test_dkxx": ("20250131",)}
     rows = _table(settings, "bank_a", "test_dkxx")
     assert [(row["HTH"], row["DKJE"], row["_period"]) for row in rows] == [
-        ("HT000001", "[0, 1万)", "20250131"), ("HT000007", "[0, 1万)", "20250228")]
-    cached = sorted(path.name[:8] for path in segments.glob("*.parquet"))
-    assert cached == ["20250131", "20250228"]
+        ("HT000007", "[0, 1万)", "20250228"), ("HT000001", "[0, 1万)", "20250131")]
 
-    # A new March period masks March alone and reuses both cached segments.
+    # A new March period masks March alone.
     _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 2, "5")], date(2025, 3, 31), 41)
     third = build_institution(settings, "bank_a", classes=CLASSES)
     assert {table.name: table.periods_rebuilt for table in third.tables} == {"test_khxx": (), "test_dkxx": ("20250331",)}
-    assert [row["_period"] for row in _table(settings, "bank_a", "test_dkxx")] == ["20250131", "20250228", "20250331"]
-    assert {table.name: table.rows for table in third.tables}["test_dkxx"] == 3
+    assert [row["_period"] for row in _table(settings, "bank_a", "test_dkxx")] == ["20250228", "20250131", "20250331"]
+    loans = {table["name"]: table for table in _manifest(settings, "bank_a")["tables"]}["test_dkxx"]
+    assert [partition["period"] for partition in loans["source"]["partitions"]] == ["20250131", "20250228", "20250331"]
+    assert loans["row_count"] == 3
 
 
 def test_repeated_values_keep_row_count(warehouse, tmp_path: Path) -> None:
