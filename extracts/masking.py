@@ -127,7 +127,7 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None) ->
     return f"CASE WHEN {source} IS NULL THEN NULL ELSE {expression} END AS {name}"
 
 
-def select_sql(plans: Iterable[ColumnPlan], relation: str, order_by: str | None = None) -> str:
+def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
     """Return the SELECT of the masked table over ``relation`` (aliased ``src``) with one token join per token column."""
     expressions: list[str] = []
     joins: list[str] = []
@@ -140,10 +140,7 @@ def select_sql(plans: Iterable[ColumnPlan], relation: str, order_by: str | None 
         expression = column_expression(plan, source, alias)
         if expression is not None:
             expressions.append(expression)
-    sql = f"SELECT {', '.join(expressions)} FROM {relation} AS src {' '.join(joins)}"
-    if order_by:
-        sql += f" ORDER BY {order_by}"
-    return sql
+    return f"SELECT {', '.join(expressions)} FROM {relation} AS src {' '.join(joins)}"
 
 
 def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes,

@@ -26,7 +26,7 @@ TOKEN_COLUMNS = ("id_number",)
 
 
 def _tokens(folder: Path) -> pl.DataFrame:
-    return pl.read_parquet(folder / "applications.parquet").select("application_id", *TOKEN_COLUMNS)
+    return pl.read_parquet(folder / "applications.parquet").select("application_id", *TOKEN_COLUMNS).sort("application_id")
 
 
 def _manifest(folder: Path) -> dict:
@@ -38,7 +38,7 @@ def _expected_tokens(settings: Settings, code: str, key: bytes) -> pl.DataFrame:
     return pl.DataFrame({
         "application_id": raw["application_id"],
         "id_number": [keyed_token(key, value) for value in raw["id_number"].to_list()],
-    })
+    }).sort("application_id")
 
 
 def _edit_row_count(manifest_path: Path) -> None:

@@ -127,6 +127,11 @@ def _table(settings: Settings, code: str, name: str) -> list[dict]:
         con.close()
 
 
+def _customers(settings: Settings, code: str) -> list[dict]:
+    """Return the masked customers in customer order: the masked mobile ends in the customer number."""
+    return sorted(_table(settings, code, "test_khxx"), key=lambda row: row["SJHM"])
+
+
 def _manifest(settings: Settings, code: str) -> dict:
     return json.loads((extract_dir(settings, code) / "manifest.json").read_text("utf-8"))
 
@@ -192,7 +197,7 @@ def test_treatments_per_class(warehouse) -> None:
     build_institution(settings, "bank_a", classes=CLASSES)
     key = store.current("bank_a", "token").key
 
-    customers = _table(settings, "bank_a", "test_khxx")
+    customers = _customers(settings, "bank_a")  # masked rows are not in warehouse order
     first = customers[0]
     assert list(first) == ["KHTYBH", "KHMC", "ZJHM", "SJHM", "YHKH", "CSRQ", "DZ", "BZ", "CJRQ", "_period"]
     assert first["KHTYBH"] == keyed_token(key, "KH000000")
@@ -208,7 +213,7 @@ def test_treatments_per_class(warehouse) -> None:
     assert customers[1]["DZ"] == "浙江省杭州市"
     assert customers[2]["DZ"] == "内蒙古自治区呼和浩特市"
 
-    loans = _table(settings, "bank_a", "test_dkxx")
+    loans = sorted(_table(settings, "bank_a", "test_dkxx"), key=lambda row: row["HTH"])
     assert [row["DKJE"] for row in loans] == ["[0, 1万)", "[1万, 10万)", "[10万, 100万)", "[100万, 1000万)",
                                               "[1000万, +∞)", None]
     assert {row["YE"] for row in loans} == {"1000.50"}
@@ -249,8 +254,8 @@ def test_tokens_stable_within_institution_and_unlinkable_across(warehouse) -> No
     settings, _store, _raw = warehouse
     for code in ("bank_a", "bank_b"):
         build_institution(settings, code, classes=CLASSES)
-    token_a = _table(settings, "bank_a", "test_khxx")[0]["ZJHM"]
-    token_b = _table(settings, "bank_b", "test_khxx")[0]["ZJHM"]
+    token_a = _customers(settings, "bank_a")[0]["ZJHM"]
+    token_b = _customers(settings, "bank_b")[0]["ZJHM"]
     assert token_a != token_b
 
     tokens = {code: {row["ZJHM"] for row in _table(settings, code, "test_khxx")} for code in ("bank_a", "bank_b")}
@@ -263,11 +268,11 @@ def test_tokens_stable_within_institution_and_unlinkable_across(warehouse) -> No
 def test_token_key_rotation_changes_tokens(warehouse) -> None:
     settings, store, _raw = warehouse
     build_institution(settings, "bank_a", classes=CLASSES)
-    before = [row["ZJHM"] for row in _table(settings, "bank_a", "test_khxx")]
+    before = [row["ZJHM"] for row in _customers(settings, "bank_a")]
 
     assert store.rotate("bank_a", "token") == 2
     outcome = build_institution(settings, "bank_a", classes=CLASSES)
-    after = [row["ZJHM"] for row in _table(settings, "bank_a", "test_khxx")]
+    after = [row["ZJHM"] for row in _customers(settings, "bank_a")]
 
     assert outcome.status == "published" and all(table.rebuilt for table in outcome.tables)
     assert not set(before) & set(after)
@@ -312,7 +317,7 @@ def test_changed_class_rebuilds_table(warehouse) -> None:
     changed = {**CLASSES, (CUSTOMERS, "BZ"): ColumnClass(2, None, "other")}
     outcome = build_institution(settings, "bank_a", classes=changed)
     assert {table.name: table.rebuilt for table in outcome.tables} == {"test_khxx": True, "test_dkxx": False}
-    assert _table(settings, "bank_a", "test_khxx")[0]["BZ"] == "备注0-0-客户经理口述"
+    assert _customers(settings, "bank_a")[0]["BZ"] == "备注0-0-客户经理口述"
 
 
 def test_accepted_ids_leave_out_other_submissions(warehouse) -> None:
