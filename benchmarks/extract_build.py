@@ -5,7 +5,7 @@ Run from the repository root (takes several minutes and about 3 GB of disk under
     .venv/bin/python benchmarks/extract_build.py                 # 10,000,000 rows, writes docs/benchmarks.md
     .venv/bin/python benchmarks/extract_build.py --rows 200000 --no-write   # smoke run
 
-The warehouse holds one institution's loan table of 20 text columns, loaded as 10 monthly
+The warehouse contains one institution's loan table of 20 text columns, loaded as 10 monthly
 periods through :func:`intake.warehouse.load_submission` (encrypted partitions, as accepted
 reports are stored). Customer numbers are drawn from ``--customers`` values, so the resident ID,
 mobile, name, birth date and address repeat per customer. Six columns have sensitive classes
@@ -18,9 +18,10 @@ is its own:
 - ``bare``: decrypt the 10 partitions to plaintext Parquet (timed separately), then one DuckDB
   ``COPY (SELECT * FROM read_parquet(...)) TO ... (FORMAT parquet, COMPRESSION zstd)``.
 - ``masked``: :func:`extracts.builder.build_institution` from the encrypted warehouse: decryption,
-  distinct-value tokenisation, masking per period segment, the concatenated table, the manifest
-  with SM3 digests, the SM2 signature and the atomic publication.
-- ``rebuild``: a corrected submission replaces one period, then the build runs again.
+  distinct-value tokenisation, masking in one DuckDB COPY, the manifest with SM3 digests, the SM2
+  signature and the atomic publication.
+- ``rebuild``: a corrected submission replaces one period, then the build runs again (that period
+  is masked, the other nine are copied from the previous table).
 
 The results replace the ``extract_build`` section of docs/benchmarks.md unless --no-write is given.
 """
@@ -258,7 +259,7 @@ def _report(arguments: argparse.Namespace, results: dict, load_before: tuple, lo
         f"{bare_rate:,.0f} | {bare['peak_rss_mib']:,.0f} MiB (with the decryption below) |",
         f"| decryption of the {PERIODS} partitions (SM4-GCM), before (a) | {bare['decrypt_seconds']:.1f} s | "
         f"{bare['rows'] / bare['decrypt_seconds']:,.0f} | (same process) |",
-        f"| (b) masked build: decrypt, tokenise, mask per period, concatenate, manifest, SM2, publish | "
+        f"| (b) masked build: decrypt, tokenise, mask, manifest with SM3, SM2 signature, publish | "
         f"{masked['seconds']:.1f} s | {masked_rate:,.0f} | {masked['peak_rss_mib']:,.0f} MiB |",
         f"| rebuild after one corrected period ({', '.join(rebuild['periods_rebuilt'])} masked again) | "
         f"{rebuild['seconds']:.1f} s | {rebuild['rows'] / rebuild['seconds']:,.0f} | {rebuild['peak_rss_mib']:,.0f} MiB |",

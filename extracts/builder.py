@@ -16,7 +16,10 @@ it. The folder is published atomically (:mod:`extracts.publish`).
 
 Incremental builds: a table whose source partitions (the digests in the warehouse manifests),
 classes, policy and token key are those of the published build is hard-linked from it instead of
-being masked again. When nothing changed at all, nothing is written.
+being masked again. When only some periods of an intake table changed, only those partitions are
+decrypted and masked, and the rows of the other periods are copied from the previous table. When
+nothing changed at all, nothing is written. The rows of a masked table are not in warehouse
+order, because the token joins reorder them.
 
 Every failure raises a :class:`~regsandbox_core.errors.RegsandboxError` with a code and a Chinese
 message before anything is published: the unfinished build folder is deleted and the previous
@@ -98,7 +101,7 @@ MANIFEST_NAME = "manifest.json"
 MANIFEST_FORMAT = "regsandbox-extract/2"
 MANIFEST_SIGNATURE_KIND = "extract_manifest"
 PLATFORM_COLUMNS: dict[str, ColumnClass] = {PERIOD_COLUMN: ColumnClass(level=1)}
-"""Columns the platform adds to intake partitions; kept whatever the policy says about level 1."""
+"""Columns the platform adds to intake partitions; kept whatever treatment the policy gives level 1."""
 _RESERVED_COLUMNS = ("_extract_file",)
 
 ColumnClasses = Mapping[tuple[str, str], ColumnClass]
@@ -145,7 +148,7 @@ class TableOutcome:
 
 @dataclass(frozen=True)
 class ExtractOutcome:
-    """What one build did: ``published`` (a new build is live) or ``unchanged`` (nothing written)."""
+    """Result of one build: ``published`` (a new build is live) or ``unchanged`` (nothing written)."""
 
     institution: str
     status: str

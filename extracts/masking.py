@@ -37,7 +37,7 @@ def quote_literal(text: str) -> str:
 
 @dataclass(frozen=True)
 class ColumnPlan:
-    """What the extract does with one source column: its class, the rule and the resulting treatment."""
+    """Treatment plan of one source column: its class, the matching rule and the treatment."""
 
     name: str
     column_class: ColumnClass
@@ -147,8 +147,8 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
                      cache: dict[str, str] | None = None) -> pa.Table:
     """Return the (value, token) table of every distinct non-null value of ``columns`` in ``relation``.
 
-    ``cache`` (value -> token under ``key``) carries tokens from one period to the next within a
-    build, so a customer seen in every period is tokenised once.
+    ``cache`` (value -> token under ``key``) carries tokens from one table to the next within a
+    build, so a customer seen in several tables is tokenised once.
     """
     if not columns:
         return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})

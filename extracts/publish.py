@@ -8,8 +8,8 @@ Layout under ``<data_dir>/extracts``::
     platform_signing_keys.json   public keys that the kernel helper trusts (0644)
 
 A build is written into a new ``<code>.builds/<id>`` folder. Publishing creates a symlink under a
-temporary name and renames it over ``<code>``; ``rename`` replaces the old link in one step, so a
-reader that resolves ``<code>`` finds the old build or the new one, never a mix. The previous build
+temporary name and renames it over ``<code>``. Because ``rename`` replaces the old link in one
+step, a reader that resolves ``<code>`` finds the old build or the new one, never a mix. The previous build
 is kept, so a kernel that resolved the link before the switch can finish reading it, and older
 builds are deleted. A ``<code>`` that is still a plain folder (the layout before versioned builds)
 is swapped with the new link by ``renameat2(RENAME_EXCHANGE)`` and then moved into
