@@ -36,6 +36,7 @@ import os
 import re
 import shutil
 import tempfile
+import time
 from collections.abc import Collection, Mapping
 from dataclasses import dataclass, field, replace
 from pathlib import Path
@@ -103,6 +104,9 @@ MANIFEST_SIGNATURE_KIND = "extract_manifest"
 PLATFORM_COLUMNS: dict[str, ColumnClass] = {PERIOD_COLUMN: ColumnClass(level=1)}
 """Columns the platform adds to intake partitions; kept whatever treatment the policy gives level 1."""
 _RESERVED_COLUMNS = ("_extract_file",)
+WORK_DIR_PREFIX = ".extract-work-"
+STALE_WORK_DIR_SECONDS = 24 * 3600
+"""Age after which a work folder is taken to be left over by a killed build (builds take minutes)."""
 
 ColumnClasses = Mapping[tuple[str, str], ColumnClass]
 
@@ -395,7 +399,8 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
     outcomes: list[TableOutcome] = []
     work_root = settings.warehouse_dir
     work_root.mkdir(parents=True, exist_ok=True)
-    work_dir = Path(tempfile.mkdtemp(prefix=".extract-work-", dir=work_root))
+    _delete_stale_work_dirs(work_root)
+    work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=work_root))
     # Tokens already computed in this build (value -> token under this institution's key).
     token_cache: dict[str, str] = {}
     try:
@@ -430,6 +435,18 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
     finally:
         shutil.rmtree(work_dir, ignore_errors=True)
     return entries, outcomes
+
+
+def _delete_stale_work_dirs(work_root: Path) -> None:
+    """Delete work folders (decrypted plaintext) that a build killed before its cleanup left behind."""
+    cutoff = time.time() - STALE_WORK_DIR_SECONDS
+    for folder in work_root.glob(f"{WORK_DIR_PREFIX}*"):
+        try:
+            if folder.stat().st_mtime < cutoff:
+                shutil.rmtree(folder)
+                logger.warning("deleted stale extract work folder %s", folder)
+        except OSError as error:
+            logger.warning("stale extract work folder %s not deleted: %s", folder, error)
 
 
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import time
 from datetime import date
 from pathlib import Path
 
@@ -440,3 +441,20 @@ def test_repeated_values_keep_row_count(warehouse, tmp_path: Path) -> None:
     february = [row for row in _table(settings, "bank_a", "test_dkxx") if row["_period"] == "20250228"]
     assert len(february) == 3
     assert len({row["ZJHM"] for row in february}) == 1
+
+
+def test_stale_work_folder_deleted(warehouse) -> None:
+    settings, _store, _raw = warehouse
+    stale = settings.warehouse_dir / ".extract-work-killed"
+    stale.mkdir(mode=0o700)
+    (stale / "TEST_KHXX.20250131.parquet").write_bytes(b"plaintext left by a killed build")
+    recent = settings.warehouse_dir / ".extract-work-running"
+    recent.mkdir(mode=0o700)
+    old = time.time() - 2 * 24 * 3600
+    os.utime(stale, (old, old))
+
+    build_institution(settings, "bank_a", classes=CLASSES)
+
+    assert not stale.exists()
+    assert recent.is_dir()
+    assert sorted(path.name for path in settings.warehouse_dir.glob(".extract-work-*")) == [".extract-work-running"]
