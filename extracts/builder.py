@@ -1,8 +1,8 @@
 """Masked extracts: one versioned folder per institution that its sandbox users may read.
 
-:func:`build_institution` reads the institution's tables from the warehouse (the accepted report
-data of :mod:`intake.warehouse` and the demo ``applications`` table of :mod:`extracts.warehouse`),
-decrypts them into a private work folder below the warehouse and applies the approved masking
+:func:`build_institution` reads the institution's tables from the warehouse: the accepted report
+data of :mod:`intake.warehouse` and the demo ``applications`` table of :mod:`extracts.warehouse`.
+It decrypts them into a private work folder below the warehouse and applies the approved masking
 policy (:mod:`extracts.policy`) to every column in DuckDB SQL (:mod:`extracts.masking`). The
 class of a column is ``classes[(table, column)]``, where ``table`` is the template code (or
 ``applications``). A column without a class gets ``effective_class(None, None)``, level 4 ``other``,
@@ -135,6 +135,12 @@ class ExtractDirNotWritable(RegsandboxError):
 
 class ExtractWriteFailed(RegsandboxError):
     """Reading the decrypted warehouse data or writing the new build failed (disk full, I/O error)."""
+
+    status = 500
+
+
+class ExtractSourceColumnInvalid(RegsandboxError):
+    """Warehouse column whose name collides with a column the builder adds."""
 
     status = 500
 
@@ -302,12 +308,6 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
     return plans
 
 
-class ExtractSourceColumnInvalid(RegsandboxError):
-    """A warehouse column name collides with a column the builder adds."""
-
-    status = 500
-
-
 def describe_parquet(path: Path) -> tuple[list[dict[str, str]], int]:
     """Return the columns (name and DuckDB type) and the row count of a Parquet file."""
     con = duckdb.connect()
@@ -456,9 +456,9 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
-    masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table
-    and only new or changed periods are decrypted and masked; they follow the copied rows, so a
-    corrected period moves to the end of the table. Returns the column entries and the periods masked.
+    masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table,
+    and only new or changed periods are decrypted and masked. Their rows follow the copied rows, so
+    a corrected period moves to the end of the table. Returns the column entries and the periods masked.
     """
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
@@ -561,9 +561,9 @@ def build_institution(
 ) -> ExtractOutcome:
     """Build, sign and publish the masked extract of one institution and return what was done.
 
-    ``policy`` must come from :func:`extracts.policy.load_approved_policy` (its signature is
-    verified again here); the default is the newest approved policy, and the shipped default
-    policy is approved first when none is. ``classes`` maps (template code, field code) to the
+    ``policy`` must come from :func:`extracts.policy.load_approved_policy`, and its signature is
+    verified again here. The default is the newest approved policy. When no policy is approved
+    yet, the shipped default policy is approved first. ``classes`` maps (template code, field code) to the
     column's effective class (see :func:`catalog.classes.effective_class`).
 
     Raises InvalidInstitutionError, WarehouseMissingError, ExtractKeyMissingError,
