@@ -1,28 +1,37 @@
-"""Operator command ``python -m extracts``: load the demo warehouse and build masked extracts."""
+"""Operator command ``python -m extracts``: demo data, masking policies and masked extracts."""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import stat
 import sys
+from pathlib import Path
 
+from catalog.classes import ColumnClass
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.logs import configure_logging
+from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 
-from extracts.builder import InvalidInstitutionError, build_all, build_extract
+from extracts.builder import ExtractOutcome, InvalidInstitutionError, build_all, build_institution
 from extracts.demo_data import load_demo
+from extracts.policy import DEFAULT_POLICY_FILE, PolicyInvalid, approve_policy, load_approved_policy, load_policy
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILED = 1
 
 
+class ClassesFileInvalid(RegsandboxError):
+    """The ``--classes`` file is not a list of column classes."""
+
+
 def _parser(default_prefix: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m extracts", description="演示数据导入与脱敏数据提取。")
+    parser = argparse.ArgumentParser(prog="python -m extracts", description="演示数据导入、脱敏策略审批与脱敏数据提取。")
     commands = parser.add_subparsers(dest="command", required=True, metavar="命令")
     commands.add_parser("load-demo", help="把德国信贷演示数据（附合成的中国个人标识）写入数据仓库")
-    build = commands.add_parser("build", help="为机构生成脱敏数据提取（姓名、身份证号、手机号替换为 HMAC-SM3 令牌）")
+    build = commands.add_parser("build", help="按已审批的脱敏策略为机构生成数据提取（未审批任何策略时先审批平台默认策略）")
     build.add_argument("--institution", metavar="CODE", help="只生成该机构的提取，例如 bank_a；默认生成数据仓库中的全部机构")
     build.add_argument(
         "--unix-group-prefix",
@@ -30,6 +39,16 @@ def _parser(default_prefix: str) -> argparse.ArgumentParser:
         default=default_prefix,
         help=f"机构 Unix 组名前缀，组名为 <前缀><机构代码>；以 root 运行且该组存在时，提取目录对该组只读开放。默认 {default_prefix}",
     )
+    build.add_argument("--classes", metavar="FILE", type=Path,
+                       help="列分级分类 JSON 文件：[{\"table\": 模板代码, \"column\": 字段代码, \"level\": 1-5, "
+                            "\"pi_category\": \"C1\"|\"C2\"|\"C3\"|null, \"kind\": 类型}]；未列出的列按 4 级处理")
+    build.add_argument("--policy-version", metavar="N", type=int, help="使用已审批的第 N 版脱敏策略；默认最新版")
+    policy = commands.add_parser("policy", help="检查或审批脱敏策略文件")
+    actions = policy.add_subparsers(dest="action", required=True, metavar="操作")
+    check = actions.add_parser("check", help="校验策略文件，不审批")
+    check.add_argument("file", type=Path, nargs="?", default=DEFAULT_POLICY_FILE, help="策略文件，默认平台默认策略")
+    approve = actions.add_parser("approve", help="校验策略文件并以平台 SM2 签名密钥签署，保存为已审批版本")
+    approve.add_argument("file", type=Path, help="策略文件")
     return parser
 
 
@@ -40,15 +59,62 @@ def _load_demo(settings: Settings) -> None:
     print(f"数据仓库位置：{settings.warehouse_dir}（共 {sum(counts.values())} 条）")
 
 
-def _build(settings: Settings, institution: str | None, prefix: str) -> None:
-    if institution is not None:
-        folders = {institution: build_extract(settings, institution, f"{prefix}{institution}")}
+def read_classes_file(path: Path) -> dict[tuple[str, str], ColumnClass]:
+    """Read a JSON list of column classes; raise ClassesFileInvalid naming the faulty entry."""
+    try:
+        entries = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as error:
+        raise ClassesFileInvalid("CLASSES_FILE_INVALID", f"无法读取列分级分类文件 {path}（{type(error).__name__}）。") from None
+    if not isinstance(entries, list):
+        raise ClassesFileInvalid("CLASSES_FILE_INVALID", f"列分级分类文件 {path} 必须是 JSON 列表。")
+    classes = {}
+    for index, entry in enumerate(entries, start=1):
+        try:
+            key = (str(entry["table"]), str(entry["column"]))
+            classes[key] = ColumnClass(int(entry["level"]), entry.get("pi_category"), entry.get("kind", "other"))
+        except (KeyError, TypeError, ValueError) as error:
+            raise ClassesFileInvalid(
+                "CLASSES_FILE_INVALID",
+                f"列分级分类文件 {path} 第 {index} 项无效（{error}）。每项须含 table、column、level，可选 pi_category 和 kind。",
+            ) from None
+    return classes
+
+
+def _report(code: str, outcome: ExtractOutcome | RegsandboxError, prefix: str) -> bool:
+    if isinstance(outcome, RegsandboxError):
+        print(f"机构 {code} 的数据提取未生成：错误 [{outcome.code}]：{outcome.message}", file=sys.stderr)
+        return False
+    verb = "已生成" if outcome.status == "published" else "数据未变化，保留"
+    rebuilt = sum(table.rebuilt for table in outcome.tables)
+    print(f"{verb}机构 {code} 的脱敏数据提取：{outcome.folder}（{len(outcome.tables)} 张表，重新生成 {rebuilt} 张，"
+          f"脱敏策略第 {outcome.policy_version} 版）")
+    if not outcome.folder.stat().st_mode & stat.S_IRWXG:
+        print(f"  提示：Unix 组 {prefix}{code} 不存在或当前不是 root，该目录仅当前用户可读；创建该组后请重新运行本命令。")
+    return True
+
+
+def _build(settings: Settings, arguments: argparse.Namespace) -> int:
+    classes = read_classes_file(arguments.classes) if arguments.classes else None
+    prefix = arguments.unix_group_prefix
+    policy = None
+    if arguments.policy_version is not None:
+        policy = load_approved_policy(settings, open_keystore(settings), arguments.policy_version)
+    if arguments.institution is not None:
+        outcomes: dict = {arguments.institution: build_institution(
+            settings, arguments.institution, classes=classes, policy=policy, unix_group=f"{prefix}{arguments.institution}")}
     else:
-        folders = build_all(settings, prefix)
-    for code, folder in folders.items():
-        print(f"已生成机构 {code} 的脱敏数据提取：{folder}")
-        if not folder.stat().st_mode & stat.S_IRWXG:
-            print(f"  提示：Unix 组 {prefix}{code} 不存在或当前不是 root，该目录仅当前用户可读；创建该组后请重新运行本命令。")
+        outcomes = build_all(settings, prefix, classes=classes, policy=policy)
+    results = [_report(code, outcome, prefix) for code, outcome in outcomes.items()]
+    return 0 if all(results) else EXIT_FAILED
+
+
+def _policy(settings: Settings, arguments: argparse.Namespace) -> None:
+    if arguments.action == "check":
+        policy = load_policy(arguments.file)
+        print(f"脱敏策略 {policy.name} 第 {policy.version} 版校验通过：{len(policy.rules)} 条规则，SM3 {policy.sm3}。")
+        return
+    policy = approve_policy(settings, open_keystore(settings), arguments.file)
+    print(f"已审批脱敏策略 {policy.name} 第 {policy.version} 版（签名密钥 {policy.signature_key}）：{policy.path}")
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -59,9 +125,11 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if arguments.command == "load-demo":
             _load_demo(settings)
+        elif arguments.command == "policy":
+            _policy(settings, arguments)
         else:
-            _build(settings, arguments.institution, arguments.unix_group_prefix)
-    except InvalidInstitutionError as error:
+            return _build(settings, arguments)
+    except (InvalidInstitutionError, PolicyInvalid, ClassesFileInvalid) as error:
         print(f"错误 [{error.code}]：{error.message}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except RegsandboxError as error:

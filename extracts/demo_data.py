@@ -36,6 +36,7 @@ from faker.providers.ssn.zh_CN import Provider as ChineseSsnProvider
 from stdnum.cn import ric
 from stdnum.exceptions import InvalidComponent
 
+from catalog.classes import ColumnClass
 from extracts.warehouse import APPLICATIONS_TABLE, write_partition
 from regsandbox_core.files import atomic_output
 from regsandbox_core.platform_keys import ensure_platform_keys
@@ -52,6 +53,17 @@ SHARED_PERSON_EVERY = 10
 
 TARGET_COLUMN = "creditability"
 IDENTIFIER_COLUMNS: tuple[str, ...] = ("name", "id_number", "mobile")
+
+DEMO_CLASSES: dict[str, ColumnClass] = {
+    "application_id": ColumnClass(level=2, pi_category=None, kind="other"),
+    "name": ColumnClass(level=3, pi_category="C2", kind="person_name"),
+    "id_number": ColumnClass(level=3, pi_category="C2", kind="resident_id"),
+    "mobile": ColumnClass(level=3, pi_category="C2", kind="mobile"),
+    "credit_amount": ColumnClass(level=2, pi_category="C1", kind="amount"),
+}
+"""Classes of the demo ``applications`` columns, which no template and so no catalog entry describes."""
+DEMO_FEATURE_CLASS = ColumnClass(level=2, pi_category="C1", kind="other")
+"""Class of every other demo column: the German credit features and the target (C1, kept by the default policy)."""
 
 
 @dataclass(frozen=True)

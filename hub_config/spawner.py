@@ -369,10 +369,13 @@ class InstitutionSpawner(LocalProcessSpawner):
 
     def _apply_extract_permissions(self, institution_code: str, gid: int) -> None:
         """Make the institution's extract root:<group> 0750 (files 0640) and its parent traversable."""
-        extract = self.extract_dir(institution_code)
-        parent = extract.parent
-        if parent.is_dir() and not parent.stat().st_mode & stat.S_IXOTH:
-            os.chmod(parent, stat.S_IMODE(parent.stat().st_mode) | 0o711)
+        link = self.extract_dir(institution_code)
+        # The published extract is a symlink to its current build (extracts/<code>.builds/<id>),
+        # so the build folder itself and every folder on the way to it must be fixed.
+        extract = Path(os.path.realpath(link))
+        for parent in dict.fromkeys([link.parent, extract.parent]):
+            if parent.is_dir() and not parent.stat().st_mode & stat.S_IXOTH:
+                os.chmod(parent, stat.S_IMODE(parent.stat().st_mode) | 0o711)
         if not extract.is_dir():
             self.log.warning("Extract folder %s of institution %s does not exist yet", extract, institution_code)
             return

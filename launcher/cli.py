@@ -92,10 +92,10 @@ def sample_period(today: datetime.date) -> str:
 
 
 def _institution_codes(settings: Settings) -> list[str]:
-    partitions = settings.warehouse_dir / "applications"
-    if not partitions.is_dir():
-        return []
-    return sorted(p.name.split("=", 1)[1] for p in partitions.iterdir() if p.name.startswith("institution="))
+    """Return the institutions with demo partitions or accepted report data in the warehouse."""
+    folders = list(settings.warehouse_dir.glob("applications/institution=*"))
+    folders += settings.warehouse_dir.glob("intake/*/institution=*")
+    return sorted({folder.name.split("=", 1)[1] for folder in folders if folder.is_dir()})
 
 
 def _ensure_unix_group(name: str) -> None:
@@ -141,7 +141,7 @@ def init(settings: Settings) -> dict[str, str]:
     if created:
         _save_credentials(settings, created)
 
-    if not _institution_codes(settings):
+    if not any(settings.warehouse_dir.glob("applications/institution=*")):
         _run_step(settings, "加载示范信贷数据", [PYTHON, "-m", "extracts", "load-demo"])
     samples = settings.data_dir / SAMPLES_DIR
     if not samples.exists():

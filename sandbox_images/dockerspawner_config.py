@@ -36,6 +36,7 @@ settings = get_settings()
 
 SANDBOX_IMAGE = "regsandbox/sandbox:0.1.0"
 EXTRACT_MOUNT = "/srv/extract"
+TRUSTED_KEYS_MOUNT = "/srv/platform_signing_keys.json"
 SPAWN_ROLES = {"modeller"}
 # Bind-mount sources are paths on the Docker host. When the hub itself runs in a container,
 # its data dir differs from the host's: set REGSANDBOX_DOCKER_EXTRACTS_HOST_DIR to the host path.
@@ -87,6 +88,7 @@ async def assign_institution(spawner):
         {
             "REGSANDBOX_INSTITUTION": code,
             "REGSANDBOX_EXTRACT_DIR": EXTRACT_MOUNT,
+            "REGSANDBOX_TRUSTED_KEYS": TRUSTED_KEYS_MOUNT,
             "MLFLOW_TRACKING_URI": MLFLOW_URL_IN_SANDBOX,
             "MLFLOW_TRACKING_USERNAME": spawner.user.name,
             "MLFLOW_TRACKING_PASSWORD": mlflow_password(secrets, spawner.user.name),
@@ -114,7 +116,11 @@ c.DockerSpawner.pre_spawn_hook = assign_institution
 
 # Mounts: the extract read-only, the home in a named volume per user (kept across restarts).
 c.DockerSpawner.format_volume_name = format_institution_volume
-c.DockerSpawner.read_only_volumes = {f"{EXTRACTS_HOST_DIR}/{{institution_code}}": EXTRACT_MOUNT}
+# The platform's public signing keys let the kernel helper verify the extract manifest.
+c.DockerSpawner.read_only_volumes = {
+    f"{EXTRACTS_HOST_DIR}/{{institution_code}}": EXTRACT_MOUNT,
+    f"{EXTRACTS_HOST_DIR}/platform_signing_keys.json": TRUSTED_KEYS_MOUNT,
+}
 c.DockerSpawner.volumes = {"regsandbox-home-{username}": "/home/modeller"}
 
 # Network: the hub must listen where containers on the institution networks can reach it.

@@ -8,7 +8,8 @@ in-memory DuckDB and builds MLflow names with the institution prefix::
     df = rs.sql("SELECT creditability, count(*) AS n FROM applications GROUP BY 1")
     rs.mlflow_experiment("scorecard")             # 'bank_a/scorecard'
 
-Only ``duckdb`` and ``polars`` are needed to import it.
+Only ``duckdb`` and ``polars`` are needed to import it. Opening an extract verifies the SM2 signature
+of its manifest, which also needs ``cryptography``, ``tongsuopy`` and ``gmssl``.
 """
 
 from regsandbox_kernel.errors import (
@@ -17,7 +18,16 @@ from regsandbox_kernel.errors import (
     SandboxAccessError,
     UnknownTableError,
 )
-from regsandbox_kernel.extract import connect, extract_dir, manifest, sql, table, tables
+from regsandbox_kernel.extract import (
+    connect,
+    extract_dir,
+    manifest,
+    sql,
+    table,
+    tables,
+    verify_manifest_signature,
+    verify_tables,
+)
 from regsandbox_kernel.naming import current_institution, mlflow_experiment, registered_model_name
 
 __all__ = [
@@ -34,4 +44,6 @@ __all__ = [
     "sql",
     "table",
     "tables",
+    "verify_manifest_signature",
+    "verify_tables",
 ]

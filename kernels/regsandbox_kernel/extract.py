@@ -6,6 +6,14 @@ set to the folder's real path, external access is switched off and the configura
 before any table is exposed. Each table of the manifest then becomes a view of the same name,
 so queries can read ``SELECT ... FROM applications``.
 
+Before anything is exposed, the detached SM2 signature ``manifest.json.sig`` is verified against
+the platform's public signing keys in ``platform_signing_keys.json``: the file named by
+``REGSANDBOX_TRUSTED_KEYS``, else the one beside the extract link (``<data_dir>/extracts/``),
+which only the extract builder can write. A manifest that does not verify raises
+:class:`ExtractNotConfiguredError` (``MANIFEST_SIGNATURE_INVALID``) and no connection is opened.
+Verification needs ``cryptography``, ``tongsuopy`` and ``gmssl`` (imported only then).
+:func:`verify_tables` also compares each table file with its SM3 digest in the manifest.
+
 The lock binds one connection only; a plain ``duckdb.connect()`` in the same process reads
 whatever the operating system allows. The boundary between institutions is therefore the file
 permissions of the extract folders (0750 root:<institution group>), and this module turns
@@ -23,10 +31,14 @@ from typing import Any
 import duckdb
 import polars as pl
 
+from regsandbox_core.errors import RegsandboxError
 from regsandbox_kernel.errors import ExtractNotConfiguredError, SandboxAccessError, UnknownTableError
 
 EXTRACT_DIR_ENV = "REGSANDBOX_EXTRACT_DIR"
+TRUSTED_KEYS_ENV = "REGSANDBOX_TRUSTED_KEYS"
 MANIFEST_NAME = "manifest.json"
+TRUSTED_KEYS_NAME = "platform_signing_keys.json"
+MANIFEST_SIGNATURE_KIND = "extract_manifest"
 
 _TABLE_NAME = re.compile(r"^[a-z_][a-z0-9_]{0,62}$")
 _DENIED_PATH = re.compile(r'Cannot access (?:file|directory) "([^"]*)"')
@@ -57,8 +69,12 @@ def extract_dir() -> Path:
 
 
 def manifest() -> dict[str, Any]:
-    """Return the extract's manifest: institution, build time, tables with columns, row count and SM3."""
-    path = extract_dir() / MANIFEST_NAME
+    """Return the extract's manifest: institution, build, policy, tables with columns, classes, row counts and SM3."""
+    return _read_manifest(extract_dir())
+
+
+def _read_manifest(folder: Path) -> dict[str, Any]:
+    path = folder / MANIFEST_NAME
     try:
         with open(path, encoding="utf-8") as stream:
             document = json.load(stream)
@@ -109,6 +125,77 @@ def _check_institution(document: dict[str, Any]) -> None:
         )
 
 
+def trusted_keys_file() -> Path:
+    """Return the trusted public keys file: REGSANDBOX_TRUSTED_KEYS, else beside the (unresolved) extract link."""
+    configured = os.environ.get(TRUSTED_KEYS_ENV, "").strip()
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get(EXTRACT_DIR_ENV, "").strip()).parent / TRUSTED_KEYS_NAME
+
+
+def _trusted_keys() -> dict[str, bytes]:
+    path = trusted_keys_file()
+    try:
+        status = path.stat()
+        document = json.loads(path.read_text(encoding="utf-8"))
+        keys = {str(label): bytes.fromhex(value) for label, value in document["keys"].items()}
+    except (OSError, ValueError, KeyError, TypeError, AttributeError) as error:
+        raise ExtractNotConfiguredError(
+            "TRUSTED_KEYS_MISSING",
+            f"无法读取平台签名公钥文件 {path}（{type(error).__name__}），不能验证数据提取清单的签名，已拒绝打开。"
+            "请联系系统管理员重新生成数据提取（python -m extracts build），或设置 REGSANDBOX_TRUSTED_KEYS。",
+        ) from error
+    if status.st_mode & 0o022 or status.st_uid not in (0, os.geteuid()):
+        raise ExtractNotConfiguredError(
+            "TRUSTED_KEYS_UNSAFE",
+            f"平台签名公钥文件 {path} 可被其他用户修改（属主 {status.st_uid}，权限 {status.st_mode & 0o777:o}），不能作为信任依据，已拒绝打开。"
+            "请联系系统管理员把它改为 root 所有、权限 0644。",
+        )
+    return keys
+
+
+def verify_manifest_signature(folder: Path | None = None) -> None:
+    """Verify ``manifest.json.sig`` of the extract against the trusted keys; raise MANIFEST_SIGNATURE_INVALID otherwise."""
+    folder = extract_dir() if folder is None else folder
+    path = folder / MANIFEST_NAME
+    trusted = _trusted_keys()
+    try:
+        from regsandbox_core.signing import verify_file
+    except ImportError as error:
+        raise ExtractNotConfiguredError(
+            "SIGNATURE_CHECK_UNAVAILABLE",
+            f"沙箱环境缺少验证 SM2 签名所需的软件包（{error.name}），不能确认数据提取清单未被篡改，已拒绝打开。请联系系统管理员。",
+        ) from error
+    try:
+        verified = verify_file(path, trusted)
+    except RegsandboxError as error:
+        raise ExtractNotConfiguredError(
+            "MANIFEST_SIGNATURE_INVALID",
+            f"数据提取清单 {path} 的 SM2 签名验证失败，已拒绝打开该数据提取：{error.message} 请联系系统管理员重新生成数据提取。",
+        ) from error
+    if verified.kind != MANIFEST_SIGNATURE_KIND:
+        raise ExtractNotConfiguredError(
+            "MANIFEST_SIGNATURE_INVALID",
+            f"数据提取清单 {path} 的签名类型为 {verified.kind}，不是数据提取清单签名，已拒绝打开。请联系系统管理员。",
+        )
+
+
+def verify_tables() -> None:
+    """Compare each table file's SM3 digest and size with the signed manifest (reads every file once)."""
+    folder = extract_dir()
+    document = _read_manifest(folder)
+    verify_manifest_signature(folder)
+    from regsandbox_core.crypto import sm3_file
+
+    for entry in document["tables"]:
+        path = _table_files(folder, {"tables": [entry]})[str(entry["name"])]
+        if "sm3" in entry and sm3_file(path) != entry["sm3"]:
+            raise ExtractNotConfiguredError(
+                "EXTRACT_TABLE_MODIFIED",
+                f"数据提取文件 {path} 的 SM3 杂凑值与已签名清单不一致，文件在生成后被修改。请联系系统管理员重新生成数据提取。",
+            )
+
+
 def _sql_literal(text: str) -> str:
     return "'" + text.replace("'", "''") + "'"
 
@@ -148,9 +235,10 @@ def connect() -> duckdb.DuckDBPyConnection:
     :func:`table` translate access refusals into :class:`SandboxAccessError`.
     """
     folder = extract_dir()
-    document = manifest()
+    document = _read_manifest(folder)
     _check_institution(document)
     files = _table_files(folder, document)
+    verify_manifest_signature(folder)
 
     con = duckdb.connect(":memory:")
     try:

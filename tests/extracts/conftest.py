@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import polars as pl
 import pytest
 
 from extracts.builder import build_extract
@@ -14,6 +15,7 @@ from extracts.warehouse import (
     plaintext_partition_file,
     read_partition_bytes,
 )
+from regsandbox_core.crypto import keyed_token
 from regsandbox_core.files import write_private_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
@@ -57,3 +59,18 @@ def fresh_settings(bare_settings: Settings) -> Settings:
     for code in DEMO_INSTITUTIONS:
         assert migrate_plaintext_partition(bare_settings, store, code)
     return bare_settings
+
+
+def _surname_mask(name: str) -> str:
+    kept = 2 if name[:2] in ("欧阳", "司马", "上官", "诸葛", "东方", "皇甫", "尉迟", "公孙", "慕容", "长孙",
+                               "宇文", "司徒", "夏侯", "令狐", "端木", "独孤", "南宫", "西门", "万俟", "闻人") else 1
+    return name[:kept] + "*" * (len(name) - kept) if len(name) > kept else "*" * len(name)
+
+
+def masked_demo(raw: pl.DataFrame, token_key: bytes) -> pl.DataFrame:
+    """Apply the default policy to demo rows in plain Python, as an independent check of the SQL."""
+    return raw.with_columns(
+        pl.Series("name", [_surname_mask(value) for value in raw["name"].to_list()]),
+        pl.Series("id_number", [keyed_token(token_key, value) for value in raw["id_number"].to_list()]),
+        pl.Series("mobile", [value[:3] + "*" * (len(value) - 7) + value[-4:] for value in raw["mobile"].to_list()]),
+    )

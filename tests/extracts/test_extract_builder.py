@@ -13,6 +13,7 @@ import polars as pl
 import pytest
 
 from extracts.builder import (
+    ExtractWriteFailed,
     InvalidInstitutionError,
     WarehouseMissingError,
     build_extract,
@@ -20,12 +21,13 @@ from extracts.builder import (
 )
 from extracts.demo_data import DEMO_INSTITUTIONS
 from extracts.warehouse import read_partition
+from tests.extracts.conftest import masked_demo
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
-TOKEN_COLUMNS = ("person_token", "name_token", "mobile_token")
+IDENTIFIERS = ("name", "id_number", "mobile")
 
 
 def _extract(settings: Settings, code: str) -> pl.DataFrame:
@@ -63,14 +65,17 @@ def test_row_counts_sum_to_thousand(demo_settings: Settings) -> None:
     assert sum(counts.values()) == 1000
 
 
-def test_extract_columns_replace_identifiers(demo_settings: Settings) -> None:
+def test_extract_columns_mask_identifiers(demo_settings: Settings) -> None:
     frame = _extract(demo_settings, "bank_a")
-    assert frame.columns[:4] == ["application_id", *TOKEN_COLUMNS]
-    assert not {"name", "id_number", "mobile"} & set(frame.columns)
+    assert frame.columns == _warehouse(demo_settings, "bank_a").columns
     assert frame["creditability"].sum() > 0
-    for column in TOKEN_COLUMNS:
-        for token in frame[column].to_list():
-            assert len(token) == 64 and all(character in "0123456789abcdef" for character in token)
+    for token in frame["id_number"].to_list():
+        assert len(token) == 64 and all(character in "0123456789abcdef" for character in token)
+    for name in frame["name"].to_list():
+        surname = name.rstrip("*")
+        assert len(surname) in (1, 2) and len(name) > len(surname), name
+    for mobile in frame["mobile"].to_list():
+        assert len(mobile) == 11 and mobile[3:7] == "****" and mobile[:3].isdigit() and mobile[7:].isdigit(), mobile
 
 
 @pytest.mark.parametrize("code", DEMO_INSTITUTIONS)
@@ -100,12 +105,12 @@ def test_no_raw_identifier_in_values(demo_settings: Settings, code: str) -> None
 
 def test_tokens_are_hmac_sm3_of_identifiers(demo_settings: Settings) -> None:
     key = open_keystore(demo_settings).current("bank_b", "token").key
-    joined = _extract(demo_settings, "bank_b").join(_warehouse(demo_settings, "bank_b"), on="application_id")
-    assert joined.height == 333
-    for row in joined.select("id_number", "name", "mobile", *TOKEN_COLUMNS).iter_rows(named=True):
-        assert row["person_token"] == keyed_token(key, row["id_number"])
-        assert row["name_token"] == keyed_token(key, row["name"])
-        assert row["mobile_token"] == keyed_token(key, row["mobile"])
+    # Masked rows are not in warehouse order (the token join reorders them), so both sides are sorted.
+    raw = _warehouse(demo_settings, "bank_b").sort("application_id")
+    extract = _extract(demo_settings, "bank_b").sort("application_id")
+    assert extract.height == 333
+    assert extract["id_number"].to_list() == [keyed_token(key, value) for value in raw["id_number"].to_list()]
+    assert extract.equals(masked_demo(raw, key))
 
 
 def test_same_person_same_token_within_institution(fresh_settings: Settings) -> None:
@@ -113,29 +118,28 @@ def test_same_person_same_token_within_institution(fresh_settings: Settings) -> 
     first = _extract(fresh_settings, "bank_a")
     build_extract(fresh_settings, "bank_a")
     second = _extract(fresh_settings, "bank_a")
-    assert first.select("application_id", *TOKEN_COLUMNS).equals(second.select("application_id", *TOKEN_COLUMNS))
+    columns = ("application_id", "id_number")
+    assert first.select(columns).sort("application_id").equals(second.select(columns).sort("application_id"))
 
 
 def test_shared_persons_unlinkable_across_institutions(demo_settings: Settings) -> None:
     raw = pl.concat([_warehouse(demo_settings, code) for code in DEMO_INSTITUTIONS])
     masked = pl.concat([_extract(demo_settings, code) for code in DEMO_INSTITUTIONS], how="diagonal")
-    persons = raw.select("application_id", "id_number").join(masked, on="application_id")
+    persons = raw.select("application_id", pl.col("id_number").alias("raw_id")).join(masked, on="application_id")
     assert persons.height == 1000
 
-    shared = persons.filter(pl.col("id_number").is_duplicated())
-    assert shared["id_number"].n_unique() == 100
-    for id_number, group in shared.group_by("id_number"):
-        for column in TOKEN_COLUMNS:
-            assert group[column].n_unique() == 2, (id_number, column)
+    shared = persons.filter(pl.col("raw_id").is_duplicated())
+    assert shared["raw_id"].n_unique() == 100
+    for raw_id, group in shared.group_by("raw_id"):
+        assert group["id_number"].n_unique() == 2, raw_id
 
 
 def test_token_sets_disjoint_across_institutions(demo_settings: Settings) -> None:
-    for column in TOKEN_COLUMNS:
-        seen: dict[str, str] = {}
-        for code in DEMO_INSTITUTIONS:
-            for token in set(_extract(demo_settings, code)[column].to_list()):
-                assert token not in seen, (column, code, seen.get(token))
-                seen[token] = code
+    seen: dict[str, str] = {}
+    for code in DEMO_INSTITUTIONS:
+        for token in set(_extract(demo_settings, code)["id_number"].to_list()):
+            assert token not in seen, (code, seen.get(token))
+            seen[token] = code
 
 
 def test_manifest_matches_files(demo_settings: Settings) -> None:
@@ -146,8 +150,11 @@ def test_manifest_matches_files(demo_settings: Settings) -> None:
         assert manifest["token_key_version"] == 1
         assert manifest["token_key"] == f"{code}/token/v1"
         assert manifest["built_at"].endswith("+00:00")
-        assert [entry["column"] for entry in manifest["tokenised_columns"]] == list(TOKEN_COLUMNS)
-        assert [entry["source"] for entry in manifest["tokenised_columns"]] == ["id_number", "name", "mobile"]
+        assert manifest["format"] == "regsandbox-extract/2"
+        assert manifest["policy"]["version"] == 1
+        assert manifest["policy"]["signature_key"] == "platform/signing/v1"
+        assert manifest["key_versions"] == {"token": f"{code}/token/v1", "signing": "platform/signing/v1",
+                                            "data": [f"{code}/data/v1"]}
 
         (table,) = manifest["tables"]
         frame = pl.read_parquet(folder / table["file"])
@@ -155,10 +162,16 @@ def test_manifest_matches_files(demo_settings: Settings) -> None:
         assert table["file"] == "applications.parquet"
         assert table["row_count"] == frame.height
         assert table["sm3"] == sm3_file(folder / table["file"])
+        assert table["size"] == (folder / table["file"]).stat().st_size
         assert [column["name"] for column in table["columns"]] == frame.columns
-        types = {column["name"]: column["type"] for column in table["columns"]}
-        assert types["person_token"] == "VARCHAR"
-        assert types["creditability"] == "BIGINT"
+        assert table["dropped_columns"] == []
+        columns = {column["name"]: column for column in table["columns"]}
+        assert columns["id_number"]["type"] == "VARCHAR"
+        assert columns["creditability"]["type"] == "BIGINT"
+        assert [columns[name]["treatment"] for name in IDENTIFIERS] == ["partial_mask", "token", "partial_mask"]
+        assert columns["id_number"]["class"] == {"level": 3, "pi_category": "C2", "kind": "resident_id"}
+        assert columns["credit_amount"]["treatment"] == "keep"
+        assert table["source"]["kind"] == "demo"
 
 
 def test_rebuild_is_idempotent(fresh_settings: Settings) -> None:
@@ -166,7 +179,9 @@ def test_rebuild_is_idempotent(fresh_settings: Settings) -> None:
     table_bytes = (folder / "applications.parquet").read_bytes()
     manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
 
+    real = os.path.realpath(folder)
     assert build_extract(fresh_settings, "bank_c") == folder
+    assert os.path.realpath(folder) == real
     rebuilt = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
     assert (folder / "applications.parquet").read_bytes() == table_bytes
     assert rebuilt["tables"] == manifest["tables"]
@@ -175,7 +190,11 @@ def test_rebuild_is_idempotent(fresh_settings: Settings) -> None:
 
 def test_single_user_fallback_modes(fresh_settings: Settings) -> None:
     folder = build_extract(fresh_settings, "bank_a", unix_group=None)
-    assert stat.S_IMODE(fresh_settings.extracts_dir.stat().st_mode) == 0o700
+    # As root, extracts/ and <code>.builds/ are traversable but not listable, so the spawner can
+    # open the folder to a group later; the build itself stays private.
+    expected_root = 0o711 if os.geteuid() == 0 else 0o700
+    assert stat.S_IMODE(fresh_settings.extracts_dir.stat().st_mode) == expected_root
+    assert stat.S_IMODE((fresh_settings.extracts_dir / "bank_a.builds").stat().st_mode) == expected_root
     assert stat.S_IMODE(folder.stat().st_mode) == 0o700
     for path in folder.iterdir():
         assert stat.S_IMODE(path.stat().st_mode) == 0o600, path.name
@@ -196,11 +215,15 @@ def test_failed_write_keeps_previous_extract(fresh_settings: Settings, monkeypat
         raise OSError(28, "No space left on device")
 
     monkeypatch.setattr(pl.DataFrame, "write_parquet", broken_write)
-    with pytest.raises(OSError):
+    with pytest.raises(ExtractWriteFailed) as caught:
         build_extract(fresh_settings, "bank_b")
 
+    assert caught.value.code == "EXTRACT_WRITE_FAILED"
+    assert "原有提取保持不变" in caught.value.message
     after = {path.name: path.read_bytes() for path in folder.iterdir()}
     assert after == before
+    assert [path.name for path in (fresh_settings.extracts_dir / "bank_b.builds").iterdir()] == [
+        os.path.basename(os.path.realpath(folder))]
 
 
 @pytest.mark.parametrize(

@@ -22,11 +22,11 @@ from regsandbox_core.signing import SignatureInvalid, verify_file
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGSANDBOX = str(Path(sys.executable).parent / "regsandbox")
-TOKEN_COLUMNS = ("person_token", "name_token", "mobile_token")
+TOKEN_COLUMNS = ("id_number",)
 
 
 def _tokens(folder: Path) -> pl.DataFrame:
-    return pl.read_parquet(folder / "applications.parquet").select("application_id", *TOKEN_COLUMNS)
+    return pl.read_parquet(folder / "applications.parquet").select("application_id", *TOKEN_COLUMNS).sort("application_id")
 
 
 def _manifest(folder: Path) -> dict:
@@ -37,10 +37,8 @@ def _expected_tokens(settings: Settings, code: str, key: bytes) -> pl.DataFrame:
     raw = read_partition(settings, open_keystore(settings), code)
     return pl.DataFrame({
         "application_id": raw["application_id"],
-        "person_token": [keyed_token(key, value) for value in raw["id_number"].to_list()],
-        "name_token": [keyed_token(key, value) for value in raw["name"].to_list()],
-        "mobile_token": [keyed_token(key, value) for value in raw["mobile"].to_list()],
-    })
+        "id_number": [keyed_token(key, value) for value in raw["id_number"].to_list()],
+    }).sort("application_id")
 
 
 def _edit_row_count(manifest_path: Path) -> None:

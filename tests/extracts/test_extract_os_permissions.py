@@ -12,6 +12,7 @@ import secrets
 import shutil
 import stat
 import subprocess
+import sys
 import tempfile
 from collections.abc import Iterator
 from dataclasses import dataclass
@@ -23,7 +24,10 @@ from extracts.builder import build_extract
 from extracts.warehouse import warehouse_partition_file
 from regsandbox_core.settings import Settings
 
-VENV_PYTHON = Path(__file__).resolve().parents[2] / ".venv" / "bin" / "python"
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+# The interpreter of the running tests (the project's virtual environment), with this checkout's
+# packages first on the path, so the sandbox user runs the code under test.
+VENV_PYTHON = Path(sys.executable)
 RUNUSER = shutil.which("runuser") or "/usr/sbin/runuser"
 
 
@@ -87,7 +91,8 @@ def traversable_settings(demo_settings: Settings) -> Iterator[Settings]:
 def _run_as(user: str, code: str, **environment: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [RUNUSER, "-u", user, "--", str(VENV_PYTHON), "-c", code],
-        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", **environment},
+        env={"PATH": "/usr/bin:/bin", "HOME": "/tmp", "PYTHONPATH": f"{PROJECT_ROOT}:{PROJECT_ROOT / 'kernels'}",
+             **environment},
         cwd="/tmp",
         capture_output=True,
         text=True,
@@ -121,7 +126,7 @@ def test_member_reads_own_extract(unix_accounts: UnixFixture, traversable_settin
     code = (
         "import regsandbox_kernel as rs\n"
         "print(rs.table('applications').height)\n"
-        "print(rs.sql('SELECT count(DISTINCT person_token) AS n FROM applications')['n'][0])\n"
+        "print(rs.sql('SELECT count(DISTINCT id_number) AS n FROM applications')['n'][0])\n"
     )
     result = _run_as(
         unix_accounts.member, code, REGSANDBOX_EXTRACT_DIR=str(folder), REGSANDBOX_INSTITUTION="bank_a"
@@ -133,7 +138,7 @@ def test_member_reads_own_extract(unix_accounts: UnixFixture, traversable_settin
 def _distinct_persons(folder: Path) -> int:
     import polars as pl
 
-    return pl.read_parquet(folder / "applications.parquet")["person_token"].n_unique()
+    return pl.read_parquet(folder / "applications.parquet")["id_number"].n_unique()
 
 
 def test_member_denied_other_institution(unix_accounts: UnixFixture, traversable_settings: Settings) -> None:
@@ -184,7 +189,7 @@ def test_outsider_helper_gets_chinese_error(unix_accounts: UnixFixture, traversa
     )
     assert result.returncode == 0, result.stderr
     code_line, message = result.stdout.splitlines()
-    assert code_line.split() == ["SANDBOX_ACCESS_DENIED", str(folder / "manifest.json")]
+    assert code_line.split() == ["SANDBOX_ACCESS_DENIED", os.path.join(os.path.realpath(folder), "manifest.json")]
     assert "无权读取数据提取清单" in message
 
 
@@ -201,4 +206,5 @@ def test_unreadable_table_file_translated(unix_accounts: UnixFixture, traversabl
         REGSANDBOX_EXTRACT_DIR=str(folder),
     )
     assert result.returncode == 0, result.stderr
-    assert result.stdout.split() == ["SANDBOX_ACCESS_DENIED", str(folder / "applications.parquet")]
+    assert result.stdout.split() == ["SANDBOX_ACCESS_DENIED",
+                                     os.path.join(os.path.realpath(folder), "applications.parquet")]

@@ -67,7 +67,7 @@ def test_docker_config_extract_mounted_read_only(docker_config, tmp_path):
     spawner_config = docker_config.DockerSpawner
     templates = dict(spawner_config.read_only_volumes)
 
-    assert list(templates.values()) == ["/srv/extract"]
+    assert list(templates.values()) == ["/srv/extract", "/srv/platform_signing_keys.json"]
     assert all("/srv/extract" not in target for target in spawner_config.volumes.values())
     spawner = make_spawner("hub_alice", {})
     spawner.environment["REGSANDBOX_INSTITUTION"] = "hubtest_a"

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -47,7 +48,9 @@ def test_table_matches_manifest(bank_a_dir: Path) -> None:
     (entry,) = rs.manifest()["tables"]
     assert frame.height == entry["row_count"] == 334
     assert frame.columns == [column["name"] for column in entry["columns"]]
-    assert not {"name", "id_number", "mobile"} & set(frame.columns)
+    treatments = {column["name"]: column["treatment"] for column in entry["columns"]}
+    assert (treatments["name"], treatments["id_number"], treatments["mobile"]) == ("partial_mask", "token", "partial_mask")
+    assert all(len(token) == 64 for token in frame["id_number"].to_list())
 
 
 def test_unknown_table_lists_available(bank_a_dir: Path) -> None:
@@ -150,7 +153,9 @@ def test_symlink_out_of_extract_rejected(tmp_path: Path, kernel_settings: Settin
     folder = tmp_path / "extract"
     folder.mkdir()
     source = kernel_settings.extracts_dir / "bank_a"
-    (folder / "manifest.json").write_bytes((source / "manifest.json").read_bytes())
+    for name in ("manifest.json", "manifest.json.sig"):
+        (folder / name).write_bytes((source / name).read_bytes())
+    shutil.copy(kernel_settings.extracts_dir / "platform_signing_keys.json", tmp_path / "platform_signing_keys.json")
     (folder / "applications.parquet").symlink_to(kernel_settings.extracts_dir / "bank_b" / "applications.parquet")
     monkeypatch.setenv("REGSANDBOX_EXTRACT_DIR", str(folder))
     monkeypatch.delenv("REGSANDBOX_INSTITUTION", raising=False)
@@ -243,32 +248,63 @@ def test_invalid_institution_variable_rejected(monkeypatch: pytest.MonkeyPatch) 
     assert caught.value.code == "INSTITUTION_NOT_CONFIGURED"
 
 
-def test_importable_with_duckdb_and_polars_only(bank_a_dir: Path, tmp_path: Path) -> None:
-    """Run the helper in an interpreter whose only third-party packages are duckdb and polars."""
+def _isolated_site(tmp_path: Path, patterns: tuple[str, ...]) -> Path:
+    """Return a folder holding only the helper, regsandbox_core and the packages matching ``patterns``."""
     site_packages = Path(duckdb.__file__).resolve().parents[1]
     project = Path(rs.__file__).resolve().parents[2]
     isolated = tmp_path / "site"
     isolated.mkdir()
-    for pattern in ("duckdb", "duckdb-*.dist-info", "_duckdb*.so", "polars", "polars-*.dist-info", "_polars_runtime*", "polars_runtime*"):
+    for pattern in patterns:
         for entry in site_packages.glob(pattern):
             (isolated / entry.name).symlink_to(entry)
     (isolated / "regsandbox_kernel").symlink_to(project / "kernels" / "regsandbox_kernel")
     (isolated / "regsandbox_core").symlink_to(project / "regsandbox_core")
+    return isolated
 
-    code = (
-        f"import sys; sys.path.insert(0, {str(isolated)!r})\n"
-        "import regsandbox_kernel as rs\n"
-        "print(rs.table('applications').height, rs.mlflow_experiment('pd'))\n"
-        "heavy = {'pyarrow', 'pandas', 'numpy', 'mlflow', 'cryptography', 'pydantic'}\n"
-        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
-    )
+
+def _run_isolated(isolated: Path, folder: Path, code: str) -> subprocess.CompletedProcess[str]:
     # -I ignores PYTHON* variables and the user site, -S skips site-packages entirely.
-    result = subprocess.run(
-        [sys._base_executable, "-I", "-S", "-c", code],
-        env={"REGSANDBOX_EXTRACT_DIR": str(bank_a_dir), "REGSANDBOX_INSTITUTION": "bank_a"},
+    return subprocess.run(
+        [sys._base_executable, "-I", "-S", "-c", f"import sys; sys.path.insert(0, {str(isolated)!r})\n" + code],
+        env={"REGSANDBOX_EXTRACT_DIR": str(folder), "REGSANDBOX_INSTITUTION": "bank_a"},
         capture_output=True,
         text=True,
         timeout=60,
     )
+
+
+DATA_PACKAGES = ("duckdb", "duckdb-*.dist-info", "_duckdb*.so", "polars", "polars-*.dist-info", "_polars_runtime*",
+                 "polars_runtime*")
+CRYPTO_PACKAGES = ("cryptography", "cryptography-*.dist-info", "tongsuopy", "tongsuopy-*.dist-info", "gmssl",
+                   "gmssl-*.dist-info", "Cryptodome", "pycryptodomex-*.dist-info", "cffi", "cffi-*.dist-info",
+                   "_cffi_backend*")
+
+
+def test_importable_with_duckdb_and_polars_only(bank_a_dir: Path, tmp_path: Path) -> None:
+    """Import the helper with duckdb and polars only: naming works, opening the extract fails closed."""
+    isolated = _isolated_site(tmp_path, DATA_PACKAGES)
+    code = (
+        "import regsandbox_kernel as rs\n"
+        "print(rs.mlflow_experiment('pd'))\n"
+        "try:\n"
+        "    rs.table('applications')\n"
+        "except rs.ExtractNotConfiguredError as error:\n"
+        "    print(error.code)\n"
+    )
+    result = _run_isolated(isolated, bank_a_dir, code)
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.splitlines() == ["bank_a/pd", "SIGNATURE_CHECK_UNAVAILABLE"]
+
+
+def test_reads_with_signature_packages_only(bank_a_dir: Path, tmp_path: Path) -> None:
+    """With the SM2 packages added, the helper verifies and reads the extract without pyarrow, pandas or numpy."""
+    isolated = _isolated_site(tmp_path, DATA_PACKAGES + CRYPTO_PACKAGES)
+    code = (
+        "import regsandbox_kernel as rs\n"
+        "print(rs.table('applications').height, rs.mlflow_experiment('pd'))\n"
+        "heavy = {'pyarrow', 'pandas', 'numpy', 'mlflow', 'pydantic'}\n"
+        "print(sorted(heavy & {name.split('.')[0] for name in sys.modules}))\n"
+    )
+    result = _run_isolated(isolated, bank_a_dir, code)
     assert result.returncode == 0, result.stderr
     assert result.stdout.splitlines() == ["334 bank_a/pd", "[]"]

@@ -91,10 +91,10 @@ def test_starter_notebook_registers_model(mlflow_server: RunningMlflow, tmp_path
     assert reviewer.get("/api/2.0/mlflow/registered-models/get", params=params).status_code == 200
 
 
-def test_notebook_uses_no_token_columns() -> None:
+def test_notebook_excludes_masked_columns() -> None:
     notebook = nbformat.read(NOTEBOOK, as_version=4)
     source = "\n".join(cell.source for cell in notebook.cells if cell.cell_type == "code")
 
-    assert 'name.endswith("_token")' in source
+    assert 'column["treatment"] != "keep"' in source
     assert "person_token" not in source
     assert json.dumps(notebook.metadata, ensure_ascii=False).count("监管沙箱") == 1

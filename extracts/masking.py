@@ -1,0 +1,195 @@
+"""DuckDB SQL for the treatments of a masking policy, and the token dictionary joined in for ``token``.
+
+Tokens are computed once per distinct value in Python (HMAC-SM3 of the UTF-8 value under the
+institution's tokenisation key, see :func:`regsandbox_core.crypto.keyed_token`) and joined to
+the rows in SQL. A per-row Python function would call into Python for every row, which is much
+slower than one dictionary lookup per distinct value.
+
+Every expression keeps NULL as NULL. Values are read as text (``CAST(... AS VARCHAR)``) before
+a mask or a generalisation, so the expressions also work on the typed columns of the demo table.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
+import duckdb
+import pyarrow as pa
+from cryptography.hazmat.primitives import hashes
+from cryptography.hazmat.primitives import hmac as crypto_hmac
+
+from catalog.classes import ColumnClass
+from extracts.policy import COMPOUND_SURNAMES, PARTIAL_MASKS, Band, Rule
+
+TOKEN_TABLE = "_tokens"
+"""Name of the registered Arrow table (``value``, ``token``) that token columns join with."""
+
+
+def quote_identifier(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
+
+
+def quote_literal(text: str) -> str:
+    return "'" + text.replace("'", "''") + "'"
+
+
+@dataclass(frozen=True)
+class ColumnPlan:
+    """Treatment plan of one source column: its class, the matching rule and the treatment."""
+
+    name: str
+    column_class: ColumnClass
+    classified: bool
+    rule_id: str
+    treatment: str
+    bands: tuple[Band, ...] = ()
+
+    @classmethod
+    def from_rule(cls, name: str, column_class: ColumnClass, classified: bool, rule: Rule) -> ColumnPlan:
+        return cls(name, column_class, classified, rule.id, rule.treatment, rule.bands)
+
+    def manifest_entry(self) -> dict:
+        return {
+            "name": self.name,
+            "class": {"level": self.column_class.level, "pi_category": self.column_class.pi_category,
+                      "kind": self.column_class.kind},
+            "classified": self.classified,
+            "rule": self.rule_id,
+            "treatment": self.treatment,
+        }
+
+
+def _text(source: str) -> str:
+    return f"CAST({source} AS VARCHAR)"
+
+
+def _keep_ends(value: str, first: int, last: int) -> str:
+    """Keep ``first`` leading and ``last`` trailing characters and star the middle; star all of a short value."""
+    kept = first + last
+    return (f"CASE WHEN length({value}) > {kept} THEN left({value}, {first}) || repeat('*', length({value}) - {kept})"
+            f" || right({value}, {last}) ELSE repeat('*', length({value})) END")
+
+
+def _surname(value: str) -> str:
+    compound = ", ".join(quote_literal(surname) for surname in COMPOUND_SURNAMES)
+    size = f"(CASE WHEN left({value}, 2) IN ({compound}) THEN 2 ELSE 1 END)"
+    return (f"CASE WHEN length({value}) > {size} THEN left({value}, {size}) || repeat('*', length({value}) - {size})"
+            f" ELSE repeat('*', length({value})) END")
+
+
+def _year(value: str) -> str:
+    return f"CASE WHEN regexp_matches({value}, '^[0-9]{{4}}') THEN left({value}, 4) END"
+
+
+def _city(value: str) -> str:
+    # Province (省/自治区) if any, then the first city-level unit (市/自治州/地区/盟). For a
+    # municipality such as 上海市 the city is the first unit. No match gives NULL, never the raw value.
+    # The units may not contain district, county, road, street or house-number characters, so a
+    # text without a city yields NULL instead of a street.
+    unit = "[^省市区县路街号0-9]{2,}?"
+    pattern = f"^((?:{unit}(?:省|自治区))?{unit}(?:市|自治州|地区|盟))"
+    return f"NULLIF(regexp_extract({value}, {quote_literal(pattern)}, 1), '')"
+
+
+def _band(value: str, bands: tuple[Band, ...]) -> str:
+    amount = f"TRY_CAST(replace({value}, ',', '') AS DECIMAL(38, 4))"
+    cases = [f"WHEN {amount} IS NULL THEN NULL"]
+    for band in bands:
+        if band.below is None:
+            cases.append(f"ELSE {quote_literal(band.label)}")
+        else:
+            cases.append(f"WHEN {amount} < {band.below} THEN {quote_literal(band.label)}")
+    return "CASE " + " ".join(cases) + " END"
+
+
+def column_expression(plan: ColumnPlan, source: str, token_alias: str | None) -> str | None:
+    """Return the SELECT expression of a column (aliased to its name), or None when it is dropped."""
+    name = quote_identifier(plan.name)
+    treatment = plan.treatment
+    if treatment == "drop":
+        return None
+    if treatment == "keep":
+        return f"{source} AS {name}"
+    if treatment == "token":
+        return f"{token_alias}.token AS {name}"
+    value = f"trim({_text(source)})"
+    kind = plan.column_class.kind
+    if treatment == "partial_mask":
+        expression = _surname(value) if kind == "person_name" else _keep_ends(value, *PARTIAL_MASKS[kind])
+    elif kind == "birth_date":
+        expression = _year(value)
+    elif kind == "address":
+        expression = _city(value)
+    else:
+        expression = _band(value, plan.bands)
+    return f"CASE WHEN {source} IS NULL THEN NULL ELSE {expression} END AS {name}"
+
+
+def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
+    """Return the SELECT of the masked table over ``relation`` (aliased ``src``) with one token join per token column."""
+    expressions: list[str] = []
+    joins: list[str] = []
+    for index, plan in enumerate(plans):
+        source = f"src.{quote_identifier(plan.name)}"
+        alias = None
+        if plan.treatment == "token":
+            alias = f"t{index}"
+            joins.append(f"LEFT JOIN {TOKEN_TABLE} AS {alias} ON {alias}.value = {_text(source)}")
+        expression = column_expression(plan, source, alias)
+        if expression is not None:
+            expressions.append(expression)
+    return f"SELECT {', '.join(expressions)} FROM {relation} AS src {' '.join(joins)}"
+
+
+def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes,
+                     cache: dict[str, str] | None = None) -> pa.Table:
+    """Return the (value, token) table of every distinct non-null value of ``columns`` in ``relation``.
+
+    ``cache`` (value -> token under ``key``) carries tokens from one table to the next within a
+    build, so a customer seen in several tables is tokenised once.
+    """
+    if not columns:
+        return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})
+    # DISTINCT as well as UNION: with one token column there is no UNION to remove repeated values,
+    # and a repeated value in the dictionary would repeat rows in the join.
+    union = " UNION ".join(
+        f"SELECT DISTINCT {_text(quote_identifier(column))} AS value FROM {relation} "
+        f"WHERE {quote_identifier(column)} IS NOT NULL"
+        for column in columns
+    )
+    values = con.sql(union).to_arrow_table().column("value").to_pylist()
+    cache = {} if cache is None else cache
+    # HMAC-SM3 of each value, as regsandbox_core.crypto.keyed_token computes it. Copying a keyed
+    # HMAC object is about twice as fast as keying a new one for every value.
+    keyed = crypto_hmac.HMAC(key, hashes.SM3())
+    tokens = []
+    for value in values:
+        token = cache.get(value)
+        if token is None:
+            mac = keyed.copy()
+            mac.update(value.encode("utf-8"))
+            token = cache[value] = mac.finalize().hex()
+        tokens.append(token)
+    return pa.table({"value": pa.array(values, pa.string()), "token": pa.array(tokens, pa.string())})
+
+
+def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, spill_dir: Path) -> None:
+    """Write the rows of ``kept_periods`` (column ``_period``) of ``previous``, then all rows of ``changed``, to ``target``.
+
+    One scan over both files with a filter keeps their order, because DuckDB preserves insertion
+    order (its default, set here explicitly), so no sort is needed.
+    """
+    files = [previous] if changed is None else [previous, changed]
+    listing = "[" + ", ".join(quote_literal(str(path)) for path in files) + "]"
+    periods = ", ".join(quote_literal(period) for period in kept_periods) or "NULL"
+    con = duckdb.connect(":memory:")
+    try:
+        con.sql(f"SET temp_directory={quote_literal(str(spill_dir))}")
+        con.sql("SET preserve_insertion_order=true")
+        con.sql(f"COPY (SELECT * EXCLUDE (_extract_file) FROM read_parquet({listing}, union_by_name=true, "
+                f"filename='_extract_file') WHERE _extract_file <> {quote_literal(str(previous))} "
+                f"OR _period IN ({periods})) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+    finally:
+        con.close()
