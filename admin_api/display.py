@@ -93,6 +93,22 @@ ACTION_LABELS = {
     "catalog.change": "变更数据分级分类",
     "catalog.classify": "确认或变更数据分级分类",
     "catalog.sync": "同步数据目录",
+    "submissions.save_draft": "保存报表草稿",
+    "submissions.submit_draft": "提交报表草稿",
+    "submissions.discard": "作废报表草稿",
+    "submissions.findings_read": "查看报表校验结果",
+    "submissions.error_report": "下载报表校验错误报告",
+    "submissions.raw_read": "下载报送原始文件",
+    "submissions.waive": "豁免提示类校验问题",
+    "submissions.accept": "报表审核通过",
+    "submissions.return": "退回报表",
+    "tasks.create": "发布报送任务",
+    "tasks.close": "关闭报送任务",
+    "templates.upload": "上传报表模板版本",
+    "templates.delete": "删除报表模板版本",
+    "templates.download": "下载报表模板",
+    "report_data.query": "查询报表数据",
+    "report_data.export": "导出报表数据",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 
