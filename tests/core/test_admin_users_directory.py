@@ -30,7 +30,7 @@ from admin_api.app import create_app
 from admin_api.db import make_engine, make_session_factory
 from admin_api.migrate import upgrade_to_head
 from admin_api.models import Institution, User
-from admin_api.seed import seed_demo
+from admin_api.seed import DEMO_USERS, seed_demo
 from regsandbox_core.admin_users import UserDirectory, fetch_all_users, format_updated_since
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.platform_keys import ensure_platform_keys
@@ -41,7 +41,7 @@ from tests.conftest import free_port
 
 SERVICE = "hub"
 EXTRA_USERS = 30
-"""Users added to the 12 demo users, so that small pages need several requests."""
+"""Users added to the demo users, so that small pages need several requests."""
 
 
 class FakeClock:
@@ -199,7 +199,7 @@ def test_first_refresh_lists_all_users(api: AdminApi) -> None:
 
     users = directory.refresh()
 
-    total = 12 + EXTRA_USERS
+    total = len(DEMO_USERS) + EXTRA_USERS
     assert users == api.truth()
     assert len(users) == total
     assert directory.last_full
