@@ -184,9 +184,13 @@ def _detail_page(request: Request, session: Session, caller: Principal, submissi
                                                                 submissions.report_waivers(session, row.id)).values())
     own = caller.institution_code == detail.institution_code
     pages = max(1, ((findings.total if findings else 0) + FINDINGS_PAGE_SIZE - 1) // FINDINGS_PAGE_SIZE)
+    done = request.query_params.get("done", "")
+    if done in ("uploaded", "submitted") and detail.state == "validation_failed" and not error:
+        error = (f"已上传，但校验未通过：错误 {detail.error_count} 条。请查看下方的校验结果或下载错误报告，"
+                 "修正文件后重新上传。")
     return _page(request, "submission_detail.html", caller, status_code=status_code, item=detail, findings=findings,
                  page=page, pages=pages, severity=severity, open_rules=open_rules, own=own, error=error,
-                 notice=None if error else _NOTICES.get(request.query_params.get("done", "")),
+                 notice=None if error else _NOTICES.get(done),
                  form=form or {}, row_comment_slots=ROW_COMMENT_SLOTS)
 
 

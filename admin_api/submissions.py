@@ -16,14 +16,15 @@ Parquet files are deleted before the rename.
 
 States: ``validation_failed`` (errors found) or ``pending_review`` after the upload; a reviewer
 moves ``pending_review`` to ``accepted`` or ``returned``. A new upload for the same institution,
-template and period gets the next version and marks the previous version ``superseded``.
+template and period gets the next version and marks the previous versions ``superseded``, except
+that a version failing validation replaces only earlier failed versions.
 An upload saved as a ``draft`` is validated and stored the same way but supersedes nothing and is
 hidden from regulators until the institution submits it (:mod:`admin_api.submission_workflow`).
 Accepting requires every warning (提示) to be explained in the remark field or waived by a reviewer.
 
-The validation batch of an upload (``ValidationContext.batch``) is the latest non-superseded
-submission of each template that the uploaded template's reference and reconcile rules name, of
-the same institution and period. Their encrypted files are decrypted into the work folder and
+The validation batch of an upload (``ValidationContext.batch``) is the latest submission that passed
+validation (:data:`BATCH_STATES`) of each template that the uploaded template's reference and
+reconcile rules name, of the same institution and period. Their encrypted files are decrypted into the work folder and
 staged again, then deleted, so no plaintext staging file outlives a request.
 
 Accepted data enters the warehouse (:mod:`intake.warehouse`). Accepting a submission decrypts its
@@ -101,6 +102,8 @@ INTAKE_DIR = "intake"
 RAW_NAME = "raw.rssg"
 FINDINGS_NAME = "findings.parquet"
 REVIEW_LOCK_NAME = ".review.lock"
+BATCH_STATES = ("pending_review", "returned", "accepted")
+"""States of the submissions whose rows other tables of the same batch may refer to: those that passed validation."""
 ASSOCIATED_DATA_PREFIX = "regsandbox-intake/1"
 COPY_CHUNK_BYTES = 1024 * 1024
 MAX_PAGE_SIZE = 200
@@ -234,6 +237,29 @@ def _related_codes(template: Template) -> set[str]:
     return codes
 
 
+def _unaccepted_batch(session: Session, row: ReportSubmission) -> list[ReportSubmission]:
+    """Return the newest batch submission of each template ``row`` refers to, where that submission is not accepted.
+
+    The rows of such a submission may be what ``row``'s references found at validation, so
+    accepting ``row`` first would put rows into the warehouse whose referenced records are not there.
+    """
+    try:
+        codes = _related_codes(catalog().get(row.template_code, row.template_version))
+    except RegsandboxError:
+        return []
+    if not codes:
+        return []
+    newest: dict[str, ReportSubmission] = {}
+    for item in session.scalars(
+        select(ReportSubmission)
+        .where(ReportSubmission.institution_id == row.institution_id, ReportSubmission.period_end == row.period_end,
+               ReportSubmission.template_code.in_(sorted(codes)), ReportSubmission.state.in_(BATCH_STATES))
+        .order_by(ReportSubmission.template_code, ReportSubmission.version.desc())
+    ):
+        newest.setdefault(item.template_code, item)
+    return [item for _code, item in sorted(newest.items()) if item.state != "accepted"]
+
+
 def _batch_sources(session: Session, institution_id: int, period_end: date, codes: set[str]) -> list[_BatchSource]:
     if not codes:
         return []
@@ -241,7 +267,7 @@ def _batch_sources(session: Session, institution_id: int, period_end: date, code
         select(ReportSubmission)
         .where(ReportSubmission.institution_id == institution_id, ReportSubmission.period_end == period_end,
                ReportSubmission.template_code.in_(sorted(codes)),
-               ReportSubmission.state.notin_(("superseded", "withdrawn")))
+               ReportSubmission.state.in_(BATCH_STATES))
         .order_by(ReportSubmission.template_code, ReportSubmission.version.desc())
     )
     latest: dict[str, _BatchSource] = {}
@@ -612,16 +638,20 @@ def submit(
 
 
 def supersede_previous(session: Session, row: ReportSubmission, caller: Principal) -> list[ReportSubmission]:
-    """Mark every other submitted version of the row's institution, template and period ``superseded``; return them.
+    """Mark the other submitted versions of the row's institution, template and period ``superseded``; return them.
 
-    Drafts and discarded drafts are left as they are, because they were never submitted.
+    Drafts and discarded drafts are left as they are, because they were never submitted. A version
+    that failed validation replaces only earlier failed versions: a version waiting for review,
+    returned or accepted stays as it is until a version that passed validation is submitted.
     """
-    previous = session.scalars(
-        select(ReportSubmission).where(
-            ReportSubmission.institution_id == row.institution_id, ReportSubmission.template_code == row.template_code,
-            ReportSubmission.period_end == row.period_end, ReportSubmission.id != row.id,
-            ReportSubmission.state.notin_(("superseded", *PRIVATE_STATES)))
-    ).all()
+    replaced_states = ("validation_failed",) if row.state == "validation_failed" else None
+    query = select(ReportSubmission).where(
+        ReportSubmission.institution_id == row.institution_id, ReportSubmission.template_code == row.template_code,
+        ReportSubmission.period_end == row.period_end, ReportSubmission.id != row.id,
+        ReportSubmission.state.notin_(("superseded", *PRIVATE_STATES)))
+    if replaced_states is not None:
+        query = query.where(ReportSubmission.state.in_(replaced_states))
+    previous = session.scalars(query).all()
     for old in previous:
         session.add(SubmissionEvent(submission_id=old.id, from_state=old.state, to_state="superseded",
                                     actor=caller.username, comment=f"已被第 {row.version} 版替代"))
@@ -796,6 +826,14 @@ def _review_locked(session: Session, request: Request, caller: Principal, row: R
                        f"（提示共 {row.warning_count} 条，已说明 {row.explained_warning_count} 条，"
                        f"已豁免 {row.waived_warning_count} 条），不能审核通过。"
                        "请逐条核实后豁免这些提示，或退回报表请机构在备注中说明。")
+    if decision == "accepted":
+        waiting = _unaccepted_batch(session, row)
+        if waiting:
+            listed = "、".join(f"{label(item)}（报送编号 {item.id}，{SUBMISSION_STATES.get(item.state, item.state)}）"
+                              for item in waiting)
+            raise conflict("BATCH_NOT_ACCEPTED",
+                           f"{label(row)}的校验引用了同一报告期尚未审核通过的报表：{listed}。"
+                           "请先审核这些报表：审核通过后再审核本报表；如退回，请待机构重新报送后一并审核。")
     if len(row_comments) > MAX_ROW_COMMENTS:
         raise invalid("ROW_COMMENTS_TOO_MANY", f"行级意见最多 {MAX_ROW_COMMENTS} 条，收到 {len(row_comments)} 条。")
     try:

@@ -15,12 +15,14 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy import select
 
 from admin_api.models import AuditEvent, ReportSubmission
 
 from .conftest import Env
+from .helpers import console_cookie
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401  # fixture
 from .test_submission_workflow import EARLY_RELATION, WARNING_RULE, customer
 from .test_submissions import (  # noqa: F401  # bank_a_licence: bank_a gets the test files' 金融许可证号
@@ -298,6 +300,25 @@ def test_bad_files_in_chromium(env: Env, served_admin_api: str) -> None:  # noqa
                     assert text in content, (kind, text)
                 if case.outcome == "校验未通过":
                     assert page.locator("#findings tbody tr").count() >= 1, kind
+                    assert "校验未通过" in page.locator("p.error").inner_text(), kind
+                    assert page.locator("p.notice").count() == 0, kind
+                else:
+                    assert page.locator("p.notice").inner_text() == "已上传并完成校验。", kind
             page.screenshot(path=str(Path(env.settings.data_dir) / "console-submissions.png"))
         finally:
             browser.close()
+
+
+@pytest.mark.parametrize(("username", "shown", "hidden"), [
+    ("reporter_a", ('href="/console/submissions">报表报送', 'href="/console/templates">报表模板'), ("/console/reviews",)),
+    ("reviewer", ('href="/console/reviews">报表审核', 'href="/console/submissions">报送记录'), ("上传报表文件",)),
+    ("sysadmin", ("查看、上传和删除报表模板版本",), ("/console/reviews",)),
+])
+def test_home_lists_intake_pages(env: Env, username: str, shown: tuple[str, ...], hidden: tuple[str, ...]) -> None:
+    page = env.client.get("/console/", headers=console_cookie(env, username)).text
+    features = page.split("<h3>可用功能</h3>", 1)[1]
+
+    for text in shown:
+        assert text in features
+    for text in hidden:
+        assert text not in features

@@ -31,7 +31,7 @@ from regsandbox_core.platform_keys import open_keystore
 
 from .conftest import Env
 from .helpers import audit_events, console_cookie
-from .test_submissions import LICENSE, accept, catalog, customer_row, loan_row, text_file, upload
+from .test_submissions import LICENSE, accept, catalog, contract_row, customer_row, loan_row, text_file, upload
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401 - fixture
 from .test_submissions import bank_a_licence  # noqa: F401  # module fixture: bank_a gets the test files' 金融许可证号
 
@@ -39,6 +39,7 @@ LICENSE_B = "B0002H222000002"
 FIRST, SECOND = "20251130", "20251231"
 LOAN_TABLE = "EAST_DGXDYWJJB"
 CUSTOMER_TABLE = "EAST_DGKHXXB"
+CONTRACT_TABLE = "EAST_XDHTB"
 FORMULA = "=1+2"
 LOANS: dict[tuple[str, str], list[dict[str, str]]] = {
     ("bank_a", FIRST): [
@@ -85,12 +86,14 @@ def _upload_accepted(env: Env, institution: str, template_code: str, period: str
 
 @pytest.fixture(scope="module")
 def seeded(env: Env, bank_a_licence: None, bank_b_licence: None) -> Env:  # noqa: F811
-    """Upload and accept the customers and loans of LOANS, customers first so the loans' references hold."""
+    """Upload and accept the customers, contracts and loans of LOANS in that order, so the loans' references hold."""
     for (institution, period), changes in LOANS.items():
         licence = REPORTERS[institution][1]
         numbers = range(1, len(changes) + 1)
         customers = [{**customer_row(number, period), "JRXKZH": licence} for number in numbers]
         _upload_accepted(env, institution, CUSTOMER_TABLE, period, customers)
+        contracts = [{**contract_row(number, period), "JRXKZH": licence} for number in numbers]
+        _upload_accepted(env, institution, CONTRACT_TABLE, period, contracts)
         loans = [loan_row(number, period, JRXKZH=licence, **change) for number, change in zip(numbers, changes)]
         _upload_accepted(env, institution, LOAN_TABLE, period, loans)
     return env

@@ -27,10 +27,12 @@ def test_samples_validate_as_a_batch(env: Env, tmp_path: Path) -> None:
     for code in (CUSTOMERS, CONTRACTS, LOANS):
         response = upload(env, "reporter_a", code, PERIOD, files[f"{code}.txt"].read_bytes())
         assert response.status_code == 201, response.text
-        states[code] = (response.json()["state"], response.json()["error_count"], response.json()["row_count"])
+        body = response.json()
+        states[code] = (body["state"], body["error_count"], body["warning_count"], body["row_count"])
     broken = upload(env, "reporter_a", LOANS, PERIOD, files[BROKEN_LOANS_NAME].read_bytes(), name=BROKEN_LOANS_NAME)
 
-    assert states == {code: ("pending_review", 0, 20) for code in (CUSTOMERS, CONTRACTS, LOANS)}
+    assert states == {CUSTOMERS: ("pending_review", 0, 0, 20), CONTRACTS: ("pending_review", 0, 0, 20),
+                      LOANS: ("pending_review", 0, 1, 20)}
     assert broken.status_code == 201, broken.text
     assert (broken.json()["state"], broken.json()["error_count"]) == ("validation_failed", 3)
     assert [(line, field) for line, field, severity in findings(env, broken.json()["id"]) if severity == "错误"] == [

@@ -19,13 +19,18 @@ from .conftest import Env
 from .helpers import audit_events, console_cookie
 from .test_institutions import make_uscc
 from .test_submissions import (  # noqa: F401  # bank_a_licence: bank_a gets the test files' 金融许可证号
+    LOANS,
+    accept_referenced,
     actions,
     bank_a_licence,
+    contract_row,
     customer_row,
     intake_files,
+    loan_row,
     messages_of,
     text_file,
     upload,
+    upload_batch,
 )
 
 CUSTOMERS = "EAST_DGKHXXB"
@@ -311,3 +316,51 @@ def test_workbench_lists_own_drafts(env: Env) -> None:
     assert f'href="/console/submissions/{draft_id}"' in drafts
     assert f'id="drafts-{draft_id}"' not in other
     assert f'id="drafts-{draft_id}"' not in after_discard
+
+
+# --- batches ---------------------------------------------------------------------------------------
+
+
+def test_accept_waits_for_referenced_tables(env: Env) -> None:
+    period = "20240930"
+    upload_batch(env, period, (1,))
+    loans = upload(env, "reporter_a", LOANS, period, text_file(LOANS, [loan_row(1, period)])).json()
+    assert loans["state"] == "pending_review", loans
+
+    early = post(env, "reviewer", f"/{loans['id']}/accept", {"comment": "先审借据"})
+    accept_referenced(env, loans["id"])
+    after = post(env, "reviewer", f"/{loans['id']}/accept", {"comment": "数据完整"})
+
+    assert (early.status_code, early.json()["code"]) == (409, "BATCH_NOT_ACCEPTED")
+    assert "EAST_DGKHXXB" in early.json()["detail"]
+    assert "EAST_XDHTB" in early.json()["detail"]
+    assert "请先审核这些报表" in early.json()["detail"]
+    assert after.status_code == 200, after.text
+
+
+def test_failed_upload_keeps_pending_version(env: Env) -> None:
+    period = "20221031"
+    good = upload(env, "reporter_a", CUSTOMERS, period, text_file(CUSTOMERS, [customer(1, period)])).json()
+    bad = upload(env, "reporter_a", CUSTOMERS, period, text_file(CUSTOMERS, [customer(1, period, ZCZB="-1.00")])).json()
+    assert (good["state"], bad["state"]) == ("pending_review", "validation_failed")
+    assert detail(env, good["id"])["state"] == "pending_review"
+
+    fixed = upload(env, "reporter_a", CUSTOMERS, period, text_file(CUSTOMERS, [customer(2, period)])).json()
+
+    assert fixed["state"] == "pending_review"
+    assert detail(env, good["id"])["state"] == "superseded"
+    assert detail(env, bad["id"])["state"] == "superseded"
+
+
+def test_failed_table_not_used_as_batch(env: Env) -> None:
+    period = "20241031"
+    customers = upload(env, "reporter_a", CUSTOMERS, period,
+                       text_file(CUSTOMERS, [customer_row(1, period) | {"ZCZB": "-1.00"}])).json()
+    assert customers["state"] == "validation_failed"
+
+    contracts = upload(env, "reporter_a", "EAST_XDHTB", period, text_file("EAST_XDHTB", [contract_row(1, period)])).json()
+
+    assert contracts["state"] == "validation_failed"
+    report = env.client.get(f"/api/v1/submissions/{contracts['id']}/errors.csv", headers=env.auth("reporter_a"))
+    rows = list(csv.DictReader(io.StringIO(report.content.decode("utf-8-sig"))))
+    assert any(row["字段代码"] == "KHTYBH" and "对公客户信息表" in row["问题说明"] for row in rows), rows

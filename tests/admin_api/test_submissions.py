@@ -189,7 +189,8 @@ def test_errors_fail_validation(env: Env) -> None:
     assert response.status_code == 201, response.text
     body = response.json()
     assert body["state"] == "validation_failed"
-    assert body["error_count"] == 2  # the bad 明细科目编号 and loan 2's customer missing from the batch
+    # the bad 明细科目编号, loan 2's customer missing from the batch, and both contracts (no contract table)
+    assert body["error_count"] == 4
     title = messages_of(env, "reporter_a")[-1].title
     assert title == (f"报表 EAST_DGXDYWJJB 2024-02-29 第 1 版校验未通过：错误 {body['error_count']} 条，"
                      f"提示 {body['warning_count']} 条")
@@ -204,7 +205,7 @@ def test_errors_fail_validation(env: Env) -> None:
     assert values == ["'" + FORMULA]
     rule_ids = {line[4] for line in table[1:]}
     assert "R-JJ-019" in rule_ids
-    assert "R-JJ-018" not in rule_ids  # The batch has no contract table, so the contract reference is skipped.
+    assert "R-JJ-018" in rule_ids  # The batch has no contract table, so no referenced contract exists.
 
     workbook_response = env.client.get(f"/api/v1/submissions/{body['id']}/errors.xlsx",
                                        headers=env.auth("reviewer"))
@@ -452,7 +453,26 @@ def waive_open_warnings(env: Env, submission_id: int) -> list[str]:
     return rules
 
 
+def accept_referenced(env: Env, submission_id: int) -> None:
+    """Accept the pending customers and contracts of the submission's institution and period, as a reviewer must first."""
+    detail = env.client.get(f"/api/v1/submissions/{submission_id}", headers=env.auth("reviewer")).json()
+    if detail["template_code"] != LOANS:
+        return
+    listing = env.client.get(
+        f"/api/v1/submissions?period_end={detail['period_end'].replace('-', '')}&state=pending_review"
+        f"&institution_code={detail['institution_code']}", headers=env.auth("reviewer")).json()
+    order = {"EAST_DGKHXXB": 0, "EAST_XDHTB": 1}  # contracts refer to customers
+    for item in sorted(listing, key=lambda entry: order.get(entry["template_code"], 9)):
+        if item["template_code"] in order:
+            waive_open_warnings(env, item["id"])
+            response = env.client.post(f"/api/v1/submissions/{item['id']}/accept", headers=env.auth("reviewer"),
+                                       json={"comment": "同批次数据完整"})
+            assert response.status_code == 200, response.text
+
+
 def accept(env: Env, submission_id: int, comment: str = "数据完整") -> Any:
+    """Accept a submission after the tables it refers to, waiving its open warnings first."""
+    accept_referenced(env, submission_id)
     waive_open_warnings(env, submission_id)
     return env.client.post(f"/api/v1/submissions/{submission_id}/accept", headers=env.auth("reviewer"),
                            json={"comment": comment})
@@ -481,6 +501,7 @@ def test_concurrent_accepts_load_once(env: Env, monkeypatch: pytest.MonkeyPatch)
     period = "20250831"
     upload_batch(env, period)
     loans = upload_loans(env, period, [loan_row(1, period)])
+    accept_referenced(env, loans["id"])
     waive_open_warnings(env, loans["id"])
     load = submissions_module._load_warehouse
     second: dict[str, Any] = {}

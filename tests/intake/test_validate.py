@@ -409,15 +409,15 @@ def test_reference_batch_and_warehouse(tmp_path: Path, loan: Template, catalog: 
     assert missing[0]["rule_kind"] == "reference"
 
 
-def test_reference_without_target_is_skipped(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
-    loans = [loan_row(1)]
+def test_reference_without_target_fails_rows(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    loans = [loan_row(1), loan_row(2)]
     batch = batch_for(tmp_path, catalog, loans)
     del batch["EAST_XDHTB"]
     result = run(tmp_path, loan, loans, context(batch), catalog)
-    assert not by_rule(result, "R-JJ-018")
-    reason = next(item.reason for item in result.skipped_rules if item.rule_id == "R-JJ-018")
-    assert "信贷合同表" in reason
-    assert "未执行" in reason
+    missing = by_rule(result, "R-JJ-018")
+    assert [(row["line"], row["value"]) for row in missing] == [(2, "HT000001"), (3, "HT000002")]
+    assert "一并报送包含该记录的信贷合同表" in missing[0]["message"]
+    assert "R-JJ-018" not in {item.rule_id for item in result.skipped_rules}
 
 
 def test_other_institution_row(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
