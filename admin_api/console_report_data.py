@@ -112,7 +112,11 @@ def report_data_page(
                  mode, offset)
     context = _context(request, session, caller, form)
     if not form["ready"]:
-        return _page(request, "report_data.html", caller, result=None, error=None, **context)
+        missing_period = bool(form["template_code"]) and template_code == shown_template and not (
+            form["period_from"] and form["period_to"])
+        error = "请填写起始报告期和截止报告期（YYYYMMDD，例如 20251130），再点击“查询”。" if missing_period else None
+        return _page(request, "report_data.html", caller, status_code=422 if error else 200, result=None, error=error,
+                     **context)
     try:
         result = report_data.run_query(session, request, caller, request_keystore(request),
                                        request.app.state.settings, _body(form))

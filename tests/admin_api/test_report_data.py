@@ -434,6 +434,20 @@ def test_console_page_result_and_export(seeded: Env) -> None:
     assert forged.status_code == 403
 
 
+def test_console_missing_period_message(seeded: Env) -> None:
+    cookie = console_cookie(seeded, "reviewer")
+    params = {"template_code": LOAN_TABLE, "shown_template": LOAN_TABLE, "period_from": FIRST, "period_to": ""}
+
+    page = seeded.client.get("/console/report-data", headers=cookie, params=params)
+    switched = seeded.client.get("/console/report-data", headers=cookie,
+                                 params={**params, "shown_template": CUSTOMER_TABLE})
+
+    assert page.status_code == 422
+    assert "请填写起始报告期和截止报告期" in page.text
+    assert switched.status_code == 200
+    assert "请填写起始报告期和截止报告期" not in switched.text
+
+
 def test_console_other_institution_denied(seeded: Env) -> None:
     cookie = console_cookie(seeded, "reporter_a")
     params = {"template_code": LOAN_TABLE, "shown_template": LOAN_TABLE, "period_from": FIRST, "period_to": SECOND,
