@@ -74,13 +74,14 @@ def _list_context(session: Session, request: Request, caller: Principal, *, stat
 
 
 def _submissions_page(request: Request, session: Session, caller: Principal, *, status_code: int = 200,
-                      error: str | None = None, form: dict[str, str] | None = None, state: str = "",
-                      template: str = "", period: str = "", page: int = 1) -> Response:
+                      error: str | None = None, form: dict[str, Any] | None = None, state: str = "",
+                      template: str = "", period: str = "", page: int = 1, version: int | None = None) -> Response:
     context = _list_context(session, request, caller, state=state, template=template, period=period,
                             institution="", page=page)
     return _page(request, "submissions.html", caller, status_code=status_code,
                  **{**context, "error": error or context["error"]}, templates=_templates(),
-                 form=form or {"template_code": template, "period_end": period, "mode": "submit"},
+                 form=form or {"template_code": template, "period_end": period, "mode": "submit",
+                               "template_version": version},
                  notice=None if error else _NOTICES.get(request.query_params.get("done", "")))
 
 
@@ -90,13 +91,14 @@ def submissions_page(
     state: str = Query(default="", max_length=32),
     template: str = Query(default="", max_length=64),
     period: str = Query(default="", max_length=16),
+    version: int | None = Query(default=None, ge=1, le=999_999),
     page: int = Query(default=1, ge=1, le=100000),
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("submissions.read", console=True)),
 ) -> Response:
     """Show the upload form (报送人员) and the visible submissions, newest first, with a state filter."""
     return _submissions_page(request, session, caller, state=state.strip(), template=template.strip(),
-                             period=period.strip(), page=page)
+                             period=period.strip(), page=page, version=version)
 
 
 @router.get("/submissions/new", response_class=HTMLResponse)
@@ -111,7 +113,8 @@ def upload_for_task(
         detail = tasks.task_detail(session, request, caller, task)
     except RegsandboxError as error:
         return _submissions_page(request, session, caller, status_code=error.status, error=error.message)
-    query = urlencode({"template": detail.template_code, "period": f"{detail.period_end:%Y%m%d}"})
+    query = urlencode({"template": detail.template_code, "period": f"{detail.period_end:%Y%m%d}",
+                       "version": detail.template_version})
     return RedirectResponse(f"/console/submissions?{query}#upload", status_code=303)
 
 
@@ -121,6 +124,7 @@ def upload_form(
     template_code: str = Form(default="", max_length=64),
     period_end: str = Form(default="", max_length=16),
     mode: Literal["submit", "draft"] = Form(default="submit"),
+    template_version: int | None = Form(default=None, ge=1, le=999_999),
     file: UploadFile | None = File(default=None),
     csrf: str = Form(default="", alias="csrf_token", max_length=200),
     session: Session = Depends(get_session),
@@ -130,7 +134,7 @@ def upload_form(
     _check_csrf(request, caller, "submissions.submit", csrf)
     draft = mode == "draft"
     action = "submissions.save_draft" if draft else "submissions.submit"
-    form = {"template_code": template_code, "period_end": period_end, "mode": mode}
+    form = {"template_code": template_code, "period_end": period_end, "mode": mode, "template_version": template_version}
     resource = f"submission:{caller.institution_code or '-'}/{template_code[:64]}/{period_end[:16]}"
     try:
         if not template_code.strip():
@@ -139,7 +143,7 @@ def upload_form(
             raise invalid("FILE_REQUIRED", "请选择要上传的报表文件（TXT、CSV 或 XLSX）。")
         row = submissions.submit(session, request, caller, request_keystore(request), request.app.state.settings,
                                  template_code=template_code, period_text=period_end, filename=file.filename,
-                                 stream=file.file, draft=draft)
+                                 stream=file.file, draft=draft, template_version=template_version)
     except RegsandboxError as error:
         _failed(request, session, caller, action, resource, error)
         return _submissions_page(request, session, caller, status_code=error.status, error=error.message, form=form)

@@ -125,13 +125,17 @@ def catalog() -> TemplateCatalog:
 # --- inputs -------------------------------------------------------------------------------------
 
 
-def get_template(code: str) -> Template:
-    """Return the newest version of template ``code``, or raise 422 ``TEMPLATE_NOT_FOUND`` listing the valid codes."""
+def get_template(code: str, version: int | None = None) -> Template:
+    """Return version ``version`` (the newest when None) of template ``code``, or raise 422 ``TEMPLATE_NOT_FOUND``."""
     templates = catalog()
     if code not in templates:
         known = "、".join(f"{item}（{templates.get(item).name}）" for item in templates.codes())
         raise invalid("TEMPLATE_NOT_FOUND", f"报表模板代码“{code[:64]}”不存在。可报送的模板有：{known}。请检查模板代码后重新上传。")
-    return templates.get(code)
+    if version is not None and version not in templates.versions(code):
+        known_versions = "、".join(f"第 {item} 版" for item in templates.versions(code))
+        raise invalid("TEMPLATE_NOT_FOUND", f"报表模板 {code} 没有第 {version} 版，已有：{known_versions}。"
+                                            "请按报送任务要求的版本报送，或不指定版本以使用最新版本。")
+    return templates.get(code, version)
 
 
 def parse_period(text: str) -> date:
@@ -525,16 +529,19 @@ def submit(
     filename: str | None,
     stream: BinaryIO,
     draft: bool = False,
+    template_version: int | None = None,
 ) -> ReportSubmission:
     """Stage, validate, encrypt and record one uploaded file, and return the committed row.
 
-    A ``draft`` is stored in state ``draft``: it supersedes nothing until it is submitted.
+    A ``draft`` is stored in state ``draft``: it supersedes nothing until it is submitted. The file
+    is checked against ``template_version`` of the template (a collection task names one), or the
+    newest version when it is None.
 
     Raises the reader's :class:`~intake.reader.IntakeFileError` (422, 413 for a file too large),
     :class:`~admin_api.errors.ApiError` for a bad template or period, and the validator's or key
     store's errors. On any error nothing is stored: no row, no file.
     """
-    template = get_template(template_code.strip())
+    template = get_template(template_code.strip(), template_version)
     period_end = parse_period(period_text)
     check_period_end(template, period_end)
     institution = _caller_institution(session, request, caller)

@@ -89,6 +89,8 @@ def submit_report(
     period_end: str = Form(max_length=16, description="报告期末日期，YYYYMMDD，如 20261130"),
     file: UploadFile = File(description="报表文件：按模板分隔的 TXT/CSV（UTF-8 或 GB18030）或 XLSX，最大 2 GB"),
     draft: bool = Form(default=False, description="true：保存为草稿，仅本机构可见，之后再提交"),
+    template_version: int | None = Form(default=None, ge=1, le=999_999,
+                                        description="模板版本号，按报送任务要求的版本填写；不填则使用最新版本"),
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("submissions.submit")),
 ) -> submissions.SubmissionDetail:
@@ -104,6 +106,7 @@ def submit_report(
     row = _audited(request, session, caller, action, resource, lambda: submissions.submit(
         session, request, caller, request_keystore(request), request.app.state.settings,
         template_code=template_code, period_text=period_end, filename=file.filename, stream=file.file, draft=draft,
+        template_version=template_version,
     ))
     return submissions.SubmissionDetail.load(session, row)
 

@@ -210,9 +210,11 @@ def test_upload_link_fills_task_form(env: Env) -> None:
     not_a_reporter = reviewer.get(f"/console/submissions/new?task={own}")
 
     assert opened.status_code == 303
-    assert opened.headers["location"] == f"/console/submissions?template={TEMPLATE}&period=20220831#upload"
+    assert opened.headers["location"] == f"/console/submissions?template={TEMPLATE}&period=20220831&version=1#upload"
     assert f'<option value="{TEMPLATE}" selected>' in form
     assert 'name="period_end" value="20220831"' in form
+    assert '<input type="hidden" name="template_version" value="1">' in form
+    assert "使用模板第 1 版校验" in form
     assert denied.status_code == 403
     assert "您只能访问本机构（bank_a）的数据" in denied.text
     assert missing.status_code == 404

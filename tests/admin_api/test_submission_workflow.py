@@ -364,3 +364,21 @@ def test_failed_table_not_used_as_batch(env: Env) -> None:
     report = env.client.get(f"/api/v1/submissions/{contracts['id']}/errors.csv", headers=env.auth("reporter_a"))
     rows = list(csv.DictReader(io.StringIO(report.content.decode("utf-8-sig"))))
     assert any(row["字段代码"] == "KHTYBH" and "对公客户信息表" in row["问题说明"] for row in rows), rows
+
+
+def test_upload_names_template_version(env: Env) -> None:
+    period = "20221130"
+    content = text_file(CUSTOMERS, [customer(1, period)])
+    headers = env.auth("reporter_a")
+
+    named = env.client.post("/api/v1/submissions", headers=headers,
+                            data={"template_code": CUSTOMERS, "period_end": period, "template_version": "1"},
+                            files={"file": ("客户.txt", content, "text/plain")})
+    unknown = env.client.post("/api/v1/submissions", headers=headers,
+                              data={"template_code": CUSTOMERS, "period_end": period, "template_version": "99"},
+                              files={"file": ("客户.txt", content, "text/plain")})
+
+    assert named.status_code == 201, named.text
+    assert named.json()["template_version"] == 1
+    assert (unknown.status_code, unknown.json()["code"]) == (422, "TEMPLATE_NOT_FOUND")
+    assert "没有第 99 版" in unknown.json()["detail"]
