@@ -67,5 +67,7 @@ def workbench_page(request: Request, session: Session = Depends(get_session),
         widgets.update(_review_widgets(session))
     if caller.institution_code is None and allows(caller.role, "tasks.statistics"):
         widgets.update(_statistics_widget(session, request, caller))
+    if allows(caller.role, "catalog.classify"):
+        widgets["catalog_unconfirmed"], widgets["catalog_total"] = workbench.unconfirmed_columns(session)
     return _page(request, "workbench.html", caller, widgets=widgets, template_name=workbench.template_name,
                  now=utc_now())

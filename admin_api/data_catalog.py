@@ -378,5 +378,5 @@ def lineage(session: Session, settings: Settings, template_catalog: TemplateCata
         warehouse={"table": f"intake/{table_code}", "partitions": partitions, "institutions": institutions,
                    "accepted_submissions": accepted},
         extracts={"status": "not_built", "status_name": "尚未构建",
-                  "detail": "机构抽取数据的列级血缘将在抽取构建功能提供后显示。", "columns": []},
+                  "detail": "机构脱敏抽取数据的列级血缘尚未接入数据目录，请在抽取数据的 manifest.json 中查看各列的处理方式。", "columns": []},
     )

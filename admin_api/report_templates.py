@@ -102,10 +102,13 @@ def _next_version(code: str) -> int:
 
 
 def _in_use_error(template_label: str, code: str, usage: Usage, action: str) -> TemplateError:
+    if action == "删除":
+        advice = "已使用的版本须保留，以便核对据此校验的报送。如不再使用，请上传新版本并在新的报送任务中使用新版本。"
+    else:
+        advice = f"已使用的版本保持不变，请把文件中的 version 改为 {_next_version(code)}，作为新版本上传。"
     return TemplateError(
         "TEMPLATE_IN_USE",
-        f"报表模板 {template_label} 已被 {usage.describe()}使用，不能{action}。已使用的版本保持不变，"
-        f"请把文件中的 version 改为 {_next_version(code)}，作为新版本上传。",
+        f"报表模板 {template_label} 已被 {usage.describe()}使用，不能{action}。{advice}",
         status=409,
     )
 

@@ -20,7 +20,7 @@ from datetime import date, datetime
 from sqlalchemy import and_, func, select
 from sqlalchemy.orm import Session
 
-from admin_api.models import Institution, ReportSubmission, ReportTask, ReportTaskTarget
+from admin_api.models import CatalogColumn, Institution, ReportSubmission, ReportTask, ReportTaskTarget
 from admin_api.submissions import catalog
 from admin_api.tasks import SUBMITTED_STATES, target_state_name
 from regsandbox_core.errors import RegsandboxError
@@ -131,3 +131,11 @@ def pending_by_template(session: Session) -> list[TemplateCount]:
 
 def institution_id_of(session: Session, code: str) -> int | None:
     return session.scalar(select(Institution.id).where(Institution.code == code))
+
+
+def unconfirmed_columns(session: Session) -> tuple[int, int]:
+    """Return (columns no data steward has confirmed, all catalog columns), for the steward's widget."""
+    total, unconfirmed = session.execute(
+        select(func.count(), func.count().filter(CatalogColumn.confirmed_level.is_(None)))
+    ).one()
+    return unconfirmed or 0, total or 0

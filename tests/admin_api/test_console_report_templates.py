@@ -151,7 +151,7 @@ def test_in_use_delete_rejected(env: Env) -> None:
     assert "使用中（1 个报送任务" in page.text
     assert rejected.status_code == 409
     assert "已被 1 个报送任务使用，不能删除" in rejected.text
-    assert "version 改为 2" in rejected.text
+    assert "已使用的版本须保留" in rejected.text
     assert f"{code}.v1.yaml" in added_files(env)
 
 

@@ -444,3 +444,19 @@ def test_workbench_other_institution_hidden(env: Env) -> None:
     assert "第 3 行注册资本与营业执照不符" not in page
     with env.db() as session:
         assert session.scalars(select(Institution.id).where(Institution.code == code)).one()
+
+
+def test_workbench_steward_sees_unconfirmed_columns(env: Env) -> None:
+    steward, _ = signed_in(env, "steward")
+    reporter, _ = signed_in(env, "reporter_a")
+
+    page = steward.get("/console/workbench").text
+    reporter_page = reporter.get("/console/workbench").text
+
+    section = page.split('id="catalog-review"', 1)[1].split("</section>", 1)[0]
+    count = re.search(r"待确认的数据分级分类（(\d+)）", section)
+    assert count is not None
+    assert int(count.group(1)) > 0  # the start-up sync catalogues every template field, none confirmed yet
+    assert 'href="/console/catalog/review"' in section
+    assert 'id="no-widgets"' not in page
+    assert 'id="catalog-review"' not in reporter_page

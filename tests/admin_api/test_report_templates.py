@@ -237,7 +237,7 @@ def test_in_use_by_task_immutable(env: Env) -> None:
     assert deleted.status_code == 409, deleted.text
     assert deleted.json()["code"] == "TEMPLATE_IN_USE"
     assert "1 个报送任务" in deleted.json()["detail"]
-    assert "version 改为 2" in deleted.json()["detail"]
+    assert "已使用的版本须保留" in deleted.json()["detail"]
     assert replaced.status_code == 409, replaced.text
     assert replaced.json()["code"] == "TEMPLATE_IN_USE"
     assert "不能替换" in replaced.json()["detail"]
