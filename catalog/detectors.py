@@ -70,7 +70,7 @@ DEFAULT_CLASSES: dict[str, tuple[int, PiCategory | None]] = {
 # --- evidence and proposals ------------------------------------------------------------------------
 
 SOURCE_NAMES = {
-    "format_check": "模板格式校验（format.check）",
+    "format_check": "模板格式校验",
     "rule_check": "模板条件校验规则",
     "name": "字段代码与中文名称",
     "type": "字段类型",
@@ -222,7 +222,7 @@ def detect_from_template(template: Template, item: TemplateField) -> list[Eviden
     if own is not None:
         kind = CHECK_KINDS[own]
         found.append(Evidence("format_check", kind, CHECK_CONFIDENCE,
-                              f"模板要求该字段每个值通过“{own}”校验（{KINDS[kind]}）"))
+                              f"模板要求该字段的每个值通过{KINDS[kind]}格式校验"))
 
     for rule in _NAME_RULES:
         if not (rule.name.search(item.name) or (rule.code is not None and rule.code.search(item.code))):
@@ -241,7 +241,7 @@ def detect_from_template(template: Template, item: TemplateField) -> list[Eviden
     for check in sorted(conditional):
         kind = CHECK_KINDS[check]
         found.append(Evidence("rule_check", kind, RULE_CHECK_CONFIDENCE,
-                              f"模板在部分行（按条件）对该字段做“{check}”校验（{KINDS[kind]}）"))
+                              f"模板对该字段的部分行（按条件）做{KINDS[kind]}格式校验"))
     return found
 
 
