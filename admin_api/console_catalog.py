@@ -164,8 +164,9 @@ def classify_form(
         data_catalog.classify(session, request, caller, table_code, column_code, body)
     except RegsandboxError as error:
         _failed(request, session, caller, "catalog.classify", f"catalog:{table_code[:64]}.{column_code[:32]}", error)
-        if back == "review":
-            return _review(request, session, caller, "", status_code=error.status, error=error.message)
+        if back == "review":  # the queue lists many columns, so the message names the one that failed
+            return _review(request, session, caller, "", status_code=error.status,
+                           error=f"字段 {table_code[:64]}.{column_code[:32]} 未保存：{error.message}")
         return _column_page(request, session, caller, table_code, column_code, status_code=error.status,
                             error=error.message)
     label = quote(f"{table_code}.{column_code}")

@@ -104,6 +104,16 @@ def test_classify_form_confirm_then_change(env: Env) -> None:
     assert "受托支付对手均为企业" in changed.text
 
 
+def test_review_queue_error_names_column(env: Env) -> None:
+    browser, csrf = _signed_in(env, "steward")
+
+    rejected = browser.post("/console/catalog/columns/EAST_STZFXXB/ZFYT/classify",
+                            data={"csrf_token": csrf, "level": "2", "pi_category": "C2", "kind": "other", "back": "review"})
+
+    assert rejected.status_code == 422
+    assert "字段 EAST_STZFXXB.ZFYT 未保存：" in rejected.text
+
+
 def test_classify_form_csrf_rejected(env: Env) -> None:
     response = env.client.post("/console/catalog/columns/EAST_STZFXXB/ZFYT/classify",
                                data={"csrf_token": "forged", "level": "3", "pi_category": "C1", "kind": "free_text"},
