@@ -840,10 +840,10 @@ def _date_text_fail(fields: _FieldSql, rule: CompareRule, context: ValidationCon
     """Return SQL that is true when a date comparison fails, comparing the YYYYMMDD text first.
 
     Valid dates are exactly the values matching ``[0-9]{8}`` that parse, and such texts sort like
-    the dates they name. So the text comparison decides for valid operands, and the costlier
-    parse (the typed value) is only needed on the few rows whose text comparison fails, because
-    DuckDB evaluates the terms of a conjunction on the rows that passed the earlier ones.
-    Returns None for comparisons this does not cover.
+    the dates they name. So the text comparison decides for valid operands. DuckDB evaluates a
+    later term of a conjunction only on the rows that passed the earlier ones, so the costlier
+    parse (the typed value) runs on the few rows whose text comparison fails. Returns None for
+    comparisons this does not cover.
     """
     if fields.item(rule.left).type != "date" or rule.op in ("in", "not_in") or rule.tolerance:
         return None
