@@ -531,9 +531,8 @@ def submit(
         source = work / "upload.source"
         _copy_upload(stream, source)
         text_columns = [item.code for item in template.fields if item.type in ("text", "code")]
-        # DuckDB stages a well-formed "|" file; its rows may be out of file order, which validation allows.
         staged: StagedFile = stage_file(source, original_name, template.file_layout(), work, sheet=template.code,
-                                        text_columns=text_columns, direct=True)
+                                        text_columns=text_columns)
         errors = warnings = explained = 0
         has_findings = False
         # The upload is encrypted while it is validated, because the SM4 stream cipher and DuckDB
