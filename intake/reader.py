@@ -393,7 +393,7 @@ class _Sink:
 SCREEN_CHUNK_BYTES = 4 * 1024**2
 # DuckDB memory_limit while it writes a staging file; it spills to target_dir beyond it. With it,
 # staging and validating a 2 GB file (benchmarks/intake_validation.py --memory-check, 1GB
-# validation budget, 2 cores) peaked at 704 MiB RSS.
+# validation budget, 2 cores) peaked at 704 and 708 MiB RSS in two runs.
 DIRECT_MEMORY_LIMIT = "512MB"
 _CR, _LF, _PIPE, _SPACE = 13, 10, ord("|"), 32
 
