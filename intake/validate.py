@@ -831,8 +831,33 @@ def _row_checks(template: Template, fields: _FieldSql, context: ValidationContex
             if rule.severity == "warning":
                 message += f" || {_lit(_WARNING_HINT)}"
             # NULL (an empty or invalid operand) is not a failure: the format rule reports it.
-            add(rule, item, f"(coalesce(NOT {condition}, false) AND {when})", message)
+            fail = _date_text_fail(fields, rule, context) or f"coalesce(NOT {condition}, false)"
+            add(rule, item, f"({fail} AND {when})", message)
     return checks
+
+
+def _date_text_fail(fields: _FieldSql, rule: CompareRule, context: ValidationContext) -> str | None:
+    """Return SQL that is true when a date comparison fails, comparing the YYYYMMDD text first.
+
+    Valid dates are exactly the values matching ``[0-9]{8}`` that parse, and such texts sort like
+    the dates they name. So the text comparison decides for valid operands. DuckDB evaluates a
+    later term of a conjunction only on the rows that passed the earlier ones, so the costlier
+    parse (the typed value) runs on the few rows whose text comparison fails. Returns None for
+    comparisons this does not cover.
+    """
+    if fields.item(rule.left).type != "date" or rule.op in ("in", "not_in") or rule.tolerance:
+        return None
+    operand = rule.right
+    assert operand is not None
+    if operand.field is not None and fields.item(operand.field).type == "date":
+        right_text, right_valid = fields.raw(operand.field), fields.type_valid(operand.field)
+    elif operand.period is not None:
+        day = context.period_start if operand.period == "start" else context.period_end
+        right_text, right_valid = _lit(_period_text(day)), "true"
+    else:
+        return None
+    text_holds = _comparison_sql(fields.raw(rule.left), rule.op, right_text, None)
+    return f"(NOT {text_holds} AND {fields.type_valid(rule.left)} AND {right_valid})"
 
 
 def _operand_display(fields: _FieldSql, operand: Operand, context: ValidationContext, sql: str) -> tuple[str, str]:

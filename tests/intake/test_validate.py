@@ -381,6 +381,27 @@ def test_compare_kinds(tmp_path: Path, loan: Template, catalog: TemplateCatalog)
     assert "20240131" in period["message"]
 
 
+def test_date_compare_edge_cases(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    # Date comparisons test the YYYYMMDD text first: results must equal comparing the dates.
+    loans = [
+        loan_row(1, DKDQRQ="20230115"),  # equal dates pass R-JJ-008 (>=)
+        loan_row(2, DKDQRQ="20230114"),  # one day early fails R-JJ-008
+        loan_row(3, DKDQRQ="20230230"),  # invalid date: R-JJ-007 only
+        loan_row(4, DKFFRQ="2023-01-15"),  # invalid date: R-JJ-007 only
+        loan_row(5, DKDQRQ="", ZQDQRQ="20250116"),  # empty operand of R-JJ-008 and R-JJ-012
+        loan_row(6, DKFFRQ="20240201"),  # later than CJRQ fails R-JJ-011
+        loan_row(7, CJRQ="20240131 "),  # trimmed, so it is the period end
+        loan_row(8, ZQDQRQ="20250115"),  # not later than DKDQRQ fails R-JJ-012
+    ]
+    batch = batch_for(tmp_path, catalog, loans)
+    result = run(tmp_path, loan, loans, context(batch), catalog)
+    got = sorted(
+        (row["line"], row["rule_id"]) for row in findings(result)
+        if row["rule_id"] in ("R-JJ-007", "R-JJ-008", "R-JJ-010", "R-JJ-011", "R-JJ-012")
+    )
+    assert got == [(3, "R-JJ-008"), (4, "R-JJ-007"), (5, "R-JJ-007"), (7, "R-JJ-011"), (9, "R-JJ-012")]
+
+
 def test_compare_sum_with_tolerance(tmp_path: Path, catalog: TemplateCatalog) -> None:
     g01 = catalog.get("G01")
     rows = g01_rows("100")
