@@ -154,6 +154,22 @@ def column_out(row: CatalogColumn) -> ColumnOut:
     )
 
 
+def extract_classes(session: Session) -> list[dict[str, Any]]:
+    """Return the class masking applies to every catalog column, in the ``--classes`` format of ``python -m extracts build``.
+
+    A column no steward has confirmed gets :func:`catalog.classes.effective_class` of its proposal
+    (level 4 at least), so the extract stays fail-closed.
+    """
+    entries = []
+    for row in session.scalars(select(CatalogColumn).order_by(CatalogColumn.table_code, CatalogColumn.column_code)):
+        confirmed = confirmed_class(row)
+        effective = effective_class(proposed_class(row), confirmed)
+        entries.append({"table": row.table_code, "column": row.column_code, "level": effective.level,
+                        "pi_category": effective.pi_category, "kind": effective.kind,
+                        "confirmed": confirmed is not None})
+    return entries
+
+
 def _snapshot(row: CatalogColumn) -> dict[str, Any]:
     confirmed = confirmed_class(row)
     return {

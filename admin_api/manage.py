@@ -7,6 +7,8 @@
     python -m admin_api.manage catalog-sync [--table CODE] [--resample]
                                                            sync the data catalog with the report templates and
                                                            sample accepted warehouse data; prints the counts as JSON
+    python -m admin_api.manage catalog-classes --out FILE  write the class masking applies to every catalog column,
+                                                           the --classes file of python -m extracts build
 
 Messages for the operator go to stderr in Chinese; exit status 0 on success, 1 on error.
 """
@@ -17,11 +19,13 @@ import argparse
 import getpass
 import json
 import sys
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
 
 from admin_api.catalog_sync import sync_by_operator
+from admin_api.data_catalog import extract_classes
 from admin_api.db import make_engine, make_session_factory, utc_now
 from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision, upgrade_to_head
@@ -29,6 +33,7 @@ from admin_api.models import ApiToken, User
 from admin_api.seed import seed_demo
 from intake.template_model import TemplateCatalog
 from regsandbox_core.errors import RegsandboxError
+from regsandbox_core.files import write_private_file
 from regsandbox_core.logs import configure_logging
 from regsandbox_core.settings import Settings, get_settings
 
@@ -85,6 +90,16 @@ def catalog_sync(settings: Settings, table_code: str | None, resample: bool) -> 
     return 0
 
 
+def catalog_classes(settings: Settings, out: Path) -> int:
+    """Write the classes masking applies to every catalog column to ``out`` (JSON, mode 0600) for the extract builder."""
+    with _session(settings) as session:
+        entries = extract_classes(session)
+    write_private_file(out, json.dumps(entries, ensure_ascii=False, indent=1).encode("utf-8"))
+    confirmed = sum(entry["confirmed"] for entry in entries)
+    print(f"已导出 {len(entries)} 个字段的分级分类到 {out}（其中 {confirmed} 个已确认，其余按 4 级处理）。", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m admin_api.manage", description="admin_api 运维命令")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -98,6 +113,8 @@ def build_parser() -> argparse.ArgumentParser:
     sync = commands.add_parser("catalog-sync", help="按报表模板同步数据目录，并抽样已入仓数据提出分级分类建议")
     sync.add_argument("--table", default=None, help="只同步这一张数据表（报表模板代码）")
     sync.add_argument("--resample", action="store_true", help="重新抽样已抽样过的数据表")
+    classes = commands.add_parser("catalog-classes", help="导出各字段用于脱敏的分级分类（JSON），供 python -m extracts build --classes 使用")
+    classes.add_argument("--out", type=Path, required=True, help="输出文件，权限 0600")
     return parser
 
 
@@ -112,6 +129,8 @@ def main(argv: list[str] | None = None) -> int:
             return seed(settings)
         if arguments.command == "catalog-sync":
             return catalog_sync(settings, arguments.table, arguments.resample)
+        if arguments.command == "catalog-classes":
+            return catalog_classes(settings, arguments.out)
         return set_active(settings, arguments.username, active=arguments.enable)
     except SQLAlchemyError as error:
         print(f"访问管理数据库失败：{type(error).__name__}。请检查 REGSANDBOX_DATABASE_URL 与数据库服务。", file=sys.stderr)

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import secrets
 import shutil
+import stat
 from collections.abc import Iterator
 from datetime import date
 from pathlib import Path
@@ -20,6 +21,8 @@ from admin_api import catalog_sync, manage
 from admin_api.catalog_sync import sync_at_start, sync_catalog
 from admin_api.models import AuditEvent, CatalogColumn, CatalogColumnHistory, Institution, ReportSubmission, User
 from admin_api.submissions import catalog as template_catalog
+from catalog.classes import ColumnClass
+from extracts.cli import read_classes_file
 from intake.template_model import TEMPLATES_DIR, TemplateCatalog
 from intake.warehouse import load_submission
 
@@ -505,3 +508,22 @@ def test_manage_catalog_sync(catalog_env: Env, tmp_path: Path, capsys: pytest.Ca
     assert event.actor.startswith("cli:")
     assert event.role == "operator"
     assert event.resource == "catalog:EAST_DBHTB"
+
+
+def test_manage_catalog_classes(catalog_env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    confirmed = classify(catalog_env, "EAST_STZFXXB", "STZFJE", {"level": 2, "pi_category": None, "kind": "amount"})
+    assert confirmed.status_code == 200, confirmed.text
+    out = tmp_path / "classes.json"
+
+    status = manage.catalog_classes(catalog_env.settings, out)
+
+    assert status == 0
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600
+    entries = {(entry["table"], entry["column"]): entry for entry in json.loads(out.read_text("utf-8"))}
+    assert entries[("EAST_STZFXXB", "STZFJE")] == {"table": "EAST_STZFXXB", "column": "STZFJE", "level": 2,
+                                                 "pi_category": None, "kind": "amount", "confirmed": True}
+    unconfirmed = [entry for entry in entries.values() if not entry["confirmed"]]
+    assert unconfirmed
+    assert all(entry["level"] >= 4 for entry in unconfirmed)
+    assert read_classes_file(out)[("EAST_STZFXXB", "STZFJE")] == ColumnClass(2, None, "amount")
+    assert "已导出" in capsys.readouterr().err
