@@ -511,7 +511,7 @@ def test_manage_catalog_sync(catalog_env: Env, tmp_path: Path, capsys: pytest.Ca
 
 
 def test_manage_catalog_classes(catalog_env: Env, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
-    confirmed = classify(catalog_env, "EAST_STZFXXB", "STZFJE", {"level": 2, "pi_category": None, "kind": "amount"})
+    confirmed = classify(catalog_env, "EAST_DBHTB", "DBQSRQ", {"level": 2, "pi_category": None, "kind": "other"})
     assert confirmed.status_code == 200, confirmed.text
     out = tmp_path / "classes.json"
 
@@ -520,10 +520,10 @@ def test_manage_catalog_classes(catalog_env: Env, tmp_path: Path, capsys: pytest
     assert status == 0
     assert stat.S_IMODE(out.stat().st_mode) == 0o600
     entries = {(entry["table"], entry["column"]): entry for entry in json.loads(out.read_text("utf-8"))}
-    assert entries[("EAST_STZFXXB", "STZFJE")] == {"table": "EAST_STZFXXB", "column": "STZFJE", "level": 2,
-                                                 "pi_category": None, "kind": "amount", "confirmed": True}
+    assert entries[("EAST_DBHTB", "DBQSRQ")] == {"table": "EAST_DBHTB", "column": "DBQSRQ", "level": 2,
+                                                "pi_category": None, "kind": "other", "confirmed": True}
     unconfirmed = [entry for entry in entries.values() if not entry["confirmed"]]
     assert unconfirmed
     assert all(entry["level"] >= 4 for entry in unconfirmed)
-    assert read_classes_file(out)[("EAST_STZFXXB", "STZFJE")] == ColumnClass(2, None, "amount")
+    assert read_classes_file(out)[("EAST_DBHTB", "DBQSRQ")] == ColumnClass(2, None, "other")
     assert "已导出" in capsys.readouterr().err
