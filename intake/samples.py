@@ -4,7 +4,7 @@
 institution, ``DIR/<code>/`` with three files that pass validation together: 对公客户信息表
 (EAST_DGKHXXB), 信贷合同表 (EAST_XDHTB) and 对公信贷业务借据表 (EAST_DGXDYWJJB); the loans file has
 one 提示 (a 实际利率 above 24 % with no explanation in 备注) for a reviewer to waive. A fourth file,
-``EAST_DGXDYWJJB_含错误.txt``, has the same loans with three rows broken, so the reporter sees
+``EAST_DGXDYWJJB_含错误.txt``, has the same loans with three rows broken, so the reporter gets
 row-level findings: a 借据余额 above the 借据金额, an unknown 五级分类 code and a 到期日期 before
 the 发放日期. Files are UTF-8, ``|``-delimited, with a header line of field codes, as EAST files are.
 
@@ -29,7 +29,7 @@ CUSTOMERS, CONTRACTS, LOANS = "EAST_DGKHXXB", "EAST_XDHTB", "EAST_DGXDYWJJB"
 BROKEN_LOANS_NAME = f"{LOANS}_含错误.txt"
 ROWS = 20
 HIGH_RATE = "25.000000"
-"""实际利率 of loan 5: above the 24 % that rule R-JJ-015 asks reporters to explain."""
+"""实际利率 of loan 5: above the 24 % that rule R-JJ-015 requires reporters to explain."""
 _COMPANY_NAMES = ("浦江精密机械有限公司", "临港新能源科技有限公司", "张江生物医药有限公司", "外高桥国际贸易有限公司",
                   "金桥汽车零部件有限公司")
 _GRADES = ("01", "01", "01", "02", "01")  # 五级分类: mostly 正常, some 关注

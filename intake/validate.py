@@ -1087,7 +1087,7 @@ class _Run:
             self.sql(f"CREATE TEMP VIEW {table} AS SELECT * FROM ({' UNION ALL '.join(sources)}) WHERE {present}")
         else:
             # Neither the batch nor the accepted data has the target table, so no referenced record
-            # exists: every row that names one fails, and its message asks for the target table.
+            # exists: every row that names one fails, and its message requests the target table.
             empty = ", ".join(f"NULL::VARCHAR AS {alias}" for alias in aliases)
             self.sql(f"CREATE TEMP VIEW {table} AS SELECT {empty} WHERE false")
         present = " AND ".join(self.fields.present(code) for code in rule.fields)

@@ -11,7 +11,7 @@ partitions of :mod:`extracts.warehouse`: a document of :mod:`regsandbox_core.doc
 SM4-GCM) under the institution's active data key, with the associated data
 ``regsandbox-warehouse/1|intake/<template>|<institution>|<period>``, so a partition moved to another
 template, institution or period folder fails to decrypt. The Parquet bytes are built in memory and
-never reach the disk in plaintext. NOTE: so a load holds the whole compressed partition in memory
+never reach the disk in plaintext. NOTE: so a load keeps the whole compressed partition in memory
 (314 MiB for 1,000,000 rows of 30 incompressible 10-digit columns). (This module does not import :mod:`extracts`, because the intake
 package depends only on :mod:`regsandbox_core`; it uses the same document format and prefix.)
 
@@ -249,7 +249,7 @@ def _restore(previous: Mapping[Path, Path | None]) -> None:
 def _write_partition(staged_path: Path, field_codes: Sequence[str], period_text: str, sink: io.BytesIO) -> int:
     """Write the staged rows as text columns ``field_codes`` (missing ones empty) plus ``_period`` to ``sink``.
 
-    Rows go through one row group of the staging file at a time, so memory holds one row group and
+    Rows go through one row group of the staging file at a time, so memory contains one row group and
     the compressed partition. (``ParquetFile.iter_batches`` reads ahead and took twice the memory
     on a 1,000,000-row file with pyarrow 25.) Returns the number of rows.
     """
@@ -359,7 +359,7 @@ def recover_interrupted_loads(settings: Settings, accepted_ids: Callable[[set[in
     ``accepted_ids`` gets the submission ids named by the folders' manifests (current and copies)
     and returns those that are accepted. In each folder, the newest manifest that names an accepted
     submission and has a partition file (current or copy) with the digest it recorded becomes the
-    folder's state; the other copies are deleted. When no manifest names an accepted submission,
+    folder's state, and the other copies are deleted. When no manifest names an accepted submission,
     the folder is left as it is and logged, since deleting data on a guess is worse than a stale
     copy. Folders without copies are not touched: a partition whose load was never committed is
     already left out by readers that pass ``accepted_ids``.

@@ -231,12 +231,12 @@ def interrupted_second_load(settings: Settings, store: KeyStore, tmp_path: Path)
 
 def test_recovery_restores_state_of_accepted_submission(settings: Settings, store: KeyStore, tmp_path: Path) -> None:
     folder, before = interrupted_second_load(settings, store, tmp_path)
-    asked: list[set[int]] = []
+    requested: list[set[int]] = []
 
-    settled = recover_interrupted_loads(settings, lambda ids: asked.append(ids) or {1})
+    settled = recover_interrupted_loads(settings, lambda ids: requested.append(ids) or {1})
 
     assert settled == [folder]
-    assert asked == [{1, 2}]
+    assert requested == [{1, 2}]
     assert {path.name: path.read_bytes() for path in folder.iterdir()} == before
     assert decrypted(settings, store, "bank_a", JANUARY).column("KHTYBH").to_pylist() == ["C0001"]
 
