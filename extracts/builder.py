@@ -5,9 +5,15 @@ data of :mod:`intake.warehouse` and the demo ``applications`` table of :mod:`ext
 It decrypts them into a private work folder below the warehouse and applies the approved masking
 policy (:mod:`extracts.policy`) to every column in DuckDB SQL (:mod:`extracts.masking`). The
 class of a column is ``classes[(table, column)]``, where ``table`` is the template code (or
-``applications``). A column without a class gets ``effective_class(None, None)``, level 4 ``other``,
-which the policy masks and never keeps. The intake column ``_period`` (the reporting period) is
+``applications``). An intake column missing from ``classes`` (not even a proposed class from
+the catalog) stops the build with :class:`ExtractColumnUnclassified`. A column the catalog
+proposed a class for but no steward confirmed arrives at level 4 (see
+:func:`catalog.classes.effective_class`). The intake column ``_period`` (the reporting period) is
 platform metadata and kept.
+
+Each table's k-anonymity over the quasi-identifiers the policy declares is reported in the
+manifest (:mod:`extracts.kanon`). A table below ``Settings.extract_k_anonymity`` stops the build
+unless the caller passes a :class:`~extracts.kanon.KOverride`.
 
 Each table becomes ``<table>.parquet``. ``manifest.json`` lists the tables with their columns,
 classes and treatments, row counts, SM3 digests and source partitions, the policy version and
@@ -43,8 +49,9 @@ from pathlib import Path
 
 import duckdb
 
-from catalog.classes import ColumnClass, effective_class
+from catalog.classes import ColumnClass
 from extracts.demo_data import DEMO_CLASSES, DEMO_FEATURE_CLASS
+from extracts.kanon import KOverride, assess, enforce, generalise_quasi_identifier
 from extracts.masking import TOKEN_TABLE, ColumnPlan, merge_periods, quote_literal, select_sql, token_dictionary
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
 from extracts.publish import (
@@ -80,6 +87,7 @@ from regsandbox_core.settings import Settings
 from regsandbox_core.signing import SignatureInvalid, SignedObjectInvalid, sign_file, verify_file
 
 __all__ = [
+    "ExtractColumnUnclassified",
     "ExtractDirNotWritable",
     "ExtractKeyMissingError",
     "ExtractOutcome",
@@ -139,6 +147,12 @@ class ExtractWriteFailed(RegsandboxError):
     status = 500
 
 
+class ExtractColumnUnclassified(RegsandboxError):
+    """A warehouse column that the column classes passed to the build do not mention at all."""
+
+    status = 409
+
+
 class ExtractSourceColumnInvalid(RegsandboxError):
     """Warehouse column whose name collides with a column the builder adds."""
 
@@ -170,6 +184,8 @@ class ExtractOutcome:
     token_key: str
     manifest_sm3: str
     tables: tuple[TableOutcome, ...] = field(default_factory=tuple)
+    k_anonymity: dict = field(default_factory=dict)
+    """The manifest's ``k_anonymity`` section: k, whether every table passed, the override applied and the table reports."""
 
     def audit_detail(self) -> dict:
         """Return a JSON-serialisable summary for an audit event (no data values, no key material)."""
@@ -179,6 +195,7 @@ class ExtractOutcome:
             "token_key": self.token_key, "manifest_sm3": self.manifest_sm3,
             "tables": [{"name": table.name, "rows": table.rows, "sm3": table.sm3, "rebuilt": table.rebuilt,
                         "periods_rebuilt": list(table.periods_rebuilt)} for table in self.tables],
+            "k_anonymity": self.k_anonymity,
         }
 
 
@@ -238,25 +255,38 @@ def warehouse_codes(settings: Settings) -> list[str]:
 # --- column plans ---------------------------------------------------------------------------------
 
 
-def _column_class(table: SourceTable, column: str, classes: ColumnClasses) -> tuple[ColumnClass, bool]:
-    """Return the class of a column and whether someone classified it (False: the level 4 default)."""
+def _column_class(table: SourceTable, column: str, classes: ColumnClasses) -> ColumnClass | None:
+    """Return the class of a column, or None when ``classes`` does not mention it."""
     if (table.catalog_table, column) in classes:
-        return classes[(table.catalog_table, column)], True
+        return classes[(table.catalog_table, column)]
     if table.kind == SOURCE_DEMO:
-        return DEMO_CLASSES.get(column, DEMO_FEATURE_CLASS), True
+        return DEMO_CLASSES.get(column, DEMO_FEATURE_CLASS)
     if column in PLATFORM_COLUMNS:
-        return PLATFORM_COLUMNS[column], True
-    return effective_class(None, None), False
+        return PLATFORM_COLUMNS[column]
+    return None
 
 
 def _plan(table: SourceTable, columns: list[str], classes: ColumnClasses, policy: MaskingPolicy) -> list[ColumnPlan]:
+    """Return the treatment of every column; raise ExtractColumnUnclassified when a column has no class at all."""
     plans = []
+    unclassified = []
     for column in columns:
-        column_class, classified = _column_class(table, column, classes)
+        column_class = _column_class(table, column, classes)
+        if column_class is None:
+            unclassified.append(column)
+            continue
         if column in PLATFORM_COLUMNS and table.kind != SOURCE_DEMO:
             plans.append(ColumnPlan(column, column_class, True, "platform-metadata", "keep"))
             continue
-        plans.append(ColumnPlan.from_rule(column, column_class, classified, policy.rule_for(column_class)))
+        plan = ColumnPlan.from_rule(column, column_class, True, policy.rule_for(column_class))
+        plans.append(generalise_quasi_identifier(plan, policy, table.catalog_table))
+    if unclassified:
+        raise ExtractColumnUnclassified(
+            "EXTRACT_COLUMN_UNCLASSIFIED",
+            f"表 {table.catalog_table} 的字段 {'、'.join(unclassified)} 在数据目录中没有任何分级分类（连建议分类也没有），"
+            "无法确定脱敏方式，未发布新的数据提取，原有提取保持不变。请运行 `python -m admin_api.manage catalog-sync` 同步数据目录，"
+            "再用 `python -m admin_api.manage catalog-classes` 重新导出分级分类后重试。",
+        )
     return plans
 
 
@@ -266,7 +296,9 @@ def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, t
         [column, value.level, value.pi_category, value.kind]
         for (catalog_table, column), value in classes.items() if catalog_table == table.catalog_table
     )
-    return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes}
+    # "unclassified": tables built before unclassified columns were rejected are masked again once.
+    return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes,
+            "unclassified": "rejected"}
 
 
 def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
@@ -558,18 +590,24 @@ def build_institution(
     unix_group: str | None = None,
     keystore: KeyStore | None = None,
     accepted_ids: Mapping[str, Collection[int]] | None = None,
+    k_override: KOverride | None = None,
 ) -> ExtractOutcome:
     """Build, sign and publish the masked extract of one institution and return what was done.
 
     ``policy`` must come from :func:`extracts.policy.load_approved_policy`, and its signature is
     verified again here. The default is the newest approved policy. When no policy is approved
     yet, the shipped default policy is approved first. ``classes`` maps (template code, field code) to the
-    column's effective class (see :func:`catalog.classes.effective_class`).
+    column's effective class (see :func:`catalog.classes.effective_class`). ``k_override`` lets a
+    build below k be published; the caller must have checked that its actor is a security admin
+    and audits the outcome, whose ``audit_detail()`` contains the override.
 
     Raises InvalidInstitutionError, WarehouseMissingError, ExtractKeyMissingError,
-    PolicyNotApproved, PolicyInvalid, ExtractSourceError, the demo warehouse's partition errors
-    and ExtractDirNotWritable. None of them leaves a new build published.
+    PolicyNotApproved, PolicyInvalid, ExtractSourceError, ExtractColumnUnclassified,
+    KAnonymityBelowError, QuasiIdentifierMissing, the demo warehouse's partition errors and
+    ExtractDirNotWritable. None of them leaves a new build published.
     """
+    if k_override is not None and not isinstance(k_override, KOverride):
+        raise TypeError("k_override must be a KOverride")
     validate_institution(settings, institution_code)
     sources = _sources(settings, institution_code, accepted_ids)
     if keystore is None:
@@ -583,14 +621,14 @@ def build_institution(
         prepare_root(settings, permissions)
         with build_lock(settings, institution_code):
             return _build_locked(settings, keystore, institution_code, sources, classes, policy, token_key,
-                                 signing_key, permissions)
+                                 signing_key, permissions, k_override)
     except OSError as error:
         raise _not_writable(settings, error) from error
 
 
 def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str, sources: list[SourceTable],
                   classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, signing_key: KeyVersion,
-                  permissions: ExtractPermissions) -> ExtractOutcome:
+                  permissions: ExtractPermissions, k_override: KOverride | None) -> ExtractOutcome:
     previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
     build_id = new_build_id()
     try:
@@ -601,17 +639,26 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
     try:
         entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
                                           token_key, previous, previous_manifest)
-        if _unchanged(previous, previous_manifest, entries, outcomes, permissions):
+        k_report = assess(build, entries, policy, settings.extract_k_anonymity, previous_manifest.get("k_anonymity"))
+        if (_unchanged(previous, previous_manifest, entries, outcomes, permissions)
+                and k_report.matches(previous_manifest.get("k_anonymity"))):
             discard_build(build)
             logger.info("extract of %s unchanged, build %s kept", institution_code, previous)
             return ExtractOutcome(institution_code, "unchanged", previous, previous_manifest["build_id"],
                                   policy.name, policy.version, policy.sm3, token_key.label,
-                                  sm3_file(previous / MANIFEST_NAME), tuple(outcomes))
+                                  sm3_file(previous / MANIFEST_NAME), tuple(outcomes),
+                                  previous_manifest["k_anonymity"])
+        # Below k and no override: raises, and the handler below deletes the build.
+        override = enforce(institution_code, k_report, k_override)
+        if override is not None:
+            logger.warning("extract %s of %s published below k=%s by override of %s: %s", build_id, institution_code,
+                           k_report.k, override["actor"], ", ".join(override["tables"]))
         for entry in entries:
             permissions.apply(build / entry["file"], is_dir=False)
         manifest_path = build / MANIFEST_NAME
-        _write_json(_manifest(institution_code, build_id, policy, token_key, signing_key, entries),
-                    manifest_path, permissions)
+        document = _manifest(institution_code, build_id, policy, token_key, signing_key, entries)
+        document["k_anonymity"] = k_report.manifest_entry(override)
+        _write_json(document, manifest_path, permissions)
         permissions.apply(sign_file(keystore, manifest_path, kind=MANIFEST_SIGNATURE_KIND), is_dir=False)
         permissions.apply(build, is_dir=True)
         write_trusted_keys(settings, keystore)
@@ -631,7 +678,7 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
                 institution_code, ", ".join(f"{item.name}({item.rows})" for item in outcomes), policy.version,
                 token_key.label, permissions.group_name)
     return ExtractOutcome(institution_code, "published", build, build_id, policy.name, policy.version, policy.sm3,
-                          token_key.label, sm3_file(build / MANIFEST_NAME), tuple(outcomes))
+                          token_key.label, sm3_file(build / MANIFEST_NAME), tuple(outcomes), document["k_anonymity"])
 
 
 def _verified(settings: Settings, keystore: KeyStore, policy: MaskingPolicy | None) -> MaskingPolicy:

@@ -21,7 +21,7 @@ from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
 from catalog.classes import ColumnClass
-from extracts.policy import COMPOUND_SURNAMES, PARTIAL_MASKS, Band, Rule
+from extracts.policy import COMPOUND_SURNAMES, PARTIAL_MASKS, Band, QuasiIdentifier, Rule
 
 TOKEN_TABLE = "_tokens"
 """Name of the registered Arrow table (``value``, ``token``) that token columns join with."""
@@ -37,7 +37,11 @@ def quote_literal(text: str) -> str:
 
 @dataclass(frozen=True)
 class ColumnPlan:
-    """Treatment plan of one source column: its class, the matching rule and the treatment."""
+    """Treatment plan of one source column: its class, the matching rule and the treatment.
+
+    ``quasi_identifier`` is set when the policy generalises a declared quasi-identifier that its
+    class rule would keep; ``treatment`` is then ``generalise``.
+    """
 
     name: str
     column_class: ColumnClass
@@ -45,13 +49,14 @@ class ColumnPlan:
     rule_id: str
     treatment: str
     bands: tuple[Band, ...] = ()
+    quasi_identifier: QuasiIdentifier | None = None
 
     @classmethod
     def from_rule(cls, name: str, column_class: ColumnClass, classified: bool, rule: Rule) -> ColumnPlan:
         return cls(name, column_class, classified, rule.id, rule.treatment, rule.bands)
 
     def manifest_entry(self) -> dict:
-        return {
+        entry = {
             "name": self.name,
             "class": {"level": self.column_class.level, "pi_category": self.column_class.pi_category,
                       "kind": self.column_class.kind},
@@ -59,6 +64,9 @@ class ColumnPlan:
             "rule": self.rule_id,
             "treatment": self.treatment,
         }
+        if self.quasi_identifier is not None:
+            entry["generalisation"] = self.quasi_identifier.generalisation()
+        return entry
 
 
 def _text(source: str) -> str:
@@ -116,7 +124,10 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None) ->
         return f"{token_alias}.token AS {name}"
     value = f"trim({_text(source)})"
     kind = plan.column_class.kind
-    if treatment == "partial_mask":
+    if plan.quasi_identifier is not None:
+        prefix = plan.quasi_identifier.prefix
+        expression = f"left({value}, {prefix})" if prefix else _band(value, plan.quasi_identifier.bands)
+    elif treatment == "partial_mask":
         expression = _surname(value) if kind == "person_name" else _keep_ends(value, *PARTIAL_MASKS[kind])
     elif kind == "birth_date":
         expression = _year(value)

@@ -21,6 +21,15 @@ Treatments and the kinds they fit:
 - ``keep``: the value as it is. Only for levels 1–3 and category C1 or none, so C2 and C3
   values, level 4 and 5 columns and unconfirmed columns (level 4) are never kept.
 
+An optional ``quasi_identifiers`` mapping declares, per extract table (template code, or
+``applications`` for the demo table), the columns an outsider could link with other data to
+single out a person or company in the masked output. The k-anonymity report of each extract
+(:mod:`extracts.kanon`) groups the records by these columns. A column may declare a
+generalisation: ``bands`` (numeric value to the label of its band) or ``prefix`` (the first N
+characters, such as the 4-digit prefecture of a 6-digit region code or the year of a date). The
+generalisation replaces the treatment only where the rule of the column's class is ``keep``. Any
+other treatment is already coarser or opaque and stays in place.
+
 Loading validates all of this and raises :class:`PolicyInvalid` with a stable code and a Chinese
 message naming the rule and the fix. Approval (:func:`approve_policy`) stores a copy of the file
 under ``<data_dir>/policies/masking/`` and signs it with the platform SM2 key
@@ -33,7 +42,7 @@ from __future__ import annotations
 import itertools
 import logging
 import re
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from decimal import Decimal, InvalidOperation
 from pathlib import Path
 from typing import Any
@@ -80,6 +89,10 @@ KEEP_MAX_LEVEL = 3
 KEEP_CATEGORIES = (None, "C1")
 
 _RULE_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,63}$")
+_TABLE_NAME = re.compile(r"^[A-Za-z0-9_][A-Za-z0-9_.-]{0,63}$")
+_COLUMN_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]{0,63}$")
+MAX_PREFIX = 32
+"""Largest ``prefix`` of a quasi-identifier generalisation, in characters."""
 _POLICY_NAME_FILE = re.compile(r"^v([1-9][0-9]{0,5})\.yaml$")
 _CATEGORY_VALUES: tuple[str | None, ...] = (*PI_CATEGORIES, None)
 
@@ -120,6 +133,25 @@ class Rule:
 
 
 @dataclass(frozen=True)
+class QuasiIdentifier:
+    """A declared quasi-identifier column of one extract table and its optional generalisation."""
+
+    table: str
+    column: str
+    bands: tuple[Band, ...] = ()
+    prefix: int = 0
+    description: str = ""
+
+    def generalisation(self) -> dict[str, Any] | None:
+        """Return the generalisation as recorded in a manifest, or None when the column is only declared."""
+        if self.bands:
+            return {"bands": [band.label for band in self.bands]}
+        if self.prefix:
+            return {"prefix": self.prefix}
+        return None
+
+
+@dataclass(frozen=True)
 class MaskingPolicy:
     """A validated masking policy. ``sm3`` is the digest of its file; ``signature_key`` is set once verified."""
 
@@ -130,6 +162,11 @@ class MaskingPolicy:
     description: str = ""
     path: Path | None = None
     signature_key: str | None = field(default=None, compare=False)
+    quasi_identifiers: tuple[QuasiIdentifier, ...] = ()
+
+    def quasi_identifiers_of(self, table: str) -> tuple[QuasiIdentifier, ...]:
+        """Return the declared quasi-identifiers of a catalog table (template code or ``applications``)."""
+        return tuple(item for item in self.quasi_identifiers if item.table == table)
 
     def rule_for(self, column_class: ColumnClass) -> Rule:
         """Return the one rule that matches ``column_class`` (validation guarantees exactly one)."""
@@ -197,28 +234,29 @@ def _parse_match(rule_id: str, match: object) -> tuple[frozenset[int], frozenset
     return frozenset(levels), frozenset(parsed_categories), frozenset(kinds if kinds is not None else KINDS)
 
 
-def _parse_bands(rule_id: str, raw: object) -> tuple[Band, ...]:
+def _parse_bands(owner: str, raw: object) -> tuple[Band, ...]:
+    """Parse the ``bands`` of ``owner`` (such as ``规则 band-amount``, named in the messages)."""
     if not isinstance(raw, list) or len(raw) < 2:
-        raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 对金额做区间泛化，须在 bands 中声明至少两个区间，例如 - {{below: 10000, label: '[0, 1万)'}} 和最后一个不带 below 的区间。")
+        raise _fail("POLICY_BANDS_INVALID", f"{owner} 做区间泛化，须在 bands 中声明至少两个区间，例如 - {{below: 10000, label: '[0, 1万)'}} 和最后一个不带 below 的区间。")
     bands: list[Band] = []
     for index, item in enumerate(raw, start=1):
         if not isinstance(item, dict) or not isinstance(item.get("label"), str) or not item["label"].strip():
-            raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 的第 {index} 个区间缺少 label（区间名称）。")
+            raise _fail("POLICY_BANDS_INVALID", f"{owner} 的第 {index} 个区间缺少 label（区间名称）。")
         below = item.get("below")
         last = index == len(raw)
         if last and below is not None:
-            raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 的最后一个区间 {item['label']} 不得有 below 上限，以便容纳所有更大的金额。")
+            raise _fail("POLICY_BANDS_INVALID", f"{owner} 的最后一个区间 {item['label']} 不得有 below 上限，以便容纳所有更大的值。")
         if not last:
             try:
                 below = Decimal(str(below))
             except (InvalidOperation, ValueError):
-                raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 的区间 {item['label']} 的 below 上限 {below!r} 不是数字。") from None
+                raise _fail("POLICY_BANDS_INVALID", f"{owner} 的区间 {item['label']} 的 below 上限 {below!r} 不是数字。") from None
             if not below.is_finite() or (bands and below <= bands[-1].below):  # type: ignore[operator]
-                raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 的区间上限须为有限数且严格递增，区间 {item['label']} 的上限 {below} 不满足。")
+                raise _fail("POLICY_BANDS_INVALID", f"{owner} 的区间上限须为有限数且严格递增，区间 {item['label']} 的上限 {below} 不满足。")
         bands.append(Band(below, item["label"].strip()))
     labels = [band.label for band in bands]
     if len(set(labels)) != len(labels):
-        raise _fail("POLICY_BANDS_INVALID", f"规则 {rule_id} 的区间名称重复：{'、'.join(labels)}。")
+        raise _fail("POLICY_BANDS_INVALID", f"{owner} 的区间名称重复：{'、'.join(labels)}。")
     return tuple(bands)
 
 
@@ -270,7 +308,7 @@ def _parse_rule(index: int, raw: object) -> Rule:
     if treatment not in TREATMENTS:
         raise _fail("POLICY_TREATMENT_UNKNOWN", f"规则 {rule_id} 的处理方式 {treatment!r} 无效，应为 {'、'.join(TREATMENTS)} 之一。")
     levels, categories, kinds = _parse_match(rule_id, raw.get("match"))
-    bands = _parse_bands(rule_id, raw["bands"]) if raw.get("bands") is not None else ()
+    bands = _parse_bands(f"规则 {rule_id}", raw["bands"]) if raw.get("bands") is not None else ()
     description = raw.get("description") or ""
     rule = Rule(rule_id, treatment, levels, categories, kinds, bands, str(description))
     _check_fit(rule)
@@ -291,6 +329,54 @@ def _check_partition(rules: list[Rule], name: str) -> None:
                         "每种组合只能由一条规则处理，请用 match 条件把这些规则分开。")
 
 
+def _parse_quasi_identifier(table: str, index: int, raw: object) -> QuasiIdentifier:
+    where = f"quasi_identifiers.{table} 的第 {index} 项"
+    if not isinstance(raw, dict) or not isinstance(raw.get("column"), str) or not _COLUMN_NAME.match(raw["column"]):
+        raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                    f"{where}须为对象并含 column（字段代码，字母、数字或下划线，最长 64 位），例如 - {{column: XZQHDM, prefix: 4}}。")
+    column = raw["column"]
+    unknown = set(raw) - {"column", "bands", "prefix", "description"}
+    if unknown:
+        raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                    f"准标识符 {table}.{column} 含有未知字段 {'、'.join(sorted(map(str, unknown)))}；只允许 column、bands、prefix、description。")
+    if raw.get("bands") is not None and raw.get("prefix") is not None:
+        raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                    f"准标识符 {table}.{column} 同时声明了 bands 和 prefix；每列只能选一种泛化方式。")
+    bands = _parse_bands(f"准标识符 {table}.{column}", raw["bands"]) if raw.get("bands") is not None else ()
+    prefix = raw.get("prefix")
+    if prefix is None:
+        prefix = 0
+    elif isinstance(prefix, bool) or not isinstance(prefix, int) or not 1 <= prefix <= MAX_PREFIX:
+        raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                    f"准标识符 {table}.{column} 的 prefix {prefix!r} 无效，应为 1–{MAX_PREFIX} 的整数（保留的前导字符数），"
+                    "例如行政区划代码保留前 4 位为 prefix: 4。")
+    return QuasiIdentifier(table, column, bands, prefix, str(raw.get("description") or ""))
+
+
+def _parse_quasi_identifiers(name: str, raw: object) -> tuple[QuasiIdentifier, ...]:
+    """Validate the ``quasi_identifiers`` mapping (table -> list of columns) of policy ``name``."""
+    if raw is None:
+        return ()
+    if not isinstance(raw, dict):
+        raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                    f"脱敏策略 {name} 的 quasi_identifiers 须为对象：键为数据表（模板代码或 applications），值为准标识符列的列表。")
+    declared: list[QuasiIdentifier] = []
+    for table, columns in raw.items():
+        if not isinstance(table, str) or not _TABLE_NAME.match(table):
+            raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                        f"脱敏策略 {name} 的 quasi_identifiers 中数据表名 {table!r} 无效：须为模板代码（字母、数字、下划线、点或连字符，最长 64 位）。")
+        if not isinstance(columns, list) or not columns:
+            raise _fail("POLICY_QUASI_IDENTIFIER_INVALID",
+                        f"quasi_identifiers.{table} 须为非空列表；不需要准标识符的表请整项删除。")
+        parsed = [_parse_quasi_identifier(table, index, item) for index, item in enumerate(columns, start=1)]
+        names = [item.column for item in parsed]
+        duplicates = sorted({column for column in names if names.count(column) > 1})
+        if duplicates:
+            raise _fail("POLICY_QUASI_IDENTIFIER_INVALID", f"quasi_identifiers.{table} 中字段重复：{'、'.join(duplicates)}。")
+        declared.extend(parsed)
+    return tuple(declared)
+
+
 def parse_policy(document: object, *, sm3: str, path: Path | None = None) -> MaskingPolicy:
     """Validate a parsed policy document and return the policy; raise :class:`PolicyInvalid` on the first fault."""
     if not isinstance(document, dict):
@@ -303,7 +389,7 @@ def parse_policy(document: object, *, sm3: str, path: Path | None = None) -> Mas
     version = document.get("version")
     if isinstance(version, bool) or not isinstance(version, int) or not 1 <= version <= 999999:
         raise _fail("POLICY_VERSION_INVALID", f"脱敏策略 {name} 的 version {version!r} 无效，应为 1–999999 的整数，每次修改后加一。")
-    unknown = set(document) - {"format", "name", "version", "description", "rules"}
+    unknown = set(document) - {"format", "name", "version", "description", "rules", "quasi_identifiers"}
     if unknown:
         raise _fail("POLICY_FORMAT_INVALID", f"脱敏策略 {name} 含有未知字段 {'、'.join(sorted(map(str, unknown)))}。")
     raw_rules = document.get("rules")
@@ -315,8 +401,10 @@ def parse_policy(document: object, *, sm3: str, path: Path | None = None) -> Mas
     if duplicates:
         raise _fail("POLICY_RULE_INVALID", f"脱敏策略 {name} 中规则 id 重复：{'、'.join(duplicates)}。")
     _check_partition(rules, name)
+    quasi_identifiers = _parse_quasi_identifiers(name, document.get("quasi_identifiers"))
     return MaskingPolicy(name=name.strip(), version=version, rules=tuple(rules), sm3=sm3,
-                         description=str(document.get("description") or ""), path=path)
+                         description=str(document.get("description") or ""), path=path,
+                         quasi_identifiers=quasi_identifiers)
 
 
 def load_policy(path: Path) -> MaskingPolicy:
@@ -420,8 +508,7 @@ def verified_policy(path: Path, keystore: KeyStore) -> MaskingPolicy:
     policy = load_policy(path)
     if policy.sm3 != verified.sm3:  # the file changed between verification and reading
         raise PolicyNotApproved("POLICY_SIGNATURE_INVALID", f"脱敏策略 {path} 在验证签名后被修改，拒绝使用。")
-    return MaskingPolicy(name=policy.name, version=policy.version, rules=policy.rules, sm3=policy.sm3,
-                         description=policy.description, path=path, signature_key=verified.key)
+    return replace(policy, path=path, signature_key=verified.key)
 
 
 def ensure_default_policy(settings: Settings, keystore: KeyStore) -> MaskingPolicy:

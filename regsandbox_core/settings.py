@@ -17,6 +17,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 
 PROJECT_ROOT = Path(__file__).resolve().parent.parent
 MIN_AUDIT_RETENTION_DAYS = 180
+MAX_K_ANONYMITY = 1000
 
 
 class Settings(BaseSettings):
@@ -156,6 +157,12 @@ class Settings(BaseSettings):
         default=100_000, ge=1, le=1_000_000,
         description="Maximum number of audit events in one CSV export; narrow the filter to export more.",
     )
+    extract_k_anonymity: int = Field(
+        default=5,
+        description="k of the k-anonymity check of masked extracts: every group of records with equal values in the "
+        "quasi-identifier columns that the masking policy declares must have at least k records, or the build is "
+        "not published unless a security admin overrides it. 1 turns the check off.",
+    )
 
     @field_validator("audit_retention_days", mode="after")
     @classmethod
@@ -164,6 +171,16 @@ class Settings(BaseSettings):
             raise ValueError(
                 f"审计日志保留天数 {value} 无效：不能少于 {MIN_AUDIT_RETENTION_DAYS} 天（六个月）。"
                 f"请把 REGSANDBOX_AUDIT_RETENTION_DAYS 设为 {MIN_AUDIT_RETENTION_DAYS} 或更大的值。"
+            )
+        return value
+
+    @field_validator("extract_k_anonymity", mode="after")
+    @classmethod
+    def _k_anonymity(cls, value: int) -> int:
+        if not 1 <= value <= MAX_K_ANONYMITY:
+            raise ValueError(
+                f"数据提取的 k 匿名参数 {value} 无效：应为 1–{MAX_K_ANONYMITY} 的整数（1 表示不检查）。"
+                "请修改 REGSANDBOX_EXTRACT_K_ANONYMITY，常用值为 5。"
             )
         return value
 

@@ -68,9 +68,13 @@ def _surname_mask(name: str) -> str:
 
 
 def masked_demo(raw: pl.DataFrame, token_key: bytes) -> pl.DataFrame:
-    """Apply the default policy to demo rows in plain Python, as an independent check of the SQL."""
+    """Apply the default policy to demo rows in plain Python, as an independent check of the SQL.
+
+    The policy declares ``age_in_years`` a quasi-identifier with two bands split at 35.
+    """
     return raw.with_columns(
         pl.Series("name", [_surname_mask(value) for value in raw["name"].to_list()]),
         pl.Series("id_number", [keyed_token(token_key, value) for value in raw["id_number"].to_list()]),
         pl.Series("mobile", [value[:3] + "*" * (len(value) - 7) + value[-4:] for value in raw["mobile"].to_list()]),
+        pl.Series("age_in_years", ["35 岁以下" if age < 35 else "35 岁及以上" for age in raw["age_in_years"].to_list()]),
     )

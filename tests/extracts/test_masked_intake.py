@@ -46,6 +46,7 @@ CLASSES: dict[tuple[str, str], ColumnClass] = {
     (CUSTOMERS, "CSRQ"): ColumnClass(3, "C2", "birth_date"),
     (CUSTOMERS, "DZ"): ColumnClass(3, "C2", "address"),
     (CUSTOMERS, "JYMM"): ColumnClass(4, "C3", "auth_secret"),
+    (CUSTOMERS, "BZ"): ColumnClass(4, None, "other"),
     (CUSTOMERS, "CJRQ"): ColumnClass(1, None, "other"),
     (LOANS, "HTH"): ColumnClass(2, None, "other"),
     (LOANS, "ZJHM"): ColumnClass(3, "C2", "resident_id"),
@@ -53,7 +54,8 @@ CLASSES: dict[tuple[str, str], ColumnClass] = {
     (LOANS, "YE"): ColumnClass(2, "C1", "amount"),
     (LOANS, "CJRQ"): ColumnClass(1, None, "other"),
 }
-"""Classes of the test templates; CUSTOMERS.BZ (a remark) is deliberately unclassified."""
+"""Classes of the test templates. CUSTOMERS.BZ (a remark) has the class the catalog exports for a column
+without a proposal that no steward confirmed: level 4 ``other``."""
 
 SHARED_ID = "110101198503127719"
 """Resident ID of a person who is a customer of bank_a and of bank_b."""
@@ -138,7 +140,7 @@ def _manifest(settings: Settings, code: str) -> dict:
 
 
 def _sensitive_values(raw: dict[str, list[dict[str, str]]]) -> set[str]:
-    """Every raw value of a C2 or C3 column, and of the unclassified remark column."""
+    """Every raw value of a C2 or C3 column, and of the unconfirmed remark column."""
     values = set()
     for rows in raw.values():
         for row in rows:
@@ -236,7 +238,6 @@ def test_manifest_records_classes_and_treatments(warehouse) -> None:
     assert sorted(tables) == ["test_dkxx", "test_khxx"]
     customers = tables["test_khxx"]
     columns = {column["name"]: column for column in customers["columns"]}
-    assert columns["BZ"]["classified"] is False
     assert columns["BZ"]["class"] == {"level": 4, "pi_category": None, "kind": "other"}
     assert columns["BZ"]["treatment"] == "token"
     assert columns["ZJHM"]["rule"] == "token-identifiers"
