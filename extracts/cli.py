@@ -9,6 +9,8 @@ import stat
 import sys
 from pathlib import Path
 
+from pydantic import ValidationError
+
 from catalog.classes import ColumnClass
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.logs import configure_logging
@@ -88,9 +90,23 @@ def _report(code: str, outcome: ExtractOutcome | RegsandboxError, prefix: str) -
     rebuilt = sum(table.rebuilt for table in outcome.tables)
     print(f"{verb}机构 {code} 的脱敏数据提取：{outcome.folder}（{len(outcome.tables)} 张表，重新生成 {rebuilt} 张，"
           f"脱敏策略第 {outcome.policy_version} 版）")
+    print(f"  {_k_summary(outcome.k_anonymity)}")
     if not outcome.folder.stat().st_mode & stat.S_IRWXG:
         print(f"  提示：Unix 组 {prefix}{code} 不存在或当前不是 root，该目录仅当前用户可读；创建该组后请重新运行本命令。")
     return True
+
+
+def _k_summary(section: dict) -> str:
+    """Return one line on the k-anonymity report of a build: each table's smallest class, and an override."""
+    tables = "；".join(
+        f"{table['table']} 最小等价类 {table['min_class_size']} 条" if table["assessed"] else f"{table['table']} 未声明准标识符"
+        for table in section.get("tables", [])
+    )
+    line = f"k 匿名（k = {section.get('k')}）：{tables or '无数据表'}"
+    override = section.get("override")
+    if override:
+        line += f"；低于 k 的表经 {override['actor']} 强制发布，理由：{override['reason']}"
+    return line
 
 
 def _build(settings: Settings, arguments: argparse.Namespace) -> int:
@@ -120,7 +136,12 @@ def _policy(settings: Settings, arguments: argparse.Namespace) -> None:
 def main(argv: list[str] | None = None) -> int:
     """Run the command and return the exit status: 0 done, 2 invalid input, 1 other failure."""
     configure_logging(logging.WARNING)
-    settings = Settings()
+    try:
+        settings = Settings()
+    except ValidationError as error:
+        problems = "；".join(str(item["msg"]).removeprefix("Value error, ") for item in error.errors())
+        print(f"错误 [SETTINGS_INVALID]：环境变量中的平台设置无效：{problems}", file=sys.stderr)
+        return EXIT_INVALID_INPUT
     arguments = _parser(settings.unix_prefix).parse_args(argv)
     try:
         if arguments.command == "load-demo":

@@ -237,3 +237,50 @@ def test_cli_check_and_approve(settings: Settings, tmp_path: Path) -> None:
     assert approved.returncode == 0, approved.stderr
     assert "已审批脱敏策略" in approved.stdout
     assert approved_path(settings, 1).with_name("v1.yaml.sig").is_file()
+
+
+def test_default_policy_declares_quasi_identifiers() -> None:
+    policy = load_policy(DEFAULT_POLICY_FILE)
+    demo = policy.quasi_identifiers_of("applications")
+    assert [item.column for item in demo] == ["age_in_years", "personal_status_and_sex"]
+    assert [band.label for band in demo[0].bands] == ["35 岁以下", "35 岁及以上"]
+    customers = {item.column: item for item in policy.quasi_identifiers_of("EAST_DGKHXXB")}
+    assert customers["XZQHDM"].prefix == 4
+    assert customers["ZCZB"].generalisation() == {"bands": ["[0, 100万)", "[100万, 1000万)", "[1000万, 1亿)", "[1亿, +∞)"]}
+    assert policy.quasi_identifiers_of("TEST_UNKNOWN") == ()
+
+
+@pytest.mark.parametrize(
+    ("quasi_identifiers", "fragment"),
+    [
+        (["applications"], "须为对象"),
+        ({"bad table!": [{"column": "A"}]}, "数据表名 'bad table!' 无效"),
+        ({"applications": []}, "须为非空列表"),
+        ({"applications": ["age_in_years"]}, "第 1 项须为对象并含 column"),
+        ({"applications": [{"column": "age in years"}]}, "第 1 项须为对象并含 column"),
+        ({"applications": [{"column": "age_in_years", "mask": True}]}, "未知字段 mask"),
+        ({"applications": [{"column": "age_in_years", "prefix": 2, "bands": [{"below": 1, "label": "a"}, {"label": "b"}]}]},
+         "同时声明了 bands 和 prefix"),
+        ({"applications": [{"column": "age_in_years", "prefix": 0}]}, "prefix 0 无效"),
+        ({"applications": [{"column": "age_in_years", "prefix": "4"}]}, "prefix '4' 无效"),
+        ({"applications": [{"column": "age_in_years", "prefix": 33}]}, "prefix 33 无效"),
+        ({"applications": [{"column": "job"}, {"column": "job"}]}, "字段重复：job"),
+    ],
+)
+def test_invalid_quasi_identifiers_rejected(tmp_path: Path, quasi_identifiers, fragment: str) -> None:
+    error = _invalid(tmp_path, _variant(lambda document: document.update(quasi_identifiers=quasi_identifiers)))
+    assert error.code == "POLICY_QUASI_IDENTIFIER_INVALID"
+    assert fragment in error.message
+
+
+def test_invalid_quasi_identifier_bands_rejected(tmp_path: Path) -> None:
+    bands = [{"below": 35, "label": "青年"}, {"below": 30, "label": "中年"}, {"label": "老年"}]
+    error = _invalid(tmp_path, _variant(
+        lambda document: document.update(quasi_identifiers={"applications": [{"column": "age_in_years", "bands": bands}]})))
+    assert error.code == "POLICY_BANDS_INVALID"
+    assert "准标识符 applications.age_in_years" in error.message
+
+
+def test_policy_without_quasi_identifiers_loads(tmp_path: Path) -> None:
+    document = _variant(lambda document: document.pop("quasi_identifiers"))
+    assert load_policy(_write(tmp_path, document)).quasi_identifiers == ()
