@@ -267,7 +267,7 @@ def _column_class(table: SourceTable, column: str, classes: ColumnClasses) -> Co
 
 
 def _plan(table: SourceTable, columns: list[str], classes: ColumnClasses, policy: MaskingPolicy) -> list[ColumnPlan]:
-    """Return the treatment of every column; raise ExtractColumnUnclassified when a column has no class at all."""
+    """Return the treatment of every column, or raise ExtractColumnUnclassified when a column has no class at all."""
     plans = []
     unclassified = []
     for column in columns:

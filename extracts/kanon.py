@@ -5,7 +5,7 @@ quasi-identifier column of the masked output (NULL counts as one value). A table
 when every class has at least k records, so no record can be narrowed down to fewer than k by
 those columns. The report of each table gives the k used, the number of classes, the smallest
 class and the records in classes below k. It is computed over the published Parquet file, so
-it describes exactly what a sandbox user sees.
+it describes the values a sandbox user reads.
 
 A table for which the policy declares no quasi-identifier is reported as not assessed and never
 blocks publication. A declared column that the policy drops is not in the output and so not
@@ -56,7 +56,7 @@ class QuasiIdentifierMissing(RegsandboxError):
 class KOverride:
     """A security admin's decision to publish an extract below k: who decided and why.
 
-    The builder records it in the manifest and in :meth:`ExtractOutcome.audit_detail`; the caller
+    The builder records it in the manifest and in :meth:`ExtractOutcome.audit_detail`. The caller
     checks the role of ``actor`` and writes the audit event.
     """
 
@@ -139,7 +139,7 @@ class KAnonymityReport:
 def generalise_quasi_identifier(plan: ColumnPlan, policy: MaskingPolicy, table: str) -> ColumnPlan:
     """Return ``plan`` with the column's declared generalisation when its class rule keeps the value.
 
-    Other treatments (token, mask, drop, the rule's own generalisation) stay as the class rule says.
+    Other treatments (token, mask, drop, the rule's own generalisation) stay as the class rule sets them.
     """
     if plan.treatment != "keep":
         return plan

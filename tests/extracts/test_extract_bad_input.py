@@ -86,7 +86,8 @@ def test_missing_token_key_keeps_previous(warehouse) -> None:  # noqa: F811
         build_institution(settings, "bank_b", classes=CLASSES)
 
     assert caught.value.code == "EXTRACT_KEY_MISSING"
-    assert "令牌化密钥" in caught.value.message and "原有提取保持不变" in caught.value.message
+    assert "令牌化密钥" in caught.value.message
+    assert "原有提取保持不变" in caught.value.message
     _assert_previous_kept(settings, "bank_b", first)
 
 

@@ -94,7 +94,7 @@ def test_demo_age_generalised(demo_settings: Settings) -> None:
     assert columns["age_in_years"]["treatment"] == "generalise"
     assert columns["age_in_years"]["rule"] == "quasi_identifiers"
     assert columns["age_in_years"]["generalisation"] == {"bands": ["35 岁以下", "35 岁及以上"]}
-    # Declared without a generalisation: kept as the class rule says.
+    # Declared without a generalisation, so the class rule's keep applies.
     assert columns["personal_status_and_sex"]["treatment"] == "keep"
     assert "generalisation" not in columns["personal_status_and_sex"]
 
@@ -127,7 +127,8 @@ def test_override_publishes_and_records(fresh_settings: Settings) -> None:
 
     assert outcome.status == "published"
     section = _manifest(fresh_settings, "bank_a")["k_anonymity"]
-    assert section["k"] == 7 and section["passed"] is False
+    assert section["k"] == 7
+    assert section["passed"] is False
     assert section["override"]["actor"] == "security_admin"
     assert section["override"]["reason"] == "监管现场检查急需，已报分管领导同意"
     assert section["override"]["tables"] == ["applications"]
@@ -225,7 +226,7 @@ def test_intake_quasi_identifiers(warehouse, tmp_path: Path) -> None:  # noqa: F
     columns = {column["name"]: column for column in table["columns"]}
     assert columns["CJRQ"]["generalisation"] == {"prefix": 4}
     assert columns["YE"]["treatment"] == "generalise"
-    # A declared column whose class rule does not keep it stays as the rule says.
+    # A declared column whose class rule does not keep it is treated by that rule.
     table = next(item for item in _manifest(settings, "bank_a")["tables"] if item["name"] == "test_khxx")
     name = next(column for column in table["columns"] if column["name"] == "KHMC")
     assert (name["rule"], name["treatment"]) == ("mask-person-name", "partial_mask")
