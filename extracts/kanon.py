@@ -213,9 +213,10 @@ def assess(build: Path, entries: Sequence[Mapping[str, Any]], policy: MaskingPol
 
 
 def enforce(institution_code: str, report: KAnonymityReport, override: KOverride | None) -> dict[str, Any] | None:
-    """Raise KAnonymityBelowError when a table is below k and no override is given; return the override applied.
+    """Check the report against k and return the override record to store, or None when none applies.
 
-    The returned record (actor, reason, time) goes into the manifest. An override that was not
+    Raises KAnonymityBelowError when a table is below k and ``override`` is None. The returned
+    record (actor, reason, time, tables below k) goes into the manifest. An override that was not
     needed is not recorded.
     """
     below = report.below()
@@ -230,7 +231,8 @@ def enforce(institution_code: str, report: KAnonymityReport, override: KOverride
         raise KAnonymityBelowError(
             "EXTRACT_K_ANONYMITY_BELOW",
             f"机构 {institution_code} 的新数据提取未达到 k 匿名要求（k = {report.k}），未发布，原有提取保持不变：{findings}。"
-            "请在脱敏策略的 quasi_identifiers 中对这些列做更粗的泛化（bands 或 prefix）并重新审批策略；"
+            "准标识符的泛化只用于按规则保留原值的列；未经数据管理员确认分类的列按 4 级处理（多为令牌化），不做这种泛化，请先确认这些列的分类。"
+            "仍不满足时，请在脱敏策略的 quasi_identifiers 中对这些列做更粗的泛化（bands 或 prefix）并重新审批策略；"
             "确需发布时，由安全管理员填写理由后强制发布（记入审计日志）。",
         )
     return {"actor": override.actor, "reason": override.reason,
