@@ -241,7 +241,8 @@ def published(settings: Settings, keystore: KeyStore, institution_code: str) -> 
 
 def build_history(session: Session, institution_code: str | None, limit: int = HISTORY_LIMIT) -> list[dict[str, Any]]:
     """Return the newest ``extracts.build`` audit events of one institution (with the ``extract:*`` ones), or of all."""
-    query = select(AuditEvent).where(AuditEvent.action == BUILD_ACTION)
+    # Denied requests are audited under the same action with the request path as resource; they are not builds.
+    query = select(AuditEvent).where(AuditEvent.action == BUILD_ACTION, AuditEvent.resource.like("extract:%"))
     if institution_code is not None:
         query = query.where(or_(AuditEvent.resource == f"extract:{institution_code}",
                                 AuditEvent.resource == ALL_RESOURCE))
@@ -252,7 +253,7 @@ def build_history(session: Session, institution_code: str | None, limit: int = H
         status = detail.get("status", "failed") if event.outcome == "success" else "failed"
         history.append({
             "at": event.occurred_at, "actor": event.actor, "role": event.role, "outcome": event.outcome,
-            "institution": event.resource.split(":", 1)[1], "status": status,
+            "institution": event.resource.removeprefix("extract:"), "status": status,
             "status_name": STATUS_NAMES.get(status, status),
             "trigger": detail.get("trigger"), "trigger_name": TRIGGER_NAMES.get(detail.get("trigger"), detail.get("trigger")),
             "reason": detail.get("reason"), "build_id": detail.get("build_id"),

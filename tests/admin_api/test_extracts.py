@@ -247,6 +247,17 @@ def test_build_denied_by_role(extract_env: Env, user: str) -> None:
     assert current_build(extract_env.settings, "bank_a") == before
 
 
+def test_history_leaves_out_denials(extract_env: Env) -> None:
+    assert build(extract_env, "bank_a", user="analyst").status_code == 403
+
+    page = extract_env.client.get("/console/extracts", headers=console_cookie(extract_env, "reviewer"))
+    detail = extract_env.client.get("/api/v1/extracts/bank_a", headers=extract_env.auth("reviewer"))
+
+    assert page.status_code == 200
+    assert 'id="build-history"' in page.text
+    assert {item["outcome"] for item in detail.json()["history"]} <= {"success", "failed"}
+
+
 def test_build_needs_purpose_and_known_code(extract_env: Env) -> None:
     missing = extract_env.client.post("/api/v1/extracts/bank_a/build", json={}, headers=extract_env.auth("sysadmin"))
     unknown = build(extract_env, "zz_nowhere")
@@ -476,9 +487,10 @@ def test_class_change_rebuilds_extract(extract_env: Env, tmp_path: Path) -> None
     manifest, after = manifest_column(extract_env.settings, "bank_a", "EAST_DBHTB", "DBHTZT")
     assert after["class"] == {"level": 2, "pi_category": None, "kind": "other"}
     assert after["treatment"] == "keep"
-    events = [(event.action, event.outcome) for event in audit_events(extract_env, request_id)]
-    assert events == [("catalog.confirm", "success"), ("extracts.build", "success")]
-    detail = json.loads(audit_events(extract_env, request_id)[1].detail)
+    events = sorted(audit_events(extract_env, request_id), key=lambda event: event.id)
+    assert [(event.action, event.outcome) for event in events] == [("catalog.confirm", "success"),
+                                                                   ("extracts.build", "success")]
+    detail = json.loads(events[1].detail)
     assert (detail["trigger"], detail["build_id"]) == ("catalog_change", manifest["build_id"])
     assert "EAST_DBHTB.DBHTZT" in detail["reason"]
 
