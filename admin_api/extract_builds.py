@@ -4,11 +4,11 @@
 the data catalog (:func:`admin_api.data_catalog.extract_classes`, unconfirmed columns at level 4)
 and the newest approved masking policy. It never approves a policy: without an approved policy
 every build fails with ``POLICY_NOT_APPROVED``. Each institution's outcome becomes one audit event
-``extracts.build`` on ``extract:<code>``, committed at once: ``success`` with the build id,
-policy, token key, tables and manifest SM3 when a build was published or nothing had changed, and
-``failed`` with the error code and Chinese message otherwise (missing token key, a policy that
-does not verify, an unwritable extract folder, ...). A failure that concerns no single
-institution (no data in the warehouse) is audited on ``extract:*``.
+``extracts.build`` on ``extract:<code>``, committed at once. A published or unchanged build is
+``success`` with the build id, policy, token key, tables and manifest SM3. Any other outcome is
+``failed`` with the error code and Chinese message (missing token key, a policy that does not
+verify, an unwritable extract folder, ...). A failure that concerns no single institution (no
+data in the warehouse) is audited on ``extract:*``.
 
 Callers are the API and console (:mod:`admin_api.routes.extracts`), the operator command
 ``python -m admin_api.manage extracts-build`` that ``regsandbox init`` runs, and the rebuild after
@@ -36,7 +36,7 @@ from admin_api.models import AuditEvent, Institution
 from admin_api.security import Principal
 from catalog.classes import ColumnClass
 from extracts.builder import ExtractOutcome, WarehouseMissingError, build_institution, warehouse_codes
-from extracts.policy import MaskingPolicy, load_approved_policy
+from extracts.policy import MaskingPolicy, PolicyNotApproved, load_approved_policy
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore
 from regsandbox_core.settings import Settings
@@ -52,7 +52,7 @@ TRIGGER_NAMES = {"manual": "人工触发", "init": "平台初始化", "catalog_c
 
 @dataclass(frozen=True)
 class BuildActor:
-    """Who asked for a build, as its audit events name them."""
+    """The requester of a build, as its audit events name them."""
 
     username: str
     role: str
@@ -151,6 +151,16 @@ def _build_one(settings: Settings, keystore: KeyStore, code: str, classes: dict,
     return BuildResult(code, outcome=outcome)
 
 
+def _policy_error(error: RegsandboxError) -> RegsandboxError:
+    """Return the error of a missing approved policy with the admin_api ways to approve one."""
+    if error.code != "POLICY_NOT_APPROVED":
+        return error
+    return PolicyNotApproved(
+        "POLICY_NOT_APPROVED",
+        "尚无已审批的脱敏策略，未生成数据提取，原有提取保持不变。请在控制台“脱敏策略”页面上传策略并由另一名安全管理员审批，"
+        "或由运维人员运行 `python -m admin_api.manage policy-approve-default` 审批平台默认策略。")
+
+
 def run_builds(
     session_factory: sessionmaker[Session],
     settings: Settings,
@@ -186,7 +196,7 @@ def run_builds(
         policy = load_approved_policy(settings, keystore)
     except RegsandboxError as error:
         logger.warning("no extract built, the masking policy is unusable: %s", error.code)
-        policy, policy_error = None, error
+        policy, policy_error = None, _policy_error(error)
     else:
         policy_error = None
 

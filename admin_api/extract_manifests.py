@@ -2,9 +2,9 @@
 
 :func:`published_manifest` resolves ``<data_dir>/extracts/<code>`` to its current build and
 returns the manifest only after its detached SM2 signature verifies against the key store.
-A verified manifest is cached by its build folder, its size and modification time and the
-modification time of the key store: a build folder is never rewritten (a new build gets a new
-folder), and a revoked signing key changes the key store file. The cache saves the SM2
+A verified manifest is cached by its build folder, its size and modification time, and the
+modification time of the key store. A build folder is never rewritten, because a new build gets
+a new folder, and revoking a signing key changes the key store file. The cache saves the SM2
 verification (about 18 ms each) when a page lists many institutions.
 """
 

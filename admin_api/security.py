@@ -108,7 +108,7 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
     "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
     # Masked extracts (数据提取): institution users read the build metadata of their own institution only
-    # (admin_api.extract_builds); metadata holds no data values. The steward reads it to follow the rebuilds
+    # (admin_api.extract_builds); metadata contains no data values. The steward reads it to follow the rebuilds
     # that a class change starts. Rebuilding is an operation of the system administrator, and of the
     # security administrator, who rebuilds after approving a policy or rotating a key.
     "extracts.read": ("查看数据提取的构建信息", _REGULATORS | {"system_admin", "security_admin", "data_steward",

@@ -2,7 +2,7 @@
 
 Regulators, the system and security administrators read every institution's extract metadata;
 institution administrators and modellers read their own institution's only (``extracts.read``).
-The metadata (build id, policy and key versions, tables, row counts, digests) holds no data
+The metadata (build id, policy and key versions, tables, row counts, digests) contains no data
 values. The system and security administrators rebuild extracts (``extracts.build``). Policy
 drafts are uploaded with ``policies.draft`` and approved or rejected by another security
 administrator with ``policies.approve`` (:mod:`admin_api.masking_policies`). Rejected writes are
@@ -75,6 +75,8 @@ def _build(request: Request, caller: Principal, codes: list[str] | None,
 def build_all_extracts(body: BuildRequest, request: Request,
                        caller: Principal = Depends(require("extracts.build"))) -> list[dict[str, Any]]:
     """Rebuild the extract of every institution in the warehouse; each outcome, failed ones included, is listed and audited."""
+    # NOTE: the builds run one after another inside the request, so with hundreds of institutions
+    # the response takes minutes; clients need a matching timeout.
     return [result.as_dict() for result in _build(request, caller, None, body.purpose)]
 
 

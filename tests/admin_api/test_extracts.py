@@ -1,6 +1,6 @@
 """数据提取 and 脱敏策略 in admin_api: audited builds, policy approval with four-eyes, rebuild after a class change, lineage.
 
-The environment holds the demo warehouse (applications of bank_a, bank_b and bank_c) and its
+The environment contains the demo warehouse (applications of bank_a, bank_b and bank_c) and its
 key store. The tests run in file order on one environment per backend: first without an approved
 policy, then with the shipped default approved by ``manage policy-approve-default``.
 """
