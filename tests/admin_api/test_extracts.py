@@ -31,8 +31,9 @@ from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 
 from .conftest import BACKENDS, Env, backend_env
-from .helpers import audit_events, console_cookie
+from .helpers import audit_events, console_cookie, serve_admin_api
 from .test_catalog import _accepted_partition
+from .test_console_keys import CHROMIUM, CHROMIUM_ARGS
 
 POLICIES = "/api/v1/masking-policies"
 
@@ -574,3 +575,56 @@ def test_console_policy_upload_and_four_eyes(extract_env: Env) -> None:
     assert f'id="draft-{draft_id}"' in policies.text
     assert "upload-policy" not in policies.text
     assert approved_dir(extract_env.settings).is_dir()
+
+
+@pytest.fixture
+def served_extract_env(extract_env: Env, tmp_path: Path) -> Iterator[str]:
+    """Serve the extract environment with uvicorn on 127.0.0.1 for the browser; return its URL."""
+    with serve_admin_api(extract_env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES="[]") as url:
+        yield url
+
+
+def _sign_in(browser, url: str, env: Env, username: str):  # noqa: ANN001, ANN202
+    page = browser.new_context().new_page()
+    page.goto(f"{url}/console/login")
+    page.fill("input[name=username]", username)
+    page.fill("input[name=password]", env.passwords[username])
+    page.click("button[type=submit]")
+    page.wait_for_load_state()
+    return page
+
+
+def test_policy_approval_in_chromium(extract_env: Env, served_extract_env: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            steward = _sign_in(browser, served_extract_env, extract_env, "steward")
+            steward.click("header a:has-text('脱敏策略')")
+            steward.wait_for_load_state()
+            steward.set_input_files("#upload-policy input[type=file]", files=[
+                {"name": "v5.yaml", "mimeType": "text/yaml", "buffer": policy_text(5).encode("utf-8")}])
+            steward.click("#upload-policy button[type=submit]")
+            steward.wait_for_load_state()
+            assert "须由另一名安全管理员审批" in steward.locator("p.notice").inner_text()
+            draft_url = steward.url.split("?")[0]
+
+            admin = _sign_in(browser, served_extract_env, extract_env, "secadmin")
+            admin.goto(draft_url)
+            assert "手机号码保留前 3 位和后 4 位" in admin.locator("#rule-mask-mobile").inner_text()
+            admin.click("#approve button[type=submit]")
+            admin.wait_for_load_state()
+            assert admin.locator("#draft-state").inner_text() == "已审批"
+
+            admin.click("header a:has-text('数据提取')")
+            admin.wait_for_load_state()
+            admin.click("#extract-bank_c a")
+            admin.wait_for_load_state()
+            admin.fill("#build-one input[name=purpose]", "审批第 5 版后重新生成")
+            admin.click("#build-one button[type=submit]")
+            admin.wait_for_load_state()
+            assert "1 家机构发布了新版本" in admin.locator("p.notice").inner_text()
+            assert "第 5 版" in admin.locator("#published").inner_text()
+        finally:
+            browser.close()
