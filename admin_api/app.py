@@ -6,7 +6,8 @@ missing, the master key or key store is unusable, the database is not migrated t
 revision, or a shipped report template is invalid.
 
 ``app.state`` contains what the routes share: ``settings``, ``secrets``, ``engine``,
-``session_factory``, ``keystore`` (use :func:`admin_api.keyaccess.request_keystore` in routes), ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
+``session_factory``, ``keystore`` (use :func:`admin_api.keyaccess.request_keystore` in routes),
+``extract_rebuilds`` (the rebuild queue of :mod:`admin_api.extract_rebuilds`), ``registry`` (the MLflow adapter, replaceable in tests), ``project_root``
 (folder against which report notebook paths resolve) and ``templates``.
 """
 
@@ -47,6 +48,7 @@ from admin_api import console_report_data
 from admin_api import console_templates
 from admin_api.report_templates import configure_templates
 from admin_api.routes import catalog as catalog_routes
+from admin_api.routes import extracts as extract_routes
 from admin_api.routes import institutions as institution_routes
 from admin_api.routes import roles as role_routes
 from admin_api import console_institutions
@@ -54,7 +56,8 @@ from admin_api import console_roles, console_user_admin
 from admin_api import console_me
 from admin_api import console_tasks, console_workbench
 from admin_api import console_submissions
-from admin_api import console_catalog
+from admin_api import console_catalog, console_extracts
+from admin_api.extract_rebuilds import RebuildQueue
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
@@ -185,6 +188,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     finally:
         reminders.stop()
         writer.stop()
+        app.state.extract_rebuilds.stop()
 
 
 class _AdminApp(FastAPI):
@@ -198,11 +202,12 @@ def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
                    institution_routes, role_routes, submissions, task_routes, report_data_routes, template_routes,
-                   catalog_routes):
+                   catalog_routes, extract_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
-                        console_report_data, console_templates, console_submissions, console_catalog):
+                        console_report_data, console_templates, console_submissions, console_catalog,
+                        console_extracts):
         app.include_router(page_module.router)
     _add_docs(app)
 
@@ -252,6 +257,7 @@ def create_app(
     app.state.keystore = keystore
     app.state.engine = engine
     app.state.session_factory = make_session_factory(engine)
+    app.state.extract_rebuilds = RebuildQueue(app.state.session_factory, settings, keystore)
     app.state.registry = registry or MlflowRegistry(settings.mlflow_url, secrets.mlflow_admin_password)
     app.state.project_root = (project_root or PROJECT_ROOT).resolve()
     app.state.templates = Jinja2Templates(directory=str(TEMPLATES_DIR))

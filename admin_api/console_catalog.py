@@ -18,6 +18,7 @@ from sqlalchemy.orm import Session
 from admin_api import catalog_sync, data_catalog
 from admin_api.console import _check_csrf, _failed, _page
 from admin_api.deps import get_session, require
+from admin_api.extract_rebuilds import schedule_after_classification
 from admin_api.errors import invalid
 from admin_api.keyaccess import request_keystore
 from admin_api.security import Principal
@@ -32,6 +33,7 @@ PAGE_SIZE = 100
 _NOTICES = {
     "confirmed": "已保存字段 {} 的分级分类。",
     "synced": "已重新同步数据目录：新增 {} 个字段，更新 {} 个字段的建议。",
+    "rebuilds": "已在后台安排重新生成 {} 家有该表数据的机构的数据提取，结果见“数据提取”页面和审计日志。",
 }
 
 
@@ -43,7 +45,11 @@ def _choices() -> dict[str, Any]:
 def _notice(request: Request) -> str | None:
     done = request.query_params.get("done", "")
     if done == "confirmed":
-        return _NOTICES["confirmed"].format(request.query_params.get("column", "")[:100])
+        notice = _NOTICES["confirmed"].format(request.query_params.get("column", "")[:100])
+        rebuilds = request.query_params.get("rebuilds", "0")[:6]
+        if rebuilds.isdigit() and int(rebuilds) > 0:
+            notice += _NOTICES["rebuilds"].format(int(rebuilds))
+        return notice
     if done == "synced":
         return _NOTICES["synced"].format(request.query_params.get("created", "0")[:6],
                                          request.query_params.get("updated", "0")[:6])
@@ -126,7 +132,8 @@ def review_page(request: Request, table_code: str = Query(default="", max_length
 def _column_page(request: Request, session: Session, caller: Principal, table_code: str, column_code: str, *,
                  status_code: int = 200, error: str | None = None) -> Response:
     detail = data_catalog.column_detail(session, table_code, column_code)
-    lineage = data_catalog.lineage(session, request.app.state.settings, template_catalog(), table_code, column_code)
+    lineage = data_catalog.lineage(session, request.app.state.settings, template_catalog(), table_code, column_code,
+                                   request_keystore(request))
     return _page(request, "catalog_column.html", caller, status_code=status_code, error=error,
                  notice=None if error else _notice(request), column=detail, lineage=lineage, **_choices())
 
@@ -169,11 +176,13 @@ def classify_form(
                            error=f"字段 {table_code[:64]}.{column_code[:32]} 未保存：{error.message}")
         return _column_page(request, session, caller, table_code, column_code, status_code=error.status,
                             error=error.message)
+    queued = len(schedule_after_classification(request, caller, table_code, column_code))
     label = quote(f"{table_code}.{column_code}")
     if back == "review":
-        return RedirectResponse(f"/console/catalog/review?done=confirmed&column={label}", status_code=303)
+        return RedirectResponse(f"/console/catalog/review?done=confirmed&column={label}&rebuilds={queued}",
+                                status_code=303)
     return RedirectResponse(f"/console/catalog/columns/{quote(table_code)}/{quote(column_code)}"
-                            f"?done=confirmed&column={label}", status_code=303)
+                            f"?done=confirmed&column={label}&rebuilds={queued}", status_code=303)
 
 
 @router.post("/catalog/sync", response_class=HTMLResponse)

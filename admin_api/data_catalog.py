@@ -21,6 +21,7 @@ from sqlalchemy.orm import Session
 from admin_api.audit import add_event
 from admin_api.db import utc_now
 from admin_api.errors import conflict, invalid, not_found
+from admin_api.extract_manifests import PublishedManifest, published_manifest
 from admin_api.models import CatalogColumn, CatalogColumnHistory, ReportSubmission
 from admin_api.security import Principal
 from catalog.classes import (
@@ -32,8 +33,10 @@ from catalog.classes import (
     ColumnClass,
     effective_class,
 )
+from extracts.policy import TREATMENTS
 from intake.template_model import TemplateCatalog
 from intake.warehouse import INTAKE_TABLE_DIR
+from regsandbox_core.keystore import KeyStore
 from regsandbox_core.settings import Settings
 
 logger = logging.getLogger(__name__)
@@ -362,24 +365,79 @@ def classify(session: Session, request: Request, caller: Principal, table_code: 
 # --- lineage ---------------------------------------------------------------------------------------
 
 
-def _partition_count(settings: Settings, table_code: str) -> tuple[int, int]:
-    """Return (institutions, partitions) found in the warehouse folder of ``table_code``."""
+def warehouse_institutions(settings: Settings, table_code: str) -> dict[str, int]:
+    """Return, per institution with data of intake table ``table_code``, its number of period partitions."""
     top = settings.warehouse_dir / INTAKE_TABLE_DIR / table_code
     if not top.is_dir():
-        return 0, 0
-    institutions = partitions = 0
-    for folder in top.iterdir():
-        if not folder.name.startswith("institution=") or not folder.is_dir():
+        return {}
+    found = {}
+    for folder in sorted(top.glob("institution=*")):
+        if not folder.is_dir():
             continue
-        found = sum(1 for child in folder.iterdir() if child.name.startswith("period=") and child.is_dir())
-        institutions += 1 if found else 0
-        partitions += found
-    return institutions, partitions
+        partitions = sum(1 for child in folder.iterdir() if child.name.startswith("period=") and child.is_dir())
+        if partitions:
+            found[folder.name.split("=", 1)[1]] = partitions
+    return found
+
+
+def _extract_columns(manifest: PublishedManifest, table_code: str, column_code: str) -> list[dict[str, Any]]:
+    """Return the entries of ``table_code.column_code`` in a verified manifest: extract table, column, treatment."""
+    assert manifest.document is not None
+    document = manifest.document
+    found = []
+    for table in document.get("tables", []):
+        if table.get("source", {}).get("table") != table_code:
+            continue
+        entries = [(entry, False) for entry in table.get("columns", [])]
+        entries += [(entry, True) for entry in table.get("dropped_columns", [])]
+        for entry, dropped in entries:
+            if entry.get("name") != column_code:
+                continue
+            treatment = entry.get("treatment")
+            found.append({
+                "institution": manifest.institution, "build_id": document.get("build_id"),
+                "built_at": document.get("built_at"), "policy_version": (document.get("policy") or {}).get("version"),
+                "extract_table": table.get("name"), "extract_file": table.get("file"),
+                "extract_column": None if dropped else entry.get("name"), "treatment": treatment,
+                "treatment_name": TREATMENTS.get(treatment, treatment), "rule": entry.get("rule"),
+                "class": entry.get("class"),
+            })
+    return found
+
+
+def _extract_lineage(settings: Settings, keystore: KeyStore | None, institutions: list[str], table_code: str,
+                     column_code: str) -> dict[str, Any]:
+    """Return the extract part of a column's lineage, read from the verified manifests of the published builds."""
+    if keystore is None:
+        return {"status": "unknown", "status_name": "未读取", "detail": "未提供密钥库，无法验证数据提取清单的签名。",
+                "columns": [], "invalid": []}
+    columns: list[dict[str, Any]] = []
+    invalid_manifests = []
+    for code in institutions:
+        manifest = published_manifest(settings, keystore, code)
+        if manifest is None:
+            continue
+        if manifest.document is None:
+            invalid_manifests.append({"institution": code, "error": manifest.error})
+            continue
+        columns.extend(_extract_columns(manifest, table_code, column_code))
+    if not columns:
+        return {"status": "not_built", "status_name": "尚未生成",
+                "detail": "有该表数据的机构尚未发布包含此字段的数据提取。", "columns": [], "invalid": invalid_manifests}
+    return {"status": "built", "status_name": "已发布",
+            "detail": f"{len(columns)} 家机构的已发布数据提取包含此字段（清单 SM2 签名已验证）。",
+            "columns": columns, "invalid": invalid_manifests}
 
 
 def lineage(session: Session, settings: Settings, template_catalog: TemplateCatalog, table_code: str,
-            column_code: str) -> LineageOut:
-    """Return where a column comes from (template versions) and where it goes (warehouse partitions, extracts)."""
+            column_code: str, keystore: KeyStore | None = None) -> LineageOut:
+    """Return where a column comes from (template versions) and where it goes (warehouse partitions, extracts).
+
+    The extract part lists, per institution with data of the table and a published extract, the
+    extract table and column, the treatment and the build id, from the manifest after its SM2
+    signature verified against ``keystore``. A manifest that does not verify is listed under
+    ``invalid`` and contributes nothing.
+    """
     row = find_column(session, table_code, column_code)
     versions = [version for version in template_catalog.versions(row.template_code)
                 if template_catalog.get(row.template_code, version).has_field(column_code)] \
@@ -387,12 +445,11 @@ def lineage(session: Session, settings: Settings, template_catalog: TemplateCata
     name = template_catalog.get(row.template_code).name if row.template_code in template_catalog else None
     accepted = session.scalar(select(func.count()).select_from(ReportSubmission).where(
         ReportSubmission.template_code == table_code, ReportSubmission.state == "accepted")) or 0
-    institutions, partitions = _partition_count(settings, table_code)
+    institutions = warehouse_institutions(settings, table_code)
     return LineageOut(
         table_code=table_code, column_code=column_code,
         template={"code": row.template_code, "name": name, "versions": versions, "field_name": row.name},
-        warehouse={"table": f"intake/{table_code}", "partitions": partitions, "institutions": institutions,
-                   "accepted_submissions": accepted},
-        extracts={"status": "not_built", "status_name": "尚未构建",
-                  "detail": "机构脱敏抽取数据的列级血缘尚未接入数据目录，请在抽取数据的 manifest.json 中查看各列的处理方式。", "columns": []},
+        warehouse={"table": f"intake/{table_code}", "partitions": sum(institutions.values()),
+                   "institutions": len(institutions), "accepted_submissions": accepted},
+        extracts=_extract_lineage(settings, keystore, list(institutions), table_code, column_code),
     )

@@ -44,6 +44,9 @@ _FIELD_NAMES = {
     "pi_category": "个人金融信息类别",
     "kind": "字段语义类型",
     "data_owner": "数据责任部门",
+    "purpose": "重新生成原因",
+    "content": "脱敏策略内容",
+    "rejection_reason": "驳回原因",
 }
 
 

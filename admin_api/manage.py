@@ -9,6 +9,11 @@
                                                            sample accepted warehouse data; prints the counts as JSON
     python -m admin_api.manage catalog-classes --out FILE  write the class masking applies to every catalog column,
                                                            the --classes file of python -m extracts build
+    python -m admin_api.manage policy-approve-default      approve the shipped default masking policy when no
+                                                           policy is approved yet (audited as the system)
+    python -m admin_api.manage extracts-build [--institution CODE] [--unix-group-prefix PREFIX]
+                                                           build the masked extracts with the catalog's classes
+                                                           and the newest approved policy; every outcome is audited
 
 Messages for the operator go to stderr in Chinese; exit status 0 on success, 1 on error.
 """
@@ -23,9 +28,12 @@ from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import SQLAlchemyError
+from sqlalchemy.orm import Session, sessionmaker
 
 from admin_api.catalog_sync import sync_by_operator
 from admin_api.data_catalog import extract_classes
+from admin_api.extract_builds import BuildActor, BuildResult, run_builds
+from admin_api.masking_policies import approve_shipped_default
 from admin_api.db import make_engine, make_session_factory, utc_now
 from admin_api.keyaccess import open_platform_keystore
 from admin_api.migrate import current_revision, head_revision, upgrade_to_head
@@ -38,11 +46,15 @@ from regsandbox_core.logs import configure_logging
 from regsandbox_core.settings import Settings, get_settings
 
 
-def _session(settings: Settings):  # type: ignore[no-untyped-def]
+def _session_factory(settings: Settings) -> sessionmaker[Session]:
     engine = make_engine(settings.sqlalchemy_url)
     if current_revision(engine) != head_revision():
         raise SystemExit("管理数据库尚未迁移到最新版本，请先运行 `python -m admin_api.manage migrate`。")
-    return make_session_factory(engine)()
+    return make_session_factory(engine)
+
+
+def _session(settings: Settings):  # type: ignore[no-untyped-def]
+    return _session_factory(settings)()
 
 
 def migrate(settings: Settings) -> int:
@@ -100,6 +112,53 @@ def catalog_classes(settings: Settings, out: Path) -> int:
     return 0
 
 
+def policy_approve_default(settings: Settings) -> int:
+    """Approve the shipped default masking policy unless a policy is approved already; audited as the system."""
+    try:
+        store = open_platform_keystore(settings)
+        policy = approve_shipped_default(_session_factory(settings), settings, store, f"cli:{getpass.getuser()}")
+    except RegsandboxError as error:
+        print(f"审批平台默认脱敏策略失败：[{error.code}] {error.message}", file=sys.stderr)
+        return 1
+    if policy is None:
+        print("已有审批通过的脱敏策略，未作改动。", file=sys.stderr)
+    else:
+        print(f"已审批平台默认脱敏策略 {policy.name} 第 {policy.version} 版（签名密钥 {policy.signature_key}），"
+              "审计日志记为系统操作。", file=sys.stderr)
+    return 0
+
+
+def _print_result(result: BuildResult) -> None:
+    if result.error is not None:
+        print(f"机构 {result.institution} 的数据提取未生成：[{result.error.code}] {result.error.message}", file=sys.stderr)
+        return
+    assert result.outcome is not None
+    rebuilt = sum(table.rebuilt for table in result.outcome.tables)
+    verb = "已生成" if result.status == "published" else "数据未变化，保留"
+    print(f"{verb}机构 {result.institution} 的脱敏数据提取 {result.outcome.build_id}（{len(result.outcome.tables)} 张表，"
+          f"重新生成 {rebuilt} 张，脱敏策略第 {result.outcome.policy_version} 版）", file=sys.stderr)
+
+
+def extracts_build(settings: Settings, institution: str | None, unix_group_prefix: str | None) -> int:
+    """Build the masked extracts as the operator ``cli:<user>``; print one JSON line per institution on stdout."""
+    actor = BuildActor(f"cli:{getpass.getuser()}", "operator")
+    try:
+        store = open_platform_keystore(settings)
+        results = run_builds(_session_factory(settings), settings, store, actor, [institution] if institution else None,
+                             trigger="operator", unix_group_prefix=unix_group_prefix, on_result=_print_result)
+    except RegsandboxError as error:
+        print(f"数据提取未生成：[{error.code}] {error.message}", file=sys.stderr)
+        return 1
+    for result in results:
+        print(json.dumps(result.as_dict(), ensure_ascii=False))
+    failed = [result.institution for result in results if result.error is not None]
+    if failed:
+        print(f"共 {len(results)} 家机构，{len(failed)} 家失败：{'、'.join(failed)}。失败原因已记入审计日志。", file=sys.stderr)
+        return 1
+    print(f"共 {len(results)} 家机构的数据提取已就绪，结果已记入审计日志。", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="python -m admin_api.manage", description="admin_api 运维命令")
     commands = parser.add_subparsers(dest="command", required=True)
@@ -115,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     sync.add_argument("--resample", action="store_true", help="重新抽样已抽样过的数据表")
     classes = commands.add_parser("catalog-classes", help="导出各字段用于脱敏的分级分类（JSON），供 python -m extracts build --classes 使用")
     classes.add_argument("--out", type=Path, required=True, help="输出文件，权限 0600")
+    commands.add_parser("policy-approve-default",
+                        help="尚无已审批的脱敏策略时，审批并签署随平台发布的默认脱敏策略（审计日志记为系统操作）")
+    build = commands.add_parser("extracts-build",
+                                help="按数据目录的分级分类和最新审批的脱敏策略生成数据提取，每家机构的结果记入审计日志")
+    build.add_argument("--institution", metavar="CODE", default=None, help="只生成该机构的提取，例如 bank_a；默认全部机构")
+    build.add_argument("--unix-group-prefix", metavar="PREFIX", default=None,
+                       help="机构 Unix 组名前缀，组名为 <前缀><机构代码>；以 root 运行且该组存在时，提取目录对该组只读开放")
     return parser
 
 
@@ -131,6 +197,10 @@ def main(argv: list[str] | None = None) -> int:
             return catalog_sync(settings, arguments.table, arguments.resample)
         if arguments.command == "catalog-classes":
             return catalog_classes(settings, arguments.out)
+        if arguments.command == "policy-approve-default":
+            return policy_approve_default(settings)
+        if arguments.command == "extracts-build":
+            return extracts_build(settings, arguments.institution, arguments.unix_group_prefix)
         return set_active(settings, arguments.username, active=arguments.enable)
     except SQLAlchemyError as error:
         print(f"访问管理数据库失败：{type(error).__name__}。请检查 REGSANDBOX_DATABASE_URL 与数据库服务。", file=sys.stderr)

@@ -570,6 +570,34 @@ class CatalogColumnHistory(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
 
+class MaskingPolicyDraft(Base):
+    """A masking policy version (YAML) uploaded for approval, and the decision on it.
+
+    ``state`` is ``draft`` until a security administrator other than the uploader approves it
+    (``approved``: :func:`extracts.policy.approve_policy` stored and SM2-signed the file) or
+    rejects it (``rejected``). The file in ``<data_dir>/policies/masking`` is what extracts use.
+    """
+
+    __tablename__ = "masking_policy_drafts"
+    __table_args__ = (Index("ix_masking_policy_drafts_version", "version", "state"),)
+
+    id: Mapped[int] = mapped_column(Integer, primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    version: Mapped[int] = mapped_column(Integer)
+    description: Mapped[str | None] = mapped_column(Text, nullable=True)
+    content: Mapped[str] = mapped_column(Text)
+    """The uploaded YAML text as it will be approved and signed."""
+    sm3: Mapped[str] = mapped_column(String(64))
+    state: Mapped[str] = mapped_column(String(16), default="draft")
+    uploaded_by: Mapped[str] = mapped_column(String(64))
+    uploaded_at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
+    decided_by: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    decided_at: Mapped[datetime | None] = mapped_column(UTCDateTime(), nullable=True)
+    decision_reason: Mapped[str | None] = mapped_column(Text, nullable=True)
+    signature_key: Mapped[str | None] = mapped_column(String(64), nullable=True)
+    """Label of the platform signing key version that signed the approved file."""
+
+
 __all__ = [
     "ApiEndpoint",
     "ApiToken",
@@ -578,6 +606,7 @@ __all__ = [
     "CatalogColumn",
     "CatalogColumnHistory",
     "Institution",
+    "MaskingPolicyDraft",
     "Message",
     "ModelReview",
     "PasswordHistory",

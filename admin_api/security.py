@@ -107,6 +107,18 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Data catalog (数据目录, 数据分级分类): only the data steward (数据治理专员) confirms or changes classes (admin_api.data_catalog).
     "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
     "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
+    # Masked extracts (数据提取): institution users read the build metadata of their own institution only
+    # (admin_api.extract_builds); metadata contains no data values. The steward reads it to follow the rebuilds
+    # that a class change starts. Rebuilding is an operation of the system administrator, and of the
+    # security administrator, who rebuilds after approving a policy or rotating a key.
+    "extracts.read": ("查看数据提取的构建信息", _REGULATORS | {"system_admin", "security_admin", "data_steward",
+                                                   "institution_admin", "modeller"}),
+    "extracts.build": ("重新生成数据提取", frozenset({"system_admin", "security_admin"})),
+    # Masking policies (脱敏策略): the steward or a security administrator uploads a version; another
+    # security administrator approves it (four-eyes, admin_api.masking_policies).
+    "policies.read": ("查看脱敏策略", frozenset({"security_admin", "data_steward", "audit_admin"})),
+    "policies.draft": ("上传脱敏策略草稿", frozenset({"security_admin", "data_steward"})),
+    "policies.approve": ("审批或驳回脱敏策略", frozenset({"security_admin"})),
 }
 
 

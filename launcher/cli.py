@@ -42,8 +42,6 @@ log = logging.getLogger("launcher")
 VENV_BIN = Path(sys.executable).parent
 PYTHON = str(VENV_BIN / "python")
 SAMPLES_DIR = "samples"
-CLASSES_FILE = "catalog/classes.json"
-"""Column classes exported from the data catalog for the extract builder, relative to the data directory."""
 """Folder of the data directory with the demo report files of intake.samples, one subfolder per demo bank."""
 
 # Start order matters: the hub authenticates against admin_api and the scheduler reads it,
@@ -154,11 +152,12 @@ def init(settings: Settings) -> dict[str, str]:
                                           "--period", sample_period(datetime.date.today()), *institutions])
     _ensure_keys(settings)
 
-    # Masking follows the data catalog: unconfirmed columns are exported at level 4 (fail closed).
-    classes = settings.data_dir / CLASSES_FILE
+    # Masking follows the data catalog: unconfirmed columns are masked at level 4 (fail closed). The
+    # demo needs an approved policy, so the shipped default is approved here, audited as the system;
+    # every build outcome is audited by admin_api.
     _run_step(settings, "同步数据目录", [PYTHON, "-m", "admin_api.manage", "catalog-sync"])
-    _run_step(settings, "导出字段分级分类", [PYTHON, "-m", "admin_api.manage", "catalog-classes", "--out", str(classes)])
-    build = [PYTHON, "-m", "extracts", "build", "--classes", str(classes)]
+    _run_step(settings, "审批平台默认脱敏策略", [PYTHON, "-m", "admin_api.manage", "policy-approve-default"])
+    build = [PYTHON, "-m", "admin_api.manage", "extracts-build"]
     if os.geteuid() == 0:
         for code in _institution_codes(settings):
             _ensure_unix_group(f"{settings.unix_prefix}{code}")

@@ -13,6 +13,7 @@ from sqlalchemy.orm import Session
 from admin_api import catalog_sync, data_catalog
 from admin_api.audit import record_event
 from admin_api.deps import get_session, require
+from admin_api.extract_rebuilds import schedule_after_classification
 from admin_api.keyaccess import request_keystore
 from admin_api.security import Principal
 from admin_api.submissions import catalog as template_catalog
@@ -78,15 +79,20 @@ def read_column(table_code: str, column_code: str, session: Session = Depends(ge
 def column_lineage(table_code: str, column_code: str, request: Request, session: Session = Depends(get_session),
                    _caller: Principal = Depends(require("catalog.read"))) -> data_catalog.LineageOut:
     """Return the lineage of a column: template versions → warehouse partitions → extract columns."""
-    return data_catalog.lineage(session, request.app.state.settings, template_catalog(), table_code, column_code)
+    return data_catalog.lineage(session, request.app.state.settings, template_catalog(), table_code, column_code,
+                                request_keystore(request))
 
 
 @router.post("/catalog/columns/{table_code}/{column_code}/classification", response_model=data_catalog.ColumnDetail)
 def classify_column(
-    table_code: str, column_code: str, body: data_catalog.Classification, request: Request,
+    table_code: str, column_code: str, body: data_catalog.Classification, request: Request, response: Response,
     session: Session = Depends(get_session), caller: Principal = Depends(require("catalog.classify")),
 ) -> data_catalog.ColumnDetail:
-    """Confirm or change the class of a column; a reason is required to change a confirmed class."""
+    """Confirm or change the class of a column; a reason is required to change a confirmed class.
+
+    The extracts of the institutions with data of the table are rebuilt in the background; the
+    header X-Extract-Rebuilds lists them.
+    """
     try:
         data_catalog.classify(session, request, caller, table_code, column_code, body)
     except RegsandboxError as error:
@@ -94,6 +100,8 @@ def classify_column(
         record_event(request, caller, "catalog.classify", f"catalog:{table_code[:64]}.{column_code[:32]}", "failed",
                      {"code": error.code})
         raise
+    response.headers["X-Extract-Rebuilds"] = ",".join(
+        schedule_after_classification(request, caller, table_code, column_code))
     return data_catalog.column_detail(session, table_code, column_code)
 
 

@@ -77,7 +77,7 @@ def test_column_page_lineage_and_history(env: Env) -> None:
     assert response.status_code == 200
     assert "数据血缘" in response.text
     assert "intake/EAST_XDHTB" in response.text
-    assert "尚未构建" in response.text
+    assert "机构数据提取：尚未生成" in response.text
     assert "变更历史" in response.text
     assert "未确认，按 4 级处理" in response.text
 

@@ -30,7 +30,7 @@ from .conftest import BACKENDS, free_port, make_project_root
 TABLES = {"institutions", "users", "api_tokens", "model_reviews", "report_notebooks", "schedules", "report_runs",
           "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages", "roles",
           "report_submissions", "submission_events", "submission_row_comments", "report_tasks", "report_task_targets",
-          "submission_waivers", "catalog_columns", "catalog_column_history",
+          "submission_waivers", "catalog_columns", "catalog_column_history", "masking_policy_drafts",
           "alembic_version"}
 
 
