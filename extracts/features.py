@@ -3,9 +3,10 @@
 The extract of institution X gains one table, :data:`FEATURES_TABLE`, with one row per corporate
 customer of X, with aggregates of the accepted report data that the *other* institutions hold about
 that customer. The features are computed once per build run over the whole warehouse, then sliced per
-institution. A row never names another institution or another institution's customer: it holds
-X's customer number (``KHTYBH``, treated as in X's 对公客户信息表, normally an HMAC-SM3 token
-under X's tokenisation key) and feature values only.
+institution. A row never names another institution or another institution's customer. It contains
+X's customer number and feature values only. The customer number ``KHTYBH`` gets the treatment
+it gets in X's 对公客户信息表: an HMAC-SM3 token under X's tokenisation key, or the value itself
+when the policy keeps that column.
 
 Inputs
     For every institution, the newest accepted period of four EAST templates: 对公客户信息表
@@ -104,7 +105,7 @@ from scipy.sparse.csgraph import connected_components
 from catalog.classes import ColumnClass, effective_class
 from extracts.masking import TOKEN_TABLE, ColumnPlan, quote_identifier, quote_literal, select_sql, token_dictionary
 from extracts.policy import MaskingPolicy
-from extracts.sources import ExtractSourceError, SourcePartition, SourceTable, decrypt_intake, intake_tables
+from extracts.sources import ExtractSourceError, SourceTable, decrypt_intake, intake_tables
 from intake import warehouse as intake_warehouse
 from regsandbox_core.crypto import sm3_hex
 from regsandbox_core.errors import RegsandboxError
@@ -154,34 +155,34 @@ CROSS_INSTITUTION_AMOUNT_CLASS = ColumnClass(level=3, pi_category=None, kind="am
 
 @dataclass(frozen=True)
 class FeatureColumn:
-    """One feature column: name, Chinese label, DuckDB type, class and the meaning of NULL (``{k}`` is k)."""
+    """One feature column: name, Chinese label, class and the meaning of NULL (``{k}`` stands for k)."""
 
     name: str
     label: str
-    sql_type: str
     column_class: ColumnClass
     null_meaning: str
 
 
 FEATURE_COLUMNS: tuple[FeatureColumn, ...] = (
-    FeatureColumn("other_lender_count", "他行授信机构数（多头借贷）", "BIGINT", CROSS_INSTITUTION_CLASS,
+    FeatureColumn("other_lender_count", "他行授信机构数（多头借贷）", CROSS_INSTITUTION_CLASS,
                   "有他行授信，但授信机构少于 {k} 家，已屏蔽"),
-    FeatureColumn("other_contract_amount", "他行有效授信合同金额合计（人民币元）", "DECIMAL(38,2)",
-                  CROSS_INSTITUTION_AMOUNT_CLASS, "有人民币有效合同的他行不为 0 但少于 {k} 家，已屏蔽"),
-    FeatureColumn("other_loan_balance", "他行贷款余额合计（人民币元）", "DECIMAL(38,2)", CROSS_INSTITUTION_AMOUNT_CLASS,
-                  "有人民币未结清贷款的他行不为 0 但少于 {k} 家，已屏蔽"),
-    FeatureColumn("other_overdue", "他行贷款逾期", "BOOLEAN", CROSS_INSTITUTION_CLASS,
-                  "有未结清贷款的他行不为 0 但少于 {k} 家，已屏蔽；是否屏蔽与是否逾期无关"),
-    FeatureColumn("other_nonperforming", "他行贷款五级分类为不良（次级、可疑、损失）", "BOOLEAN", CROSS_INSTITUTION_CLASS,
-                  "有未结清贷款的他行不为 0 但少于 {k} 家，已屏蔽；是否屏蔽与是否不良无关"),
-    FeatureColumn("guarantee_circle", "担保圈成员", "BOOLEAN", CROSS_INSTITUTION_CLASS,
-                  "未发现经过该客户、且含至少 {k} 家他行担保合同的担保圈：可能不在担保圈中，也可能所在担保圈的他行少于 {k} 家而被屏蔽；"
+    FeatureColumn("other_contract_amount", "他行有效授信合同金额合计（人民币元）", CROSS_INSTITUTION_AMOUNT_CLASS,
+                  "有人民币有效合同的他行不为 0 但少于 {k} 家，已屏蔽"),
+    FeatureColumn("other_loan_balance", "他行贷款余额合计（人民币元）", CROSS_INSTITUTION_AMOUNT_CLASS,
+                  "有人民币贷款（已结清、已转让的除外）的他行不为 0 但少于 {k} 家，已屏蔽"),
+    FeatureColumn("other_overdue", "他行贷款逾期", CROSS_INSTITUTION_CLASS,
+                  "有贷款（已结清、已转让的除外）的他行不为 0 但少于 {k} 家，已屏蔽；是否屏蔽与是否逾期无关"),
+    FeatureColumn("other_nonperforming", "他行贷款五级分类为不良（次级、可疑、损失）", CROSS_INSTITUTION_CLASS,
+                  "有贷款（已结清、已转让的除外）的他行不为 0 但少于 {k} 家，已屏蔽；是否屏蔽与是否不良无关"),
+    FeatureColumn("guarantee_circle", "担保圈成员", CROSS_INSTITUTION_CLASS,
+                  "未发现经过该客户、且由本机构自身担保合同构成或含至少 {k} 家他行担保合同的担保圈：可能不在担保圈中，"
+                  "也可能所在担保圈的他行少于 {k} 家而被屏蔽；"
                   "本表不使用 false，以免屏蔽本身暴露担保圈"),
 )
 
 
 class FeatureInputError(ExtractSourceError):
-    """A warehouse partition that the cross-institution features need does not decrypt or cannot be read."""
+    """The cross-institution features could not be computed: an input partition did not decrypt, or DuckDB failed."""
 
 
 # --- the run ----------------------------------------------------------------------------------------
@@ -265,6 +266,7 @@ class CrossInstitutionFeatures:
             "min_contributors": k,
             "key": KEY_COLUMN,
             "description": "本机构对公客户在其他机构的授信、逾期和担保圈情况，按数据仓库中各机构最新一期已审核通过的报送数据计算；"
+                           "授信机构指有有效信贷合同或有贷款（已结清、已转让的除外）的机构。"
                            f"不含任何其他机构的名称或客户。基于少于 {k} 家其他机构的汇总值不公布（为 NULL）。",
             "columns": {column.name: {"label": column.label, "null_meaning": column.null_meaning.format(k=k)}
                         for column in FEATURE_COLUMNS},
@@ -305,11 +307,10 @@ class CrossInstitutionFeatures:
                     f"WHERE institution = {quote_literal(institution_code)}")
             token_columns = [plan.name for plan in plans if plan.treatment == "token"]
             con.register(TOKEN_TABLE, token_dictionary(con, "source", token_columns, token_key))
+            # Sorted by the key (kept or tokenised, never dropped) so that equal inputs give an equal file.
             query = select_sql(plans, "source")
-            key = quote_identifier(KEY_COLUMN)
-            order = f" ORDER BY {key}" if any(plan.name == KEY_COLUMN and plan.treatment != "drop" for plan in plans) else ""
-            con.sql(f"COPY (SELECT * FROM ({query}){order}) TO {quote_literal(str(target))} "
-                    "(FORMAT parquet, COMPRESSION zstd)")
+            con.sql(f"COPY (SELECT * FROM ({query}) ORDER BY {quote_identifier(KEY_COLUMN)}) "
+                    f"TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
         finally:
             con.close()
 
@@ -332,8 +333,28 @@ class CrossInstitutionFeatures:
         work_root = self._settings.warehouse_dir
         work_root.mkdir(parents=True, exist_ok=True)
         self._work_dir = Path(tempfile.mkdtemp(prefix=f"{self._work_dir_prefix}features-", dir=work_root))
-        files = self._decrypt_inputs(self._work_dir / "inputs")
+        inputs = self._work_dir / "inputs"
         result = self._work_dir / "features.parquet"
+        try:
+            files = self._decrypt_inputs(inputs)
+            rows, institutions = self._compute_from(files, result)
+        except (duckdb.Error, OSError) as error:
+            # Paths of the work folder name other institutions, so the message shows only the error type.
+            logger.exception("cross-institution features not computed")
+            raise FeatureInputError(
+                "EXTRACT_FEATURES_FAILED",
+                f"计算跨机构客户特征失败（{type(error).__name__}），未生成数据提取，原有提取保持不变。"
+                "请检查数据仓库所在磁盘的空间和权限后重试；问题持续时请联系平台管理员查看日志。",
+            ) from error
+        finally:
+            # The decrypted inputs are not needed once the feature set is written.
+            shutil.rmtree(inputs, ignore_errors=True)
+        logger.info("cross-institution features computed: %s customers of %s institutions, k=%s",
+                    rows, institutions, self.min_contributors)
+        return result
+
+    def _compute_from(self, files: dict[str, list[tuple[Path, str]]], result: Path) -> tuple[int, int]:
+        """Write the raw feature set of every institution to ``result``; return its rows and institutions."""
         con = duckdb.connect(":memory:")
         try:
             con.sql(f"SET temp_directory={quote_literal(str(self._work_dir / 'spill'))}")
@@ -341,23 +362,13 @@ class CrossInstitutionFeatures:
                 _load_input(con, _INPUT_TABLES[template], _INPUT_COLUMNS[template], files.get(template, []))
             con.sql(_RELATIONSHIPS_SQL)
             _guarantee_circles(con, self.min_contributors)
-            k = int(self.min_contributors)
-            con.sql(f"COPY ({_FEATURES_SQL.format(k=k)}) TO {quote_literal(str(result))} "
+            con.sql(f"COPY ({_FEATURES_SQL.format(k=int(self.min_contributors))}) TO {quote_literal(str(result))} "
                     "(FORMAT parquet, COMPRESSION zstd)")
             (rows, institutions) = con.sql(f"SELECT count(*), count(DISTINCT institution) FROM read_parquet("
                                            f"{quote_literal(str(result))})").fetchall()[0]
-        except duckdb.Error as error:
-            logger.exception("cross-institution features not computed")
-            raise FeatureInputError(
-                "EXTRACT_FEATURES_FAILED",
-                f"计算跨机构客户特征失败（{type(error).__name__}），未生成数据提取，原有提取保持不变。"
-                "请检查数据仓库所在磁盘的空间后重试；问题持续时请联系平台管理员查看日志。",
-            ) from error
         finally:
             con.close()
-        logger.info("cross-institution features computed: %s customers of %s institutions, k=%s",
-                    rows, institutions, self.min_contributors)
-        return result
+        return rows, institutions
 
     def _decrypt_inputs(self, folder: Path) -> dict[str, list[tuple[Path, str]]]:
         """Decrypt every input partition into ``folder`` and return template -> [(file, institution)]."""
@@ -405,7 +416,7 @@ def _load_input(con: duckdb.DuckDBPyConnection, name: str, columns: tuple[str, .
 
 # Relationships of each institution with each customer identity. ``own`` maps an institution's
 # customer numbers to identities; ``relationships`` has one row per lender and identity.
-_IDENTITY = "CASE WHEN {type} IN ('01', '02') AND {number} IS NOT NULL THEN {type} || ':' || upper({number}) END"
+_IDENTITY = f"CASE WHEN {{type}} IN {IDENTITY_TYPES} AND {{number}} IS NOT NULL THEN {{type}} || ':' || upper({{number}}) END"
 _AMOUNT = "TRY_CAST(replace({value}, ',', '') AS DECIMAL(38,2))"
 
 _RELATIONSHIPS_SQL = f"""
@@ -520,9 +531,9 @@ def _guarantee_circles(con: duckdb.DuckDBPyConnection, min_contributors: int) ->
     """Create ``circle_members`` (institution, identity, member): the customers whose circle flag is true.
 
     Two graphs are searched. In the whole graph, a node in a component of two or more nodes lies
-    on a cycle; its contributors are the institutions that report an edge inside the component.
-    In the graph of each institution's own edges (nodes are institution and identity pairs), a
-    node in such a component lies on a cycle that the institution's contracts alone form.
+    on a cycle. The contributors of that node are the institutions that report an edge inside its
+    component. In the graph of each institution's own edges (nodes are institution and identity
+    pairs), a node in such a component lies on a cycle that the institution's contracts alone form.
     """
     con.sql(_EDGES_SQL)
     con.sql("CREATE TABLE nodes AS SELECT identity, (row_number() OVER (ORDER BY identity) - 1)::BIGINT AS node "

@@ -311,19 +311,22 @@ def test_no_other_institution_value_in_extract_files(warehouse, tmp_path: Path) 
     assert "bank_g" in foreign
     assert customer_uscc("C1") not in foreign  # bank_a reported C1 as the guarantor of C2
 
-    files = [path for path in extract_dir(settings, "bank_a").iterdir() if path.is_file()]
-    assert f"{FEATURES_TABLE}.parquet" in {path.name for path in files}
-    for path in files:
-        content = path.read_bytes()
-        for value in foreign:
-            assert value.encode("utf-8") not in content, (path.name, value)
     con = duckdb.connect()
-    for path in files:
-        if path.suffix != ".parquet":
-            continue
-        for row in con.sql(f"SELECT * FROM read_parquet('{path}')").fetchall():
-            for cell in row:
-                assert not any(value in str(cell) for value in foreign), (path.name, cell)
+    for bank in BANKS:
+        foreign = _foreign_values(bank)
+        files = [path for path in extract_dir(settings, bank).iterdir() if path.is_file()]
+        assert f"{FEATURES_TABLE}.parquet" in {path.name for path in files}
+        for path in files:
+            content = path.read_bytes()
+            for value in foreign:
+                assert value.encode("utf-8") not in content, (bank, path.name, value)
+        # Parquet pages are compressed, so the decoded cells are searched as well.
+        for path in files:
+            if path.suffix != ".parquet":
+                continue
+            for row in con.sql(f"SELECT * FROM read_parquet('{path}')").fetchall():
+                for cell in row:
+                    assert not any(value in str(cell) for value in foreign), (bank, path.name, cell)
     con.close()
 
 
@@ -366,6 +369,12 @@ def test_computed_once_per_run_and_rebuilt_on_change(warehouse, tmp_path: Path,
     assert rebuilt[FEATURES_TABLE] is True
     assert not any(value for name, value in rebuilt.items() if name != FEATURES_TABLE)
     assert _features(settings, "bank_c")["S7"]["other_overdue"] is True
+
+    # A new k changes every features table and nothing else.
+    fourth = build_all(Settings(data_dir=settings.data_dir, extract_feature_min_contributors=2))
+    rebuilt = {table.name: table.rebuilt for table in fourth["bank_a"].tables}
+    assert rebuilt[FEATURES_TABLE] is True
+    assert not any(value for name, value in rebuilt.items() if name != FEATURES_TABLE)
 
 
 def test_unreadable_partition_names_no_institution(warehouse, tmp_path: Path) -> None:
