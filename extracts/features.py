@@ -13,7 +13,9 @@ Inputs
     (EAST_DGKHXXB), 信贷合同表 (EAST_XDHTB), 对公信贷业务借据表 (EAST_DGXDYWJJB) and 担保合同表
     (EAST_DBHTB). Each template is a snapshot at the end of its period, so the newest period is
     the current state. Institutions may have reached different periods, and each contributes its
-    newest one.
+    newest one. NOTE: every partition with a manifest is read, as :func:`extracts.builder.build_all`
+    reads them, so a partition whose acceptance was not committed counts until
+    :func:`intake.warehouse.recover_interrupted_loads` settles it.
 
 Customer identity across institutions
     ``KHTYBH`` is internal to each institution. Institutions share the customer's certificate:
