@@ -80,7 +80,9 @@ Differencing
     snapshots: when one lender joins or leaves a customer's set of at least k lenders between
     two builds, and the others' amounts do not change, the difference of the sums is that lender's
     amount. Institutions that pool their extracts can subtract what they know together.
-    Noise or rounding of the sums would be needed against both.
+    Noise or rounding of the sums would be needed against both. An institution can also report a
+    company as its customer, or a guarantee, to learn that company's features, which the review
+    of its reports has to catch. The answers are still aggregates over k or more other institutions.
 
 The whole-warehouse feature set, with raw customer numbers, exists only as a Parquet file in a
 private work folder (0700) below the warehouse, which :meth:`CrossInstitutionFeatures.close`

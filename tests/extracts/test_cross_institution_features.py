@@ -395,3 +395,22 @@ def test_unreadable_partition_names_no_institution(warehouse, tmp_path: Path) ->
 def test_k_below_two_rejected(tmp_path: Path) -> None:
     with pytest.raises(ValueError, match="extract_feature_min_contributors"):
         Settings(data_dir=tmp_path, extract_feature_min_contributors=1)
+
+
+def test_warehouse_without_guarantees(tmp_path: Path) -> None:
+    data_dir = tmp_path / "data"
+    data_dir.mkdir(mode=0o700)
+    settings = Settings(data_dir=data_dir, extract_feature_min_contributors=2)
+    store = ensure_platform_keys(settings, ["bank_a", "bank_b", "bank_c"], on_event=None)
+    for number, bank in enumerate(("bank_a", "bank_b", "bank_c")):
+        rows = _rows(bank)
+        _load(settings, store, tmp_path, bank, CUSTOMERS, rows[CUSTOMERS], 10 + number)
+        _load(settings, store, tmp_path, bank, LOANS, rows[LOANS], 20 + number)
+    build_all(settings)
+
+    rows = _features(settings, "bank_a")
+    two = ("bank_b", "bank_c")
+    assert rows["S7"] == _expected(other_lender_count=2, other_contract_amount=Decimal(0),
+                                   other_loan_balance=_sum(loan_balance, two, "S7"),
+                                   other_overdue=True, other_nonperforming=False)
+    assert all(row["guarantee_circle"] is None for row in rows.values())
