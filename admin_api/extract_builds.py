@@ -35,7 +35,8 @@ from admin_api.extract_manifests import manifest_summary, published_manifest
 from admin_api.models import AuditEvent, Institution
 from admin_api.security import Principal
 from catalog.classes import ColumnClass
-from extracts.builder import ExtractOutcome, WarehouseMissingError, build_institution, warehouse_codes
+from extracts.builder import WORK_DIR_PREFIX, ExtractOutcome, WarehouseMissingError, build_institution, warehouse_codes
+from extracts.features import CrossInstitutionFeatures
 from extracts.policy import MaskingPolicy, PolicyNotApproved, load_approved_policy
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore
@@ -136,10 +137,10 @@ def _unix_group(prefix: str | None, code: str) -> str | None:
 
 
 def _build_one(settings: Settings, keystore: KeyStore, code: str, classes: dict, policy: MaskingPolicy,
-               unix_group_prefix: str | None) -> BuildResult:
+               unix_group_prefix: str | None, features: CrossInstitutionFeatures) -> BuildResult:
     try:
         outcome = build_institution(settings, code, classes=classes, policy=policy, keystore=keystore,
-                                    unix_group=_unix_group(unix_group_prefix, code))
+                                    unix_group=_unix_group(unix_group_prefix, code), features=features)
     except RegsandboxError as error:
         logger.warning("extract of %s not built: %s", code, error.code)
         return BuildResult(code, error=error)
@@ -201,16 +202,18 @@ def run_builds(
         policy_error = None
 
     results = []
-    for code in codes:
-        if policy is None:
-            assert policy_error is not None
-            result = BuildResult(code, error=policy_error)
-        else:
-            result = _build_one(settings, keystore, code, classes, policy, unix_group_prefix)
-        _audit(session_factory, actor, result, context)
-        if on_result is not None:
-            on_result(result)
-        results.append(result)
+    # The cross-institution features are computed at most once for all the institutions of the run.
+    with CrossInstitutionFeatures(settings, keystore, work_dir_prefix=WORK_DIR_PREFIX) as features:
+        for code in codes:
+            if policy is None:
+                assert policy_error is not None
+                result = BuildResult(code, error=policy_error)
+            else:
+                result = _build_one(settings, keystore, code, classes, policy, unix_group_prefix, features)
+            _audit(session_factory, actor, result, context)
+            if on_result is not None:
+                on_result(result)
+            results.append(result)
     return results
 
 

@@ -20,6 +20,12 @@ classes and treatments, row counts, SM3 digests and source partitions, the polic
 digest and the key versions; ``manifest.json.sig`` is the platform's detached SM2 signature of
 it. The folder is published atomically (:mod:`extracts.publish`).
 
+An institution that reported corporate customers or loans also gets the table of cross-institution
+features about its own customers (:mod:`extracts.features`), with values built from fewer than
+``extract_feature_min_contributors`` other institutions suppressed. :func:`build_all` computes those
+features once for all institutions, and only when an input partition, the policy or the token key
+changed since the published build.
+
 Incremental builds: a table whose source partitions (the digests in the warehouse manifests),
 classes, policy and token key are those of the published build is hard-linked from it instead of
 being masked again. When only some periods of an intake table changed, only those partitions are
@@ -51,6 +57,7 @@ import duckdb
 
 from catalog.classes import ColumnClass
 from extracts.demo_data import DEMO_CLASSES, DEMO_FEATURE_CLASS
+from extracts.features import FEATURES_TABLE, CrossInstitutionFeatures
 from extracts.kanon import KOverride, assess, enforce, generalise_quasi_identifier
 from extracts.masking import TOKEN_TABLE, ColumnPlan, merge_periods, quote_literal, select_sql, token_dictionary
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
@@ -69,6 +76,7 @@ from extracts.publish import (
 )
 from extracts.sources import (
     SOURCE_DEMO,
+    ExtractSourceError,
     SourcePartition,
     SourceTable,
     decrypt_demo,
@@ -390,6 +398,38 @@ def _reuse(previous: Path | None, document: dict, name: str, fingerprint: str, t
     return entry
 
 
+# --- cross-institution features (extracts.features) ----------------------------------------------
+
+
+def _build_feature_table(features: CrossInstitutionFeatures, institution_code: str, build: Path,
+                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, previous: Path | None,
+                         previous_manifest: dict) -> tuple[dict, TableOutcome] | None:
+    """Write the institution's cross-institution feature table into ``build``, or reuse the previous one.
+
+    Returns None when the institution reported no corporate customers or loans. The manifest entry
+    lists no source partitions, because they belong to every institution of the warehouse.
+    """
+    if not features.has_customers(institution_code):
+        return None
+    target = build / f"{FEATURES_TABLE}.parquet"
+    if target.exists():
+        raise ExtractSourceError(
+            "EXTRACT_TABLE_NAME_CLASH",
+            f"报表模板的数据提取表名与跨机构客户特征表 {FEATURES_TABLE} 冲突，无法生成数据提取。请联系平台管理员调整报表模板代码。",
+        )
+    plans = features.column_plans(classes, policy)
+    inputs = {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label,
+              **features.fingerprint_inputs(plans)}
+    fingerprint = _digest(inputs)
+    reused = _reuse(previous, previous_manifest, FEATURES_TABLE, fingerprint, target)
+    if reused is not None:
+        return reused, TableOutcome(FEATURES_TABLE, reused["row_count"], reused["sm3"], rebuilt=False)
+    features.write_table(institution_code, target, plans, token_key.key)
+    entry = _table_entry(features.source_table(), [plan.manifest_entry() for plan in plans], target, fingerprint, [])
+    entry["features"] = features.manifest_entry()
+    return entry, TableOutcome(FEATURES_TABLE, entry["row_count"], entry["sm3"], rebuilt=True)
+
+
 # --- the build ------------------------------------------------------------------------------------
 
 
@@ -590,6 +630,7 @@ def build_institution(
     unix_group: str | None = None,
     keystore: KeyStore | None = None,
     accepted_ids: Mapping[str, Collection[int]] | None = None,
+    features: CrossInstitutionFeatures | None = None,
     k_override: KOverride | None = None,
 ) -> ExtractOutcome:
     """Build, sign and publish the masked extract of one institution and return what was done.
@@ -597,9 +638,11 @@ def build_institution(
     ``policy`` must come from :func:`extracts.policy.load_approved_policy`, and its signature is
     verified again here. The default is the newest approved policy. When no policy is approved
     yet, the shipped default policy is approved first. ``classes`` maps (template code, field code) to the
-    column's effective class (see :func:`catalog.classes.effective_class`). ``k_override`` lets a
-    build below k be published; the caller must have checked that its actor is a security admin
-    and audits the outcome, whose ``audit_detail()`` contains the override.
+    column's effective class (see :func:`catalog.classes.effective_class`). ``features`` is the
+    cross-institution feature set of a run over many institutions (see :func:`build_all`); without
+    it, this build lists the warehouse's inputs itself and computes the features only if they changed.
+    ``k_override`` lets a build below k be published; the caller must have checked that its actor
+    is a security admin and audits the outcome, whose ``audit_detail()`` contains the override.
 
     Raises InvalidInstitutionError, WarehouseMissingError, ExtractKeyMissingError,
     PolicyNotApproved, PolicyInvalid, ExtractSourceError, ExtractColumnUnclassified,
@@ -617,18 +660,25 @@ def build_institution(
     policy = _verified(settings, keystore, policy)
     classes = dict(classes or {})
     permissions = resolve_permissions(unix_group)
+    own_features = features is None
+    if features is None:
+        features = CrossInstitutionFeatures(settings, keystore, work_dir_prefix=WORK_DIR_PREFIX)
     try:
         prepare_root(settings, permissions)
         with build_lock(settings, institution_code):
             return _build_locked(settings, keystore, institution_code, sources, classes, policy, token_key,
-                                 signing_key, permissions, k_override)
+                                 signing_key, permissions, features, k_override)
     except OSError as error:
         raise _not_writable(settings, error) from error
+    finally:
+        if own_features:
+            features.close()
 
 
 def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str, sources: list[SourceTable],
                   classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, signing_key: KeyVersion,
-                  permissions: ExtractPermissions, k_override: KOverride | None) -> ExtractOutcome:
+                  permissions: ExtractPermissions, features: CrossInstitutionFeatures,
+                  k_override: KOverride | None) -> ExtractOutcome:
     previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
     build_id = new_build_id()
     try:
@@ -639,6 +689,11 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
     try:
         entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
                                           token_key, previous, previous_manifest)
+        feature_table = _build_feature_table(features, institution_code, build, classes, policy, token_key,
+                                             previous, previous_manifest)
+        if feature_table is not None:
+            entries.append(feature_table[0])
+            outcomes.append(feature_table[1])
         k_report = assess(build, entries, policy, settings.extract_k_anonymity, previous_manifest.get("k_anonymity"))
         if (_unchanged(previous, previous_manifest, entries, outcomes, permissions)
                 and k_report.matches(previous_manifest.get("k_anonymity"))):
@@ -725,12 +780,14 @@ def build_all(
         keystore = open_keystore(settings)
     policy = _verified(settings, keystore, policy)
     results: dict[str, ExtractOutcome | RegsandboxError] = {}
-    for code in codes:
-        group = f"{unix_group_prefix}{code}" if unix_group_prefix is not None else None
-        try:
-            results[code] = build_institution(settings, code, classes=classes, policy=policy, unix_group=group,
-                                              keystore=keystore)
-        except RegsandboxError as error:
-            logger.error("extract of %s not built: %s", code, error)
-            results[code] = error
+    # The cross-institution features are computed once for all institutions, not once for each.
+    with CrossInstitutionFeatures(settings, keystore, work_dir_prefix=WORK_DIR_PREFIX) as features:
+        for code in codes:
+            group = f"{unix_group_prefix}{code}" if unix_group_prefix is not None else None
+            try:
+                results[code] = build_institution(settings, code, classes=classes, policy=policy, unix_group=group,
+                                                  keystore=keystore, features=features)
+            except RegsandboxError as error:
+                logger.error("extract of %s not built: %s", code, error)
+                results[code] = error
     return results

@@ -163,6 +163,13 @@ class Settings(BaseSettings):
         "quasi-identifier columns that the masking policy declares must have at least k records, or the build is "
         "not published unless a security admin overrides it. 1 turns the check off.",
     )
+    extract_feature_min_contributors: int = Field(
+        default=5, ge=2, le=1000,
+        description="Minimum number of other institutions (k) that a cross-institution feature of an extract "
+        "(other lenders, credit and loan balance at other institutions, overdue elsewhere, guarantee circle) must "
+        "be built from. A value built from 1 to k-1 other institutions is written as NULL; see extracts/features.py "
+        "for what counts as a contributor to each feature. At least 2, since 1 would publish single institutions' values.",
+    )
 
     @field_validator("audit_retention_days", mode="after")
     @classmethod
