@@ -12,7 +12,9 @@ platform metadata and kept.
 Each table becomes ``<table>.parquet``. ``manifest.json`` lists the tables with their columns,
 classes and treatments, row counts, SM3 digests and source partitions, the policy version and
 digest and the key versions; ``manifest.json.sig`` is the platform's detached SM2 signature of
-it. The folder is published atomically (:mod:`extracts.publish`).
+it. Every table written by a build carries the build's watermark, which is also recorded in the
+manifest and in the platform's watermark registry (:mod:`extracts.watermark`). The folder is
+published atomically (:mod:`extracts.publish`).
 
 Incremental builds: a table whose source partitions (the digests in the warehouse manifests),
 classes, policy and token key are those of the published build is hard-linked from it instead of
@@ -70,6 +72,8 @@ from extracts.sources import (
     intake_tables,
 )
 from extracts.warehouse import APPLICATIONS_TABLE, partition_key_label, warehouse_institutions
+from extracts.watermark import SCHEME as WATERMARK_SCHEME
+from extracts.watermark import BuildWatermark, active_watermark_key, register_build
 from intake.warehouse import PERIOD_COLUMN
 from regsandbox_core.crypto import sm3_file, sm3_hex
 from regsandbox_core.errors import RegsandboxError
@@ -266,7 +270,8 @@ def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, t
         [column, value.level, value.pi_category, value.kind]
         for (catalog_table, column), value in classes.items() if catalog_table == table.catalog_table
     )
-    return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes}
+    return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes,
+            "watermark": WATERMARK_SCHEME}
 
 
 def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
@@ -392,9 +397,13 @@ def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, finge
 
 def _build_tables(settings: Settings, store: KeyStore, institution_code: str, sources: list[SourceTable],
                   build: Path, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
-                  previous: Path | None, previous_manifest: dict,
+                  previous: Path | None, previous_manifest: dict, watermark: BuildWatermark,
                   ) -> tuple[list[dict], list[TableOutcome]]:
-    """Write every table into ``build``; return the manifest entries and the outcomes."""
+    """Write every table into ``build``; return the manifest entries and the outcomes.
+
+    A table written anew carries ``watermark``. A reused table keeps the mark of the build that
+    wrote it, and its manifest entry (copied from the previous manifest) names that build's id.
+    """
     entries: list[dict] = []
     outcomes: list[TableOutcome] = []
     work_root = settings.warehouse_dir
@@ -428,8 +437,10 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 plan_entries, periods = _build_intake_table(store, institution_code, table, target, work_dir, classes,
                                                             policy, token_key, inputs, token_cache, previous,
                                                             previous_manifest)
+            table_watermark = watermark.mark_table(target, table.name, plan_entries)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entry["inputs_sm3"] = _digest(inputs)
+            entry["watermark"] = table_watermark
             entries.append(entry)
             outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], True, tuple(periods)))
     finally:
@@ -567,8 +578,9 @@ def build_institution(
     column's effective class (see :func:`catalog.classes.effective_class`).
 
     Raises InvalidInstitutionError, WarehouseMissingError, ExtractKeyMissingError,
-    PolicyNotApproved, PolicyInvalid, ExtractSourceError, the demo warehouse's partition errors
-    and ExtractDirNotWritable. None of them leaves a new build published.
+    WatermarkKeyMissing, WatermarkRegistryInvalid, PolicyNotApproved, PolicyInvalid,
+    ExtractSourceError, the demo warehouse's partition errors and ExtractDirNotWritable. None of
+    them leaves a new build published.
     """
     validate_institution(settings, institution_code)
     sources = _sources(settings, institution_code, accepted_ids)
@@ -576,6 +588,7 @@ def build_institution(
         keystore = open_keystore(settings)
     token_key = _active_key(keystore, institution_code, KIND_TOKEN)
     signing_key = _active_key(keystore, PLATFORM_OWNER, KIND_SIGNING)
+    watermark_key = active_watermark_key(keystore)
     policy = _verified(settings, keystore, policy)
     classes = dict(classes or {})
     permissions = resolve_permissions(unix_group)
@@ -583,16 +596,17 @@ def build_institution(
         prepare_root(settings, permissions)
         with build_lock(settings, institution_code):
             return _build_locked(settings, keystore, institution_code, sources, classes, policy, token_key,
-                                 signing_key, permissions)
+                                 signing_key, permissions, watermark_key)
     except OSError as error:
         raise _not_writable(settings, error) from error
 
 
 def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str, sources: list[SourceTable],
                   classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, signing_key: KeyVersion,
-                  permissions: ExtractPermissions) -> ExtractOutcome:
+                  permissions: ExtractPermissions, watermark_key: KeyVersion) -> ExtractOutcome:
     previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
     build_id = new_build_id()
+    watermark = BuildWatermark.new(institution_code, build_id, watermark_key)
     try:
         build = create_build_dir(settings, institution_code, build_id)
     except OSError as error:
@@ -600,7 +614,7 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
 
     try:
         entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
-                                          token_key, previous, previous_manifest)
+                                          token_key, previous, previous_manifest, watermark)
         if _unchanged(previous, previous_manifest, entries, outcomes, permissions):
             discard_build(build)
             logger.info("extract of %s unchanged, build %s kept", institution_code, previous)
@@ -610,8 +624,11 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
         for entry in entries:
             permissions.apply(build / entry["file"], is_dir=False)
         manifest_path = build / MANIFEST_NAME
-        _write_json(_manifest(institution_code, build_id, policy, token_key, signing_key, entries),
-                    manifest_path, permissions)
+        manifest = _manifest(institution_code, build_id, policy, token_key, signing_key, entries)
+        # Registered before publication, so every published build can be identified.
+        manifest["watermark"] = watermark.manifest_entry()
+        register_build(settings, watermark, manifest)
+        _write_json(manifest, manifest_path, permissions)
         permissions.apply(sign_file(keystore, manifest_path, kind=MANIFEST_SIGNATURE_KIND), is_dir=False)
         permissions.apply(build, is_dir=True)
         write_trusted_keys(settings, keystore)
