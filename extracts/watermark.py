@@ -1,9 +1,9 @@
 """Watermarks of the masked extracts, and the identification of a leaked file's source.
 
 Every published build of an institution's extract gets a random watermark id (``wm1-`` and 16 hex
-digits). The id is recorded in three places: the manifest (``watermark``), every table file that
-the build writes, and a platform-side registry that maps it to the institution, the build id, the
-build time, the watermark key version and the tables with their SM3 digests.
+digits). The manifest records it under ``watermark``, and every table file that the build writes
+carries it. A platform-side registry maps the id to the institution, the build id and time, the
+watermark key version, and the tables with their SM3 digests.
 
 Each table file written by a build carries the id in two layers:
 
@@ -121,7 +121,7 @@ _INTEGER_TYPES = ("TINYINT", "SMALLINT", "INTEGER", "BIGINT", "HUGEINT", "UTINYI
                   "UBIGINT", "UHUGEINT")
 
 MAX_SCALE = 6
-"""Largest carrier scale (decimals) used; a column whose values all have more decimals is marked at 10^-6."""
+"""Largest carrier scale in decimals. A column whose values all have more decimals is marked at 10^-6."""
 MIN_MEDIAN_UNITS = 1000
 """A carrier's median absolute value must be at least this many units of its scale (one unit <= 0.1 %)."""
 MIN_MATCH_RATE = 0.8
@@ -131,7 +131,7 @@ MAX_CHANCE = 1e-6
 MAX_DETECTION_ROWS = 500_000
 """Rows read from a file per (key, carrier) pair when identifying it."""
 MAX_DETECTION_KEYS = 4096
-"""Key values used per half when identifying; more adds nothing to a chance already below 1e-300."""
+"""Key values used per half when identifying. More would only lower a chance that is already below 1e-300."""
 
 
 class WatermarkKeyMissing(RegsandboxError):
@@ -251,8 +251,8 @@ class BuildWatermark:
     def mark_table(self, path: Path, table: str, columns: Sequence[dict]) -> dict:
         """Rewrite the Parquet file ``path`` with both layers of this watermark and return the table's manifest entry.
 
-        ``columns`` are the manifest entries of the table's columns (name, class, treatment); the
-        carrier is chosen among the kept ``amount`` columns and the key among the token columns
+        ``columns`` are the manifest entries of the table's columns (name, class, treatment). The
+        carrier is chosen among the kept ``amount`` columns, and the key among the token columns
         first. The file is replaced atomically. Raises WatermarkColumnReserved and OSError.
         """
         con = duckdb.connect(":memory:")
@@ -278,7 +278,7 @@ class BuildWatermark:
             con.close()
 
         if spec is None:
-            logger.warning("extract table %s of %s has no watermark carrier; only the Parquet metadata is marked",
+            logger.warning("extract table %s of %s has no watermark carrier, so only the Parquet metadata is marked",
                            table, self.institution)
             return {"id": self.id, "carrier": None,
                     "note": "表中没有可承载数据内嵌水印的金额列，仅在 Parquet 元数据中标记"}
@@ -452,7 +452,7 @@ class Score:
 
 @dataclass(frozen=True)
 class Identification:
-    """What :func:`identify_file` found about a file; ``institution`` None means no watermark was found."""
+    """Result of :func:`identify_file`. ``institution`` is None when no watermark was found."""
 
     path: Path
     file_format: str
@@ -522,7 +522,7 @@ def _metadata_id(path: Path, file_format: str) -> str | None:
 
 
 def _key_parities(con: duckdb.DuckDBPyConnection, spec: CarrierSpec) -> dict[str, int]:
-    """Return {key value: carrier parity} of the file, by majority over its rows; ties are left out."""
+    """Return {key value: carrier parity} of the file by majority over its rows, leaving out ties."""
     key, carrier = quote_identifier(spec.key_column), quote_identifier(spec.carrier)
     rows = con.sql(f"SELECT CAST({key} AS VARCHAR), CAST({carrier} AS VARCHAR) FROM leaked "
                    f"WHERE {key} IS NOT NULL AND {carrier} IS NOT NULL LIMIT {MAX_DETECTION_ROWS}").fetchall()

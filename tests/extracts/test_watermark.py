@@ -232,7 +232,8 @@ def test_reused_table_keeps_origin_mark(fresh_settings: Settings, tmp_path: Path
     second = build_institution(fresh_settings, "bank_c")
     second_manifest = _manifest(fresh_settings, "bank_c")
 
-    assert second.status == "published" and second.build_id != first.build_id
+    assert second.status == "published"
+    assert second.build_id != first.build_id
     assert [table.rebuilt for table in second.tables] == [False]
     assert second_manifest["watermark"]["id"] != first_manifest["watermark"]["id"]
     assert second_manifest["tables"][0]["watermark"]["id"] == first_manifest["watermark"]["id"]
@@ -310,7 +311,8 @@ def test_small_amounts_carry_metadata_only(fresh_settings: Settings, tmp_path: P
 
     entry = watermark.mark_table(path, "small", columns)
 
-    assert entry["id"] == watermark.id and entry["carrier"] is None
+    assert entry["id"] == watermark.id
+    assert entry["carrier"] is None
     assert pl.read_parquet(path).equals(frame)
     assert json.loads(pq.read_schema(path).metadata[METADATA_KEY.encode()])["id"] == watermark.id
 
@@ -323,7 +325,8 @@ def test_revoked_watermark_key_blocks_build(fresh_settings: Settings) -> None:
     with pytest.raises(WatermarkKeyMissing) as caught:
         build_institution(fresh_settings, "bank_a")
     assert caught.value.code == "WATERMARK_KEY_MISSING"
-    assert "platform/token" in caught.value.message and "regsandbox init" in caught.value.message
+    assert "platform/token" in caught.value.message
+    assert "regsandbox init" in caught.value.message
     assert not extract_dir(fresh_settings, "bank_a").exists()
 
 
@@ -363,5 +366,6 @@ def test_cli_reports_unmarked_file(demo_settings: Settings, tmp_path: Path) -> N
 def test_cli_missing_file(demo_settings: Settings, tmp_path: Path) -> None:
     result = _run_cli(demo_settings, "identify", str(tmp_path / "absent.parquet"))
     assert result.returncode == 2
-    assert "IDENTIFY_FILE_NOT_FOUND" in result.stderr and "absent.parquet" in result.stderr
+    assert "IDENTIFY_FILE_NOT_FOUND" in result.stderr
+    assert "absent.parquet" in result.stderr
     assert "Traceback" not in result.stderr
