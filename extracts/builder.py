@@ -47,7 +47,15 @@ import duckdb
 
 from catalog.classes import ColumnClass, effective_class
 from extracts.demo_data import DEMO_CLASSES, DEMO_FEATURE_CLASS
-from extracts.masking import TOKEN_TABLE, ColumnPlan, merge_periods, quote_literal, select_sql, token_dictionary
+from extracts.masking import (
+    TOKEN_TABLE,
+    ColumnPlan,
+    merge_periods,
+    parquet_options,
+    quote_literal,
+    select_sql,
+    token_dictionary,
+)
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
 from extracts.publish import (
     ExtractPermissions,
@@ -283,8 +291,12 @@ def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
 
 
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
-                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str]) -> list[ColumnPlan]:
-    """Write the masked table to ``target`` with one DuckDB COPY and return its column plans."""
+                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str],
+                metadata: Mapping[str, str] | None = None) -> list[ColumnPlan]:
+    """Write the masked table, with ``metadata`` as Parquet key-value metadata, to ``target`` in one DuckDB COPY.
+
+    Returns the column plans.
+    """
     con = duckdb.connect(":memory:")
     try:
         # Spilled intermediate results contain raw values, so they stay in the private work folder.
@@ -307,7 +319,7 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
         # table's row order is not the warehouse order. Unchanged inputs are not rebuilt, so a
         # published table still changes only when its inputs change.
         query = select_sql(plans, "source")
-        con.sql(f"COPY ({query}) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+        con.sql(f"COPY ({query}) TO {quote_literal(str(target))} ({parquet_options(metadata)})")
     finally:
         con.close()
     return plans
@@ -430,13 +442,15 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 entries.append(reused)
                 outcomes.append(TableOutcome(table.name, reused["row_count"], reused["sm3"], rebuilt=False))
                 continue
+            metadata = watermark.parquet_metadata(table.name)
             if demo_file is not None:
-                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache)
+                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache,
+                                    metadata)
                 plan_entries, periods = [plan.manifest_entry() for plan in plans], []
             else:
                 plan_entries, periods = _build_intake_table(store, institution_code, table, target, work_dir, classes,
                                                             policy, token_key, inputs, token_cache, previous,
-                                                            previous_manifest)
+                                                            previous_manifest, metadata)
             table_watermark = watermark.mark_table(target, table.name, plan_entries)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entry["inputs_sm3"] = _digest(inputs)
@@ -463,7 +477,7 @@ def _delete_stale_work_dirs(work_root: Path) -> None:
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
                         token_cache: dict[str, str], previous: Path | None,
-                        previous_manifest: dict) -> tuple[list[dict], list[str]]:
+                        previous_manifest: dict, metadata: Mapping[str, str]) -> tuple[list[dict], list[str]]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
@@ -474,7 +488,7 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
         files = decrypt_intake(store, institution_code, table, work_dir)
-        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache)
+        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache, metadata)
         return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions]
 
     prior_path, prior_entry = prior
@@ -490,7 +504,7 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
             path.unlink(missing_ok=True)
         for plan in plans:
             entries.setdefault(plan.name, plan.manifest_entry())
-    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill")
+    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill", metadata)
     return list(entries.values()), [item.period or "" for item in changed]
 
 

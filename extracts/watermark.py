@@ -67,7 +67,6 @@ writes an institution's file while it holds that institution's build lock.
 
 from __future__ import annotations
 
-import datetime
 import json
 import logging
 import math
@@ -85,7 +84,7 @@ import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from extracts.masking import quote_identifier, quote_literal
+from extracts.masking import parquet_options, quote_identifier, quote_literal
 from regsandbox_core.crypto import hmac_sm3
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.files import atomic_output, atomic_path, make_private_dirs
@@ -248,13 +247,21 @@ class BuildWatermark:
     def manifest_entry(self) -> dict:
         return {"id": self.id, "scheme": SCHEME}
 
+    def parquet_metadata(self, table: str) -> dict[str, str]:
+        """Return the Parquet key-value metadata of a table file: ``regsandbox.watermark`` as JSON."""
+        return {METADATA_KEY: json.dumps({"scheme": SCHEME, "id": self.id, "table": table}, sort_keys=True)}
+
     def mark_table(self, path: Path, table: str, columns: Sequence[dict]) -> dict:
-        """Rewrite the Parquet file ``path`` with both layers of this watermark and return the table's manifest entry.
+        """Give the Parquet file ``path`` both layers of this watermark and return the table's manifest entry.
 
         ``columns`` are the manifest entries of the table's columns (name, class, treatment). The
         carrier is chosen among the kept ``amount`` columns, and the key among the token columns
-        first. The file is replaced atomically. Raises WatermarkColumnReserved and OSError.
+        first. With a carrier the file is rewritten with the data mark and the metadata. Without
+        one it is rewritten only if its metadata is not :meth:`parquet_metadata` yet, because the
+        builder writes that metadata when it masks the table. Files are replaced atomically.
+        Raises WatermarkColumnReserved and OSError.
         """
+        metadata = self.parquet_metadata(table)
         con = duckdb.connect(":memory:")
         try:
             con.sql(f"CREATE VIEW source AS SELECT * FROM read_parquet({quote_literal(str(path))})")
@@ -265,15 +272,11 @@ class BuildWatermark:
                     f"表 {table} 含有平台保留的列名 {_BIT_COLUMN}，无法生成数据提取。请联系平台管理员调整报表模板字段代码。",
                 )
             spec = _choose_spec(con, types, columns)
-            metadata = json.dumps({"scheme": SCHEME, "id": self.id, "table": table}, sort_keys=True)
-            with atomic_path(path) as temporary:
-                if spec is None:
-                    query = "SELECT * FROM source"
-                else:
-                    con.register(_BITS_TABLE, self._bits_table(con, spec))
-                    query = _marked_sql(spec, types[spec.carrier])
-                con.sql(f"COPY ({query}) TO {quote_literal(str(temporary))} (FORMAT parquet, COMPRESSION zstd, "
-                        f"KV_METADATA {{{quote_literal(METADATA_KEY)}: {quote_literal(metadata)}}})")
+            if spec is not None:
+                con.register(_BITS_TABLE, self._bits_table(con, spec))
+                _rewrite(con, path, _marked_sql(spec, types[spec.carrier]), metadata)
+            elif not _has_metadata(path, metadata):
+                _rewrite(con, path, "SELECT * FROM source", metadata)
         finally:
             con.close()
 
@@ -294,6 +297,17 @@ class BuildWatermark:
         bits = KeyedBits(self.key)
         return pa.table({"key": pa.array(values, pa.string()),
                          "bit": pa.array([bits.bit(self.institution, self.id, value) for value in values], pa.int8())})
+
+
+def _has_metadata(path: Path, metadata: dict[str, str]) -> bool:
+    stored = pq.read_schema(path).metadata or {}
+    return all(stored.get(key.encode("utf-8")) == value.encode("utf-8") for key, value in metadata.items())
+
+
+def _rewrite(con: duckdb.DuckDBPyConnection, path: Path, query: str, metadata: dict[str, str]) -> None:
+    """Replace ``path`` atomically by the result of ``query`` with the key-value ``metadata``."""
+    with atomic_path(path) as temporary:
+        con.sql(f"COPY ({query}) TO {quote_literal(str(temporary))} ({parquet_options(metadata)})")
 
 
 def _choose_spec(con: duckdb.DuckDBPyConnection, types: dict[str, str], columns: Sequence[dict]) -> CarrierSpec | None:

@@ -32,6 +32,7 @@ from regsandbox_core.crypto import sm3_file
 from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 from tests.extracts.conftest import masked_demo
+from tests.extracts.test_masked_intake import CLASSES, FEBRUARY, LOAN_FIELDS, LOANS, _load, _loan, warehouse  # noqa: F401
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 TABLE = "applications.parquet"
@@ -244,6 +245,34 @@ def test_reused_table_keeps_origin_mark(fresh_settings: Settings, tmp_path: Path
     assert result.institution == "bank_c"
     assert result.build is not None and result.build["build_id"] == first.build_id
     assert result.published_in == (first.build_id, second.build_id)
+
+
+def _metadata_id(path: Path) -> str:
+    return json.loads(pq.read_schema(path).metadata[METADATA_KEY.encode()])["id"]
+
+
+def test_intake_tables_carry_their_ids(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    first = build_institution(settings, "bank_a", classes=CLASSES)
+    first_id = _manifest(settings, "bank_a")["watermark"]["id"]
+    # A second period of loans: the loan table is merged from the previous one, the customers are reused.
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 7, "77")], FEBRUARY, 90)
+    second = build_institution(settings, "bank_a", classes=CLASSES)
+    manifest = _manifest(settings, "bank_a")
+    tables = {table["name"]: table for table in manifest["tables"]}
+    folder = extract_dir(settings, "bank_a")
+
+    assert second.build_id != first.build_id
+    assert {table.name: table.periods_rebuilt for table in second.tables} == {"test_khxx": (), "test_dkxx": ("20250228",)}
+    assert tables["test_khxx"]["watermark"] == {"id": first_id, "carrier": None,
+                                                "note": "表中没有可承载数据内嵌水印的金额列，仅在 Parquet 元数据中标记"}
+    assert _metadata_id(folder / "test_khxx.parquet") == first_id
+    assert tables["test_dkxx"]["watermark"]["id"] == manifest["watermark"]["id"]
+    assert tables["test_dkxx"]["watermark"]["carrier"] == "YE"
+    assert _metadata_id(folder / "test_dkxx.parquet") == manifest["watermark"]["id"]
+    result = _identify(settings, folder / "test_khxx.parquet")
+    assert result.institution == "bank_a"
+    assert result.build is not None and result.build["build_id"] == first.build_id
 
 
 def _loan_table(path: Path, carrier_type: str) -> tuple[list[dict], list[str]]:
