@@ -31,12 +31,14 @@ Each table file written by a build carries the id in two layers:
 
 Distortion: only the carrier column changes. About half of its values move by exactly one unit
 of the scale (for example 1 yuan in an integer amount, 0.01 in a two-decimal amount) and the
-others are unchanged. Up and down moves are equally likely, so the column's mean is unbiased. A
-carrier is chosen only when one unit is at most 0.1 % of the column's median absolute value, so no
-typical value moves by more than 0.1 %. Key columns, tokens and every other column stay
-byte-for-byte as masked, so joins within the institution are unaffected. What can change:
-equality with the reported value, sums that reconcile with a reported total (each row may differ
-by one unit), and a value that sits exactly on a band or split boundary may cross it.
+others are unchanged. A value moves up when its digit was even and down when it was odd, so the
+column's mean shifts by at most half a unit, and by about zero when even and odd digits are
+equally common. A carrier is chosen only when one unit is at most 0.1 % of the column's median
+absolute value, so a value at or above the median moves by at most 0.1 %. Key columns, tokens
+and every other column stay as masked, so joins within the institution are unaffected. What can
+change: equality with the reported value, sums that reconcile with a reported total (each row
+may differ by one unit), and a value that sits exactly on a band or split boundary may cross it.
+For modelling it is noise of at most one unit against a median of at least 1,000 units.
 
 Identification (:func:`identify_file`) reads the metadata when present and always tests the data
 mark against the registry. For each institution in the registry it counts the key values of the
@@ -48,7 +50,7 @@ least 80 % of the key values match and the chance is at most 1e-6. The build is 
 same way among that institution's watermark ids, with the second half of the keys.
 
 Incremental builds: a table that is hard-linked from the previous build keeps the watermark id
-of the build that wrote it (its manifest entry, copied with the table, says which). So the data
+of the build that wrote it, and its manifest entry (copied with the table) records that id. So the data
 mark of a reused table names the build that wrote it, and the registry lists every later build
 that published the same table. The institution is the same in both. A table of which only some
 periods were masked again is marked again as a whole with the new build's id, because the mark
@@ -493,22 +495,43 @@ def binomial_tail(matched: int, total: int) -> float:
     return tail / (1 << total)
 
 
-def _read_columns(path: Path, file_format: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+def _open_leaked(path: Path, file_format: str, encoding: str) -> tuple[duckdb.DuckDBPyConnection, list[str]]:
+    """Return a connection with the view ``leaked`` over the file, and its column names."""
     con = duckdb.connect(":memory:")
     literal = quote_literal(str(path))
     reader = (f"read_parquet({literal})" if file_format == "parquet"
-              else f"read_csv({literal}, all_varchar=true, header=true)")
+              else f"read_csv({literal}, all_varchar=true, header=true, encoding={quote_literal(encoding)})")
     try:
         con.sql(f"CREATE VIEW leaked AS SELECT * FROM {reader}")
         names = [row[0] for row in con.sql("SELECT column_name FROM (DESCRIBE leaked)").fetchall()]
-    except duckdb.Error as error:
+    except BaseException:
         con.close()
-        raise IdentifyInputInvalid(
-            "IDENTIFY_FILE_UNREADABLE",
-            f"无法按 {'Parquet' if file_format == 'parquet' else 'CSV'} 格式读取文件 {path}（{type(error).__name__}）。"
-            "请提供数据提取的 Parquet 文件或带表头的 CSV 导出文件。",
-        ) from None
+        raise
     return con, names
+
+
+def _detect_in_file(path: Path, file_format: str, builds: list[dict], keystore: KeyStore):
+    """Run :func:`_detect` over the file, or raise IdentifyInputInvalid when it cannot be read.
+
+    A CSV that is not UTF-8 (for example GBK from a spreadsheet) is read again as Latin-1. That
+    decodes every ASCII byte unchanged, and the token keys and numerals the mark needs are ASCII.
+    """
+    encodings = ("utf-8",) if file_format == "parquet" else ("utf-8", "latin-1")
+    for encoding in encodings:
+        try:
+            con, names = _open_leaked(path, file_format, encoding)
+            try:
+                return _detect(con, set(names), builds, keystore)
+            finally:
+                con.close()
+        except duckdb.Error as error:
+            logger.info("reading %s as %s %s failed: %s", path, file_format, encoding, type(error).__name__)
+            failure = error
+    raise IdentifyInputInvalid(
+        "IDENTIFY_FILE_UNREADABLE",
+        f"无法按 {'Parquet' if file_format == 'parquet' else 'CSV'} 格式读取文件 {path}（{type(failure).__name__}）。"
+        "请提供数据提取的 Parquet 文件或带表头的 CSV 导出文件。",
+    )
 
 
 def _file_format(path: Path) -> str:
@@ -623,11 +646,7 @@ def identify_file(settings: Settings, keystore: KeyStore, path: Path) -> Identif
     by_id = {build["watermark_id"]: build for build in builds}
     metadata_id = _metadata_id(path, file_format)
 
-    con, names = _read_columns(path, file_format)
-    try:
-        detected = _detect(con, set(names), builds, keystore)
-    finally:
-        con.close()
+    detected = _detect_in_file(path, file_format, builds, keystore)
 
     result = Identification(path, file_format, metadata_id, by_id.get(metadata_id) if metadata_id else None)
     if detected is not None:

@@ -178,6 +178,17 @@ def test_identify_subset_with_reordered_columns(demo_settings: Settings, tmp_pat
     assert result.institution_score is not None and result.institution_score.significant
 
 
+def test_identify_gbk_csv_with_float_amounts(demo_settings: Settings, tmp_path: Path) -> None:
+    frame = _extract(demo_settings, "bank_a").to_pandas()
+    frame["credit_amount"] = frame["credit_amount"].astype(float)  # written as 2096.0
+    path = tmp_path / "excel.csv"
+    frame.to_csv(path, index=False, encoding="gbk")
+    assert "张" in frame["name"].str.cat()
+    result = _identify(demo_settings, path)
+    assert result.institution == "bank_a"
+    assert result.institution_score is not None and result.institution_score.rate == 1.0
+
+
 def test_other_institution_named(demo_settings: Settings, tmp_path: Path) -> None:
     path = tmp_path / "from_b.csv"
     _extract(demo_settings, "bank_b").sample(fraction=0.3, seed=3).write_csv(path)
