@@ -62,6 +62,11 @@ scheme and holds two builds of one institution can find the carrier by comparing
 randomise its last digit, which removes the mark at the cost of the same distortion. The mark
 resists re-exports and subsets, not a deliberate attack.
 
+Key rotation: each registry entry records the ``platform/token`` version that marked its build,
+and identification uses that version while it is active or decrypt_only. A revoked or destroyed
+version leaves the builds it marked identifiable by their metadata only. Rotation does not
+rewrite reused tables.
+
 The registry lives in ``<data_dir>/warehouse/watermarks/<institution>.json`` (folder 0700, files
 0600, written atomically), beside the raw warehouse that sandbox users cannot read. The builder
 writes an institution's file while it holds that institution's build lock.

@@ -258,6 +258,23 @@ def test_reused_table_keeps_origin_mark(fresh_settings: Settings, tmp_path: Path
     assert result.published_in == (first.build_id, second.build_id)
 
 
+def test_rotated_key_still_identifies(fresh_settings: Settings, tmp_path: Path) -> None:
+    first = build_institution(fresh_settings, "bank_a")
+    path = tmp_path / "before-rotation.csv"
+    _extract(fresh_settings, "bank_a").write_csv(path)
+    store = open_keystore(fresh_settings)
+    assert store.rotate("platform", "token") == 2
+    os.chmod(first.folder, 0o750)  # publish again, reusing the table marked under v1
+    second = build_institution(fresh_settings, "bank_a")
+    entries = json.loads((registry_dir(fresh_settings) / "bank_a.json").read_text(encoding="utf-8"))["builds"]
+
+    assert [entry["key"] for entry in entries] == ["platform/token/v1", "platform/token/v2"]
+    assert second.status == "published"
+    result = _identify(fresh_settings, path)
+    assert result.institution == "bank_a"
+    assert result.build is not None and result.build["build_id"] == first.build_id
+
+
 def _metadata_id(path: Path) -> str:
     return json.loads(pq.read_schema(path).metadata[METADATA_KEY.encode()])["id"]
 
