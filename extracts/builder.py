@@ -18,7 +18,9 @@ unless the caller passes a :class:`~extracts.kanon.KOverride`.
 Each table becomes ``<table>.parquet``. ``manifest.json`` lists the tables with their columns,
 classes and treatments, row counts, SM3 digests and source partitions, the policy version and
 digest and the key versions; ``manifest.json.sig`` is the platform's detached SM2 signature of
-it. The folder is published atomically (:mod:`extracts.publish`).
+it. Every table written by a build carries the build's watermark, which is also recorded in the
+manifest and in the platform's watermark registry (:mod:`extracts.watermark`). The folder is
+published atomically (:mod:`extracts.publish`).
 
 An institution that reported corporate customers or loans also gets the table of cross-institution
 features about its own customers (:mod:`extracts.features`), with values built from fewer than
@@ -59,7 +61,15 @@ from catalog.classes import ColumnClass
 from extracts.demo_data import DEMO_CLASSES, DEMO_FEATURE_CLASS
 from extracts.features import FEATURES_TABLE, CrossInstitutionFeatures
 from extracts.kanon import KOverride, assess, enforce, generalise_quasi_identifier
-from extracts.masking import TOKEN_TABLE, ColumnPlan, merge_periods, quote_literal, select_sql, token_dictionary
+from extracts.masking import (
+    TOKEN_TABLE,
+    ColumnPlan,
+    merge_periods,
+    parquet_options,
+    quote_literal,
+    select_sql,
+    token_dictionary,
+)
 from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
 from extracts.publish import (
     ExtractPermissions,
@@ -85,6 +95,8 @@ from extracts.sources import (
     intake_tables,
 )
 from extracts.warehouse import APPLICATIONS_TABLE, partition_key_label, warehouse_institutions
+from extracts.watermark import SCHEME as WATERMARK_SCHEME
+from extracts.watermark import BuildWatermark, active_watermark_key, register_build
 from intake.warehouse import PERIOD_COLUMN
 from regsandbox_core.crypto import sm3_file, sm3_hex
 from regsandbox_core.errors import RegsandboxError
@@ -306,7 +318,7 @@ def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, t
     )
     # "unclassified": tables built before unclassified columns were rejected are masked again once.
     return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes,
-            "unclassified": "rejected"}
+            "unclassified": "rejected", "watermark": WATERMARK_SCHEME}
 
 
 def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
@@ -318,8 +330,12 @@ def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
 
 
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
-                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str]) -> list[ColumnPlan]:
-    """Write the masked table to ``target`` with one DuckDB COPY and return its column plans."""
+                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str],
+                metadata: Mapping[str, str] | None = None) -> list[ColumnPlan]:
+    """Write the masked table, with ``metadata`` as Parquet key-value metadata, to ``target`` in one DuckDB COPY.
+
+    Returns the column plans.
+    """
     con = duckdb.connect(":memory:")
     try:
         # Spilled intermediate results contain raw values, so they stay in the private work folder.
@@ -342,7 +358,7 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
         # table's row order is not the warehouse order. Unchanged inputs are not rebuilt, so a
         # published table still changes only when its inputs change.
         query = select_sql(plans, "source")
-        con.sql(f"COPY ({query}) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+        con.sql(f"COPY ({query}) TO {quote_literal(str(target))} ({parquet_options(metadata)})")
     finally:
         con.close()
     return plans
@@ -403,7 +419,7 @@ def _reuse(previous: Path | None, document: dict, name: str, fingerprint: str, t
 
 def _build_feature_table(features: CrossInstitutionFeatures, institution_code: str, build: Path,
                          classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, previous: Path | None,
-                         previous_manifest: dict) -> tuple[dict, TableOutcome] | None:
+                         previous_manifest: dict, watermark: BuildWatermark) -> tuple[dict, TableOutcome] | None:
     """Write the institution's cross-institution feature table into ``build``, or reuse the previous one.
 
     Returns None when the institution reported no corporate customers or loans. The manifest entry
@@ -418,15 +434,19 @@ def _build_feature_table(features: CrossInstitutionFeatures, institution_code: s
             f"报表模板的数据提取表名与跨机构客户特征表 {FEATURES_TABLE} 冲突，无法生成数据提取。请联系平台管理员调整报表模板代码。",
         )
     plans = features.column_plans(classes, policy)
-    inputs = {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label,
+    inputs = {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "watermark": WATERMARK_SCHEME,
               **features.fingerprint_inputs(plans)}
     fingerprint = _digest(inputs)
     reused = _reuse(previous, previous_manifest, FEATURES_TABLE, fingerprint, target)
     if reused is not None:
         return reused, TableOutcome(FEATURES_TABLE, reused["row_count"], reused["sm3"], rebuilt=False)
     features.write_table(institution_code, target, plans, token_key.key)
-    entry = _table_entry(features.source_table(), [plan.manifest_entry() for plan in plans], target, fingerprint, [])
+    plan_entries = [plan.manifest_entry() for plan in plans]
+    # The feature values are exact aggregates, so they carry the metadata layer of the watermark only.
+    table_watermark = watermark.mark_table(target, FEATURES_TABLE, plan_entries, data_mark=False)
+    entry = _table_entry(features.source_table(), plan_entries, target, fingerprint, [])
     entry["features"] = features.manifest_entry()
+    entry["watermark"] = table_watermark
     return entry, TableOutcome(FEATURES_TABLE, entry["row_count"], entry["sm3"], rebuilt=True)
 
 
@@ -464,9 +484,13 @@ def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, finge
 
 def _build_tables(settings: Settings, store: KeyStore, institution_code: str, sources: list[SourceTable],
                   build: Path, classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
-                  previous: Path | None, previous_manifest: dict,
+                  previous: Path | None, previous_manifest: dict, watermark: BuildWatermark,
                   ) -> tuple[list[dict], list[TableOutcome]]:
-    """Write every table into ``build``; return the manifest entries and the outcomes."""
+    """Write every table into ``build``; return the manifest entries and the outcomes.
+
+    A table written anew carries ``watermark``. A reused table keeps the mark of the build that
+    wrote it, and its manifest entry (copied from the previous manifest) names that build's id.
+    """
     entries: list[dict] = []
     outcomes: list[TableOutcome] = []
     work_root = settings.warehouse_dir
@@ -493,15 +517,19 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 entries.append(reused)
                 outcomes.append(TableOutcome(table.name, reused["row_count"], reused["sm3"], rebuilt=False))
                 continue
+            metadata = watermark.parquet_metadata(table.name)
             if demo_file is not None:
-                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache)
+                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache,
+                                    metadata)
                 plan_entries, periods = [plan.manifest_entry() for plan in plans], []
             else:
                 plan_entries, periods = _build_intake_table(store, institution_code, table, target, work_dir, classes,
                                                             policy, token_key, inputs, token_cache, previous,
-                                                            previous_manifest)
+                                                            previous_manifest, metadata)
+            table_watermark = watermark.mark_table(target, table.name, plan_entries)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
             entry["inputs_sm3"] = _digest(inputs)
+            entry["watermark"] = table_watermark
             entries.append(entry)
             outcomes.append(TableOutcome(table.name, entry["row_count"], entry["sm3"], True, tuple(periods)))
     finally:
@@ -524,7 +552,7 @@ def _delete_stale_work_dirs(work_root: Path) -> None:
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
                         token_cache: dict[str, str], previous: Path | None,
-                        previous_manifest: dict) -> tuple[list[dict], list[str]]:
+                        previous_manifest: dict, metadata: Mapping[str, str]) -> tuple[list[dict], list[str]]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
@@ -535,7 +563,7 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
         files = decrypt_intake(store, institution_code, table, work_dir)
-        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache)
+        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache, metadata)
         return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions]
 
     prior_path, prior_entry = prior
@@ -551,7 +579,7 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
             path.unlink(missing_ok=True)
         for plan in plans:
             entries.setdefault(plan.name, plan.manifest_entry())
-    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill")
+    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill", metadata)
     return list(entries.values()), [item.period or "" for item in changed]
 
 
@@ -645,9 +673,9 @@ def build_institution(
     is a security admin and audits the outcome, whose ``audit_detail()`` contains the override.
 
     Raises InvalidInstitutionError, WarehouseMissingError, ExtractKeyMissingError,
-    PolicyNotApproved, PolicyInvalid, ExtractSourceError, ExtractColumnUnclassified,
-    KAnonymityBelowError, QuasiIdentifierMissing, the demo warehouse's partition errors and
-    ExtractDirNotWritable. None of them leaves a new build published.
+    WatermarkKeyMissing, WatermarkRegistryInvalid, PolicyNotApproved, PolicyInvalid, ExtractSourceError,
+    ExtractColumnUnclassified, KAnonymityBelowError, QuasiIdentifierMissing, the demo warehouse's
+    partition errors and ExtractDirNotWritable. None of them leaves a new build published.
     """
     if k_override is not None and not isinstance(k_override, KOverride):
         raise TypeError("k_override must be a KOverride")
@@ -657,6 +685,7 @@ def build_institution(
         keystore = open_keystore(settings)
     token_key = _active_key(keystore, institution_code, KIND_TOKEN)
     signing_key = _active_key(keystore, PLATFORM_OWNER, KIND_SIGNING)
+    watermark_key = active_watermark_key(keystore)
     policy = _verified(settings, keystore, policy)
     classes = dict(classes or {})
     permissions = resolve_permissions(unix_group)
@@ -667,7 +696,7 @@ def build_institution(
         prepare_root(settings, permissions)
         with build_lock(settings, institution_code):
             return _build_locked(settings, keystore, institution_code, sources, classes, policy, token_key,
-                                 signing_key, permissions, features, k_override)
+                                 signing_key, permissions, features, k_override, watermark_key)
     except OSError as error:
         raise _not_writable(settings, error) from error
     finally:
@@ -678,9 +707,10 @@ def build_institution(
 def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str, sources: list[SourceTable],
                   classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, signing_key: KeyVersion,
                   permissions: ExtractPermissions, features: CrossInstitutionFeatures,
-                  k_override: KOverride | None) -> ExtractOutcome:
+                  k_override: KOverride | None, watermark_key: KeyVersion) -> ExtractOutcome:
     previous, previous_manifest = _previous_manifest(settings, keystore, institution_code)
     build_id = new_build_id()
+    watermark = BuildWatermark.new(institution_code, build_id, watermark_key)
     try:
         build = create_build_dir(settings, institution_code, build_id)
     except OSError as error:
@@ -688,9 +718,9 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
 
     try:
         entries, outcomes = _build_tables(settings, keystore, institution_code, sources, build, classes, policy,
-                                          token_key, previous, previous_manifest)
+                                          token_key, previous, previous_manifest, watermark)
         feature_table = _build_feature_table(features, institution_code, build, classes, policy, token_key,
-                                             previous, previous_manifest)
+                                             previous, previous_manifest, watermark)
         if feature_table is not None:
             entries.append(feature_table[0])
             outcomes.append(feature_table[1])
@@ -713,6 +743,9 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
         manifest_path = build / MANIFEST_NAME
         document = _manifest(institution_code, build_id, policy, token_key, signing_key, entries)
         document["k_anonymity"] = k_report.manifest_entry(override)
+        # Registered before publication, so every published build can be identified.
+        document["watermark"] = watermark.manifest_entry()
+        register_build(settings, watermark, document)
         _write_json(document, manifest_path, permissions)
         permissions.apply(sign_file(keystore, manifest_path, kind=MANIFEST_SIGNATURE_KIND), is_dir=False)
         permissions.apply(build, is_dir=True)

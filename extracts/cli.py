@@ -1,4 +1,4 @@
-"""Operator command ``python -m extracts``: demo data, masking policies and masked extracts."""
+"""Operator command ``python -m extracts``: demo data, masking policies, masked extracts and watermark identification."""
 
 from __future__ import annotations
 
@@ -20,9 +20,11 @@ from regsandbox_core.settings import Settings
 from extracts.builder import ExtractOutcome, InvalidInstitutionError, build_all, build_institution
 from extracts.demo_data import load_demo
 from extracts.policy import DEFAULT_POLICY_FILE, PolicyInvalid, approve_policy, load_approved_policy, load_policy
+from extracts.watermark import Identification, IdentifyInputInvalid, Score, identify_file
 
 EXIT_INVALID_INPUT = 2
 EXIT_FAILED = 1
+EXIT_NOT_IDENTIFIED = 3
 
 
 class ClassesFileInvalid(RegsandboxError):
@@ -30,7 +32,8 @@ class ClassesFileInvalid(RegsandboxError):
 
 
 def _parser(default_prefix: str) -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="python -m extracts", description="演示数据导入、脱敏策略审批与脱敏数据提取。")
+    parser = argparse.ArgumentParser(prog="python -m extracts",
+                                     description="演示数据导入、脱敏策略审批、脱敏数据提取与泄露文件溯源。")
     commands = parser.add_subparsers(dest="command", required=True, metavar="命令")
     commands.add_parser("load-demo", help="把德国信贷演示数据（附合成的中国个人标识）写入数据仓库")
     build = commands.add_parser("build", help="按已审批的脱敏策略为机构生成数据提取（未审批任何策略时先审批平台默认策略）")
@@ -51,6 +54,11 @@ def _parser(default_prefix: str) -> argparse.ArgumentParser:
     check.add_argument("file", type=Path, nargs="?", default=DEFAULT_POLICY_FILE, help="策略文件，默认平台默认策略")
     approve = actions.add_parser("approve", help="校验策略文件并以平台 SM2 签名密钥签署，保存为已审批版本")
     approve.add_argument("file", type=Path, help="策略文件")
+    identify = commands.add_parser(
+        "identify", help="识别数据文件的水印，给出来源机构、构建编号和构建时间",
+        description="读取 Parquet 元数据水印（如有），并对照平台水印登记检测数据内嵌水印。"
+                    "退出码：0 已识别来源，3 未发现水印，2 文件无法读取。需要读取密钥库和水印登记，请以平台管理账户运行。")
+    identify.add_argument("file", type=Path, help="待识别的 Parquet 文件或带表头的 CSV 文件")
     return parser
 
 
@@ -133,8 +141,52 @@ def _policy(settings: Settings, arguments: argparse.Namespace) -> None:
     print(f"已审批脱敏策略 {policy.name} 第 {policy.version} 版（签名密钥 {policy.signature_key}）：{policy.path}")
 
 
+def _score_text(score: Score) -> str:
+    chance = f"{score.chance:.1e}" if score.chance > 0 else "< 1e-300"
+    return (f"吻合 {score.matched}/{score.total} 个键值（{score.rate:.0%}），"
+            f"未加水印的文件偶然达到此吻合度的概率约为 {chance}（已计入 {score.candidates} 个候选）")
+
+
+def _build_text(build: dict) -> str:
+    return f"机构 {build['institution']}，构建编号 {build['build_id']}，构建时间 {build['built_at']}"
+
+
+def _print_identification(result: Identification) -> None:
+    kind = "Parquet" if result.file_format == "parquet" else "CSV"
+    print(f"文件：{result.path}（{kind}）")
+    if result.metadata_id is None:
+        print("Parquet 元数据水印：无" + ("（CSV 文件不含元数据）" if result.file_format == "csv" else ""))
+    elif result.metadata_build is None:
+        print(f"Parquet 元数据水印：{result.metadata_id}，但平台水印登记中没有该编号（可能来自其他平台或被篡改）")
+    else:
+        print(f"Parquet 元数据水印：{result.metadata_id}（{_build_text(result.metadata_build)}）")
+    if result.institution_score is None:
+        print("数据内嵌水印：文件中没有与水印登记相符的键列和承载列，无法检测")
+    else:
+        print(f"数据内嵌水印（机构）：{result.institution_score.candidate}，{_score_text(result.institution_score)}")
+        if result.build_score is not None:
+            print(f"数据内嵌水印（构建）：{result.build_score.candidate}，{_score_text(result.build_score)}")
+    if result.conflict:
+        print("警告：元数据水印与数据内嵌水印指向不同机构，元数据可能被篡改；以下结论以数据内嵌水印为准。")
+    if result.institution is None:
+        print("结论：未发现本平台的水印，无法确定来源。")
+        return
+    if result.build is None:
+        print(f"结论：来源机构 {result.institution}；构建无法确定（数据内嵌水印的构建部分证据不足）。")
+        return
+    print(f"结论：来源为{_build_text(result.build)}（水印 {result.build['watermark_id']}）。")
+    if result.published_in:
+        print(f"  该数据随以下构建发布：{'、'.join(result.published_in)}")
+
+
+def _identify(settings: Settings, arguments: argparse.Namespace) -> int:
+    result = identify_file(settings, open_keystore(settings), arguments.file)
+    _print_identification(result)
+    return 0 if result.institution is not None else EXIT_NOT_IDENTIFIED
+
+
 def main(argv: list[str] | None = None) -> int:
-    """Run the command and return the exit status: 0 done, 2 invalid input, 1 other failure."""
+    """Run the command and return the exit status: 0 done, 2 invalid input, 1 other failure, 3 no watermark found."""
     configure_logging(logging.WARNING)
     try:
         settings = Settings()
@@ -148,9 +200,11 @@ def main(argv: list[str] | None = None) -> int:
             _load_demo(settings)
         elif arguments.command == "policy":
             _policy(settings, arguments)
+        elif arguments.command == "identify":
+            return _identify(settings, arguments)
         else:
             return _build(settings, arguments)
-    except (InvalidInstitutionError, PolicyInvalid, ClassesFileInvalid) as error:
+    except (InvalidInstitutionError, PolicyInvalid, ClassesFileInvalid, IdentifyInputInvalid) as error:
         print(f"错误 [{error.code}]：{error.message}", file=sys.stderr)
         return EXIT_INVALID_INPUT
     except RegsandboxError as error:

@@ -11,7 +11,7 @@ a mask or a generalisation, so the expressions also work on the typed columns of
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -186,7 +186,17 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
     return pa.table({"value": pa.array(values, pa.string()), "token": pa.array(tokens, pa.string())})
 
 
-def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, spill_dir: Path) -> None:
+def parquet_options(metadata: Mapping[str, str] | None = None) -> str:
+    """Return the COPY options of an extract table: zstd Parquet, with ``metadata`` as key-value metadata."""
+    options = "FORMAT parquet, COMPRESSION zstd"
+    if metadata:
+        pairs = ", ".join(f"{quote_literal(key)}: {quote_literal(value)}" for key, value in metadata.items())
+        options += f", KV_METADATA {{{pairs}}}"
+    return options
+
+
+def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, spill_dir: Path,
+                  metadata: Mapping[str, str] | None = None) -> None:
     """Write the rows of ``kept_periods`` (column ``_period``) of ``previous``, then all rows of ``changed``, to ``target``.
 
     One scan over both files with a filter keeps their order, because DuckDB preserves insertion
@@ -201,6 +211,6 @@ def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None,
         con.sql("SET preserve_insertion_order=true")
         con.sql(f"COPY (SELECT * EXCLUDE (_extract_file) FROM read_parquet({listing}, union_by_name=true, "
                 f"filename='_extract_file') WHERE _extract_file <> {quote_literal(str(previous))} "
-                f"OR _period IN ({periods})) TO {quote_literal(str(target))} (FORMAT parquet, COMPRESSION zstd)")
+                f"OR _period IN ({periods})) TO {quote_literal(str(target))} ({parquet_options(metadata)})")
     finally:
         con.close()

@@ -2,8 +2,9 @@
 
 ``regsandbox init`` calls :func:`ensure_platform_keys`, which creates the master key
 ``<data_dir>/secrets/master.key`` (unless ``REGSANDBOX_MASTER_KEY`` is set), the platform's
-SM2 signing key and SM4 data key, and one SM4 data key and one HMAC-SM3 token key per institution,
-in ``<data_dir>/keys/keystore.json``.
+SM2 signing key, SM4 data key and HMAC-SM3 key ``platform/token`` (the extract watermark key of
+:mod:`extracts.watermark`), and one SM4 data key and one HMAC-SM3 token key per institution, in
+``<data_dir>/keys/keystore.json``.
 Services and the extract builder call :func:`open_keystore`, which never creates anything.
 
 Migration: an institution that already has a plain tokenisation key file from
@@ -156,7 +157,7 @@ def ensure_platform_keys(settings: Settings, institution_codes: list[str],
             log.info("created master key file %s", path)
     store = KeyStore(keystore_path(settings), master_key_from_environment(settings.data_dir), on_event)
 
-    for owner, kind in [(PLATFORM_OWNER, KIND_SIGNING), (PLATFORM_OWNER, KIND_DATA)] + [
+    for owner, kind in [(PLATFORM_OWNER, KIND_SIGNING), (PLATFORM_OWNER, KIND_DATA), (PLATFORM_OWNER, KIND_TOKEN)] + [
         (code, KIND_DATA) for code in institution_codes
     ]:
         if not _has_versions(store, owner, kind):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import polars as pl
@@ -9,6 +10,7 @@ import pytest
 
 from extracts.builder import build_extract
 from extracts.demo_data import DEMO_INSTITUTIONS, load_demo
+from extracts.watermark import KeyedBits
 from extracts.warehouse import (
     make_private_dirs,
     migrate_plaintext_partition,
@@ -78,3 +80,19 @@ def masked_demo(raw: pl.DataFrame, token_key: bytes) -> pl.DataFrame:
         pl.Series("mobile", [value[:3] + "*" * (len(value) - 7) + value[-4:] for value in raw["mobile"].to_list()]),
         pl.Series("age_in_years", ["35 岁以下" if age < 35 else "35 岁及以上" for age in raw["age_in_years"].to_list()]),
     )
+
+
+def watermarked(expected: pl.DataFrame, settings: Settings, folder: Path) -> pl.DataFrame:
+    """Apply the data mark that the manifest in ``folder`` declares to masked demo rows, in plain Python.
+
+    The carrier digit pair is kept and its parity set to the keyed bit of the row's key value, so
+    a masked table equals ``watermarked(masked_demo(raw, key), ...)`` only if the SQL marked it.
+    """
+    manifest = json.loads((folder / "manifest.json").read_text(encoding="utf-8"))
+    (table,) = manifest["tables"]
+    mark = table["watermark"]
+    assert mark["scale"] == 0, mark
+    bits = KeyedBits(open_keystore(settings).current("platform", "token"))
+    carrier, keys = expected[mark["carrier"]].to_list(), expected[mark["key_column"]].to_list()
+    marked = [value - value % 2 + bits.bit(manifest["institution"], mark["id"], key) for value, key in zip(carrier, keys)]
+    return expected.with_columns(pl.Series(mark["carrier"], marked, dtype=expected[mark["carrier"]].dtype))

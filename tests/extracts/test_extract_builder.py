@@ -21,7 +21,7 @@ from extracts.builder import (
 )
 from extracts.demo_data import DEMO_INSTITUTIONS
 from extracts.warehouse import read_partition
-from tests.extracts.conftest import masked_demo
+from tests.extracts.conftest import masked_demo, watermarked
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
@@ -110,7 +110,7 @@ def test_tokens_are_hmac_sm3_of_identifiers(demo_settings: Settings) -> None:
     extract = _extract(demo_settings, "bank_b").sort("application_id")
     assert extract.height == 333
     assert extract["id_number"].to_list() == [keyed_token(key, value) for value in raw["id_number"].to_list()]
-    assert extract.equals(masked_demo(raw, key))
+    assert extract.equals(watermarked(masked_demo(raw, key), demo_settings, extract_dir(demo_settings, "bank_b")))
 
 
 def test_same_person_same_token_within_institution(fresh_settings: Settings) -> None:

@@ -116,6 +116,7 @@ def test_init_keys_idempotent(fresh_settings: Settings) -> None:
     assert sorted((entry["owner"], entry["kind"], entry["version"]) for entry in before) == [
         ("bank_a", "data", 1), ("bank_a", "token", 1), ("bank_b", "data", 1), ("bank_b", "token", 1),
         ("bank_c", "data", 1), ("bank_c", "token", 1), ("platform", "data", 1), ("platform", "signing", 1),
+        ("platform", "token", 1),
     ]
 
 

@@ -14,7 +14,7 @@ import pytest
 
 from extracts.builder import build_extract, extract_dir
 from extracts.demo_data import DEMO_INSTITUTIONS
-from tests.extracts.conftest import masked_demo
+from tests.extracts.conftest import masked_demo, watermarked
 from extracts.warehouse import (
     WarehouseMigrationMismatch,
     WarehousePartitionInvalid,
@@ -77,7 +77,7 @@ def test_builder_round_trip_from_ciphertext(fresh_settings: Settings, demo_parqu
 
     assert read_partition_bytes(fresh_settings, store, "bank_c") == demo_parquet["bank_c"]
     assert read_partition(fresh_settings, store, "bank_c").equals(raw)
-    expected = masked_demo(raw, store.current("bank_c", "token").key)
+    expected = watermarked(masked_demo(raw, store.current("bank_c", "token").key), fresh_settings, folder)
     assert pl.read_parquet(folder / "applications.parquet").sort("application_id").equals(expected.sort("application_id"))
 
 
@@ -243,7 +243,8 @@ def test_build_migrates_plaintext_partition(bare_settings: Settings, demo_parque
     assert oct(encrypted.stat().st_mode & 0o777) == oct(0o600)
     assert read_partition_bytes(bare_settings, store, "bank_b") == demo_parquet["bank_b"]
     assert plaintext_partition_file(bare_settings, "bank_a").exists()  # other institutions migrate on their build
-    expected = masked_demo(_plain_frame(demo_parquet, "bank_b"), store.current("bank_b", "token").key)
+    expected = watermarked(masked_demo(_plain_frame(demo_parquet, "bank_b"), store.current("bank_b", "token").key),
+                           bare_settings, folder)
     assert pl.read_parquet(folder / "applications.parquet").sort("application_id").equals(expected.sort("application_id"))
     assert sorted(path.name for path in encrypted.parent.iterdir()) == ["part-0.parquet.rssg"]
 
