@@ -107,6 +107,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     # Data catalog (数据目录, 数据分级分类): only the data steward (数据治理专员) confirms or changes classes (admin_api.data_catalog).
     "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
     "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
+    # Re-identification (令牌反查) reveals the raw personal value behind a token of an extract. Only the
+    # reviewer holds it: reviewers decide on cases, while analysts work with masked and aggregated data.
+    "tokens.reidentify": ("按案件反查令牌对应的原始值", frozenset({"regulator_reviewer"})),
 }
 
 
