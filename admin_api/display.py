@@ -110,6 +110,7 @@ ACTION_LABELS = {
     "report_data.query": "查询报表数据",
     "report_data.export": "导出报表数据",
     "tokens.reidentify": "按案件反查令牌原始值",
+    "quality.read": "查看数据质量指标",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 
