@@ -13,8 +13,10 @@ from sqlalchemy import select
 from sqlalchemy.orm import Session
 
 from admin_api import reidentification
+from admin_api.audit import record_event
 from admin_api.console import _check_csrf, _page
 from admin_api.deps import get_session, require
+from admin_api.errors import invalid
 from admin_api.models import Institution
 from admin_api.routes.reidentification import run_audited
 from admin_api.security import Principal
@@ -52,17 +54,25 @@ def reidentification_lookup(
     token: str = Form(default="", max_length=128),
     case_number: str = Form(default="", max_length=64),
     reason: str = Form(default="", max_length=500),
+    key_version: str = Form(default="", max_length=8),
     csrf: str = Form(default="", alias="csrf_token", max_length=200),
     session: Session = Depends(get_session),
     caller: Principal = Depends(require(reidentification.CAPABILITY, console=True)),
 ) -> Response:
     """Look up the token and show the raw value, or the form again with the Chinese error."""
     _check_csrf(request, caller, reidentification.CAPABILITY, csrf)
-    body = reidentification.ReidentificationIn(institution=institution, table=table, column=column, token=token,
-                                               case_number=case_number, reason=reason)
+    version = key_version.strip()
+    body = reidentification.ReidentificationIn(
+        institution=institution, table=table, column=column, token=token, case_number=case_number, reason=reason,
+        key_version=int(version) if version.isdigit() and 1 <= int(version) <= 10_000 else None)
     context = {"form": body, "institutions": _institutions(session),
                "limit": request.app.state.settings.reidentify_max_per_hour}
     try:
+        if version and body.key_version is None:
+            rejected = invalid("KEY_VERSION_INVALID", f"令牌化密钥版本“{version}”无效，应为正整数，例如 1。不确定时请留空。")
+            record_event(request, caller, reidentification.ACTION, reidentification.audit_resource(body), "failed",
+                         {**reidentification.audit_detail(body), "code": rejected.code})
+            raise rejected
         result = run_audited(request, session, caller, body)
     except RegsandboxError as error:
         return _no_store(_page(request, PAGE, caller, status_code=error.status, result=None, error=error.message,

@@ -130,7 +130,7 @@ class QualityReport:
     offset: int
     limit: int
     estimated_uploads: int = 0
-    """Uploads whose findings file could not be read; their error count stands in for their error rows."""
+    """Uploads whose findings file could not be read. Their error count is used in place of their error rows."""
     notes: list[str] = field(default_factory=list)
 
 

@@ -205,6 +205,7 @@ DETAIL_KEY_LABELS = {
     "token": "令牌",
     "case_number": "案件编号",
     "token_key_version": "令牌化密钥版本",
+    "requested_key_version": "指定的令牌化密钥版本",
     "period": "报告期",
     "build_id": "数据提取版本",
 }

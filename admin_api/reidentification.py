@@ -10,7 +10,7 @@ Every request is audited as ``tokens.reidentify`` with the case number, reason, 
 table, column and token, and on success the key version and period that matched. The raw value is
 never put in an audit event or a log line; it goes only into the response, which is marked
 ``Cache-Control: no-store``. A user may re-identify at most ``reidentify_max_per_hour`` values in any
-60 minutes. The count comes from the user's successful ``tokens.reidentify`` audit events, so it holds
+60 minutes. The count comes from the user's successful ``tokens.reidentify`` audit events, so it applies
 across processes and restarts.
 """
 
@@ -56,6 +56,8 @@ class ReidentificationIn(BaseModel):
     token: str = Field(default="", max_length=128, description="数据提取中的令牌：64 位十六进制")
     case_number: str = Field(default="", max_length=64, description="案件编号，如 沪金稽〔2026〕15号")
     reason: str = Field(default="", max_length=500, description="反查理由")
+    key_version: int | None = Field(default=None, ge=1, le=10_000,
+                                    description="令牌化密钥版本；不填时先试数据提取清单所列版本，再试该机构其他可用版本")
 
 
 class ReidentificationOut(BaseModel):
@@ -76,7 +78,8 @@ def audit_detail(body: ReidentificationIn) -> dict[str, Any]:
     """Return what an audit event records about a request: everything the caller sent, clipped, never a raw value."""
     return {"institution": body.institution.strip()[:32], "table": body.table.strip()[:64],
             "column": body.column.strip()[:64], "token": body.token.strip().lower()[:128],
-            "case_number": body.case_number.strip()[:64], "reason": body.reason.strip()[:500]}
+            "case_number": body.case_number.strip()[:64], "reason": body.reason.strip()[:500],
+            "requested_key_version": body.key_version}
 
 
 def audit_resource(body: ReidentificationIn) -> str:
@@ -84,23 +87,24 @@ def audit_resource(body: ReidentificationIn) -> str:
     return f"token:{detail['institution']}/{detail['table']}/{detail['column']}"
 
 
-def _required(value: str, code: str, message: str) -> str:
+def _required(value: str, code: str, label: str, hint: str) -> str:
+    """Return the trimmed value, or raise 422 ``code`` when it is empty or contains a line break or control character."""
     text = value.strip()
     if not text:
-        raise invalid(code, message)
+        raise invalid(code, f"请填写{label}，{hint}")
     if _CONTROL.search(text):
-        raise invalid(code, f"{message}（当前内容含有换行或控制字符，请删除后重新提交。）")
+        raise invalid(code, f"{label}含有换行或控制字符，请删除后重新提交。")
     return text
 
 
 def check_request(body: ReidentificationIn) -> ReidentificationIn:
     """Return the request with trimmed values, or raise 422 naming the missing or invalid field."""
-    institution = _required(body.institution, "INSTITUTION_MISSING", "请填写机构代码，例如 bank_a。")
-    table = _required(body.table, "TABLE_MISSING", "请填写数据提取中的表名或报表模板代码，例如 applications。")
-    column = _required(body.column, "COLUMN_MISSING", "请填写令牌化字段代码，例如 id_number。")
-    case_number = _required(body.case_number, "CASE_NUMBER_MISSING",
-                            "请填写案件编号（案件编号），反查必须对应一个已立案的具体案件。")
-    reason = _required(body.reason, "REASON_MISSING", "请填写反查理由，说明为何需要查看该令牌对应的原始值。")
+    institution = _required(body.institution, "INSTITUTION_MISSING", "机构代码", "例如 bank_a。")
+    table = _required(body.table, "TABLE_MISSING", "数据提取表名", "可填表名或报表模板代码，例如 applications。")
+    column = _required(body.column, "COLUMN_MISSING", "令牌化字段代码", "例如 id_number。")
+    case_number = _required(body.case_number, "CASE_NUMBER_MISSING", "案件编号",
+                            "反查必须对应一个已立案的具体案件，例如 沪金稽〔2026〕15号。")
+    reason = _required(body.reason, "REASON_MISSING", "反查理由", "说明为何需要查看该令牌对应的原始值。")
     if len(reason) < MIN_REASON_LENGTH:
         raise invalid("REASON_TOO_SHORT", f"反查理由“{reason}”过短，请至少写 {MIN_REASON_LENGTH} 个字，说明查看原始值的必要性。")
     token = body.token.strip().lower()
@@ -108,7 +112,7 @@ def check_request(body: ReidentificationIn) -> ReidentificationIn:
         raise invalid("TOKEN_INVALID", f"令牌“{body.token.strip()[:80]}”格式无效：应为数据提取中的 64 位十六进制字符串"
                                        "（0–9、a–f），请从数据提取中完整复制。")
     return ReidentificationIn(institution=institution, table=table, column=column, token=token,
-                              case_number=case_number, reason=reason)
+                              case_number=case_number, reason=reason, key_version=body.key_version)
 
 
 def _institution_name(session: Session, code: str) -> str:
@@ -144,7 +148,7 @@ def reidentify(session: Session, request: Request, caller: Principal, store: Key
     session.rollback()  # Release the connection while partitions are decrypted.
 
     target = published_token_column(settings, store, checked.institution, checked.table, checked.column)
-    versions = token_key_versions(store, checked.institution, target.manifest_key_version)
+    versions = token_key_versions(store, checked.institution, target.manifest_key_version, checked.key_version)
     found = find_raw_value(settings, store, target, checked.token, versions)
     if found is None:
         tried = "、".join(f"第 {key.version} 版" for key in versions) or "（无可用版本）"

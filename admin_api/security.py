@@ -108,7 +108,7 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "catalog.read": ("查看数据目录与分级分类", _REGULATORS | {"data_steward"}),
     "catalog.classify": ("确认或变更数据分级分类", frozenset({"data_steward"})),
     # Re-identification (令牌反查) reveals the raw personal value behind a token of an extract. Only the
-    # reviewer holds it: reviewers decide on cases, while analysts work with masked and aggregated data.
+    # reviewer role has it, because reviewers decide on cases while analysts work with masked and aggregated data.
     "tokens.reidentify": ("按案件反查令牌对应的原始值", frozenset({"regulator_reviewer"})),
     # Data quality (数据质量): institution users see their own institution's metrics only (admin_api.data_quality).
     "quality.read": ("查看数据质量指标", _REGULATORS | {"data_steward", "reporter", "institution_admin"}),

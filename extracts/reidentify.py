@@ -110,10 +110,10 @@ def _read_manifest(settings: Settings, keystore: KeyStore, institution: str) -> 
 
 
 def _find_table(manifest: dict, institution: str, table: str) -> dict:
-    wanted = {table, extract_table_name(table)}
+    names = {table, extract_table_name(table)}
     tables = manifest.get("tables", [])
     for entry in tables:
-        if entry.get("name") in wanted or entry.get("source", {}).get("table") == table:
+        if entry.get("name") in names or entry.get("source", {}).get("table") == table:
             return entry
     listed = "、".join(str(entry.get("name")) for entry in tables) or "无"
     raise ReidentifyError(
@@ -145,14 +145,25 @@ def published_token_column(settings: Settings, keystore: KeyStore, institution: 
                        build_id=str(manifest.get("build_id", "")))
 
 
-def token_key_versions(keystore: KeyStore, institution: str, preferred: int) -> list[KeyVersion]:
+def token_key_versions(keystore: KeyStore, institution: str, preferred: int,
+                       only: int | None = None) -> list[KeyVersion]:
     """Return the usable token key versions of the institution: ``preferred`` first, then the others newest first.
 
-    Usable means active or decrypt_only. At most :data:`MAX_KEY_VERSIONS` are returned.
+    Usable means active or decrypt_only. At most :data:`MAX_KEY_VERSIONS` are returned. With
+    ``only``, just that version is returned, and :class:`ReidentifyError` ``KEY_VERSION_UNUSABLE``
+    is raised when it is not usable.
     """
     usable = [entry["version"] for entry in keystore.metadata()["keys"]
               if entry["owner"] == institution and entry["kind"] == KIND_TOKEN
               and entry["state"] in (STATE_ACTIVE, STATE_DECRYPT_ONLY)]
+    if only is not None:
+        if only not in usable:
+            listed = "、".join(f"第 {version} 版" for version in sorted(usable)) or "无"
+            raise ReidentifyError(
+                "KEY_VERSION_UNUSABLE",
+                f"机构 {institution} 的令牌化密钥第 {only} 版不存在，或已吊销、销毁，不能用于反查。"
+                f"可用的版本：{listed}。不填密钥版本时会依次尝试全部可用版本。")
+        return [keystore.get(institution, KIND_TOKEN, only)]
     ordered = sorted(usable, key=lambda version: (version != preferred, -version))[:MAX_KEY_VERSIONS]
     return [keystore.get(institution, KIND_TOKEN, version) for version in ordered]
 

@@ -75,9 +75,9 @@ def small(env: Env) -> dict[str, int]:
     """Three test institutions and bank_a, three tasks and five uploads whose measures are worked out by hand.
 
     Task 1 (period P1, deadline D1) targets dq_a, dq_b, dq_c and bank_a. dq_a: submitted 2 days early,
-    10 rows without errors. dq_b: version 1 failed validation early with 5 errors on lines 2, 2, 5, 7
-    and one about the whole file (3 rows with errors of 10); version 2 was submitted a day late,
-    10 rows without errors. dq_c and bank_a: nothing. Task 2 (P2, D2) targets dq_a and dq_b. dq_a:
+    10 rows without errors. dq_b: version 1 failed validation early with 5 errors, on lines 2, 2, 5, 7
+    and one about the whole file, so 3 of its 10 rows have errors. Version 2 was submitted a day
+    late, 10 rows without errors. dq_c and bank_a: nothing. Task 2 (P2, D2) targets dq_a and dq_b. dq_a:
     submitted a day early, 4 rows without errors. dq_b: only a draft with errors, which does not count.
     Task 3 (P3) targets dq_a with a deadline still ahead, so it is not counted.
     """

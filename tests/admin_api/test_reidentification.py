@@ -261,17 +261,23 @@ def test_console_form_and_result(env: Env, warehouse: dict[str, pl.DataFrame]) -
     form = {"csrf_token": csrf, "institution": "bank_a", "table": "applications", "column": "id_number",
             "token": token_of(env, "bank_a", raw_id), "case_number": CASE, "reason": REASON}
 
-    shown = env.client.post("/console/reidentification", headers=cookie, data=form)
+    result_page = env.client.post("/console/reidentification", headers=cookie, data=form)
     missing = env.client.post("/console/reidentification", headers=cookie, data={**form, "case_number": ""})
     forged = env.client.post("/console/reidentification", headers=cookie, data={**form, "csrf_token": "x"})
+    bad_version = env.client.post("/console/reidentification", headers=cookie, data={**form, "key_version": "v1"})
+    named_version = env.client.post("/console/reidentification", headers=cookie, data={**form, "key_version": "1"})
 
-    assert shown.status_code == 200, shown.text
-    assert shown.headers["cache-control"] == "no-store"
-    assert f'<code id="reidentify-value">{raw_id}</code>' in shown.text
+    assert result_page.status_code == 200, result_page.text
+    assert result_page.headers["cache-control"] == "no-store"
+    assert f'<code id="reidentify-value">{raw_id}</code>' in result_page.text
     assert missing.status_code == 422
     assert "请填写案件编号" in missing.text
     assert raw_id not in missing.text
     assert forged.status_code == 403
+    assert bad_version.status_code == 422
+    assert "令牌化密钥版本“v1”无效" in bad_version.text
+    assert named_version.status_code == 200, named_version.text
+    assert "第 1 版" in named_version.text
 
 
 def test_console_hidden_from_analyst(env: Env) -> None:
@@ -316,8 +322,12 @@ def test_tokens_of_earlier_key_version(env: Env, warehouse: dict[str, pl.DataFra
 
     old = lookup(env, "reviewer", token=old_token)
     new = lookup(env, "reviewer", token=new_token)
+    named_old = lookup(env, "reviewer", token=old_token, key_version=1)
+    named_wrong = lookup(env, "reviewer", token=old_token, key_version=new_version)
+    named_missing = lookup(env, "reviewer", token=old_token, key_version=99)
     store.revoke("bank_a", KIND_TOKEN, 1, reason="测试：吊销旧令牌化密钥")
     revoked = lookup(env, "reviewer", token=old_token)
+    named_revoked = lookup(env, "reviewer", token=old_token, key_version=1)
 
     assert old.status_code == 200, old.text
     assert (old.json()["value"], old.json()["key_version"]) == (raw_id, 1)
@@ -325,3 +335,12 @@ def test_tokens_of_earlier_key_version(env: Env, warehouse: dict[str, pl.DataFra
     assert (new.json()["value"], new.json()["key_version"]) == (raw_id, new_version)
     assert revoked.status_code == 404, revoked.text
     assert revoked.json()["code"] == "TOKEN_NOT_FOUND"
+    assert named_old.status_code == 200, named_old.text
+    assert named_old.json()["key_version"] == 1
+    assert named_wrong.status_code == 404
+    assert named_wrong.json()["code"] == "TOKEN_NOT_FOUND"
+    assert named_missing.status_code == 422
+    assert named_missing.json()["code"] == "KEY_VERSION_UNUSABLE"
+    assert named_revoked.status_code == 422
+    assert named_revoked.json()["code"] == "KEY_VERSION_UNUSABLE"
+    assert f"第 {new_version} 版" in named_revoked.json()["detail"]
