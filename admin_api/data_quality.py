@@ -274,6 +274,12 @@ _cache: dict[int, int] = {}
 _cache_lock = threading.Lock()
 
 
+def clear_error_row_cache() -> None:
+    """Empty the process-wide cache of error-row counts, so the next report reads the findings files again."""
+    with _cache_lock:
+        _cache.clear()
+
+
 def _count_files(paths: dict[str, int]) -> dict[int, int]:
     """Count the rows with an error finding in each findings file (path -> upload id), in one DuckDB query."""
     listing = list(paths)
