@@ -27,6 +27,7 @@ from intake.validate import FINDINGS_SCHEMA
 
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events, console_cookie
+from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401 - fixture
 from .task_data import Seeder, Upload
 from .test_submissions import bank_a_licence, customer_row, loan_row, text_file, upload  # noqa: F401  # fixture
 
@@ -278,6 +279,40 @@ def test_console_page_denied_to_modeller(env: Env) -> None:
     cookie = console_cookie(env, "modeller_a")
 
     assert env.client.get("/console/data-quality", headers=cookie).status_code == 403
+
+
+def test_console_walkthrough_in_chromium(env: Env, small: dict[str, int],
+                                        served_admin_api: str) -> None:  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{served_admin_api}/console/login")
+            page.fill("input[name=username]", "analyst")
+            page.fill("input[name=password]", env.passwords["analyst"])
+            page.click("button[type=submit]")
+            page.wait_for_load_state()
+            page.click("header a:has-text('数据质量')")
+            page.wait_for_load_state()
+
+            page.select_option("#quality-institution", "dq_b")
+            page.fill("input[name=period_from]", "20180101")
+            page.fill("input[name=period_to]", "20181231")
+            page.uncheck("input[name=group_by][value=template]")
+            page.uncheck("input[name=group_by][value=period]")
+            page.click("#quality-submit")
+            page.wait_for_load_state()
+
+            table = page.locator("#quality-table")
+            assert table.locator("thead th").all_inner_texts()[:2] == ["机构代码", "机构名称"]
+            assert table.locator("tbody tr").count() == 1
+            assert table.locator("tbody td.completeness").inner_text() == "50.0%"
+            assert table.locator("tbody td.validity").inner_text() == "85.0%"
+            assert table.locator("tbody td.timeliness").inner_text() == "0.0%"
+        finally:
+            browser.close()
 
 
 # --- validation findings of a real upload ------------------------------------------------------------

@@ -31,6 +31,7 @@ from regsandbox_core.platform_keys import open_keystore
 
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events, console_cookie
+from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401 - fixture
 
 PATH = "/api/v1/reidentification"
 CASE = "沪金稽〔2026〕15号"
@@ -285,6 +286,42 @@ def test_console_hidden_from_analyst(env: Env) -> None:
 
     assert env.client.get("/console/reidentification", headers=cookie).status_code == 403
     assert 'id="nav-reidentification"' not in env.client.get("/console/", headers=cookie).text
+
+
+def test_console_walkthrough_in_chromium(env: Env, warehouse: dict[str, pl.DataFrame],
+                                        served_admin_api: str) -> None:  # noqa: F811
+    from playwright.sync_api import sync_playwright
+
+    raw_id = warehouse["bank_a"]["id_number"][13]
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page()
+            page.goto(f"{served_admin_api}/console/login")
+            page.fill("input[name=username]", "reviewer")
+            page.fill("input[name=password]", env.passwords["reviewer"])
+            page.click("button[type=submit]")
+            page.wait_for_load_state()
+            page.click("header a:has-text('令牌反查')")
+            page.wait_for_load_state()
+
+            page.select_option("#reidentify-institution", "bank_a")
+            page.fill("#reidentify-table", "applications")
+            page.fill("#reidentify-column", "id_number")
+            page.fill("#reidentify-token", token_of(env, "bank_a", raw_id))
+            page.fill("#reidentify-reason", REASON)
+            page.click("#reidentify-submit")
+            page.wait_for_load_state()
+            # The browser refuses the form without a case number, so nothing was sent.
+            assert page.locator("#reidentify-result").count() == 0
+
+            page.fill("#reidentify-case", CASE)
+            page.click("#reidentify-submit")
+            page.wait_for_load_state()
+            assert page.locator("#reidentify-value").inner_text() == raw_id
+            assert page.locator("#reidentify-case").input_value() == CASE
+        finally:
+            browser.close()
 
 
 # --- limit and key rotation (change state, so they run last) ---------------------------------------
