@@ -28,7 +28,8 @@ from sqlalchemy.orm import Session
 
 from admin_api.audit import add_event
 from admin_api.db import utc_now
-from admin_api.errors import ApiError, invalid, not_found
+from admin_api.deps import deny
+from admin_api.errors import ApiError, forbidden, invalid, not_found
 from admin_api.models import AuditEvent, Institution
 from admin_api.security import Principal
 from extracts.reidentify import find_raw_value, published_token_column, token_key_versions
@@ -142,6 +143,11 @@ def reidentify(session: Session, request: Request, caller: Principal, store: Key
     hourly limit, 404 ``TOKEN_NOT_FOUND`` when no warehouse value has this token, and the errors of
     :func:`extracts.reidentify.published_token_column`. The caller audits those as ``failed``.
     """
+    if caller.institution_code is not None:
+        # No institution role can be granted the capability (admin_api.roles.grantable_capabilities),
+        # so this only guards against a change to that rule.
+        raise deny(request, caller, CAPABILITY, forbidden(
+            "REIDENTIFY_FORBIDDEN", "令牌反查只对监管机构用户开放，机构用户不能反查任何机构的令牌。"))
     checked = check_request(body)
     institution_name = _institution_name(session, checked.institution)
     _check_rate(session, caller, settings)

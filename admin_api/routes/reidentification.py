@@ -22,12 +22,17 @@ router = APIRouter()
 
 def run_audited(request: Request, session: Session, caller: Principal,
                 body: reidentification.ReidentificationIn) -> reidentification.ReidentificationOut:
-    """Run the lookup. On a platform error, roll back, store a ``failed`` event with the request's fields, re-raise."""
+    """Run the lookup. On a platform error, roll back, store a ``failed`` event with the request's fields, re-raise.
+
+    A 403 comes from :func:`admin_api.deps.deny`, which stored a ``denied`` event already.
+    """
     try:
         return reidentification.reidentify(session, request, caller, request_keystore(request),
                                            request.app.state.settings, body)
     except RegsandboxError as error:
         session.rollback()
+        if error.status == 403:  # deny() stored the denial already
+            raise
         record_event(request, caller, reidentification.ACTION, reidentification.audit_resource(body), "failed",
                      {**reidentification.audit_detail(body), "code": error.code})
         raise

@@ -149,6 +149,16 @@ def test_other_roles_denied(env: Env, warehouse: dict[str, pl.DataFrame], userna
         ("tokens.reidentify", "denied")]
 
 
+def test_not_grantable_to_institution_roles(env: Env) -> None:
+    response = env.client.post("/api/v1/roles", headers=env.auth("sysadmin"), json={
+        "code": f"reid_{secrets.token_hex(3)}", "name": f"机构反查-{secrets.token_hex(3)}", "scope": "institution",
+        "capabilities": ["me.read", "tokens.reidentify"]})
+
+    assert response.status_code == 422, response.text
+    assert response.json()["code"] == "ROLE_CAPABILITY_INVALID"
+    assert "tokens.reidentify" in response.json()["detail"]
+
+
 def test_anonymous_denied(env: Env) -> None:
     response = lookup(env, None, token="0" * 64)
 
