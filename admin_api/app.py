@@ -57,7 +57,10 @@ from admin_api import console_me
 from admin_api import console_tasks, console_workbench
 from admin_api import console_submissions
 from admin_api import console_catalog, console_extracts
+from admin_api import console_data_quality, console_reidentification
 from admin_api.extract_rebuilds import RebuildQueue
+from admin_api.routes import data_quality as data_quality_routes
+from admin_api.routes import reidentification as reidentification_routes
 from admin_api.security import Principal, configure_password_hashing
 from admin_api.tasks import ReminderSender
 from admin_api.warehouse_recovery import recover_warehouse
@@ -202,12 +205,12 @@ def install_routes(app: FastAPI) -> None:
     """Add every API route, console page and the documentation pages to ``app``."""
     for module in (identity, audit_log, models, reports, keys, api_endpoints, messages, users, tokens,
                    institution_routes, role_routes, submissions, task_routes, report_data_routes, template_routes,
-                   catalog_routes, extract_routes):
+                   catalog_routes, extract_routes, reidentification_routes, data_quality_routes):
         app.include_router(module.router, prefix="/api/v1")
     for page_module in (console, console_keys, console_users, console_institutions, console_api_endpoints,
                         console_messages, console_user_admin, console_roles, console_me, console_tasks, console_workbench,
                         console_report_data, console_templates, console_submissions, console_catalog,
-                        console_extracts):
+                        console_extracts, console_reidentification, console_data_quality):
         app.include_router(page_module.router)
     _add_docs(app)
 

@@ -109,6 +109,8 @@ ACTION_LABELS = {
     "templates.download": "下载报表模板",
     "report_data.query": "查询报表数据",
     "report_data.export": "导出报表数据",
+    "tokens.reidentify": "按案件反查令牌原始值",
+    "quality.read": "查看数据质量指标",
 }
 """Names of the actions admin_api and the platform services write; denials use capability names."""
 
@@ -198,6 +200,14 @@ DETAIL_KEY_LABELS = {
     "institution_count": "机构数",
     "matching_rows": "匹配行数",
     "partitions": "读取分区数",
+    "table": "数据表",
+    "column": "字段",
+    "token": "令牌",
+    "case_number": "案件编号",
+    "token_key_version": "令牌化密钥版本",
+    "requested_key_version": "指定的令牌化密钥版本",
+    "period": "报告期",
+    "build_id": "数据提取版本",
 }
 
 

@@ -119,6 +119,11 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "policies.read": ("查看脱敏策略", frozenset({"security_admin", "data_steward", "audit_admin"})),
     "policies.draft": ("上传脱敏策略草稿", frozenset({"security_admin", "data_steward"})),
     "policies.approve": ("审批或驳回脱敏策略", frozenset({"security_admin"})),
+    # Re-identification (令牌反查) reveals the raw personal value behind a token of an extract. Only the
+    # reviewer role has it, because reviewers decide on cases while analysts work with masked and aggregated data.
+    "tokens.reidentify": ("按案件反查令牌对应的原始值", frozenset({"regulator_reviewer"})),
+    # Data quality (数据质量): institution users see their own institution's metrics only (admin_api.data_quality).
+    "quality.read": ("查看数据质量指标", _REGULATORS | {"data_steward", "reporter", "institution_admin"}),
 }
 
 

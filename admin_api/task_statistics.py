@@ -29,6 +29,7 @@ from fastapi import Request
 from sqlalchemy import Float, and_, case, cast, func, literal, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
+from sqlalchemy.sql.selectable import Subquery
 
 from admin_api.audit import add_event
 from admin_api.db import utc_now
@@ -116,6 +117,21 @@ def _period_range(year: int | None) -> list[ColumnElement[bool]]:
     return [ReportTask.period_end >= date(year, 1, 1), ReportTask.period_end <= date(year, 12, 31)]
 
 
+def first_submissions() -> Subquery:
+    """Return the subquery of the first time each (institution, template, period) reached a submitted state.
+
+    Columns: ``institution_id``, ``template_code``, ``period_end`` and ``first_at``, over every version.
+    """
+    return (
+        select(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end,
+               func.min(SubmissionEvent.at).label("first_at"))
+        .join(SubmissionEvent, SubmissionEvent.submission_id == ReportSubmission.id)
+        .where(SubmissionEvent.to_state.in_(SUBMITTED_STATES))
+        .group_by(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end)
+        .subquery("first_submission")
+    )
+
+
 def rate_rows(session: Session, grouping: Grouping, rate_filter: RateFilter, *, sort: str = "on_time_rate",
               descending: bool = False, now: datetime | None = None, limit: int | None = None) -> list[RateRow]:
     """Return the rates of each institution or each task with at least one due target, in one grouped query.
@@ -133,15 +149,7 @@ def rate_rows(session: Session, grouping: Grouping, rate_filter: RateFilter, *, 
     if rate_filter.template_code:
         task_conditions.append(ReportTask.template_code == rate_filter.template_code)
 
-    # First time each (institution, template, period) reached a submitted state, over every version.
-    first = (
-        select(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end,
-               func.min(SubmissionEvent.at).label("first_at"))
-        .join(SubmissionEvent, SubmissionEvent.submission_id == ReportSubmission.id)
-        .where(SubmissionEvent.to_state.in_(SUBMITTED_STATES))
-        .group_by(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end)
-        .subquery("first_submission")
-    )
+    first = first_submissions()
     accepted_now = (
         select(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end)
         .where(ReportSubmission.state == "accepted")

@@ -11,7 +11,7 @@ a mask or a generalisation, so the expressions also work on the typed columns of
 
 from __future__ import annotations
 
-from collections.abc import Iterable, Mapping
+from collections.abc import Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -154,6 +154,35 @@ def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
     return f"SELECT {', '.join(expressions)} FROM {relation} AS src {' '.join(joins)}"
 
 
+def distinct_text_values(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str]) -> list[str]:
+    """Return every distinct non-null value of ``columns`` in ``relation`` as the text that tokens are computed from."""
+    # DISTINCT as well as UNION: with one token column there is no UNION to remove repeated values,
+    # and a repeated value in the dictionary would repeat rows in the join.
+    union = " UNION ".join(
+        f"SELECT DISTINCT {_text(quote_identifier(column))} AS value FROM {relation} "
+        f"WHERE {quote_identifier(column)} IS NOT NULL"
+        for column in columns
+    )
+    return con.sql(union).to_arrow_table().column("value").to_pylist()
+
+
+def value_with_token(values: Iterable[str], keys: Sequence[bytes], token: bytes) -> tuple[str, int] | None:
+    """Return the first value whose HMAC-SM3 under one of ``keys`` is ``token``, with that key's index, or None.
+
+    The digests are those of :func:`token_dictionary` (which stores them as hex), compared as bytes
+    and without building a dictionary, so a search stops at its match.
+    """
+    keyed = [crypto_hmac.HMAC(key, hashes.SM3()) for key in keys]
+    for value in values:
+        data = value.encode("utf-8")
+        for index, base in enumerate(keyed):
+            mac = base.copy()
+            mac.update(data)
+            if mac.finalize() == token:
+                return value, index
+    return None
+
+
 def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes,
                      cache: dict[str, str] | None = None) -> pa.Table:
     """Return the (value, token) table of every distinct non-null value of ``columns`` in ``relation``.
@@ -163,14 +192,7 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
     """
     if not columns:
         return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})
-    # DISTINCT as well as UNION: with one token column there is no UNION to remove repeated values,
-    # and a repeated value in the dictionary would repeat rows in the join.
-    union = " UNION ".join(
-        f"SELECT DISTINCT {_text(quote_identifier(column))} AS value FROM {relation} "
-        f"WHERE {quote_identifier(column)} IS NOT NULL"
-        for column in columns
-    )
-    values = con.sql(union).to_arrow_table().column("value").to_pylist()
+    values = distinct_text_values(con, relation, columns)
     cache = {} if cache is None else cache
     # HMAC-SM3 of each value, as regsandbox_core.crypto.keyed_token computes it. Copying a keyed
     # HMAC object is about twice as fast as keying a new one for every value.

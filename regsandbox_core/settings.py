@@ -153,6 +153,11 @@ class Settings(BaseSettings):
         "institutions that have not submitted get a system message the configured days before the deadline and once "
         "after it.",
     )
+    reidentify_max_per_hour: int = Field(
+        default=20, ge=1, le=1000,
+        description="Maximum number of successful token re-identifications (令牌反查) per user in any 60 minutes. "
+        "A further request is rejected with REIDENTIFY_RATE_LIMITED (HTTP 429) until the oldest one is an hour old.",
+    )
     audit_export_max_rows: int = Field(
         default=100_000, ge=1, le=1_000_000,
         description="Maximum number of audit events in one CSV export; narrow the filter to export more.",
