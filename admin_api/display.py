@@ -198,6 +198,11 @@ DETAIL_KEY_LABELS = {
     "institution_count": "机构数",
     "matching_rows": "匹配行数",
     "partitions": "读取分区数",
+    "k": "k 匿名阈值",
+    "tables_below_k": "低于 k 的表",
+    "override_applied": "按强制发布处理",
+    "build_id": "构建编号",
+    "cause": "具体原因代码",
 }
 
 
