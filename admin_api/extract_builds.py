@@ -189,7 +189,7 @@ def run_builds(
     Every outcome is audited as described in the module docstring before the next build starts,
     and passed to ``on_result``. ``trigger`` (a key of :data:`TRIGGER_NAMES`) and ``reason`` go
     into the audit detail. ``k_override`` publishes builds below k; the caller must have checked
-    that its actor holds ``extracts.override_k`` (see :func:`override_k`). Returns the results in
+    that its actor has ``extracts.override_k`` (see :func:`override_k`). Returns the results in
     build order.
     """
     context: dict[str, Any] = {"trigger": trigger, **({"reason": reason} if reason else {})}
@@ -246,7 +246,7 @@ def override_k(
 ) -> tuple[BuildResult, dict[str, Any]]:
     """Build one institution's extract with a k-anonymity override by ``actor`` and audit the decision.
 
-    The caller must have checked that ``actor`` holds ``extracts.override_k``. A missing or too
+    The caller must have checked that ``actor`` has ``extracts.override_k``. A missing or too
     long ``reason`` raises KOverrideInvalid (400) before anything is built, audited ``failed``.
     The build is audited by :func:`run_builds` as ``extracts.build`` with trigger ``k_override``.
     Then one ``extracts.override_k`` event on ``extract:<code>`` records the reason, k, the tables

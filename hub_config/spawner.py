@@ -13,7 +13,8 @@ extract: the SM2 signature of its manifest against ``extracts/platform_signing_k
 by default, the SM3 digest of every table file. An extract that does not verify refuses the
 start with a Chinese message and a ``sandbox.spawn`` audit event with outcome ``denied`` and code
 ``EXTRACT_MANIFEST_INVALID``. An institution without a published extract is allowed to start,
-because a new institution has no data yet and the kernel helper tells the modeller so.
+because a new institution has no data yet, and the kernel helper then reports ``EXTRACT_DIR_MISSING``
+in the notebook.
 """
 
 from __future__ import annotations
@@ -219,7 +220,7 @@ class InstitutionSpawner(LocalProcessSpawner):
         True,
         help="""Before each start, also compare every table file of the institution's extract with its SM3 digest.
 
-        The SM2 signature of the manifest is verified on every start in any case; this adds one
+        The SM2 signature of the manifest is verified on every start in any case. This adds one
         read of the whole extract. Default True. Example:
         ``c.InstitutionSpawner.verify_extract_tables = False`` for extracts too large to read at each start.
         """,
@@ -305,7 +306,7 @@ class InstitutionSpawner(LocalProcessSpawner):
         self._institution_code = institution_code
         self._role = role
 
-        # A tampered or incomplete extract must not reach a sandbox; check it before preparing anything for it.
+        # A tampered or incomplete extract must not reach a sandbox, so it is checked before anything is prepared.
         build = await self.check_extract(role, institution_code)
 
         # Unix account, home and extract permissions: blocking commands, run off the event loop.

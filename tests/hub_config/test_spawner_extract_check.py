@@ -31,7 +31,7 @@ from tests.hub_config.extract_files import write_extract
 
 
 class AuditRecorder(BaseHTTPRequestHandler):
-    """Stores each POST body with its Authorization header and answers 201, as admin_api does."""
+    """Stores each POST body with its Authorization header and responds with 201, as admin_api does."""
 
     received: list[tuple[str, dict]] = []
 
