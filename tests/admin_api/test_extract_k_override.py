@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import secrets
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from sqlalchemy import select
@@ -24,8 +25,9 @@ from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.signing import verify_file
 
 from .conftest import BACKENDS, Env, backend_env
-from .helpers import audit_events, console_cookie
-from .test_extracts import build, console_post
+from .helpers import audit_events, console_cookie, serve_admin_api
+from .test_console_keys import CHROMIUM, CHROMIUM_ARGS
+from .test_extracts import _sign_in, build, console_post
 
 K = 8
 SMALLEST_CLASS = {"bank_a": 6, "bank_b": 8, "bank_c": 7}
@@ -199,20 +201,53 @@ def test_override_when_k_met_not_recorded(k_env: Env) -> None:
     assert (decision["override_applied"], decision["status"]) == (False, "published")
 
 
-def test_console_override_publishes(k_env: Env) -> None:
+def test_console_blank_reason_rejected(k_env: Env) -> None:
     refused = k_env.client.get("/console/extracts/bank_c", headers=console_cookie(k_env, "secadmin"))
-    assert 'id="override-k"' in refused.text
 
     blank = console_post(k_env, "secadmin", "/console/extracts/bank_c/publish-below-k", {"override_reason": " "})
-    done = console_post(k_env, "secadmin", "/console/extracts/bank_c/publish-below-k",
-                        {"override_reason": "控制台强制发布测试"})
-    page = k_env.client.get(done.headers["location"], headers=console_cookie(k_env, "secadmin"))
 
+    assert 'id="override-k"' in refused.text
     assert blank.status_code == 400
     assert "须填写理由" in blank.text
-    assert done.status_code == 303
-    assert done.headers["location"] == "/console/extracts/bank_c?done=overridden"
-    assert "已按安全管理员的决定强制发布" in page.text
-    assert 'id="override-k"' not in page.text
-    assert manifest(k_env, "bank_c")["k_anonymity"]["override"]["reason"] == "控制台强制发布测试"
+    assert 'id="override-k"' in blank.text
+    assert current_build(k_env.settings, "bank_c") is None
+    assert [event.outcome for event in override_events(k_env, "bank_c")] == ["failed"]
+
+
+@pytest.fixture
+def served_k_env(k_env: Env, tmp_path: Path) -> Iterator[str]:
+    """Serve the environment with uvicorn on 127.0.0.1 for the browser; return its URL."""
+    with serve_admin_api(k_env, tmp_path / "uvicorn.log", REGSANDBOX_TOTP_REQUIRED_ROLES="[]",
+                         REGSANDBOX_EXTRACT_K_ANONYMITY=str(K)) as url:
+        yield url
+
+
+def test_override_in_chromium(k_env: Env, served_k_env: str) -> None:
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            admin = _sign_in(browser, served_k_env, k_env, "secadmin")
+            admin.click("header a:has-text('数据提取')")
+            admin.wait_for_load_state()
+            admin.click("#extract-bank_c a")
+            admin.wait_for_load_state()
+            figures = admin.locator("#k-report tbody tr").inner_text()
+            admin.fill("#override-k textarea[name=override_reason]", "浏览器中强制发布测试")
+            admin.click("#override-k button[type=submit]")
+            admin.wait_for_load_state()
+            notice = admin.locator("p.notice").inner_text()
+            published = admin.locator("#published-k").inner_text()
+            form_left = admin.locator("#override-k").count()
+        finally:
+            browser.close()
+
+    assert "applications" in figures
+    assert str(SMALLEST_CLASS["bank_c"]) in figures.split()
+    assert "已按安全管理员的决定强制发布" in notice
+    assert "由安全管理员 secadmin" in published
+    assert "浏览器中强制发布测试" in published
+    assert form_left == 0
+    assert manifest(k_env, "bank_c")["k_anonymity"]["override"]["reason"] == "浏览器中强制发布测试"
     assert [event.outcome for event in override_events(k_env, "bank_c")] == ["failed", "success"]
