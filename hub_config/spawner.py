@@ -36,9 +36,9 @@ from traitlets import Bool, Float, List, Unicode, default
 
 from hub_config.authenticator import service_headers
 from regsandbox_core.errors import RegsandboxError
-from regsandbox_kernel.extract import TRUSTED_KEYS_NAME, verify_extract
 from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets, mlflow_password
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
+from regsandbox_kernel.extract import TRUSTED_KEYS_NAME, verify_extract
 
 _INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 _UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
