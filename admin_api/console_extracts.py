@@ -1,4 +1,4 @@
-"""Console pages 数据提取 (published extracts, build history, rebuilds) and 脱敏策略 (drafts and approval).
+"""Console pages 数据提取 (published extracts, build history, rebuilds, k-anonymity overrides) and 脱敏策略.
 
 The pages call the same functions as the API (:mod:`admin_api.extract_builds`,
 :mod:`admin_api.masking_policies`) with the same capabilities, so every build, upload, approval
@@ -21,6 +21,7 @@ from admin_api.errors import invalid
 from admin_api.keyaccess import request_keystore
 from admin_api.routes.extracts import PURPOSE_MAX_LENGTH, institution_extract
 from admin_api.security import Principal
+from extracts.kanon import OVERRIDE_REASON_MAX
 from regsandbox_core.errors import RegsandboxError
 
 router = APIRouter(prefix="/console", include_in_schema=False)
@@ -30,6 +31,8 @@ _NOTICES = {
     "uploaded": "已上传脱敏策略草稿，须由另一名安全管理员审批后生效。",
     "approved": "已审批并以平台 SM2 密钥签署该脱敏策略。新策略在下次生成数据提取时生效，可在“数据提取”页面重新生成。",
     "rejected": "已驳回该脱敏策略草稿。",
+    "overridden": "已按安全管理员的决定强制发布该机构的数据提取，理由与低于 k 的表已记入审计日志和数据提取清单。",
+    "override_not_needed": "新构建已满足 k 匿名要求，无需强制发布：已按普通重新生成处理，清单中不记录强制发布。",
 }
 
 
@@ -67,9 +70,11 @@ def extracts_page(request: Request, session: Session = Depends(get_session),
 
 def _detail_page(request: Request, session: Session, caller: Principal, code: str, *, status_code: int = 200,
                  error: str | None = None) -> Response:
+    extract = institution_extract(request, session, code)
     return _page(request, "extract_detail.html", caller, status_code=status_code, error=error,
-                 notice=None if error else _notice(request), extract=institution_extract(request, session, code),
-                 purpose_max=PURPOSE_MAX_LENGTH)
+                 notice=None if error else _notice(request), extract=extract,
+                 k_refusal=extract_builds.k_refusal(extract["history"], code),
+                 purpose_max=PURPOSE_MAX_LENGTH, override_reason_max=OVERRIDE_REASON_MAX)
 
 
 @router.get("/extracts/{code}", response_class=HTMLResponse)
@@ -128,6 +133,33 @@ def build_one_form(code: str, request: Request, purpose: str = Form(default="", 
         return _detail_page(request, session, caller, code, status_code=results[0].error.status,
                             error=f"机构 {code} 的数据提取未生成：{results[0].error.message}")
     return RedirectResponse(f"/console/extracts/{code}?done=built&{_counts(results)}", status_code=303)
+
+
+@router.post("/extracts/{code}/publish-below-k", response_class=HTMLResponse)
+def publish_below_k_form(code: str, request: Request,
+                         override_reason: str = Form(default="", max_length=OVERRIDE_REASON_MAX),
+                         csrf: str = Form(default="", alias="csrf_token", max_length=200),
+                         session: Session = Depends(get_session),
+                         caller: Principal = Depends(require("extracts.override_k", console=True))) -> Response:
+    """Publish an extract below k with a reason (same as POST /api/v1/extracts/{code}/publish-below-k)."""
+    _check_csrf(request, caller, "extracts.override_k", csrf)
+    try:
+        extract_builds.check_known(session, request.app.state.settings, code)
+    except RegsandboxError as error:
+        _failed(request, session, caller, extract_builds.OVERRIDE_ACTION, f"extract:{code[:32]}", error)
+        raise
+    try:
+        result, detail = extract_builds.override_k(
+            request.app.state.session_factory, request.app.state.settings, request_keystore(request),
+            extract_builds.BuildActor.of_request(request, caller), code, override_reason,
+            unix_group_prefix=request.app.state.settings.unix_prefix)
+    except RegsandboxError as error:  # an invalid reason, audited by override_k
+        return _detail_page(request, session, caller, code, status_code=error.status, error=error.message)
+    if result.error is not None:
+        return _detail_page(request, session, caller, code, status_code=result.error.status,
+                            error=f"机构 {code} 的数据提取未强制发布：{result.error.message}")
+    done = "overridden" if detail["override_applied"] else "override_not_needed"
+    return RedirectResponse(f"/console/extracts/{code}?done={done}", status_code=303)
 
 
 # --- masking policies --------------------------------------------------------------------------------

@@ -207,7 +207,11 @@ DETAIL_KEY_LABELS = {
     "token_key_version": "令牌化密钥版本",
     "requested_key_version": "指定的令牌化密钥版本",
     "period": "报告期",
-    "build_id": "数据提取版本",
+    "build_id": "构建编号",
+    "k": "k 匿名阈值",
+    "tables_below_k": "低于 k 的表",
+    "override_applied": "按强制发布处理",
+    "cause": "具体原因代码",
 }
 
 

@@ -47,6 +47,7 @@ _FIELD_NAMES = {
     "purpose": "重新生成原因",
     "content": "脱敏策略内容",
     "rejection_reason": "驳回原因",
+    "override_reason": "强制发布理由",
 }
 
 

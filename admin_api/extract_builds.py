@@ -7,8 +7,10 @@ every build fails with ``POLICY_NOT_APPROVED``. Each institution's outcome becom
 ``extracts.build`` on ``extract:<code>``, committed at once. A published or unchanged build is
 ``success`` with the build id, policy, token key, tables and manifest SM3. Any other outcome is
 ``failed`` with the error code and Chinese message (missing token key, a policy that does not
-verify, an unwritable extract folder, ...). A failure that concerns no single institution (no
-data in the warehouse) is audited on ``extract:*``.
+verify, an unwritable extract folder, ...). A build refused for k-anonymity
+(``EXTRACT_K_ANONYMITY_BELOW``) also stores k and the figures of the tables below k under
+``k_anonymity``. A failure that concerns no single institution (no data in the warehouse) is
+audited on ``extract:*``.
 
 Callers are the API and console (:mod:`admin_api.routes.extracts`), the operator command
 ``python -m admin_api.manage extracts-build`` that ``regsandbox init`` runs, and the rebuild after
@@ -37,6 +39,7 @@ from admin_api.security import Principal
 from catalog.classes import ColumnClass
 from extracts.builder import WORK_DIR_PREFIX, ExtractOutcome, WarehouseMissingError, build_institution, warehouse_codes
 from extracts.features import CrossInstitutionFeatures
+from extracts.kanon import KAnonymityBelowError, KOverride, KOverrideInvalid
 from extracts.policy import MaskingPolicy, PolicyNotApproved, load_approved_policy
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.keystore import KeyStore
@@ -45,10 +48,13 @@ from regsandbox_core.settings import Settings
 logger = logging.getLogger(__name__)
 
 BUILD_ACTION = "extracts.build"
+OVERRIDE_ACTION = "extracts.override_k"
+K_BELOW_CODE = "EXTRACT_K_ANONYMITY_BELOW"
 ALL_RESOURCE = "extract:*"
 HISTORY_LIMIT = 50
 STATUS_NAMES = {"published": "已发布新版本", "unchanged": "数据未变化", "failed": "失败"}
-TRIGGER_NAMES = {"manual": "人工触发", "init": "平台初始化", "catalog_change": "分级分类变更", "operator": "运维命令"}
+TRIGGER_NAMES = {"manual": "人工触发", "init": "平台初始化", "catalog_change": "分级分类变更", "operator": "运维命令",
+                 "k_override": "安全管理员强制发布"}
 
 
 @dataclass(frozen=True)
@@ -88,6 +94,8 @@ class BuildResult:
                                 for table in self.outcome.tables]
         if self.error is not None:
             result["code"], result["message"] = self.error.code, self.error.message
+            if isinstance(self.error, KAnonymityBelowError):
+                result["k_anonymity"] = self.error.k_anonymity
         return result
 
 
@@ -104,12 +112,12 @@ def catalog_classes(session: Session) -> dict[tuple[str, str], ColumnClass]:
 
 
 def _store_event(session_factory: sessionmaker[Session], actor: BuildActor, resource: str, outcome: str,
-                 detail: dict[str, Any]) -> None:
+                 detail: dict[str, Any], action: str = BUILD_ACTION) -> None:
     session = session_factory()
     try:
         session.add(AuditEvent(
             request_id=actor.request_id, actor=actor.username[:64], role=actor.role,
-            institution_code=actor.institution_code, source_ip=actor.source_ip, action=BUILD_ACTION,
+            institution_code=actor.institution_code, source_ip=actor.source_ip, action=action,
             resource=resource, outcome=outcome, detail=json.dumps(detail, ensure_ascii=False, sort_keys=True),
         ))
         session.commit()
@@ -124,9 +132,11 @@ def _audit(session_factory: sessionmaker[Session], actor: BuildActor, result: Bu
                      {**context, **result.outcome.audit_detail()})
         return
     assert result.error is not None
-    _store_event(session_factory, actor, f"extract:{result.institution}", "failed",
-                 {**context, "institution": result.institution, "code": result.error.code,
-                  "message": result.error.message})
+    detail = {**context, "institution": result.institution, "code": result.error.code,
+              "message": result.error.message}
+    if isinstance(result.error, KAnonymityBelowError):
+        detail["k_anonymity"] = result.error.k_anonymity
+    _store_event(session_factory, actor, f"extract:{result.institution}", "failed", detail)
 
 
 def _unix_group(prefix: str | None, code: str) -> str | None:
@@ -137,10 +147,12 @@ def _unix_group(prefix: str | None, code: str) -> str | None:
 
 
 def _build_one(settings: Settings, keystore: KeyStore, code: str, classes: dict, policy: MaskingPolicy,
-               unix_group_prefix: str | None, features: CrossInstitutionFeatures) -> BuildResult:
+               unix_group_prefix: str | None, features: CrossInstitutionFeatures,
+               k_override: KOverride | None) -> BuildResult:
     try:
         outcome = build_institution(settings, code, classes=classes, policy=policy, keystore=keystore,
-                                    unix_group=_unix_group(unix_group_prefix, code), features=features)
+                                    unix_group=_unix_group(unix_group_prefix, code), features=features,
+                                    k_override=k_override)
     except RegsandboxError as error:
         logger.warning("extract of %s not built: %s", code, error.code)
         return BuildResult(code, error=error)
@@ -173,12 +185,15 @@ def run_builds(
     reason: str | None = None,
     unix_group_prefix: str | None = None,
     on_result: Callable[[BuildResult], None] | None = None,
+    k_override: KOverride | None = None,
 ) -> list[BuildResult]:
     """Build the extracts of ``institutions`` (default: every institution in the warehouse), one at a time.
 
     Every outcome is audited as described in the module docstring before the next build starts,
     and passed to ``on_result``. ``trigger`` (a key of :data:`TRIGGER_NAMES`) and ``reason`` go
-    into the audit detail. Returns the results in build order.
+    into the audit detail. ``k_override`` publishes builds below k; the caller must have checked
+    that its actor has ``extracts.override_k`` (see :func:`override_k`). Returns the results in
+    build order.
     """
     context: dict[str, Any] = {"trigger": trigger, **({"reason": reason} if reason else {})}
     with session_factory() as session:
@@ -209,12 +224,69 @@ def run_builds(
                 assert policy_error is not None
                 result = BuildResult(code, error=policy_error)
             else:
-                result = _build_one(settings, keystore, code, classes, policy, unix_group_prefix, features)
+                result = _build_one(settings, keystore, code, classes, policy, unix_group_prefix, features, k_override)
             _audit(session_factory, actor, result, context)
             if on_result is not None:
                 on_result(result)
             results.append(result)
     return results
+
+
+def _tables_below_k(section: dict[str, Any]) -> list[dict[str, Any]]:
+    """Return the figures of the tables below k in a manifest's ``k_anonymity`` section."""
+    return [{key: table.get(key) for key in ("table", "quasi_identifiers", "rows", "min_class_size",
+                                             "classes_below_k", "records_below_k", "share_below_k")}
+            for table in section.get("tables", []) if table.get("classes_below_k")]
+
+
+def override_k(
+    session_factory: sessionmaker[Session],
+    settings: Settings,
+    keystore: KeyStore,
+    actor: BuildActor,
+    institution_code: str,
+    reason: str,
+    *,
+    unix_group_prefix: str | None = None,
+) -> tuple[BuildResult, dict[str, Any]]:
+    """Build one institution's extract with a k-anonymity override by ``actor`` and audit the decision.
+
+    The caller must have checked that ``actor`` has ``extracts.override_k``. A missing or too
+    long ``reason`` raises KOverrideInvalid (400) before anything is built, audited ``failed``.
+    The build is audited by :func:`run_builds` as ``extracts.build`` with trigger ``k_override``.
+    Then one ``extracts.override_k`` event on ``extract:<code>`` records the reason, k, the tables
+    below k with their figures, the build id and ``override_applied``. It is ``failed`` with the
+    error code when the build failed. When the build meets k, the override is not needed: the
+    build is published or unchanged like any rebuild, its manifest records no override, and
+    ``override_applied`` is false. Returns the build result and the detail of that event.
+    """
+    resource = f"extract:{institution_code}"
+    try:
+        override = KOverride(actor.username, reason)
+    except KOverrideInvalid as error:
+        _store_event(session_factory, actor, resource, "failed",
+                     {"institution": institution_code, "code": error.code, "message": error.message},
+                     action=OVERRIDE_ACTION)
+        raise
+
+    result = run_builds(session_factory, settings, keystore, actor, [institution_code], trigger="k_override",
+                        reason=override.reason, unix_group_prefix=unix_group_prefix, k_override=override)[0]
+
+    detail: dict[str, Any] = {"institution": institution_code, "reason": override.reason, "status": result.status}
+    if result.outcome is None:
+        assert result.error is not None
+        detail.update(code=result.error.code, message=result.error.message, override_applied=False)
+        _store_event(session_factory, actor, resource, "failed", detail, action=OVERRIDE_ACTION)
+        return result, detail
+    section = result.outcome.k_anonymity
+    # An unchanged build keeps the published one, whose manifest may record an earlier override.
+    applied = result.outcome.status == "published" and section.get("override") is not None
+    detail.update(build_id=result.outcome.build_id, k=section.get("k"), override_applied=applied,
+                  tables_below_k=_tables_below_k(section) if applied else [])
+    _store_event(session_factory, actor, resource, "success", detail, action=OVERRIDE_ACTION)
+    logger.info("k-anonymity override of %s by %s: build %s, %s, applied %s", institution_code, actor.username,
+                result.outcome.build_id, result.outcome.status, applied)
+    return result, detail
 
 
 # --- what the pages show ----------------------------------------------------------------------------
@@ -272,5 +344,14 @@ def build_history(session: Session, institution_code: str | None, limit: int = H
             "reason": detail.get("reason"), "build_id": detail.get("build_id"),
             "policy_version": (detail.get("policy") or {}).get("version"), "token_key": detail.get("token_key"),
             "manifest_sm3": detail.get("manifest_sm3"), "code": detail.get("code"), "message": detail.get("message"),
+            "k_anonymity": detail.get("k_anonymity"),
         })
     return history
+
+
+def k_refusal(history: list[dict[str, Any]], institution_code: str) -> dict[str, Any] | None:
+    """Return the newest build of ``institution_code`` in ``history`` when it was refused for k-anonymity, else None."""
+    own = [item for item in history if item["institution"] == institution_code]
+    if own and own[0]["code"] == K_BELOW_CODE:
+        return own[0]
+    return None

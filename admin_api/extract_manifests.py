@@ -108,4 +108,12 @@ def manifest_summary(manifest: PublishedManifest) -> dict[str, Any]:
         "policy": {"name": policy.get("name"), "version": policy.get("version"), "sm3": policy.get("sm3")},
         "token_key": document.get("token_key"), "token_key_version": document.get("token_key_version"),
         "manifest_sm3": manifest.manifest_sm3, "signature_key": manifest.signature_key, "tables": tables,
+        "k_anonymity": _k_summary(document.get("k_anonymity")),
     }
+
+
+def _k_summary(section: Any) -> dict[str, Any] | None:
+    """Return k, whether every table met it and the override of a manifest's ``k_anonymity`` section."""
+    if not isinstance(section, dict):
+        return None
+    return {"k": section.get("k"), "passed": section.get("passed"), "override": section.get("override")}

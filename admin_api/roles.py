@@ -49,7 +49,7 @@ ADMINISTRATOR_ROLES = frozenset({"system_admin", "security_admin", "audit_admin"
 SEPARATED_DUTIES: dict[str, frozenset[str]] = {
     "system_admin": frozenset({"users.write", "roles.write", "institutions.write", "schedules.write",
                                "api_endpoints.write"}),
-    "security_admin": frozenset({"keys.operate", "policies.approve"}),
+    "security_admin": frozenset({"keys.operate", "policies.approve", "extracts.override_k"}),
     "audit_admin": frozenset({"audit.read"}),
 }
 """Capabilities reserved to each of the three administrators; a custom role may draw on one of these sets at most."""

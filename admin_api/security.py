@@ -114,6 +114,9 @@ CAPABILITIES: dict[str, tuple[str, frozenset[str]]] = {
     "extracts.read": ("查看数据提取的构建信息", _REGULATORS | {"system_admin", "security_admin", "data_steward",
                                                    "institution_admin", "modeller"}),
     "extracts.build": ("重新生成数据提取", frozenset({"system_admin", "security_admin"})),
+    # Publishing an extract that the k-anonymity check refused is a security decision: the security
+    # administrator only, with a reason, audited as extracts.override_k (admin_api.extract_builds.override_k).
+    "extracts.override_k": ("强制发布未达到 k 匿名要求的数据提取", frozenset({"security_admin"})),
     # Masking policies (脱敏策略): the steward or a security administrator uploads a version; another
     # security administrator approves it (four-eyes, admin_api.masking_policies).
     "policies.read": ("查看脱敏策略", frozenset({"security_admin", "data_steward", "audit_admin"})),

@@ -37,9 +37,17 @@ OVERRIDE_REASON_MAX = 500
 
 
 class KAnonymityBelowError(RegsandboxError):
-    """A table of the new build has an equivalence class smaller than k and no override was given."""
+    """A table of the new build has an equivalence class smaller than k and no override was given.
+
+    ``k_anonymity`` contains k and the figures of the tables below k (manifest entries of
+    :class:`TableReport`), for the audit event of the refused build and the override form.
+    """
 
     status = 409
+
+    def __init__(self, code: str, message: str, *, k_anonymity: dict[str, Any] | None = None) -> None:
+        super().__init__(code, message)
+        self.k_anonymity = k_anonymity or {}
 
 
 class KOverrideInvalid(RegsandboxError):
@@ -234,6 +242,7 @@ def enforce(institution_code: str, report: KAnonymityReport, override: KOverride
             "准标识符的泛化只用于按规则保留原值的列；未经数据管理员确认分类的列按 4 级处理（多为令牌化），不做这种泛化，请先确认这些列的分类。"
             "仍不满足时，请在脱敏策略的 quasi_identifiers 中对这些列做更粗的泛化（bands 或 prefix）并重新审批策略；"
             "确需发布时，由安全管理员填写理由后强制发布（记入审计日志）。",
+            k_anonymity={"k": report.k, "passed": False, "tables_below_k": [table.manifest_entry() for table in below]},
         )
     return {"actor": override.actor, "reason": override.reason,
             "at": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),

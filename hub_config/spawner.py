@@ -7,12 +7,21 @@ The operating system then keeps institutions apart, whatever code runs in the no
 
 Without root the servers run as the hub's own Unix user and institutions are NOT isolated.
 The spawner logs a warning on every start in that mode.
+
+Before anything is prepared, :func:`check_published_extract` verifies the institution's published
+extract: the SM2 signature of its manifest against ``extracts/platform_signing_keys.json`` and,
+by default, the SM3 digest of every table file. An extract that does not verify refuses the
+start with a Chinese message and a ``sandbox.spawn`` audit event with outcome ``denied`` and code
+``EXTRACT_MANIFEST_INVALID``. An institution without a published extract is allowed to start,
+because a new institution has no data yet, and the kernel helper then reports ``EXTRACT_DIR_MISSING``
+in the notebook.
 """
 
 from __future__ import annotations
 
 import asyncio
 import grp
+import json
 import os
 import pwd
 import re
@@ -29,6 +38,7 @@ from hub_config.authenticator import service_headers
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import PlatformSecrets, load_platform_secrets, mlflow_password
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
+from regsandbox_kernel.extract import TRUSTED_KEYS_NAME, verify_extract
 
 _INSTITUTION_CODE = re.compile(r"^[a-z][a-z0-9_]{1,31}$")
 _UNIX_NAME = re.compile(r"^[a-z_][a-z0-9_.-]{0,31}$")
@@ -36,6 +46,9 @@ _NOLOGIN_SHELL = "/usr/sbin/nologin"
 
 MESSAGE_ROLE_DENIED = "仅建模人员可以启动建模沙箱"
 MESSAGE_NO_ACCOUNT_STATE = "未找到您的角色信息，请退出后重新登录再启动建模沙箱。"
+EXTRACT_INVALID_CODE = "EXTRACT_MANIFEST_INVALID"
+AUDIT_MESSAGE_MAX = 1500
+"""Characters of a refusal message kept in the audit detail, which admin_api limits to 4,000."""
 
 # Unix users and groups are created by one spawn at a time, so two modellers of one
 # institution starting together do not both run groupadd for the same group.
@@ -50,6 +63,63 @@ def _platform_secrets(settings: Settings) -> PlatformSecrets:
     if settings.secrets_dir not in _SECRETS_CACHE:
         _SECRETS_CACHE[settings.secrets_dir] = load_platform_secrets(settings)
     return _SECRETS_CACHE[settings.secrets_dir]
+
+
+def check_published_extract(settings: Settings, institution_code: str, *, tables: bool = True) -> str | None:
+    """Verify the published extract of ``institution_code``; return its build folder name, or None when none exists.
+
+    ``extracts/<code>`` that does not exist at all means nothing is published yet. A link that
+    exists but leads nowhere, or a folder that does not verify, raises the RegsandboxError of
+    :func:`regsandbox_kernel.verify_extract`. ``tables`` also compares every table file with its
+    SM3 digest, which reads the whole extract once.
+    """
+    link = settings.extracts_dir / institution_code
+    if not os.path.lexists(link):
+        return None
+    verify_extract(link, institution_code, settings.extracts_dir / TRUSTED_KEYS_NAME, tables=tables)
+    return Path(os.path.realpath(link)).name
+
+
+def extract_refusal(institution_code: str, error: RegsandboxError) -> tuple[SpawnException, str]:
+    """Return the SpawnException shown to the modeller and the JSON audit detail for an extract that does not verify."""
+    message = (
+        f"机构 {institution_code} 的数据提取未通过完整性校验，为防止使用被篡改或不完整的数据，已拒绝启动建模沙箱。"
+        f"原因：{error.message} 请联系系统管理员重新生成本机构的数据提取后再启动。"
+    )
+    detail = json.dumps(
+        {"code": EXTRACT_INVALID_CODE, "cause": error.code, "institution": institution_code,
+         "message": error.message[:AUDIT_MESSAGE_MAX]},
+        ensure_ascii=False,
+    )
+    return SpawnException(message, reason="extract_invalid", status_code=500), detail
+
+
+async def post_spawn_audit(spawner, admin_api_url: str, timeout: float, outcome: str, role: str | None,
+                           institution_code: str | None, detail: str) -> None:
+    """Send a ``sandbox.spawn`` audit event of ``spawner``'s user to admin_api.
+
+    A failed post is logged, not raised, so it never changes whether the sandbox starts.
+    """
+    event = {
+        "actor": spawner.user.name,
+        "role": role,
+        "action": "sandbox.spawn",
+        "resource": f"sandbox:{spawner.user.name}",
+        "outcome": outcome,
+        "institution_code": institution_code,
+        "detail": detail,
+    }
+    if getattr(spawner, "handler", None) is not None:
+        event["source_ip"] = spawner.handler.request.remote_ip
+    url = f"{admin_api_url.rstrip('/')}/api/v1/audit/events"
+    try:
+        secrets = _platform_secrets(get_settings())
+        async with httpx.AsyncClient(timeout=timeout) as client:
+            response = await client.post(url, json=event, headers=service_headers(secrets.service_token))
+        response.raise_for_status()
+    except Exception as error:
+        spawner.log.error("Could not store audit event %s/%s for %s: %s", "sandbox.spawn", outcome, spawner.user.name,
+                          error)
 
 
 class InstitutionSpawner(LocalProcessSpawner):
@@ -146,6 +216,16 @@ class InstitutionSpawner(LocalProcessSpawner):
         help="Seconds to wait for admin_api to store an audit event. A failed post is logged, not fatal. Default 5.",
     ).tag(config=True)
 
+    verify_extract_tables = Bool(
+        True,
+        help="""Before each start, also compare every table file of the institution's extract with its SM3 digest.
+
+        The SM2 signature of the manifest is verified on every start in any case. This adds one
+        read of the whole extract. Default True. Example:
+        ``c.InstitutionSpawner.verify_extract_tables = False`` for extracts too large to read at each start.
+        """,
+    ).tag(config=True)
+
     interpreter_probe_timeout = Float(
         60.0,
         help="""Seconds that the check "can the sandbox user run the interpreter" may take. Default 60.""",
@@ -226,6 +306,9 @@ class InstitutionSpawner(LocalProcessSpawner):
         self._institution_code = institution_code
         self._role = role
 
+        # A tampered or incomplete extract must not reach a sandbox, so it is checked before anything is prepared.
+        build = await self.check_extract(role, institution_code)
+
         # Unix account, home and extract permissions: blocking commands, run off the event loop.
         if self.isolated:
             self._unix_user, self._home = await asyncio.to_thread(self._provision_unix_account, institution_code)
@@ -256,8 +339,27 @@ class InstitutionSpawner(LocalProcessSpawner):
         except Exception as error:
             await self._post_audit("failed", role, institution_code, f"启动建模沙箱失败：{type(error).__name__}")
             raise
-        await self._post_audit("success", role, institution_code, f"以 Unix 用户 {self._unix_user} 启动建模沙箱")
+        extract_note = f"数据提取 {build} 已通过签名校验" if build else "本机构尚无数据提取"
+        await self._post_audit("success", role, institution_code,
+                               f"以 Unix 用户 {self._unix_user} 启动建模沙箱；{extract_note}")
         return address
+
+    async def check_extract(self, role: str | None, institution_code: str) -> str | None:
+        """Verify the institution's published extract; return its build folder name, or None when none is published.
+
+        When it does not verify, posts a ``denied`` ``sandbox.spawn`` event with code
+        ``EXTRACT_MANIFEST_INVALID`` and the verifier's code as ``cause``, then raises SpawnException (500).
+        """
+        try:
+            return await asyncio.to_thread(
+                check_published_extract, self.platform_settings, institution_code, tables=self.verify_extract_tables
+            )
+        except RegsandboxError as error:
+            self.log.error("Rejecting spawn of %s: extract of %s does not verify: %s", self._log_name, institution_code,
+                           error.code)
+            refusal, detail = extract_refusal(institution_code, error)
+            await self._post_audit("denied", role, institution_code, detail)
+            raise refusal from error
 
     def get_state(self):
         """Add the role and institution the server was started for, which the user sync compares with admin_api."""
@@ -485,29 +587,8 @@ class InstitutionSpawner(LocalProcessSpawner):
             self.log.exception("MLflow permission sync before starting %s failed; starting anyway", self._log_name)
 
     async def _post_audit(self, outcome: str, role: str | None, institution_code: str | None, detail: str) -> None:
-        """Send a ``sandbox.spawn`` audit event (outcome ``success`` or ``denied``) to admin_api.
-
-        A failed post is logged, not raised, so it never changes whether the sandbox starts.
-        """
-        event = {
-            "actor": self.user.name,
-            "role": role,
-            "action": "sandbox.spawn",
-            "resource": f"sandbox:{self.user.name}",
-            "outcome": outcome,
-            "institution_code": institution_code,
-            "detail": detail,
-        }
-        if self.handler is not None:
-            event["source_ip"] = self.handler.request.remote_ip
-        url = f"{self.admin_api_url.rstrip('/')}/api/v1/audit/events"
-        try:
-            secrets = _platform_secrets(self.platform_settings)
-            async with httpx.AsyncClient(timeout=self.audit_timeout) as client:
-                response = await client.post(url, json=event, headers=service_headers(secrets.service_token))
-            response.raise_for_status()
-        except Exception as error:
-            self.log.error("Could not store audit event %s/%s for %s: %s", "sandbox.spawn", outcome, self._log_name, error)
+        """Send a ``sandbox.spawn`` audit event (outcome ``success``, ``denied`` or ``failed``) to admin_api."""
+        await post_spawn_audit(self, self.admin_api_url, self.audit_timeout, outcome, role, institution_code, detail)
 
     def make_preexec_fn(self, name):
         """Return the function that switches the server process to the sandbox Unix user.

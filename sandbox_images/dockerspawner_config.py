@@ -19,14 +19,25 @@ containers instead of local Unix users:
 - memory, CPU and process limits, no Linux capabilities, no privilege escalation;
 - container labels naming the platform user and institution for operators and audits.
 
-Roles are checked as in the local setup: only ``modeller`` may start a sandbox.
+Roles are checked as in the local setup: only ``modeller`` may start a sandbox. The published
+extract is verified as in the local setup too (manifest signature and table digests, see
+:func:`hub_config.spawner.check_published_extract`); the hub reads it at its own
+``<data_dir>/extracts``, so a hub in a container needs that folder mounted.
 """
 
+import asyncio
 import grp
 import os
 
-from hub_config.spawner import MESSAGE_NO_ACCOUNT_STATE, MESSAGE_ROLE_DENIED
+from hub_config.spawner import (
+    MESSAGE_NO_ACCOUNT_STATE,
+    MESSAGE_ROLE_DENIED,
+    check_published_extract,
+    extract_refusal,
+    post_spawn_audit,
+)
 from jupyterhub.spawner import SpawnException
+from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.secrets import load_platform_secrets, mlflow_password
 from regsandbox_core.settings import get_settings
 
@@ -38,6 +49,8 @@ SANDBOX_IMAGE = "regsandbox/sandbox:0.1.0"
 EXTRACT_MOUNT = "/srv/extract"
 TRUSTED_KEYS_MOUNT = "/srv/platform_signing_keys.json"
 SPAWN_ROLES = {"modeller"}
+AUDIT_TIMEOUT = 5.0
+"""Seconds to wait for admin_api to store the audit event of a refused start."""
 # Bind-mount sources are paths on the Docker host. When the hub itself runs in a container,
 # its data dir differs from the host's: set REGSANDBOX_DOCKER_EXTRACTS_HOST_DIR to the host path.
 EXTRACTS_HOST_DIR = os.environ.get("REGSANDBOX_DOCKER_EXTRACTS_HOST_DIR", str(settings.extracts_dir))
@@ -61,7 +74,8 @@ async def assign_institution(spawner):
     """Reject non-modellers and point the container at the modeller's institution.
 
     Sets the environment, the institution network, the Unix group that may read the extract
-    and the labels. Raises SpawnException (HTTP 403) for every role except ``modeller``.
+    and the labels. Raises SpawnException (HTTP 403) for every role except ``modeller``, and
+    (HTTP 500, audited ``denied``) when the institution's published extract does not verify.
     """
     auth_state = await spawner.user.get_auth_state() or {}
     role = auth_state.get("role")
@@ -72,13 +86,23 @@ async def assign_institution(spawner):
     if not code:
         raise SpawnException(MESSAGE_NO_ACCOUNT_STATE, reason="no_institution", status_code=403)
 
+    # A tampered or incomplete extract must not be mounted.
+    try:
+        await asyncio.to_thread(check_published_extract, settings, code)
+    except RegsandboxError as error:
+        spawner.log.error("Rejecting spawn of %s: extract of %s does not verify: %s", spawner.user.name, code, error.code)
+        refusal, detail = extract_refusal(code, error)
+        await post_spawn_audit(spawner, settings.admin_api_url, AUDIT_TIMEOUT, "denied", role, code, detail)
+        raise refusal from error
+
     # The extract is root:<prefix><code> 0750 on the host; the container user joins that group.
     try:
         extract_gid = grp.getgrnam(f"{settings.unix_prefix}{code}").gr_gid
     except KeyError as error:
         raise SpawnException(
             f"机构 {code} 的 Unix 组 {settings.unix_prefix}{code} 不存在，无法挂载数据提取。"
-            "请系统管理员先运行 `python -m extracts` 生成该机构的提取数据。",
+            "请系统管理员先运行 `python -m admin_api.manage extracts-build --unix-group-prefix "
+            f"{settings.unix_prefix}` 生成该机构的数据提取。",
             reason="extract_group_missing",
             status_code=500,
         ) from error

@@ -3,7 +3,9 @@
 Regulators, the system and security administrators read every institution's extract metadata;
 institution administrators and modellers read their own institution's only (``extracts.read``).
 The metadata (build id, policy and key versions, tables, row counts, digests) contains no data
-values. The system and security administrators rebuild extracts (``extracts.build``). Policy
+values. The system and security administrators rebuild extracts (``extracts.build``). Only the
+security administrator publishes an extract that the k-anonymity check refused
+(``extracts.override_k``, with a reason). Policy
 drafts are uploaded with ``policies.draft`` and approved or rejected by another security
 administrator with ``policies.approve`` (:mod:`admin_api.masking_policies`). Rejected writes are
 audited with outcome ``failed``.
@@ -22,6 +24,7 @@ from admin_api.audit import record_event
 from admin_api.deps import check_institution, get_session, require
 from admin_api.keyaccess import request_keystore
 from admin_api.security import Principal
+from extracts.kanon import OVERRIDE_REASON_MAX
 from regsandbox_core.errors import RegsandboxError
 
 router = APIRouter()
@@ -34,6 +37,13 @@ class BuildRequest(BaseModel):
 
     purpose: str = Field(min_length=2, max_length=PURPOSE_MAX_LENGTH,
                          description="重新生成的原因，例如“审批脱敏策略第 2 版后重新生成”，记入审计日志")
+
+
+class OverrideRequest(BaseModel):
+    """A security administrator's decision to publish an extract below k; the reason is stored in the audit log."""
+
+    override_reason: str = Field(min_length=2, max_length=OVERRIDE_REASON_MAX,
+                                 description="强制发布的理由，例如“监管检查急需，已确认小组记录不含敏感组合”，记入审计日志和数据提取清单")
 
 
 def institution_extract(request: Request, session: Session, code: str) -> dict[str, Any]:
@@ -96,9 +106,25 @@ def build_one_extract(code: str, body: BuildRequest, request: Request, session: 
     return result.as_dict()
 
 
-# TODO: POST /extracts/{code}/publish-below-k (capability for the security administrator) belongs here
-# once build_institution accepts the k-anonymity override object: it would publish a build refused for a
-# group below k, audited with the override's reason. Not implemented, because the builder has no override yet.
+@router.post("/extracts/{code}/publish-below-k")
+def publish_below_k(code: str, body: OverrideRequest, request: Request, session: Session = Depends(get_session),
+                    caller: Principal = Depends(require("extracts.override_k"))) -> dict[str, Any]:
+    """Publish one institution's extract although a table is below k (security administrator, reason required); audited."""
+    try:
+        extract_builds.check_known(session, request.app.state.settings, code)
+    except RegsandboxError as error:
+        record_event(request, caller, extract_builds.OVERRIDE_ACTION, f"extract:{code[:32]}", "failed",
+                     {"code": error.code})
+        raise
+    session.close()  # the build may take minutes; the request's connection is not needed meanwhile
+    result, detail = extract_builds.override_k(
+        request.app.state.session_factory, request.app.state.settings, request_keystore(request),
+        extract_builds.BuildActor.of_request(request, caller), code, body.override_reason,
+        unix_group_prefix=request.app.state.settings.unix_prefix)
+    if result.error is not None:
+        raise result.error
+    return {**result.as_dict(), "override_applied": detail["override_applied"], "k": detail["k"],
+            "tables_below_k": detail["tables_below_k"]}
 
 
 # --- masking policies --------------------------------------------------------------------------------

@@ -25,6 +25,7 @@ from regsandbox_kernel.extract import (
     sql,
     table,
     tables,
+    verify_extract,
     verify_manifest_signature,
     verify_tables,
 )
@@ -44,6 +45,7 @@ __all__ = [
     "sql",
     "table",
     "tables",
+    "verify_extract",
     "verify_manifest_signature",
     "verify_tables",
 ]

@@ -63,7 +63,7 @@ def extract_dir() -> Path:
     if not folder.is_dir():
         raise ExtractNotConfiguredError(
             "EXTRACT_DIR_MISSING",
-            f"数据提取目录 {folder} 不存在或无权访问。请联系系统管理员生成本机构的数据提取（python -m extracts build）。",
+            f"数据提取目录 {folder} 不存在或无权访问。请联系系统管理员生成本机构的数据提取（运维命令 python -m admin_api.manage extracts-build）。",
         )
     return folder
 
@@ -115,8 +115,10 @@ def _table_files(folder: Path, document: dict[str, Any]) -> dict[str, Path]:
     return files
 
 
-def _check_institution(document: dict[str, Any]) -> None:
-    expected = os.environ.get("REGSANDBOX_INSTITUTION", "").strip()
+def _check_institution(document: dict[str, Any], expected: str | None = None) -> None:
+    """Raise EXTRACT_INSTITUTION_MISMATCH unless the manifest names ``expected`` (default: REGSANDBOX_INSTITUTION)."""
+    if expected is None:
+        expected = os.environ.get("REGSANDBOX_INSTITUTION", "").strip()
     found = str(document.get("institution", ""))
     if expected and found != expected:
         raise ExtractNotConfiguredError(
@@ -133,8 +135,8 @@ def trusted_keys_file() -> Path:
     return Path(os.environ.get(EXTRACT_DIR_ENV, "").strip()).parent / TRUSTED_KEYS_NAME
 
 
-def _trusted_keys() -> dict[str, bytes]:
-    path = trusted_keys_file()
+def _trusted_keys(path: Path | None = None) -> dict[str, bytes]:
+    path = trusted_keys_file() if path is None else path
     try:
         status = path.stat()
         document = json.loads(path.read_text(encoding="utf-8"))
@@ -143,7 +145,7 @@ def _trusted_keys() -> dict[str, bytes]:
         raise ExtractNotConfiguredError(
             "TRUSTED_KEYS_MISSING",
             f"无法读取平台签名公钥文件 {path}（{type(error).__name__}），不能验证数据提取清单的签名，已拒绝打开。"
-            "请联系系统管理员重新生成数据提取（python -m extracts build），或设置 REGSANDBOX_TRUSTED_KEYS。",
+            "请联系系统管理员重新生成数据提取（运维命令 python -m admin_api.manage extracts-build），或设置 REGSANDBOX_TRUSTED_KEYS。",
         ) from error
     if status.st_mode & 0o022 or status.st_uid not in (0, os.geteuid()):
         raise ExtractNotConfiguredError(
@@ -154,11 +156,14 @@ def _trusted_keys() -> dict[str, bytes]:
     return keys
 
 
-def verify_manifest_signature(folder: Path | None = None) -> None:
-    """Verify ``manifest.json.sig`` of the extract against the trusted keys; raise MANIFEST_SIGNATURE_INVALID otherwise."""
+def verify_manifest_signature(folder: Path | None = None, trusted_keys: Path | None = None) -> None:
+    """Verify ``manifest.json.sig`` of the extract against the trusted keys; raise MANIFEST_SIGNATURE_INVALID otherwise.
+
+    ``folder`` defaults to :func:`extract_dir` and ``trusted_keys`` to :func:`trusted_keys_file`.
+    """
     folder = extract_dir() if folder is None else folder
     path = folder / MANIFEST_NAME
-    trusted = _trusted_keys()
+    trusted = _trusted_keys(trusted_keys)
     try:
         from regsandbox_core.signing import verify_file
     except ImportError as error:
@@ -181,15 +186,44 @@ def verify_manifest_signature(folder: Path | None = None) -> None:
 
 
 def verify_tables() -> None:
-    """Compare each table file's SM3 digest and size with the signed manifest (reads every file once)."""
+    """Compare each table file's SM3 digest with the signed manifest (reads every file once)."""
     folder = extract_dir()
     document = _read_manifest(folder)
     verify_manifest_signature(folder)
+    _verify_table_digests(folder, document)
+
+
+def verify_extract(folder: Path, institution: str, trusted_keys: Path, *, tables: bool = True) -> dict[str, Any]:
+    """Check an extract folder as :func:`connect` would, without the sandbox's environment variables.
+
+    Checks the manifest's format and institution, its SM2 signature against ``trusted_keys`` and,
+    when ``tables`` is true, each table file's SM3 digest (which reads every file once). Returns
+    the manifest. Raises :class:`ExtractNotConfiguredError` or :class:`SandboxAccessError` with
+    the codes of the other functions here. The hub's spawner calls it before starting a sandbox.
+    """
+    folder = Path(os.path.realpath(folder))
+    document = _read_manifest(folder)
+    _check_institution(document, institution)
+    _table_files(folder, document)
+    verify_manifest_signature(folder, trusted_keys)
+    if tables:
+        _verify_table_digests(folder, document)
+    return document
+
+
+def _verify_table_digests(folder: Path, document: dict[str, Any]) -> None:
     from regsandbox_core.crypto import sm3_file
 
     for entry in document["tables"]:
         path = _table_files(folder, {"tables": [entry]})[str(entry["name"])]
-        if "sm3" in entry and sm3_file(path) != entry["sm3"]:
+        try:
+            digest = sm3_file(path)
+        except OSError as error:
+            raise ExtractNotConfiguredError(
+                "EXTRACT_TABLE_MISSING",
+                f"无法读取数据提取文件 {path}（{error.strerror}），不能确认它与已签名清单一致。请联系系统管理员重新生成数据提取。",
+            ) from error
+        if "sm3" in entry and digest != entry["sm3"]:
             raise ExtractNotConfiguredError(
                 "EXTRACT_TABLE_MODIFIED",
                 f"数据提取文件 {path} 的 SM3 杂凑值与已签名清单不一致，文件在生成后被修改。请联系系统管理员重新生成数据提取。",

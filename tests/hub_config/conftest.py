@@ -23,6 +23,7 @@ from jupyterhub.spawner import set_user_setuid
 from hub_config.hubfiles import hub_service_api_token
 from tests.conftest import free_port
 from tests.hub_config.admin_api_stub import PASSWORD as STUB_PASSWORD
+from tests.hub_config.extract_files import write_extract
 from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import PlatformSecrets, ensure_platform_secrets
 from regsandbox_core.settings import PROJECT_ROOT, Settings
@@ -159,15 +160,6 @@ class HubFixture:
         return response.json()["access_token"]
 
 
-def _write_extract(settings: Settings, code: str) -> None:
-    folder = settings.extracts_dir / code
-    folder.mkdir(parents=True)
-    (folder / "applications.parquet").write_bytes(f"extract of {code}".encode())
-    (folder / "manifest.json").write_text('{"institution": "%s"}' % code)
-    # As an extract builder leaves it before the spawner fixes the group: root only.
-    os.chmod(folder, 0o700)
-
-
 @pytest.fixture(scope="module")
 def hub(request) -> HubFixture:
     """A running hub (as root) and admin_api stand-in on free ports with a fresh data dir under /tmp."""
@@ -245,7 +237,7 @@ def start_platform(request, hub_unix_user: str | None, real_admin_api: bool = Fa
     secrets = ensure_platform_secrets(settings)
     ensure_platform_keys(settings, ["bank_a", "bank_b", "bank_c"], on_event=None)
     for code in INSTITUTIONS + SYNC_INSTITUTIONS:
-        _write_extract(settings, code)
+        write_extract(settings, code)
     settings.logs_dir.mkdir(mode=0o700)
     settings.hub_dir.mkdir(mode=0o700)
     hub_preexec = None
