@@ -330,7 +330,7 @@ def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
 
 
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
-                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, str],
+                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, bytes],
                 metadata: Mapping[str, str] | None = None) -> list[ColumnPlan]:
     """Write the masked table, with ``metadata`` as Parquet key-value metadata, to ``target`` in one DuckDB COPY.
 
@@ -498,7 +498,7 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
     _delete_stale_work_dirs(work_root)
     work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=work_root))
     # Tokens already computed in this build (value -> token under this institution's key).
-    token_cache: dict[str, str] = {}
+    token_cache: dict[str, bytes] = {}
     try:
         for table in sources:
             target = build / f"{table.name}.parquet"
@@ -551,7 +551,7 @@ def _delete_stale_work_dirs(work_root: Path) -> None:
 
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
-                        token_cache: dict[str, str], previous: Path | None,
+                        token_cache: dict[str, bytes], previous: Path | None,
                         previous_manifest: dict, metadata: Mapping[str, str]) -> tuple[list[dict], list[str]]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
