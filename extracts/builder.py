@@ -834,8 +834,8 @@ def build_all(
         )
     if keystore is None:
         keystore = open_keystore(settings)
-    # The policy's signature is verified once per run: reading and parsing the policy file again
-    # for each institution cost about 70 ms per institution in benchmarks/extract_rebuild.py.
+    # Verified once per run, because reading and parsing the policy file again for each institution
+    # cost about 75 ms per institution in a profile of benchmarks/extract_rebuild.py.
     policy = _verified(settings, keystore, policy)
     results: dict[str, ExtractOutcome | RegsandboxError] = {}
     # The cross-institution features are computed once for all institutions, not once for each.
