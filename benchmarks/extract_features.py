@@ -59,9 +59,10 @@ def _uscc(number: int) -> str:
     return body + uscc.calc_check_digit(body)
 
 
-def _rows(code: str, pool: list[int], customers: int, generator: random.Random) -> dict[str, list[dict[str, str]]]:
-    """Return one institution's rows of the four templates."""
-    base = {"JRXKZH": f"L-{code}", "NBJGH": "001", "CJRQ": PERIOD.strftime("%Y%m%d")}
+def _rows(code: str, pool: list[int], customers: int, generator: random.Random,
+          period: date = PERIOD) -> dict[str, list[dict[str, str]]]:
+    """Return one institution's rows of the four templates, collected (``CJRQ``) at the end of ``period``."""
+    base = {"JRXKZH": f"L-{code}", "NBJGH": "001", "CJRQ": period.strftime("%Y%m%d")}
     rows: dict[str, list[dict[str, str]]] = {"EAST_DGKHXXB": [], "EAST_XDHTB": [], "EAST_DGXDYWJJB": [], "EAST_DBHTB": []}
     for index, number in enumerate(generator.sample(pool, customers)):
         customer = {"KHTYBH": f"{code}-{index:06d}", "KHMC": f"企业{number}"}

@@ -12,14 +12,18 @@ from pathlib import Path
 import polars as pl
 import pytest
 
+import extracts.builder
+import extracts.policy
 from extracts.builder import (
     ExtractWriteFailed,
     InvalidInstitutionError,
     WarehouseMissingError,
+    build_all,
     build_extract,
     extract_dir,
 )
 from extracts.demo_data import DEMO_INSTITUTIONS
+from extracts.policy import DEFAULT_POLICY_FILE, PolicyNotApproved, approve_policy
 from extracts.warehouse import read_partition
 from tests.extracts.conftest import masked_demo, watermarked
 from regsandbox_core.crypto import keyed_token, sm3_file
@@ -186,6 +190,37 @@ def test_rebuild_is_idempotent(fresh_settings: Settings) -> None:
     assert (folder / "applications.parquet").read_bytes() == table_bytes
     assert rebuilt["tables"] == manifest["tables"]
     assert sorted(path.name for path in folder.iterdir()) == ["applications.parquet", "manifest.json", "manifest.json.sig"]
+
+
+def test_build_all_verifies_policy_once(fresh_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
+    verified_paths: list[Path] = []
+    verify = extracts.policy.verified_policy
+
+    def counting_verify(path: Path, keystore: object) -> object:
+        verified_paths.append(path)
+        return verify(path, keystore)
+
+    monkeypatch.setattr(extracts.policy, "verified_policy", counting_verify)
+    monkeypatch.setattr(extracts.builder, "verified_policy", counting_verify)
+    results = build_all(fresh_settings)
+
+    assert sorted(results) == sorted(DEMO_INSTITUTIONS)
+    assert {code: getattr(outcome, "status", outcome) for code, outcome in results.items()} == {
+        code: "published" for code in DEMO_INSTITUTIONS}
+    assert len(verified_paths) == 1
+
+
+def test_build_all_rejects_tampered_policy(fresh_settings: Settings) -> None:
+    policy = approve_policy(fresh_settings, open_keystore(fresh_settings), DEFAULT_POLICY_FILE)
+    policy.path.write_text(policy.path.read_text("utf-8").replace("treatment: partial_mask", "treatment: keep", 1),
+                           encoding="utf-8")
+
+    with pytest.raises(PolicyNotApproved) as caught:
+        build_all(fresh_settings, policy=policy)
+
+    assert caught.value.code == "POLICY_SIGNATURE_INVALID"
+    for code in DEMO_INSTITUTIONS:
+        assert not extract_dir(fresh_settings, code).exists()
 
 
 def test_single_user_fallback_modes(fresh_settings: Settings) -> None:
