@@ -152,7 +152,7 @@ def _build_one(settings: Settings, keystore: KeyStore, code: str, classes: dict,
     try:
         outcome = build_institution(settings, code, classes=classes, policy=policy, keystore=keystore,
                                     unix_group=_unix_group(unix_group_prefix, code), features=features,
-                                    k_override=k_override)
+                                    k_override=k_override, policy_verified=True)
     except RegsandboxError as error:
         logger.warning("extract of %s not built: %s", code, error.code)
         return BuildResult(code, error=error)
@@ -207,7 +207,8 @@ def run_builds(
                      {**context, "code": error.code, "message": error.message})
         raise error
 
-    # The approved policy is loaded (and its signature verified) once; a failure fails every build.
+    # The approved policy is loaded (and its signature verified) once per run, and the builds below
+    # do not verify it again; a failure fails every build.
     try:
         policy = load_approved_policy(settings, keystore)
     except RegsandboxError as error:

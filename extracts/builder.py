@@ -660,11 +660,14 @@ def build_institution(
     accepted_ids: Mapping[str, Collection[int]] | None = None,
     features: CrossInstitutionFeatures | None = None,
     k_override: KOverride | None = None,
+    policy_verified: bool = False,
 ) -> ExtractOutcome:
     """Build, sign and publish the masked extract of one institution and return what was done.
 
     ``policy`` must come from :func:`extracts.policy.load_approved_policy`, and its signature is
-    verified again here. The default is the newest approved policy. When no policy is approved
+    verified again here, unless ``policy_verified`` is True: a caller that builds many
+    institutions in one run and loaded ``policy`` at the start of that run passes True, so the
+    policy is verified once per run (as :func:`build_all` does). The default is the newest approved policy. When no policy is approved
     yet, the shipped default policy is approved first. ``classes`` maps (template code, field code) to the
     column's effective class (see :func:`catalog.classes.effective_class`). ``features`` is the
     cross-institution feature set of a run over many institutions (see :func:`build_all`); without
@@ -677,7 +680,8 @@ def build_institution(
     ExtractColumnUnclassified, KAnonymityBelowError, QuasiIdentifierMissing, the demo warehouse's
     partition errors and ExtractDirNotWritable. None of them leaves a new build published.
     """
-    return _build_institution(settings, institution_code, classes=classes, policy=policy, policy_verified=False,
+    return _build_institution(settings, institution_code, classes=classes, policy=policy,
+                              policy_verified=policy_verified,
                               unix_group=unix_group, keystore=keystore, accepted_ids=accepted_ids, features=features,
                               k_override=k_override)
 
@@ -697,7 +701,7 @@ def _build_institution(
 ) -> ExtractOutcome:
     """Do the work of :func:`build_institution`; ``policy_verified`` True skips verifying ``policy`` again.
 
-    Only :func:`build_all` passes True, for the policy it verified at the start of its run.
+    :func:`build_all` passes True, for the policy it verified at the start of its run.
     """
     if k_override is not None and not isinstance(k_override, KOverride):
         raise TypeError("k_override must be a KOverride")
