@@ -246,8 +246,8 @@ def _report(arguments: argparse.Namespace, results: dict, load_before: tuple, lo
         *_machine(),
         f"- Command: `.venv/bin/python benchmarks/extract_build.py --rows {arguments.rows} --customers {arguments.customers}`",
         f"- Date: {time.strftime('%Y-%m-%d %H:%M UTC', time.gmtime())}",
-        f"- Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after the run. Other work "
-        "(test runs of other developers) shared the machine, so the figures are from one loaded run, not a best of several.",
+        f"- Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after the run. (a) and (b) are "
+        f"the fastest of {arguments.rounds} alternating rounds; the rebuild ran once.",
         "",
         f"The warehouse contains {rows:,} rows × {len(FIELDS)} text columns of one institution in {PERIODS} encrypted monthly "
         f"partitions, with about {arguments.customers:,} distinct customers. Six columns are masked: resident ID "
