@@ -80,11 +80,13 @@ def data_quality_page(
 def _breakdown(request: Request, caller: Principal, session: Session, quality_filter: data_quality.QualityFilter,
                ) -> tuple[field_completeness.FieldBreakdown | None, str | None]:
     """Return the per-field breakdown when the filter names one report, or the message why there is none."""
-    if not (quality_filter.institution and quality_filter.template_code and quality_filter.period_from
-            and quality_filter.period_from == quality_filter.period_to):
+    institution, template_code, period_end = (quality_filter.institution, quality_filter.template_code,
+                                              quality_filter.period_from)
+    if not (institution and template_code and period_end and period_end == quality_filter.period_to):
         return None, None
     try:
-        breakdown = field_completeness.field_breakdown(session, quality_filter)
+        breakdown = field_completeness.field_breakdown(
+            session, field_completeness.ReportKey(institution, template_code, period_end))
     except RegsandboxError as error:
         session.rollback()
         return None, error.message

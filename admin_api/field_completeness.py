@@ -29,6 +29,18 @@ from regsandbox_core.errors import RegsandboxError
 
 
 @dataclass(frozen=True)
+class ReportKey:
+    """One institution's report of a template and period."""
+
+    institution: str
+    template_code: str
+    period_end: date
+
+    def quality_filter(self) -> QualityFilter:
+        return QualityFilter(self.institution, self.template_code, self.period_end, self.period_end)
+
+
+@dataclass(frozen=True)
 class FieldValues:
     """Non-empty values of one field in the rows of a report version."""
 
@@ -88,7 +100,7 @@ class FieldBreakdown:
 
 
 def parse_report(request: Request, caller: Principal, session: Session, *, institution: str, template_code: str,
-                 period: str) -> QualityFilter:
+                 period: str) -> ReportKey:
     """Check the report named by the request; raise 422 naming a bad or missing value, or 403 (audited)."""
     code = institution.strip() or caller.institution_code
     if code is None:
@@ -103,8 +115,7 @@ def parse_report(request: Request, caller: Principal, session: Session, *, insti
         raise invalid("TEMPLATE_NOT_FOUND", f"报表模板“{template[:64]}”不存在，请在报表模板列表中选择。")
     if not period.strip():
         raise invalid("PERIOD_MISSING", "查看字段完整性明细须指定报告期，格式为 YYYYMMDD，例如 20261130。")
-    day = parse_period_text(period, "报告期")
-    return QualityFilter(code, template, day, day)
+    return ReportKey(code, template, parse_period_text(period, "报告期"))
 
 
 def _fields(row: ReportSubmission, counts: SubmissionFieldCount) -> list[FieldValues]:
@@ -122,10 +133,9 @@ def _fields(row: ReportSubmission, counts: SubmissionFieldCount) -> list[FieldVa
                                             order[item.code]))
 
 
-def field_breakdown(session: Session, report: QualityFilter) -> FieldBreakdown:
+def field_breakdown(session: Session, report: ReportKey) -> FieldBreakdown:
     """Return the per-field counts of the report's current version, or raise 404 ``QUALITY_REPORT_NOT_FOUND``."""
-    assert report.institution and report.template_code and report.period_from
-    newest = newest_versions(report)
+    newest = newest_versions(report.quality_filter())
     found = session.execute(
         select(ReportSubmission, SubmissionFieldCount)
         .join(newest, and_(newest.c.institution_id == ReportSubmission.institution_id,
@@ -136,7 +146,7 @@ def field_breakdown(session: Session, report: QualityFilter) -> FieldBreakdown:
     ).first()
     if found is None:
         raise not_found("QUALITY_REPORT_NOT_FOUND",
-                        f"机构 {report.institution} 报表 {report.template_code} 报告期 {report.period_from:%Y%m%d} "
+                        f"机构 {report.institution} 报表 {report.template_code} 报告期 {report.period_end:%Y%m%d} "
                         "没有已提交并经过校验的版本，请检查报告期或先报送该报表。")
     row, counts = found
     if counts is None:

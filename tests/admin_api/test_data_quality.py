@@ -36,6 +36,7 @@ TEMPLATE = "EAST_DGKHXXB"
 P1, P2, P3 = date(2018, 1, 31), date(2018, 2, 28), date(2018, 3, 31)
 UNREAD_PERIOD = date(2016, 3, 31)
 VERSIONS_PERIOD = date(2014, 3, 31)
+WEIGHTED_PERIODS = (date(2013, 1, 31), date(2013, 2, 28))
 REAL_PERIOD = "20150131"
 D1 = datetime(2018, 2, 15, 10, 0, tzinfo=UTC)
 D2 = datetime(2018, 3, 15, 10, 0, tzinfo=UTC)
@@ -269,7 +270,7 @@ def test_field_completeness_by_hand(env: Env, field_counts: dict[str, int]) -> N
     assert "1 份报表的当前版本上传时尚未统计字段非空值" in body["notes"][0]
 
 
-def test_field_completeness_weighted_by_rows(env: Env, field_counts: dict[str, int]) -> None:
+def test_field_completeness_sort(env: Env, field_counts: dict[str, int]) -> None:
     body = ok(read(env, "analyst", group_by=["institution"], sort="field_completeness"))
 
     assert [row["institution"] for row in body["rows"]] == ["dq_b", "dq_a", "bank_a", "dq_c"]
@@ -278,6 +279,27 @@ def test_field_completeness_weighted_by_rows(env: Env, field_counts: dict[str, i
     assert dq_a["field_completeness"] == pytest.approx(0.9)
     by_required = ok(read(env, "analyst", group_by=["institution"], sort="required_field_completeness"))
     assert [row["institution"] for row in by_required["rows"]] == ["dq_b", "dq_a", "bank_a", "dq_c"]
+
+
+def test_field_completeness_weighted_by_rows(env: Env, field_counts: dict[str, int]) -> None:
+    """Two reports of dq_c: 10 rows at 50 % and 30 rows at 100 %, so 87.5 % together, not the mean 75 %."""
+    with env.db() as session:
+        seed = Seeder.for_user(session, "reporter_a")
+        for period in WEIGHTED_PERIODS:
+            seed.uploads(field_counts["dq_c"], TEMPLATE, period, [Upload("accepted", [("accepted", D1)])])
+        seed.flush()
+        session.commit()
+    for period, rows in zip(WEIGHTED_PERIODS, (10, 30), strict=True):
+        set_validation(env, field_counts["dq_c"], period, 1, rows, 0, write_findings(env, f"c-{period:%Y%m}", []))
+    add_field_counts(env, [(submission_id(env, field_counts["dq_c"], WEIGHTED_PERIODS[0], 1), 10, 4, 2, 20, 10),
+                           (submission_id(env, field_counts["dq_c"], WEIGHTED_PERIODS[1], 1), 30, 4, 2, 120, 60)])
+
+    body = ok(read(env, "analyst", institution="dq_c", group_by=["institution"], period_from="20130101",
+                   period_to="20131231"))
+
+    assert [field_measures(row) for row in body["rows"]] == [(2, 2, 160, 140, 80, 70)]
+    assert body["rows"][0]["field_completeness"] == pytest.approx(0.875)
+    assert body["rows"][0]["required_field_completeness"] == pytest.approx(0.875)
 
 
 def test_field_completeness_current_version(env: Env, field_counts: dict[str, int]) -> None:
