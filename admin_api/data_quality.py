@@ -96,7 +96,7 @@ COUNTS = ("expected", "received", "on_time", "uploads", "rows_validated", "rows_
 
 @dataclass
 class QualityRow:
-    """Counts of one group (or of the whole selection); the three measures are derived from them."""
+    """Counts of one group (or of the whole selection); the measures are derived from them."""
 
     institution: str | None = None
     institution_name: str | None = None
