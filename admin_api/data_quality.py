@@ -1,10 +1,17 @@
 """数据质量: completeness, validity and timeliness of report data per institution, template and period.
 
-The three measures come from existing tables and the stored validation findings:
+The measures come from existing tables and the stored validation findings:
 
-- completeness (完整性) = received / expected. Expected are the targets (one institution × one
-  collection task) whose deadline has passed. A target counts as received when a submission of the
-  task's template and period reached 待审核 or 审核通过 at some time, as in :mod:`admin_api.task_statistics`.
+- submission completeness (报送完整性, API key ``completeness``) = received / expected. Expected
+  are the targets (one institution × one collection task) whose deadline has passed. A target
+  counts as received when a submission of the task's template and period reached 待审核 or 审核通过
+  at some time, as in :mod:`admin_api.task_statistics`.
+- field completeness (字段完整性) = non-empty values / (rows × fields), and required-field
+  completeness (必填字段完整性) the same over the template's required fields. Each report
+  (institution, template, period) counts once, with its current version: the highest version in a
+  state of :data:`CURRENT_STATES`, which excludes drafts and superseded versions. The non-empty
+  values were counted when the upload was validated (:class:`~admin_api.models.SubmissionFieldCount`).
+  A current version uploaded before those counts existed is left out of both sums.
 - timeliness (及时性) = on time / expected, where on time means that first submission time is no
   later than the task's deadline.
 - validity (有效性, rule pass rate) = rows without an error finding / rows validated, over every
@@ -16,7 +23,8 @@ Each measure is None where its denominator is 0. Rows are grouped by any of inst
 template and period (:data:`DIMENSIONS`). Ratios of a group are ratios of its summed counts, so
 the totals row is exact too.
 
-Cost: two grouped SQL queries (targets, uploads) whatever the number of institutions and tasks.
+Cost: three grouped SQL queries (targets, uploads, field counts) whatever the number of institutions
+and tasks.
 The error-row counts of uploads with errors are read from their findings Parquet files with DuckDB,
 many files per query, and kept in a process-wide cache. That is safe because findings never change
 after an upload is stored. Uploads without errors need no file.
@@ -37,7 +45,7 @@ from typing import Any
 
 import duckdb
 from fastapi import Request
-from sqlalchemy import and_, case, func, select
+from sqlalchemy import BigInteger, and_, case, cast, func, select
 from sqlalchemy.orm import Session
 from sqlalchemy.sql.elements import ColumnElement
 
@@ -45,7 +53,7 @@ from admin_api.audit import add_event
 from admin_api.db import utc_now
 from admin_api.deps import check_institution
 from admin_api.errors import invalid
-from admin_api.models import Institution, ReportSubmission, ReportTask, ReportTaskTarget
+from admin_api.models import Institution, ReportSubmission, ReportTask, ReportTaskTarget, SubmissionFieldCount
 from admin_api.security import Principal
 from admin_api.submissions import catalog
 from admin_api.task_statistics import first_submissions
@@ -57,9 +65,12 @@ logger = logging.getLogger(__name__)
 CAPABILITY = "quality.read"
 DIMENSIONS = {"institution": "机构", "template": "报表模板", "period": "报告期"}
 """Grouping dimensions in their fixed column order, with their Chinese names."""
-SORT_KEYS = {"key": "分组", "completeness": "完整性", "validity": "有效性", "timeliness": "及时性"}
+SORT_KEYS = {"key": "分组", "completeness": "报送完整性", "field_completeness": "字段完整性",
+             "required_field_completeness": "必填字段完整性", "validity": "有效性", "timeliness": "及时性"}
 VALIDATED_STATES = ("validation_failed", "pending_review", "accepted", "returned", "superseded")
 """Submission states whose validation counts: every submitted upload, not drafts or withdrawn drafts."""
+CURRENT_STATES = ("validation_failed", "pending_review", "accepted", "returned")
+"""States of the version whose fields count for a report: submitted and not replaced by a newer version."""
 MAX_PAGE_SIZE = 500
 FILES_PER_QUERY = 500
 """Findings files read by one DuckDB query when error rows are counted."""
@@ -78,9 +89,14 @@ class QualityFilter:
     group_by: tuple[str, ...] = tuple(DIMENSIONS)
 
 
+COUNTS = ("expected", "received", "on_time", "uploads", "rows_validated", "rows_with_errors", "reports",
+          "field_reports", "cells", "present_values", "required_cells", "required_present_values")
+"""Counts of a :class:`QualityRow`, summed into the totals row."""
+
+
 @dataclass
 class QualityRow:
-    """Counts of one group (or of the whole selection); the three measures are derived from them."""
+    """Counts of one group (or of the whole selection); the measures are derived from them."""
 
     institution: str | None = None
     institution_name: str | None = None
@@ -92,10 +108,27 @@ class QualityRow:
     uploads: int = 0
     rows_validated: int = 0
     rows_with_errors: int = 0
+    reports: int = 0
+    """Reports (institution, template, period) with a current validated version."""
+    field_reports: int = 0
+    """Of those, the reports whose current version has field counts."""
+    cells: int = 0
+    """Rows × fields over the current versions with field counts."""
+    present_values: int = 0
+    required_cells: int = 0
+    required_present_values: int = 0
 
     @property
     def completeness(self) -> float | None:
         return self.received / self.expected if self.expected else None
+
+    @property
+    def field_completeness(self) -> float | None:
+        return self.present_values / self.cells if self.cells else None
+
+    @property
+    def required_field_completeness(self) -> float | None:
+        return self.required_present_values / self.required_cells if self.required_cells else None
 
     @property
     def timeliness(self) -> float | None:
@@ -106,7 +139,7 @@ class QualityRow:
         return (self.rows_validated - self.rows_with_errors) / self.rows_validated if self.rows_validated else None
 
     def add(self, other: QualityRow) -> None:
-        for name in ("expected", "received", "on_time", "uploads", "rows_validated", "rows_with_errors"):
+        for name in COUNTS:
             setattr(self, name, getattr(self, name) + getattr(other, name))
 
     def as_dict(self) -> dict[str, Any]:
@@ -114,9 +147,10 @@ class QualityRow:
             "institution": self.institution, "institution_name": self.institution_name,
             "template_code": self.template_code,
             "period_end": f"{self.period_end:%Y%m%d}" if self.period_end else None,
-            "expected": self.expected, "received": self.received, "on_time": self.on_time,
-            "uploads": self.uploads, "rows_validated": self.rows_validated, "rows_with_errors": self.rows_with_errors,
+            **{name: getattr(self, name) for name in COUNTS},
             "completeness": self.completeness, "timeliness": self.timeliness, "validity": self.validity,
+            "field_completeness": self.field_completeness,
+            "required_field_completeness": self.required_field_completeness,
         }
 
 
@@ -268,6 +302,46 @@ def _add_uploads(session: Session, settings: Settings, quality_filter: QualityFi
     return estimated
 
 
+def newest_versions(quality_filter: QualityFilter) -> Any:
+    """Subquery of the current version of each report: (institution_id, template_code, period_end, version)."""
+    return (
+        select(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end,
+               func.max(ReportSubmission.version).label("version"))
+        .join(Institution, Institution.id == ReportSubmission.institution_id)
+        .where(ReportSubmission.findings_path.is_not(None), ReportSubmission.state.in_(CURRENT_STATES),
+               *_conditions(quality_filter, ReportSubmission.template_code, ReportSubmission.period_end))
+        .group_by(ReportSubmission.institution_id, ReportSubmission.template_code, ReportSubmission.period_end)
+        .subquery("newest")
+    )
+
+
+def _add_field_counts(session: Session, quality_filter: QualityFilter, groups: dict[tuple, QualityRow]) -> None:
+    """Add the field completeness counts of the current version of each report to ``groups``."""
+    newest = newest_versions(quality_filter)
+    counts = SubmissionFieldCount
+    dimensions = _dimension_columns(quality_filter, ReportSubmission.template_code, ReportSubmission.period_end)
+    rows = cast(counts.row_count, BigInteger)  # rows × fields can pass 2**31 on PostgreSQL's integer
+    query = (
+        select(*dimensions, func.count(ReportSubmission.id), func.count(counts.submission_id),
+               func.sum(rows * counts.field_count), func.sum(counts.present_values),
+               func.sum(rows * counts.required_field_count), func.sum(counts.required_present_values))
+        .select_from(ReportSubmission)
+        .join(newest, and_(newest.c.institution_id == ReportSubmission.institution_id,
+                           newest.c.template_code == ReportSubmission.template_code,
+                           newest.c.period_end == ReportSubmission.period_end,
+                           newest.c.version == ReportSubmission.version))
+        .join(Institution, Institution.id == ReportSubmission.institution_id)
+        .outerjoin(counts, counts.submission_id == ReportSubmission.id)
+        .group_by(*dimensions)
+    )
+    width = len(dimensions)
+    for values in session.execute(query):
+        key, name = _key(quality_filter, values[:width])
+        row = _row(groups, key, name)
+        (row.reports, row.field_reports, row.cells, row.present_values, row.required_cells,
+         row.required_present_values) = (int(value or 0) for value in values[width:])
+
+
 # --- error rows from findings files --------------------------------------------------------------
 
 _cache: dict[int, int] = {}
@@ -369,6 +443,7 @@ def quality_report(session: Session, settings: Settings, quality_filter: Quality
     groups: dict[tuple, QualityRow] = {}
     _add_targets(session, quality_filter, groups, now or utc_now())
     estimated = _add_uploads(session, settings, quality_filter, groups)
+    _add_field_counts(session, quality_filter, groups)
     rows = sorted(groups.values(), key=_sort_key(sort))
     total = QualityRow(institution_name="合计")
     for row in rows:
@@ -376,6 +451,9 @@ def quality_report(session: Session, settings: Settings, quality_filter: Quality
     notes = []
     if estimated:
         notes.append(f"有 {estimated} 个报送的校验结果文件无法读取，其错误行数按错误数估计（不超过其行数）。请联系平台管理员检查数据目录。")
+    if total.reports > total.field_reports:
+        notes.append(f"有 {total.reports - total.field_reports} 份报表的当前版本上传时尚未统计字段非空值，"
+                     "未计入字段完整性；重新上传后即可统计。")
     return QualityReport(rows[offset:offset + limit], total, len(rows), offset, limit, estimated, notes)
 
 

@@ -446,6 +446,31 @@ class SubmissionWaiver(Base):
     at: Mapped[datetime] = mapped_column(UTCDateTime(), default=utc_now)
 
 
+class SubmissionFieldCount(Base):
+    """Non-empty values per template field of one validated upload, the input of field completeness (字段完整性).
+
+    Written with the submission when its upload is validated. Uploads stored before this table
+    existed, or without validation, have no row, and the data quality page shows "—" for them.
+    """
+
+    __tablename__ = "submission_field_counts"
+
+    submission_id: Mapped[int] = mapped_column(ForeignKey("report_submissions.id", ondelete="CASCADE"),
+                                               primary_key=True)
+    row_count: Mapped[int] = mapped_column(Integer)
+    """Rows counted, the same as ``report_submissions.row_count``."""
+    field_count: Mapped[int] = mapped_column(Integer)
+    """Fields of the template version validated against."""
+    required_field_count: Mapped[int] = mapped_column(Integer)
+    """Fields marked ``required`` in that template version."""
+    present_values: Mapped[int] = mapped_column(BigInteger)
+    """Non-empty values over all fields; field completeness is this ÷ (row_count × field_count)."""
+    required_present_values: Mapped[int] = mapped_column(BigInteger)
+    """Non-empty values over the required fields."""
+    field_values: Mapped[dict[str, int]] = mapped_column(JSON)
+    """Field code → non-empty values, in template order."""
+
+
 TASK_STATUSES: dict[str, str] = {"open": "进行中", "closed": "已关闭"}
 """States of a collection task (报送任务), used by admin_api.tasks."""
 

@@ -72,6 +72,7 @@ from admin_api.models import (
     Institution,
     ReportSubmission,
     SubmissionEvent,
+    SubmissionFieldCount,
     SubmissionRowComment,
     SubmissionWaiver,
     User,
@@ -568,6 +569,7 @@ def submit(
                                         text_columns=text_columns)
         errors = warnings = explained = 0
         has_findings = False
+        field_values: dict[str, int] | None = None
         # The upload is encrypted while it is validated, because the SM4 stream cipher and DuckDB
         # both release the GIL. Leaving the block waits for the encryption, also when validation fails.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submission-encrypt") as encryption:
@@ -582,6 +584,7 @@ def submit(
                 os.replace(result.findings_path, work / FINDINGS_NAME)
                 errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
                 has_findings = True
+                field_values = dict(result.field_values)
         encrypted = encrypting.result()
         for leftover in (source, staged.path):
             leftover.unlink(missing_ok=True)
@@ -617,6 +620,8 @@ def submit(
         row.raw_path = _relative(settings, target / RAW_NAME)
         row.findings_path = _relative(settings, target / FINDINGS_NAME) if has_findings else None
         session.add(SubmissionEvent(submission_id=row.id, from_state=None, to_state=state, actor=caller.username))
+        if field_values is not None:
+            session.add(field_count_row(row.id, template, staged.rows, field_values))
         previous = [] if draft else supersede_previous(session, row, caller)
 
         add_event(session, request, caller, "submissions.save_draft" if draft else "submissions.submit",
@@ -642,6 +647,17 @@ def submit(
         raise
     logger.info("submission %s stored: %s %s v%s %s", row.id, template.code, period_end, version, state)
     return row
+
+
+def field_count_row(submission_id: int, template: Template, rows: int,
+                    field_values: dict[str, int]) -> SubmissionFieldCount:
+    """Build the field completeness counts of an upload from the validator's non-empty values per field."""
+    required = {item.code for item in template.fields if item.required}
+    return SubmissionFieldCount(
+        submission_id=submission_id, row_count=rows, field_count=len(template.fields),
+        required_field_count=len(required), present_values=sum(field_values.values()),
+        required_present_values=sum(count for code, count in field_values.items() if code in required),
+        field_values=field_values)
 
 
 def supersede_previous(session: Session, row: ReportSubmission, caller: Principal) -> list[ReportSubmission]:

@@ -7,7 +7,8 @@ Run from the repository root (about two minutes with the defaults, on SQLite in 
 
 Data quality: a migrated SQLite database with ``--institutions`` institutions and ``--tasks`` past
 collection tasks of one template, every target submitted once with 10 validated rows. One upload in
-ten has a findings Parquet file with errors on 2 rows, the others have no error and no file.
+ten has a findings Parquet file with errors on 2 rows, the others have no error and no file. Every
+upload has field counts (21 fields, 17 required), so the field completeness query joins a row each.
 
 - (a) baseline: :func:`admin_api.task_statistics.rate_rows` per institution, the grouped query
   behind the on-time rates of the page 报送统计, over the same targets.
@@ -71,7 +72,15 @@ def _seed_tasks(session, settings, institutions: int, tasks: int) -> int:
     import pyarrow.parquet as pq
     from sqlalchemy import insert, select
 
-    from admin_api.models import Institution, ReportSubmission, ReportTask, ReportTaskTarget, SubmissionEvent, User
+    from admin_api.models import (
+        Institution,
+        ReportSubmission,
+        ReportTask,
+        ReportTaskTarget,
+        SubmissionEvent,
+        SubmissionFieldCount,
+        User,
+    )
     from intake.validate import FINDINGS_SCHEMA
 
     user_id = session.scalar(select(User.id).where(User.username == "reporter_a"))
@@ -115,6 +124,10 @@ def _seed_tasks(session, settings, institutions: int, tasks: int) -> int:
         session.execute(insert(SubmissionEvent), [
             {"submission_id": submission_id, "from_state": None, "to_state": "pending_review", "actor": "bench",
              "at": upload["submitted_at"]} for submission_id, upload in zip(submission_ids, uploads)])
+        session.execute(insert(SubmissionFieldCount), [
+            {"submission_id": submission_id, "row_count": 10, "field_count": 21, "required_field_count": 17,
+             "present_values": 200, "required_present_values": 170, "field_values": {}}
+            for submission_id in submission_ids])
     session.commit()
     return files
 
@@ -153,6 +166,7 @@ def _quality(data_dir: Path, institutions: int, tasks: int, repeat: int) -> dict
     checked = cold()
     assert checked.group_count == institutions * tasks, checked.group_count
     assert checked.total.rows_with_errors == 2 * files, checked.total.rows_with_errors
+    assert checked.total.field_reports == institutions * tasks, checked.total.field_reports
     return {"targets": institutions * tasks, "findings_files": files,
             "baseline": _median_seconds(baseline, repeat),
             "institution": _median_seconds(lambda: report(per_institution), repeat),

@@ -14,7 +14,9 @@ SQL; no Python code runs per data row. The steps:
    in a temporary table. The messages, with masked values, are built from that small table.
 3. Uniqueness, references, reconciliations and fluctuations run as their own queries (hash
    aggregates and anti-joins); reconciliations and fluctuations share one aggregate scan.
-4. All findings and the reader's findings are sorted by line and written to one Parquet file.
+4. One aggregate scan counts the non-empty values of every field (:attr:`ValidationResult.field_values`),
+   the input of the field completeness measure (字段完整性).
+5. All findings and the reader's findings are sorted by line and written to one Parquet file.
 
 A rule whose data is absent produces no finding: no target table for a reference, no G01 for a
 reconciliation, no accepted previous period for a fluctuation, no earlier period for history
@@ -186,7 +188,10 @@ class ValidationResult:
     """True when no finding is an error."""
     step_seconds: Mapping[str, float] = field(default_factory=dict)
     """Wall-clock seconds of each step, in run order: connect, row_checks, unique_checks, reference_checks,
-    aggregate_checks, reader_findings and write."""
+    aggregate_checks, reader_findings, field_counts and write."""
+    field_values: Mapping[str, int] = field(default_factory=dict)
+    """Field code → rows whose value is non-empty, in template order. Empty means NULL, or blank
+    after trimming for text fields: the reading of the not_null rule."""
 
     @property
     def errors(self) -> int:
@@ -1345,6 +1350,13 @@ class _Run:
         self.sql("INSERT INTO findings SELECT * FROM reader_findings")
         self.con.unregister("reader_findings")
 
+    def field_counts(self) -> dict[str, int]:
+        """Count the non-empty values of every field in one aggregate scan of the staging file."""
+        codes = [item.code for item in self.template.fields]
+        counts = ", ".join(f"count_if({self.fields.present(code)})" for code in codes)
+        row = self.fetch(f"SELECT {counts} FROM read_parquet({_lit(str(self.staged.path))})")[0]
+        return {code: int(value or 0) for code, value in zip(codes, row, strict=True)}
+
     def skip(self, rule: Any, reason: str) -> None:
         self.skipped.append(SkippedRule(rule.id, rule.name, rule.kind, reason))
 
@@ -1432,6 +1444,7 @@ def validate_staged(
         for step in (run.connect, run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks,
                      run.reader_findings):
             timed(step)
+        field_values = timed(run.field_counts)
         path, counts, explained, rule_counts = timed(run.write)
     except duckdb.OutOfMemoryException as exc:
         raise ValidationError(
@@ -1456,5 +1469,6 @@ def validate_staged(
         skipped_rules=tuple(run.skipped),
         accepted_possible=counts.get("error", 0) == 0,
         step_seconds=step_seconds,
+        field_values=field_values,
     )
 

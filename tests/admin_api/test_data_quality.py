@@ -3,8 +3,9 @@
 The module has its own environment per backend, because the measures cover every task whose
 deadline has passed. Tasks, submissions and their state changes are written straight into the
 database (:mod:`.task_data`), and each validated upload gets a findings Parquet file with the
-schema validation writes. The small case uses reporting year 2018, the large one 2017, and single cases 2016 and 2019.
-One upload goes through the API, so the real validator's findings are counted too.
+schema validation writes, and field counts where a test needs them. The small case uses reporting
+year 2018, the large one 2017, and single cases 2014, 2015, 2016 and 2019. Uploads of 2015 and 2019
+go through the API, so the real validator's findings and field counts are counted too.
 """
 
 from __future__ import annotations
@@ -18,11 +19,11 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
-from sqlalchemy import event, select, update
+from sqlalchemy import event, insert, select, update
 
-from admin_api import data_quality
+from admin_api import console_data_quality, data_quality
 from admin_api.db import utc_now
-from admin_api.models import Institution, ReportSubmission
+from admin_api.models import Institution, ReportSubmission, SubmissionFieldCount
 from intake.validate import FINDINGS_SCHEMA
 
 from .conftest import BACKENDS, Env, backend_env
@@ -34,6 +35,9 @@ from .test_submissions import bank_a_licence, customer_row, loan_row, text_file,
 TEMPLATE = "EAST_DGKHXXB"
 P1, P2, P3 = date(2018, 1, 31), date(2018, 2, 28), date(2018, 3, 31)
 UNREAD_PERIOD = date(2016, 3, 31)
+VERSIONS_PERIOD = date(2014, 3, 31)
+WEIGHTED_PERIODS = (date(2013, 1, 31), date(2013, 2, 28))
+REAL_PERIOD = "20150131"
 D1 = datetime(2018, 2, 15, 10, 0, tzinfo=UTC)
 D2 = datetime(2018, 3, 15, 10, 0, tzinfo=UTC)
 DAY = timedelta(days=1)
@@ -106,6 +110,40 @@ def small(env: Env) -> dict[str, int]:
     set_validation(env, ids["dq_a"], P2, 1, 4, 0, write_findings(env, "a-p2", []))
     set_validation(env, ids["dq_b"], P2, 1, 8, 2, write_findings(env, "b-p2-draft", [(1, "error"), (3, "error")]))
     return ids
+
+
+def submission_id(env: Env, institution_id: int, period: date, version: int) -> int:
+    with env.db() as session:
+        return session.scalars(select(ReportSubmission.id).where(
+            ReportSubmission.institution_id == institution_id, ReportSubmission.template_code == TEMPLATE,
+            ReportSubmission.period_end == period, ReportSubmission.version == version)).one()
+
+
+def add_field_counts(env: Env, counts: Sequence[tuple[int, int, int, int, int, int]]) -> None:
+    """Store field counts given as (submission id, rows, fields, required fields, non-empty, required non-empty)."""
+    with env.db() as session:
+        session.execute(insert(SubmissionFieldCount), [
+            {"submission_id": item_id, "row_count": rows, "field_count": fields, "required_field_count": required,
+             "present_values": present, "required_present_values": required_present, "field_values": {}}
+            for item_id, rows, fields, required, present, required_present in counts])
+        session.commit()
+
+
+@pytest.fixture(scope="module")
+def field_counts(env: Env, small: dict[str, int]) -> dict[str, int]:
+    """Field counts of the small case: 4 fields of which 2 required, on every upload but dq_a's of P2.
+
+    dq_a P1 (accepted, 10 rows): 36 of 40 values, 20 of 20 required. dq_b P1 version 1 (superseded): 10 of 40,
+    and version 2 (accepted, 10 rows): 30 of 40, 18 of 20 required. dq_b P2 is a draft with 0 of 32. dq_a P2
+    (pending review) was uploaded before field counts existed, so it has none.
+    """
+    add_field_counts(env, [
+        (submission_id(env, small["dq_a"], P1, 1), 10, 4, 2, 36, 20),
+        (submission_id(env, small["dq_b"], P1, 1), 10, 4, 2, 10, 5),
+        (submission_id(env, small["dq_b"], P1, 2), 10, 4, 2, 30, 18),
+        (submission_id(env, small["dq_b"], P2, 1), 8, 4, 2, 0, 0),
+    ])
+    return small
 
 
 def read(env: Env, username: str, request_id: str | None = None, **params: Any) -> Any:
@@ -200,6 +238,233 @@ def test_missing_findings_estimated(env: Env, small: dict[str, int]) -> None:
     assert "无法读取" in body["notes"][0]
 
 
+# --- field completeness by hand ---------------------------------------------------------------------
+
+
+def field_measures(row: dict[str, Any]) -> tuple:
+    return (row["reports"], row["field_reports"], row["cells"], row["present_values"], row["required_cells"],
+            row["required_present_values"])
+
+
+def test_field_completeness_by_hand(env: Env, field_counts: dict[str, int]) -> None:
+    body = ok(read(env, "analyst", template_code=TEMPLATE))
+
+    rows = {(row["institution"], row["period_end"]): row for row in body["rows"]}
+    assert {key: field_measures(row) for key, row in rows.items()} == {
+        ("bank_a", "20180131"): (0, 0, 0, 0, 0, 0),
+        ("dq_a", "20180131"): (1, 1, 40, 36, 20, 20),
+        ("dq_a", "20180228"): (1, 0, 0, 0, 0, 0),
+        ("dq_b", "20180131"): (1, 1, 40, 30, 20, 18),
+        ("dq_b", "20180228"): (0, 0, 0, 0, 0, 0),
+        ("dq_c", "20180131"): (0, 0, 0, 0, 0, 0),
+    }
+    assert rows[("dq_a", "20180131")]["field_completeness"] == pytest.approx(0.9)
+    assert rows[("dq_a", "20180131")]["required_field_completeness"] == 1.0
+    assert rows[("dq_b", "20180131")]["field_completeness"] == pytest.approx(0.75)
+    assert rows[("dq_b", "20180131")]["required_field_completeness"] == pytest.approx(0.9)
+    assert rows[("dq_a", "20180228")]["field_completeness"] is None
+    assert rows[("dq_b", "20180228")]["required_field_completeness"] is None
+    assert field_measures(body["total"]) == (3, 2, 80, 66, 40, 38)
+    assert body["total"]["field_completeness"] == pytest.approx(66 / 80)
+    assert body["total"]["required_field_completeness"] == pytest.approx(38 / 40)
+    assert "1 份报表的当前版本上传时尚未统计字段非空值" in body["notes"][0]
+
+
+def test_field_completeness_sort(env: Env, field_counts: dict[str, int]) -> None:
+    body = ok(read(env, "analyst", group_by=["institution"], sort="field_completeness"))
+
+    assert [row["institution"] for row in body["rows"]] == ["dq_b", "dq_a", "bank_a", "dq_c"]
+    dq_a = body["rows"][1]
+    assert field_measures(dq_a) == (2, 1, 40, 36, 20, 20)
+    assert dq_a["field_completeness"] == pytest.approx(0.9)
+    by_required = ok(read(env, "analyst", group_by=["institution"], sort="required_field_completeness"))
+    assert [row["institution"] for row in by_required["rows"]] == ["dq_b", "dq_a", "bank_a", "dq_c"]
+
+
+def test_field_completeness_weighted_by_rows(env: Env, field_counts: dict[str, int]) -> None:
+    """Two reports of dq_c: 10 rows at 50 % and 30 rows at 100 %, so 87.5 % together, not the mean 75 %."""
+    with env.db() as session:
+        seed = Seeder.for_user(session, "reporter_a")
+        for period in WEIGHTED_PERIODS:
+            seed.uploads(field_counts["dq_c"], TEMPLATE, period, [Upload("accepted", [("accepted", D1)])])
+        seed.flush()
+        session.commit()
+    for period, rows in zip(WEIGHTED_PERIODS, (10, 30), strict=True):
+        set_validation(env, field_counts["dq_c"], period, 1, rows, 0, write_findings(env, f"c-{period:%Y%m}", []))
+    add_field_counts(env, [(submission_id(env, field_counts["dq_c"], WEIGHTED_PERIODS[0], 1), 10, 4, 2, 20, 10),
+                           (submission_id(env, field_counts["dq_c"], WEIGHTED_PERIODS[1], 1), 30, 4, 2, 120, 60)])
+
+    body = ok(read(env, "analyst", institution="dq_c", group_by=["institution"], period_from="20130101",
+                   period_to="20131231"))
+
+    assert [field_measures(row) for row in body["rows"]] == [(2, 2, 160, 140, 80, 70)]
+    assert body["rows"][0]["field_completeness"] == pytest.approx(0.875)
+    assert body["rows"][0]["required_field_completeness"] == pytest.approx(0.875)
+
+
+def test_field_completeness_current_version(env: Env, field_counts: dict[str, int]) -> None:
+    """Version 1 accepted, version 2 failed validation later (version 1 stays accepted), version 3 a draft."""
+    with env.db() as session:
+        seed = Seeder.for_user(session, "reporter_a")
+        seed.uploads(field_counts["dq_c"], TEMPLATE, VERSIONS_PERIOD, [
+            Upload("accepted", [("pending_review", D1), ("accepted", D1)]),
+            Upload("validation_failed", [("validation_failed", D2)]),
+            Upload("draft", [("draft", D2)])])
+        seed.flush()
+        for version, state in ((1, "accepted"), (2, "validation_failed")):  # the seeder marks them superseded
+            session.execute(update(ReportSubmission).where(
+                ReportSubmission.institution_id == field_counts["dq_c"], ReportSubmission.period_end == VERSIONS_PERIOD,
+                ReportSubmission.version == version).values(state=state))
+        session.commit()
+    for version in (1, 2, 3):
+        set_validation(env, field_counts["dq_c"], VERSIONS_PERIOD, version, 10, 0,
+                       write_findings(env, f"c-versions-{version}", []))
+    add_field_counts(env, [(submission_id(env, field_counts["dq_c"], VERSIONS_PERIOD, version), 10, 2, 1, present, 5)
+                           for version, present in ((1, 20), (2, 10), (3, 2))])
+    period = {"period_from": "20140331", "period_to": "20140331"}
+
+    grouped = ok(read(env, "analyst", institution="dq_c", **period))
+    fields = ok(env.client.get("/api/v1/data-quality/fields", headers=env.auth("analyst"),
+                               params={"institution": "dq_c", "template_code": TEMPLATE, "period": "20140331"}))
+
+    assert [field_measures(row) for row in grouped["rows"]] == [(1, 1, 20, 10, 10, 5)]
+    assert grouped["rows"][0]["field_completeness"] == 0.5
+    assert (fields["version"], fields["state"], fields["state_name"]) == (2, "validation_failed", "校验未通过")
+
+
+# --- per-field breakdown of a real upload ------------------------------------------------------------
+
+
+CUSTOMERS = "EAST_DGKHXXB"
+CUSTOMER_FIELDS = 21
+CUSTOMER_REQUIRED = 17
+
+
+@pytest.fixture(scope="module")
+def real_customers(env: Env, bank_a_licence: None) -> dict[str, Any]:  # noqa: F811
+    """Three customer rows of bank_a with known blanks, then a complete draft of the same period.
+
+    Blanks: 备注 BEIZ on rows 1 and 2; 注册资本 ZCZB, its currency ZCZBBZ and the mobile CWLXRSJ (spaces only)
+    on row 2; the required 注册地址 ZCDZ on row 3, which fails validation. So 57 of 63 values are present and
+    50 of the 51 required ones.
+    """
+    rows = [customer_row(1, REAL_PERIOD), {**customer_row(2, REAL_PERIOD), "ZCZB": "", "ZCZBBZ": "", "CWLXRSJ": "  "},
+            {**customer_row(3, REAL_PERIOD), "ZCDZ": "", "BEIZ": "已核实"}]
+    response = upload(env, "reporter_a", CUSTOMERS, REAL_PERIOD, text_file(CUSTOMERS, rows))
+    assert response.status_code == 201, response.text
+    complete = [{**customer_row(number, REAL_PERIOD), "BEIZ": "完整"} for number in (1, 2, 3)]
+    draft = env.client.post("/api/v1/submissions", headers=env.auth("reporter_a"),
+                            data={"template_code": CUSTOMERS, "period_end": REAL_PERIOD, "draft": "true"},
+                            files={"file": ("draft.txt", text_file(CUSTOMERS, complete), "text/plain")})
+    assert draft.status_code == 201, draft.text
+    return {"upload": response.json(), "draft": draft.json()}
+
+
+def read_fields(env: Env, username: str, request_id: str | None = None, **params: Any) -> Any:
+    headers = env.auth(username)
+    if request_id:
+        headers = {**headers, "X-Request-ID": request_id}
+    return env.client.get("/api/v1/data-quality/fields", headers=headers, params=params)
+
+
+def test_real_upload_stores_field_counts(env: Env, real_customers: dict[str, Any]) -> None:
+    with env.db() as session:
+        stored = session.get(SubmissionFieldCount, real_customers["upload"]["id"])
+
+    assert real_customers["upload"]["state"] == "validation_failed"
+    assert stored is not None
+    assert (stored.row_count, stored.field_count, stored.required_field_count) == (3, CUSTOMER_FIELDS,
+                                                                                  CUSTOMER_REQUIRED)
+    assert (stored.present_values, stored.required_present_values) == (57, 50)
+    assert len(stored.field_values) == CUSTOMER_FIELDS
+    assert {code: count for code, count in stored.field_values.items() if count < 3} == {
+        "ZCDZ": 2, "ZCZB": 2, "ZCZBBZ": 2, "CWLXRSJ": 2, "BEIZ": 1}
+
+
+def test_real_upload_grouped(env: Env, real_customers: dict[str, Any]) -> None:
+    body = ok(read(env, "analyst", institution="bank_a", template_code=CUSTOMERS, period_from=REAL_PERIOD,
+                   period_to=REAL_PERIOD))
+
+    assert [field_measures(row) for row in body["rows"]] == [(1, 1, 63, 57, 51, 50)]
+    assert body["rows"][0]["field_completeness"] == pytest.approx(57 / 63)
+    assert body["rows"][0]["required_field_completeness"] == pytest.approx(50 / 51)
+
+
+def test_field_breakdown_lowest_first(env: Env, real_customers: dict[str, Any]) -> None:
+    request_id = f"dq-{secrets.token_hex(6)}"
+
+    body = ok(read_fields(env, "analyst", request_id, institution="bank_a", template_code=CUSTOMERS,
+                          period=REAL_PERIOD))
+
+    assert (body["submission_id"], body["version"], body["rows"], body["counted"]) == (
+        real_customers["upload"]["id"], 1, 3, True)
+    assert body["field_completeness"] == pytest.approx(57 / 63)
+    assert body["required_field_completeness"] == pytest.approx(50 / 51)
+    assert [(item["code"], item["present"]) for item in body["fields"][:6]] == [
+        ("BEIZ", 1), ("ZCDZ", 2), ("ZCZB", 2), ("ZCZBBZ", 2), ("CWLXRSJ", 2), ("JRXKZH", 3)]
+    assert body["fields"][1] == {"code": "ZCDZ", "name": "注册地址", "required": True, "present": 2, "rows": 3,
+                                 "completeness": pytest.approx(2 / 3)}
+    assert len(body["fields"]) == CUSTOMER_FIELDS
+    assert [(item.action, item.outcome, item.resource) for item in audit_events(env, request_id)] == [
+        ("quality.read", "success", f"submission:{real_customers['upload']['id']}")]
+
+
+def test_field_breakdown_own_institution(env: Env, real_customers: dict[str, Any]) -> None:
+    body = ok(read_fields(env, "reporter_a", template_code=CUSTOMERS, period=REAL_PERIOD))
+
+    # The institution's own draft is newer, but a draft is not submitted, so version 1 still counts.
+    assert (body["institution"], body["version"]) == ("bank_a", 1)
+    assert body["submission_id"] != real_customers["draft"]["id"]
+
+
+def test_field_breakdown_without_counts(env: Env, field_counts: dict[str, int]) -> None:
+    body = ok(read_fields(env, "analyst", institution="dq_a", template_code=TEMPLATE, period="20180228"))
+
+    assert (body["counted"], body["fields"]) == (False, [])
+    assert body["field_completeness"] is None
+    assert body["required_field_completeness"] is None
+
+
+@pytest.mark.parametrize("username", ["reporter_a", "instadmin_a"])
+def test_field_breakdown_other_institution_denied(env: Env, field_counts: dict[str, int], username: str) -> None:
+    request_id = f"dq-{secrets.token_hex(6)}"
+
+    response = read_fields(env, username, request_id, institution="dq_a", template_code=TEMPLATE, period="20180131")
+
+    assert response.status_code == 403
+    assert response.json()["code"] == "INSTITUTION_FORBIDDEN"
+    assert [(item.action, item.outcome) for item in audit_events(env, request_id)] == [("quality.read", "denied")]
+
+
+def test_field_breakdown_denied_to_modeller(env: Env) -> None:
+    response = read_fields(env, "modeller_a", template_code=TEMPLATE, period="20180131")
+
+    assert response.status_code == 403
+    assert response.json()["code"] == "FORBIDDEN"
+
+
+@pytest.mark.parametrize(("params", "status", "code"), [
+    ({"template_code": TEMPLATE, "period": "20180131"}, 422, "INSTITUTION_MISSING"),
+    ({"institution": "zz_missing", "template_code": TEMPLATE, "period": "20180131"}, 422, "INSTITUTION_NOT_FOUND"),
+    ({"institution": "dq_a", "period": "20180131"}, 422, "TEMPLATE_MISSING"),
+    ({"institution": "dq_a", "template_code": "NO_SUCH", "period": "20180131"}, 422, "TEMPLATE_NOT_FOUND"),
+    ({"institution": "dq_a", "template_code": TEMPLATE}, 422, "PERIOD_MISSING"),
+    ({"institution": "dq_a", "template_code": TEMPLATE, "period": "2018-01-31"}, 422, "PERIOD_INVALID"),
+    ({"institution": "dq_c", "template_code": TEMPLATE, "period": "20180131"}, 404, "QUALITY_REPORT_NOT_FOUND"),
+    # dq_b's only version of P2 is a draft, which regulators must not see.
+    ({"institution": "dq_b", "template_code": TEMPLATE, "period": "20180228"}, 404, "QUALITY_REPORT_NOT_FOUND"),
+])
+def test_field_breakdown_bad_request(env: Env, field_counts: dict[str, int], params: dict[str, Any], status: int,
+                                     code: str) -> None:
+    request_id = f"dq-{secrets.token_hex(6)}"
+
+    response = read_fields(env, "analyst", request_id, **params)
+
+    assert response.status_code == status, response.text
+    assert response.json()["code"] == code
+    assert [(item.action, item.outcome) for item in audit_events(env, request_id)] == [("quality.read", "failed")]
+
+
 # --- access ------------------------------------------------------------------------------------------
 
 
@@ -275,13 +540,47 @@ def test_console_page(env: Env, small: dict[str, int]) -> None:
     assert "起始报告期" in bad.text
 
 
+def test_console_page_field_columns(env: Env, field_counts: dict[str, int]) -> None:
+    cookie = console_cookie(env, "analyst")
+
+    page = env.client.get("/console/data-quality", headers=cookie, params={**SMALL, "template_code": TEMPLATE})
+
+    assert page.status_code == 200
+    assert "<th>报送完整性</th>" in page.text
+    assert '<td class="field-completeness">75.0%</td>' in page.text
+    assert '<td class="required-completeness">90.0%</td>' in page.text
+    assert '<td class="field-completeness">82.5%</td>' in page.text  # the totals row
+    assert 'id="field-version-rule"' in page.text
+    assert "institution=dq_b&amp;template_code=EAST_DGKHXXB&amp;period_from=20180131&amp;period_to=20180131" in page.text
+    assert 'id="quality-fields"' not in page.text
+
+
+def test_console_page_field_breakdown(env: Env, real_customers: dict[str, Any], field_counts: dict[str, int]) -> None:
+    cookie = console_cookie(env, "reviewer")
+    one_report = {"institution": "bank_a", "template_code": CUSTOMERS, "period_from": REAL_PERIOD,
+                  "period_to": REAL_PERIOD}
+
+    page = env.client.get("/console/data-quality", headers=cookie, params=one_report)
+    legacy = env.client.get("/console/data-quality", headers=cookie, params={
+        "institution": "dq_a", "template_code": TEMPLATE, "period_from": "20180228", "period_to": "20180228"})
+
+    assert page.status_code == 200
+    assert '<strong id="breakdown-field">90.5%</strong>' in page.text
+    assert '<strong id="breakdown-required">98.0%</strong>' in page.text
+    assert page.text.count('<tr class="field-row">') == console_data_quality.LOWEST_FIELDS
+    assert page.text.index("<code>BEIZ</code>") < page.text.index("<code>ZCDZ</code>")
+    assert legacy.status_code == 200
+    assert "上传时尚未统计字段非空值" in legacy.text
+    assert '<td class="field-completeness">—</td>' in legacy.text
+
+
 def test_console_page_denied_to_modeller(env: Env) -> None:
     cookie = console_cookie(env, "modeller_a")
 
     assert env.client.get("/console/data-quality", headers=cookie).status_code == 403
 
 
-def test_console_walkthrough_in_chromium(env: Env, small: dict[str, int],
+def test_console_walkthrough_in_chromium(env: Env, field_counts: dict[str, int],
                                         served_admin_api: str) -> None:  # noqa: F811
     from playwright.sync_api import sync_playwright
 
@@ -311,6 +610,7 @@ def test_console_walkthrough_in_chromium(env: Env, small: dict[str, int],
             assert table.locator("tbody td.completeness").inner_text() == "50.0%"
             assert table.locator("tbody td.validity").inner_text() == "85.0%"
             assert table.locator("tbody td.timeliness").inner_text() == "0.0%"
+            assert table.locator("tbody td.field-completeness").inner_text() == "75.0%"
         finally:
             browser.close()
 
@@ -346,6 +646,7 @@ def large(env: Env) -> dict[str, Any]:
 
     Target ``(i, t)`` is on time unless ``(i + t) % 4 == 0`` (late). Every upload has 10 rows; those
     with ``(i + t) % 10 == 0`` have a findings file with errors on 2 rows (3 findings), the others none.
+    Every upload has 5 fields, 3 of them required: 50 − (i + t) % 3 non-empty values, 30 − (i + t) % 2 required.
     """
     codes = [f"dql{index:03d}" for index in range(INSTITUTION_COUNT)]
     periods = [date(LARGE_YEAR, 1, 1) + timedelta(days=7 * number) for number in range(TASK_COUNT)]
@@ -378,6 +679,9 @@ def large(env: Env) -> dict[str, Any]:
         session.execute(update(ReportSubmission), changes)
         session.commit()
     with_errors = sum(1 for change in changes if change["error_count"])
+    add_field_counts(env, [(submission_id, 10, 5, 3, 50 - (index_of[institution_id] + periods.index(period)) % 3,
+                            30 - (index_of[institution_id] + periods.index(period)) % 2)
+                           for submission_id, institution_id, period in submissions])
     return {"codes": codes, "with_errors": with_errors}
 
 
@@ -405,4 +709,9 @@ def test_large_dataset_grouped(env: Env, large: dict[str, Any]) -> None:
     assert report.total.rows_with_errors == 2 * large["with_errors"]
     first = next(row for row in report.rows if row.institution == "dql000")
     assert (first.expected, first.on_time, first.rows_with_errors) == (20, 15, 4)
-    assert len(statements) == 3
+    pairs = [(index, number) for index in range(INSTITUTION_COUNT) for number in range(TASK_COUNT)]
+    assert (report.total.reports, report.total.field_reports, report.total.cells) == (targets, targets, 50 * targets)
+    assert report.total.present_values == sum(50 - (i + t) % 3 for i, t in pairs)
+    assert report.total.required_present_values == sum(30 - (i + t) % 2 for i, t in pairs)
+    assert first.present_values == sum(50 - t % 3 for t in range(TASK_COUNT))
+    assert len(statements) == 4

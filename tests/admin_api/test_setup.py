@@ -31,7 +31,7 @@ TABLES = {"institutions", "users", "api_tokens", "model_reviews", "report_notebo
           "audit_events", "audit_chain_head", "password_history", "api_endpoints", "messages", "roles",
           "report_submissions", "submission_events", "submission_row_comments", "report_tasks", "report_task_targets",
           "submission_waivers", "catalog_columns", "catalog_column_history", "masking_policy_drafts",
-          "alembic_version"}
+          "submission_field_counts", "alembic_version"}
 
 
 @pytest.mark.parametrize("database_url", BACKENDS, indirect=True)

@@ -290,6 +290,26 @@ def test_not_null(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> N
     assert [row["line"] for row in extension] == [4]
 
 
+def test_field_values_count_non_empty(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    loans = [
+        loan_row(1),
+        loan_row(2, DKYT="   ", ZJLX="  ", BEIZ="说明"),
+        loan_row(3, KHMC="", YQTS="", ZQDQRQ="20260115"),
+        loan_row(4, DKYT="\u3000", BNQXYE=""),
+    ]
+    batch = batch_for(tmp_path, catalog, loans)
+
+    result = run(tmp_path, loan, loans, context(batch), catalog)
+
+    # Blank cells in these four rows, by field: the defaults leave ZQDQRQ and BEIZ blank, and DKYT of
+    # rows 2 and 4 holds only spaces (U+3000 in row 4).
+    blanks = {"DKYT": 2, "ZJLX": 1, "BEIZ": 3, "KHMC": 1, "YQTS": 1, "ZQDQRQ": 3, "BNQXYE": 1}
+    assert list(result.field_values) == [item.code for item in loan.fields]
+    assert result.field_values == {item.code: 4 - blanks.get(item.code, 0) for item in loan.fields}
+    assert sum(result.field_values.values()) == 4 * len(loan.fields) - 12
+    assert "field_counts" in result.step_seconds
+
+
 def test_unique_in_file(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
     loans = [loan_row(1), loan_row(2), loan_row(3, JJH="JJ000001")]
     batch = batch_for(tmp_path, catalog, loans)
