@@ -417,6 +417,30 @@ def _reuse(previous: Path | None, document: dict, name: str, fingerprint: str, t
 # --- cross-institution features (extracts.features) ----------------------------------------------
 
 
+def _keep_equal_features(previous: Path | None, document: dict, content_sm3: str, slice_inputs_sm3: str,
+                         target: Path) -> dict | None:
+    """Replace ``target`` by a hard link to the published feature table when its rows are the same; return its entry.
+
+    The rows are the same when the unmarked file written now has the digest that the published
+    table had before its watermark (``content_sm3``) and the policy, key, k and plans are those
+    of the published table (``slice_inputs_sm3``).
+    """
+    if previous is None:
+        return None
+    entry = next((item for item in document.get("tables", []) if item.get("name") == FEATURES_TABLE), None)
+    if entry is None or entry.get("content_sm3") != content_sm3 or entry.get("slice_inputs_sm3") != slice_inputs_sm3:
+        return None
+    source = previous / entry["file"]
+    try:
+        if sm3_file(source) != entry.get("sm3"):
+            return None
+        target.unlink()
+        os.link(source, target)
+    except OSError:
+        return None
+    return entry
+
+
 def _build_feature_table(features: CrossInstitutionFeatures, institution_code: str, build: Path,
                          classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, previous: Path | None,
                          previous_manifest: dict, watermark: BuildWatermark) -> tuple[dict, TableOutcome] | None:
@@ -441,12 +465,24 @@ def _build_feature_table(features: CrossInstitutionFeatures, institution_code: s
     if reused is not None:
         return reused, TableOutcome(FEATURES_TABLE, reused["row_count"], reused["sm3"], rebuilt=False)
     features.write_table(institution_code, target, plans, token_key.key)
+    # A change anywhere in the warehouse changes the fingerprint of every institution's feature
+    # table, but often not the institution's own rows (most aggregates of a customer do not move,
+    # or stay suppressed). The table is written sorted, so equal rows give an equal file: when it
+    # equals the published one and nothing but the warehouse changed, the published table is kept
+    # and the extract stays unchanged.
+    content_sm3 = sm3_file(target)
+    slice_inputs_sm3 = _digest({key: value for key, value in inputs.items() if key != "warehouse"})
+    kept = _keep_equal_features(previous, previous_manifest, content_sm3, slice_inputs_sm3, target)
+    if kept is not None:
+        return kept, TableOutcome(FEATURES_TABLE, kept["row_count"], kept["sm3"], rebuilt=False)
     plan_entries = [plan.manifest_entry() for plan in plans]
     # The feature values are exact aggregates, so they carry the metadata layer of the watermark only.
     table_watermark = watermark.mark_table(target, FEATURES_TABLE, plan_entries, data_mark=False)
     entry = _table_entry(features.source_table(), plan_entries, target, fingerprint, [])
     entry["features"] = features.manifest_entry()
     entry["watermark"] = table_watermark
+    entry["content_sm3"] = content_sm3
+    entry["slice_inputs_sm3"] = slice_inputs_sm3
     return entry, TableOutcome(FEATURES_TABLE, entry["row_count"], entry["sm3"], rebuilt=True)
 
 

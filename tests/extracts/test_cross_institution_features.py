@@ -375,7 +375,10 @@ def test_computed_once_per_run_and_rebuilt_on_change(warehouse, tmp_path: Path,
     assert _computations(caplog) == 0
     assert all(outcome.status == "unchanged" for outcome in second.values())
 
-    # bank_e reports S7 overdue in April: every bank's features change, its own tables do not.
+    # bank_e reports S7 overdue in April: the feature set is computed again. A bank whose feature
+    # rows change gets a new feature table and nothing else; the extract of a bank whose rows stay
+    # the same is left unchanged.
+    before = {code: _features(settings, code) for code in first if code != "bank_e"}
     store = open_keystore(settings)
     loans = _rows("bank_e")[LOANS]
     for row in loans:
@@ -384,10 +387,15 @@ def test_computed_once_per_run_and_rebuilt_on_change(warehouse, tmp_path: Path,
     caplog.clear()
     third = build_all(settings, classes=_classes())
     assert _computations(caplog) == 1
-    rebuilt = {table.name: table.rebuilt for table in third["bank_a"].tables}
-    assert rebuilt[FEATURES_TABLE] is True
-    assert not any(value for name, value in rebuilt.items() if name != FEATURES_TABLE)
     assert _features(settings, "bank_c")["S7"]["other_overdue"] is True
+    changed = {code for code in before if _features(settings, code) != before[code]}
+    assert "bank_c" in changed
+    assert set(before) - changed, "the crafted warehouse must leave some bank's feature rows unchanged"
+    for code in before:
+        rebuilt = {table.name: table.rebuilt for table in third[code].tables}
+        assert not any(value for name, value in rebuilt.items() if name != FEATURES_TABLE)
+        assert rebuilt[FEATURES_TABLE] is (code in changed)
+        assert third[code].status == ("published" if code in changed else "unchanged")
 
     # A new k changes every features table and nothing else.
     fourth = build_all(Settings(data_dir=settings.data_dir, extract_feature_min_contributors=2, extract_k_anonymity=1),
