@@ -8,6 +8,7 @@ policy, then with the shipped default approved by ``manage policy-approve-defaul
 from __future__ import annotations
 
 import json
+import os
 import secrets
 import shutil
 from collections.abc import Iterator
@@ -128,7 +129,9 @@ def test_manage_approves_default_as_system(extract_env: Env, capsys: pytest.Capt
 
 
 def test_manage_extracts_build_audits_each(extract_env: Env, capsys: pytest.CaptureFixture[str]) -> None:
-    status = manage.extracts_build(extract_env.settings, None, None)
+    # The prefix the launcher and the API use, so that the rebuild below finds the same owner and group
+    # whether or not the Unix groups exist on this machine.
+    status = manage.extracts_build(extract_env.settings, None, extract_env.settings.unix_prefix)
 
     assert status == 0
     lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
@@ -275,6 +278,12 @@ def copied_settings(extract_env: Env, tmp_path: Path) -> Settings:
     copy = tmp_path / "data"
     shutil.copytree(extract_env.settings.data_dir, copy, symlinks=True,
                     ignore=shutil.ignore_patterns("admin.db*"))
+    # copytree keeps modes but not owners. An extract shared with an institution's Unix group (when
+    # the group exists on this machine) would otherwise differ from what a rebuild wants.
+    source = extract_env.settings.data_dir
+    for path in [copy, *copy.rglob("*")]:
+        status = (source / path.relative_to(copy)).lstat()
+        os.lchown(path, status.st_uid, status.st_gid)
     return Settings(data_dir=copy, database_url=extract_env.settings.database_url)
 
 
@@ -283,7 +292,8 @@ def test_bad_input_failures_audited(extract_env: Env, copied_settings: Settings)
     store.revoke("bank_c", KIND_TOKEN, store.current("bank_c", KIND_TOKEN).version, "测试吊销")
     actor = BuildActor(f"tester-{secrets.token_hex(3)}", "security_admin")
 
-    results = run_builds(extract_env.session_factory, copied_settings, store, actor, ["bank_a", "bank_c"])
+    results = run_builds(extract_env.session_factory, copied_settings, store, actor, ["bank_a", "bank_c"],
+                         unix_group_prefix=copied_settings.unix_prefix)
 
     assert [(result.institution, result.status) for result in results] == [("bank_a", "unchanged"),
                                                                             ("bank_c", "failed")]
