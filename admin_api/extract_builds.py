@@ -54,6 +54,7 @@ ALL_RESOURCE = "extract:*"
 HISTORY_LIMIT = 50
 STATUS_NAMES = {"published": "已发布新版本", "unchanged": "数据未变化", "failed": "失败"}
 TRIGGER_NAMES = {"manual": "人工触发", "init": "平台初始化", "catalog_change": "分级分类变更", "operator": "运维命令",
+                 "submission_accepted": "报送数据审核通过",
                  "k_override": "安全管理员强制发布"}
 
 

@@ -1,11 +1,14 @@
-"""Rebuilding extracts in the background after the data steward confirms or changes a class.
+"""Rebuilding extracts in the background after a class change or an accepted submission.
 
 A class decides how a column is masked, so after a confirmation or change of a column of table
 ``T`` the extracts of every institution with warehouse data of ``T`` are rebuilt
-(:func:`affected_institutions`). The steward's request only queues them: one worker thread per
+(:func:`affected_institutions`). Accepted report data enters the extracts the same way: after a
+reviewer accepts a submission, the extract of its institution is rebuilt (the incremental build
+masks only the new period, and the cross-institution features of the other institutions change
+only when their rows do, at their next build). The request only queues them: one worker thread per
 admin_api process builds the queued institutions one after another through
-:func:`admin_api.extract_builds.run_builds`, which audits each outcome in the steward's name with
-trigger ``catalog_change``. The queue is bounded by the number of institutions, because an
+:func:`admin_api.extract_builds.run_builds`, which audits each outcome in the requester's name with
+trigger ``catalog_change`` or ``submission_accepted``. The queue is bounded by the number of institutions, because an
 institution already waiting is not queued twice (the build that runs later reads the newest
 classes anyway). The builder's lock per institution keeps a queued build and a manual one from
 overlapping.
@@ -16,7 +19,6 @@ from __future__ import annotations
 import logging
 import threading
 from collections import OrderedDict
-from typing import Any
 
 from fastapi import Request
 from sqlalchemy.orm import Session, sessionmaker
@@ -47,7 +49,7 @@ class RebuildQueue:
         self._session_factory = session_factory
         self._settings = settings
         self._keystore = keystore
-        self._pending: OrderedDict[str, tuple[BuildActor, dict[str, Any]]] = OrderedDict()
+        self._pending: OrderedDict[str, tuple[BuildActor, str, str]] = OrderedDict()
         self._running: str | None = None
         self._condition = threading.Condition()
         self._stopping = False
@@ -56,22 +58,24 @@ class RebuildQueue:
     def schedule(self, table_code: str, column_code: str, actor: BuildActor) -> list[str]:
         """Queue the institutions with data of ``table_code``; return their codes (empty when none has data)."""
         codes = affected_institutions(self._settings, table_code)
+        reason = f"字段 {table_code}.{column_code} 的分级分类已变更"
+        return self.schedule_institutions(codes, actor, "catalog_change", reason)
+
+    def schedule_institutions(self, codes: list[str], actor: BuildActor, trigger: str, reason: str) -> list[str]:
+        """Queue the extracts of ``codes`` for a rebuild audited with ``trigger`` and ``reason``; return the codes queued."""
         if not codes:
             return []
-        cause = {"table": table_code, "column": column_code}
         with self._condition:
             if self._stopping:
-                logger.warning("rebuild after the class change of %s.%s not queued: admin_api is stopping",
-                               table_code, column_code)
+                logger.warning("extract rebuilds of %s (%s) not queued: admin_api is stopping", ", ".join(codes), trigger)
                 return []
             for code in codes:
-                self._pending[code] = (actor, cause)
+                self._pending[code] = (actor, trigger, reason)
             if self._thread is None:
                 self._thread = threading.Thread(target=self._work, name="extract-rebuilds", daemon=True)
                 self._thread.start()
             self._condition.notify_all()
-        logger.info("queued extract rebuilds of %s after the class change of %s.%s", ", ".join(codes),
-                    table_code, column_code)
+        logger.info("queued extract rebuilds of %s (%s: %s)", ", ".join(codes), trigger, reason)
         return codes
 
     def pending(self) -> list[str]:
@@ -96,24 +100,23 @@ class RebuildQueue:
         if thread is not None:
             thread.join(STOP_TIMEOUT_SECONDS)
 
-    def _next(self) -> tuple[str, BuildActor, dict[str, Any]] | None:
+    def _next(self) -> tuple[str, BuildActor, str, str] | None:
         with self._condition:
             self._running = None
             self._condition.notify_all()
             self._condition.wait_for(lambda: self._pending or self._stopping)
             if self._stopping:
                 return None
-            code, (actor, cause) = self._pending.popitem(last=False)
+            code, (actor, trigger, reason) = self._pending.popitem(last=False)
             self._running = code
-            return code, actor, cause
+            return code, actor, trigger, reason
 
     def _work(self) -> None:
         while (item := self._next()) is not None:
-            code, actor, cause = item
-            reason = f"字段 {cause['table']}.{cause['column']} 的分级分类已变更"
+            code, actor, trigger, reason = item
             try:
                 run_builds(self._session_factory, self._settings, self._keystore, actor, [code],
-                           trigger="catalog_change", reason=reason, unix_group_prefix=self._settings.unix_prefix)
+                           trigger=trigger, reason=reason, unix_group_prefix=self._settings.unix_prefix)
             except RegsandboxError as error:  # run_builds audited it already
                 logger.warning("rebuild of the extract of %s failed: %s", code, error.code)
             except Exception:  # noqa: BLE001 - the worker must survive to build the next institution
@@ -124,3 +127,14 @@ def schedule_after_classification(request: Request, caller: Principal, table_cod
     """Queue the rebuilds after a committed class confirmation or change; return the institutions queued."""
     queue: RebuildQueue = request.app.state.extract_rebuilds
     return queue.schedule(table_code, column_code, BuildActor.of_request(request, caller))
+
+
+def schedule_after_accept(request: Request, caller: Principal, institution_code: str, template_code: str,
+                          period: str) -> list[str]:
+    """Queue the rebuild of ``institution_code``'s extract after a committed accept; return the institutions queued."""
+    queue: RebuildQueue | None = getattr(request.app.state, "extract_rebuilds", None)
+    if queue is None or not INSTITUTION_CODE.match(institution_code):
+        return []
+    reason = f"报表 {template_code} 报告期 {period} 审核通过"
+    return queue.schedule_institutions([institution_code], BuildActor.of_request(request, caller),
+                                       "submission_accepted", reason)

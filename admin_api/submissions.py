@@ -828,7 +828,14 @@ def review(
     row = visible_submission(session, request, caller, submission_id, "submissions.review")
     settings = settings or request.app.state.settings
     with _reviewing(session, settings, row):
-        return _review_locked(session, request, caller, row, decision, comment, row_comments, store, settings)
+        row = _review_locked(session, request, caller, row, decision, comment, row_comments, store, settings)
+    if decision == "accepted":
+        # Accepted data reaches the institution's masked extract through a rebuild in the background,
+        # audited as the reviewer's (admin_api.extract_rebuilds).
+        from admin_api.extract_rebuilds import schedule_after_accept
+
+        schedule_after_accept(request, caller, row.institution.code, row.template_code, row.period_end.strftime("%Y%m%d"))
+    return row
 
 
 def _review_locked(session: Session, request: Request, caller: Principal, row: ReportSubmission, decision: str,

@@ -527,6 +527,29 @@ def test_concurrent_accepts_load_once(env: Env, monkeypatch: pytest.MonkeyPatch)
     assert [event["to_state"] for event in detail["events"]].count("accepted") == 1
 
 
+def test_accept_queues_extract_rebuild(env: Env) -> None:
+    period = "20250228"
+    upload_batch(env, period, (1,))
+    listing = env.client.get(f"/api/v1/submissions?period_end={period}", headers=env.auth("reviewer")).json()
+    customers = next(item["id"] for item in listing if item["template_code"] == "EAST_DGKHXXB")
+
+    response = accept(env, customers)
+
+    assert response.status_code == 200, response.text
+    assert env.client.app.state.extract_rebuilds.wait_idle(120)
+    with env.db() as session:
+        code = session.get(ReportSubmission, customers).institution.code
+        events = session.scalars(select(AuditEvent).where(AuditEvent.action == "extracts.build",
+                                                          AuditEvent.resource == f"extract:{code}")).all()
+    details = [json.loads(event.detail) if isinstance(event.detail, str) else event.detail for event in events]
+    queued = [(event.actor, detail) for event, detail in zip(events, details)
+              if detail.get("trigger") == "submission_accepted" and f"报告期 {period}" in detail.get("reason", "")]
+    assert len(queued) == 1, details
+    actor, detail = queued[0]
+    assert actor == "reviewer"
+    assert "EAST_DGKHXXB" in detail["reason"]
+
+
 def test_accept_loads_warehouse_once(env: Env) -> None:
     period = "20250131"
     upload_batch(env, period)
