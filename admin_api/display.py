@@ -212,6 +212,10 @@ DETAIL_KEY_LABELS = {
     "tables_below_k": "低于 k 的表",
     "override_applied": "按强制发布处理",
     "cause": "具体原因代码",
+    "k_anonymity": "k 匿名检查结果",
+    "draft_id": "策略草稿编号",
+    "signature_key": "签名密钥",
+    "uploaded_by": "上传人",
 }
 
 

@@ -577,7 +577,7 @@ def test_console_policy_upload_and_four_eyes(extract_env: Env) -> None:
     assert "C3" in invalid.text
     assert uploaded.status_code == 303
     assert "rule-mask-mobile" in draft_page.text
-    assert "须由另一名安全管理员审批" in draft_page.text
+    assert "须由其他安全管理员审批" in draft_page.text
     assert 'id="approve"' not in draft_page.text
     assert own.status_code == 403
     assert "双人复核" in own.text
@@ -617,7 +617,7 @@ def test_policy_approval_in_chromium(extract_env: Env, served_extract_env: str) 
                 {"name": "v5.yaml", "mimeType": "text/yaml", "buffer": policy_text(5).encode("utf-8")}])
             steward.click("#upload-policy button[type=submit]")
             steward.wait_for_load_state()
-            assert "须由另一名安全管理员审批" in steward.locator("p.notice").inner_text()
+            assert "须经安全管理员审批" in steward.locator("p.notice").inner_text()
             draft_url = steward.url.split("?")[0]
 
             admin = _sign_in(browser, served_extract_env, extract_env, "secadmin")
