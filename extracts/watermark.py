@@ -293,7 +293,7 @@ class BuildWatermark:
         if spec is None:
             # Expected for many tables (no kept amount column), so not a warning.
             logger.info("extract table %s of %s has no watermark carrier, so only the Parquet metadata is marked",
-                           table, self.institution)
+                        table, self.institution)
             note = ("表中没有可承载数据内嵌水印的金额列，仅在 Parquet 元数据中标记" if data_mark
                     else "该表的数值须保持精确，仅在 Parquet 元数据中标记")
             return {"id": self.id, "carrier": None, "note": note}
