@@ -344,7 +344,9 @@ def _add_field_counts(session: Session, quality_filter: QualityFilter, groups: d
 
 # --- error rows from findings files --------------------------------------------------------------
 
-_cache: dict[int, int] = {}
+# Keyed by the findings file's resolved path, which names the data directory and the submission, so
+# two databases served by one process (or ids reused after a database reset) never share an entry.
+_cache: dict[str, int] = {}
 _cache_lock = threading.Lock()
 
 
@@ -377,11 +379,12 @@ def error_rows(settings: Settings, uploads: Sequence[tuple[int, str, int, int]])
     upload whose findings file is missing or unreadable is estimated as min(error count, row count),
     logged, and not cached.
     """
+    root = settings.data_dir.resolve()
+    keys = {upload_id: str((settings.data_dir / relative).resolve()) for upload_id, relative, *_ in uploads}
     with _cache_lock:
-        counts = {upload_id: _cache[upload_id] for upload_id, *_ in uploads if upload_id in _cache}
+        counts = {upload_id: _cache[key] for upload_id, key in keys.items() if key in _cache}
     pending = [item for item in uploads if item[0] not in counts]
     estimated = 0
-    root = settings.data_dir.resolve()
     readable: dict[str, int] = {}
     for upload_id, relative, rows, errors in pending:
         path = (settings.data_dir / relative).resolve()
@@ -402,7 +405,7 @@ def error_rows(settings: Settings, uploads: Sequence[tuple[int, str, int, int]])
     with _cache_lock:
         if len(_cache) + len(found) > CACHE_MAX_ENTRIES:
             _cache.clear()
-        _cache.update(found)
+        _cache.update({keys[upload_id]: count for upload_id, count in found.items()})
     return counts, estimated
 
 

@@ -25,6 +25,7 @@ from admin_api import console_data_quality, data_quality
 from admin_api.db import utc_now
 from admin_api.models import Institution, ReportSubmission, SubmissionFieldCount
 from intake.validate import FINDINGS_SCHEMA
+from regsandbox_core.settings import Settings
 
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events, console_cookie
@@ -236,6 +237,25 @@ def test_missing_findings_estimated(env: Env, small: dict[str, int]) -> None:
     assert [measures(row) for row in body["rows"]] == [(0, 0, 0, 1, 3, 3)]
     assert body["estimated_uploads"] == 1
     assert "无法读取" in body["notes"][0]
+
+
+def test_error_row_cache_per_data_dir(tmp_path: Path) -> None:
+    """Two data directories (two databases in one process) may have uploads with the same id."""
+    first, second = Settings(data_dir=tmp_path / "first"), Settings(data_dir=tmp_path / "second")
+    relative = "intake/cache-test/findings.parquet"
+    path = first.data_dir / relative
+    path.parent.mkdir(parents=True)
+    columns = {name: pa.nulls(2, FINDINGS_SCHEMA.field(name).type) for name in FINDINGS_SCHEMA.names}
+    columns["line"] = pa.array([2, 3], pa.int64())
+    columns["severity"] = pa.array(["error", "error"])
+    pq.write_table(pa.table(columns, schema=FINDINGS_SCHEMA), path)
+    data_quality.clear_error_row_cache()
+
+    counts_first, estimated_first = data_quality.error_rows(first, [(7, relative, 5, 9)])
+    counts_second, estimated_second = data_quality.error_rows(second, [(7, relative, 5, 9)])
+
+    assert (counts_first, estimated_first) == ({7: 2}, 0)
+    assert (counts_second, estimated_second) == ({7: 5}, 1)
 
 
 # --- field completeness by hand ---------------------------------------------------------------------
