@@ -470,12 +470,19 @@ def accept_referenced(env: Env, submission_id: int) -> None:
             assert response.status_code == 200, response.text
 
 
+def settle_rebuilds(env: Env) -> None:
+    """Wait until the extract rebuilds that accepts queue in the background are done, so they touch no later check."""
+    assert env.client.app.state.extract_rebuilds.wait_idle(120)
+
+
 def accept(env: Env, submission_id: int, comment: str = "数据完整") -> Any:
     """Accept a submission after the tables it refers to, waiving its open warnings first."""
     accept_referenced(env, submission_id)
     waive_open_warnings(env, submission_id)
-    return env.client.post(f"/api/v1/submissions/{submission_id}/accept", headers=env.auth("reviewer"),
-                           json={"comment": comment})
+    response = env.client.post(f"/api/v1/submissions/{submission_id}/accept", headers=env.auth("reviewer"),
+                               json={"comment": comment})
+    settle_rebuilds(env)
+    return response
 
 
 def upload_loans(env: Env, period: str, rows: list[dict[str, str]]) -> dict[str, Any]:
@@ -492,6 +499,7 @@ def finding_rules(env: Env, submission_id: int) -> set[str]:
 
 def hidden_leftovers(env: Env) -> list[Path]:
     """Temporary files of the warehouse and work folders of accepts; a partition folder's .lock is not one."""
+    settle_rebuilds(env)
     found = [path for path in (env.settings.data_dir / "warehouse" / "intake").rglob(".*")
              if path.name != ".lock"] if (env.settings.data_dir / "warehouse" / "intake").exists() else []
     return found + list((env.settings.data_dir / "intake").rglob(".accept-*"))
@@ -536,7 +544,6 @@ def test_accept_queues_extract_rebuild(env: Env) -> None:
     response = accept(env, customers)
 
     assert response.status_code == 200, response.text
-    assert env.client.app.state.extract_rebuilds.wait_idle(120)
     with env.db() as session:
         code = session.get(ReportSubmission, customers).institution.code
         events = session.scalars(select(AuditEvent).where(AuditEvent.action == "extracts.build",
