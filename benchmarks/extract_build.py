@@ -276,14 +276,14 @@ def _report(arguments: argparse.Namespace, results: dict, load_before: tuple, lo
         f"- Output sizes: (a) {bare['output_bytes'] / 2**20:,.0f} MiB, (b) {masked['output_bytes'] / 2**20:,.0f} MiB "
         "(64-digit hex tokens compress poorly).",
         "- The rebuild of one changed period for 400 institutions is measured in the section `extract_rebuild`.",
-        "- Where (b)'s time goes (one profiled build of 10,000,000 rows, load average about 3): decrypting the "
-        "partitions 3.1 s (SM4-GCM runs at about 120 MB/s per core here), the token dictionary 2.6–3.7 s (distinct "
-        "values in DuckDB, then about 1 µs of HMAC-SM3 per value in Python), the masking COPY 16 s and the SM3 of "
-        "the output 1.4 s. In the COPY, the token join and the 64-digit tokens cost about 5 CPU seconds more than "
+        "- Where (b)'s time goes, in one profiled build of 10,000,000 rows at a load average of about 3: decrypting "
+        "the partitions takes 3.1 s, because SM4-GCM runs at about 120 MB/s per core here. The token dictionary takes "
+        "2.6–3.7 s: distinct values in DuckDB, then about 1 µs of HMAC-SM3 per value in Python. The masking COPY "
+        "takes 16 s and the SM3 of the output 1.4 s. In the COPY, the token join and the 64-digit tokens cost about 5 CPU seconds more than "
         "copying the raw resident ID, and the masks about 5 more than copying the raw columns.",
-        "- Two changes took (b) from 44 % to the figure above: the masking query computes the trimmed text (and for "
-        "bands the decimal value) of each masked column once in an inner projection, instead of once per reference "
-        "in the CASE expressions (the band column alone went from 5.6 to 2.0 CPU seconds), and the token dictionary "
+        "- Two changes took (b) from 44 % to the figure above. The masking query computes the trimmed text of each "
+        "masked column, and for bands its decimal value, once in an inner projection instead of once per reference "
+        "in the CASE expressions. The band column alone went from 5.6 to 2.0 CPU seconds. The token dictionary "
         "builds its hex strings in Arrow from one buffer of digests instead of one Python string per token.",
         "- The rebuild masks one period but copies the nine unchanged periods from the previous table, which "
         "re-encodes their rows, so it costs about one bare COPY of the table.",
