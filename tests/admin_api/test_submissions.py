@@ -594,8 +594,10 @@ def test_accept_loads_warehouse_once(env: Env) -> None:
     assert (after.st_ino, after.st_mtime_ns, after.st_size) == (before.st_ino, before.st_mtime_ns, before.st_size)
     assert hidden_leftovers(env) == []
     with env.db() as session:
+        # The first accept's event: the second (409) is audited too, and PostgreSQL returns rows in no fixed order.
         event = session.scalars(select(AuditEvent).where(AuditEvent.resource == f"submission:{loans['id']}",
-                                                         AuditEvent.action == "submissions.accept")).first()
+                                                         AuditEvent.action == "submissions.accept")
+                                .order_by(AuditEvent.id)).first()
         detail = json.loads(event.detail) if isinstance(event.detail, str) else event.detail
         assert (event.outcome, detail["warehouse_rows"], detail["warehouse_written"]) == ("success", 2, True)
 
