@@ -208,8 +208,8 @@ def run_builds(
                      {**context, "code": error.code, "message": error.message})
         raise error
 
-    # The approved policy is loaded (and its signature verified) once per run, and the builds below
-    # do not verify it again; a failure fails every build.
+    # The approved policy is loaded, and its signature verified, once per run. The builds below do
+    # not verify it again, and a failure here fails every build.
     try:
         policy = load_approved_policy(settings, keystore)
     except RegsandboxError as error:

@@ -3,9 +3,9 @@
 A class decides how a column is masked, so after a confirmation or change of a column of table
 ``T`` the extracts of every institution with warehouse data of ``T`` are rebuilt
 (:func:`affected_institutions`). Accepted report data enters the extracts the same way: after a
-reviewer accepts a submission, the extract of its institution is rebuilt (the incremental build
-masks only the new period, and the cross-institution features of the other institutions change
-only when their rows do, at their next build). The request only queues them: one worker thread per
+reviewer accepts a submission, the extract of its institution is rebuilt. The incremental build
+masks only the new period. Other institutions get the changed cross-institution features at their
+next build, and only where their rows change. The request only queues them: one worker thread per
 admin_api process builds the queued institutions one after another through
 :func:`admin_api.extract_builds.run_builds`, which audits each outcome in the requester's name with
 trigger ``catalog_change`` or ``submission_accepted``. The queue is bounded by the number of institutions, because an

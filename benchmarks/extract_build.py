@@ -314,7 +314,7 @@ def main() -> int:
         os.chmod(data_dir, 0o700)
         scale = ["--rows", str(arguments.rows), "--customers", str(arguments.customers)]
         results = {"prepare": _run_phase("prepare", data_dir, scale)}
-        # (a) and (b) alternate for --rounds rounds and the fastest of each counts; every (b) round
+        # (a) and (b) alternate for --rounds rounds, and the fastest of each counts. Every (b) round
         # starts without a published extract, so it is a full build.
         for round_number in range(arguments.rounds):
             for name in ("bare", "masked"):

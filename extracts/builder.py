@@ -472,9 +472,10 @@ def _build_feature_table(features: CrossInstitutionFeatures, institution_code: s
     # and the extract stays unchanged.
     content_sm3 = sm3_file(target)
     slice_inputs_sm3 = _digest({key: value for key, value in inputs.items() if key != "warehouse"})
-    kept = _keep_equal_features(previous, previous_manifest, content_sm3, slice_inputs_sm3, target)
-    if kept is not None:
-        return kept, TableOutcome(FEATURES_TABLE, kept["row_count"], kept["sm3"], rebuilt=False)
+    published_entry = _keep_equal_features(previous, previous_manifest, content_sm3, slice_inputs_sm3, target)
+    if published_entry is not None:
+        return published_entry, TableOutcome(FEATURES_TABLE, published_entry["row_count"], published_entry["sm3"],
+                                             rebuilt=False)
     plan_entries = [plan.manifest_entry() for plan in plans]
     # The feature values are exact aggregates, so they carry the metadata layer of the watermark only.
     table_watermark = watermark.mark_table(target, FEATURES_TABLE, plan_entries, data_mark=False)

@@ -134,8 +134,8 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None, *,
                       amount: str | None = None) -> str | None:
     """Return the SELECT expression of a column (aliased to its name), or None when it is dropped.
 
-    ``value`` and ``amount`` name columns that already hold the trimmed text of ``source`` and its
-    decimal value (see :func:`select_sql`); without them the expression computes both itself.
+    ``value`` and ``amount`` name columns that already contain the trimmed text of ``source`` and
+    its decimal value (see :func:`select_sql`). Without them the expression computes both itself.
     """
     name = quote_identifier(plan.name)
     treatment = plan.treatment
@@ -164,10 +164,9 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None, *,
 def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
     """Return the SELECT of the masked table over ``relation`` with one token join per token column.
 
-    An inner projection computes the trimmed text (and, for bands, the decimal value) of every
-    masked column once, so that the mask expressions above it, which refer to the value several
-    times, do not repeat the conversion per reference (for bands that took about 3× the CPU time
-    in benchmarks/extract_build.py).
+    An inner projection computes the trimmed text of every masked column once, and for bands its
+    decimal value. The mask expressions above it refer to the value several times, so computing it
+    per reference cost about 3× the CPU time for bands in benchmarks/extract_build.py.
     """
     inner: list[str] = ["src.*"]
     expressions: list[str] = []

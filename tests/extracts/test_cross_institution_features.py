@@ -375,8 +375,8 @@ def test_computed_once_per_run_and_rebuilt_on_change(warehouse, tmp_path: Path,
     assert _computations(caplog) == 0
     assert all(outcome.status == "unchanged" for outcome in second.values())
 
-    # bank_e reports S7 overdue in April: the feature set is computed again. A bank whose feature
-    # rows change gets a new feature table and nothing else; the extract of a bank whose rows stay
+    # bank_e reports S7 overdue in April, so the feature set is computed again. A bank whose feature
+    # rows change gets a new feature table and nothing else. The extract of a bank whose rows stay
     # the same is left unchanged.
     before = {code: _features(settings, code) for code in first if code != "bank_e"}
     store = open_keystore(settings)
