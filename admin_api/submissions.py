@@ -1,9 +1,10 @@
 """Report submissions (报表报送) and the first step of their review (报表审核).
 
 An institution user uploads a report file for a template and a reporting period. :func:`submit`
-stages it with :func:`intake.reader.stage_file`, validates it with
-:func:`intake.validate.validate_staged` against the template, encrypts the submitted bytes under
-the institution's active data key and stores one :class:`~admin_api.models.ReportSubmission` row:
+copies it to disk with :func:`intake.reader.receive_file` (which hashes and screens the bytes on
+the way), reads and validates it with :func:`intake.check.check_file` against the template
+(in place for a well-formed ``|`` file, else through a staging file), encrypts the submitted
+bytes under the institution's active data key and stores one :class:`~admin_api.models.ReportSubmission` row:
 
     <data_dir>/intake/<institution code>/<submission id>/raw.rssg        the file, SM4-GCM (documents format)
     <data_dir>/intake/<institution code>/<submission id>/findings.parquet the validation findings (masked values)
@@ -78,7 +79,8 @@ from admin_api.models import (
     User,
 )
 from admin_api.security import Principal
-from intake.reader import StagedFile, stage_file
+from intake.check import check_file
+from intake.reader import receive_file, stage_file
 from intake.template_model import Template, TemplateCatalog
 from intake.warehouse import PeriodSelection, decrypt_for_validation, load_submission, warehouse_needs
 from regsandbox_core.documents import decrypt_document, encrypt_document
@@ -87,11 +89,7 @@ from regsandbox_core.files import fsync_directory, make_private_dirs
 from regsandbox_core.keystore import KeyStore
 from regsandbox_core.settings import Settings
 
-try:  # Without the validator, uploads are stored unvalidated (findings_path NULL).
-    from intake.validate import ValidationContext, validate_staged
-except ImportError:  # pragma: no cover - depends on the checkout
-    ValidationContext = None  # type: ignore[assignment,misc]
-    validate_staged = None  # type: ignore[assignment]
+from intake.validate import ValidationContext
 try:
     from intake.error_report import Waiver, write_csv_report, write_xlsx_report
 except ImportError:  # pragma: no cover - depends on the checkout
@@ -106,7 +104,6 @@ REVIEW_LOCK_NAME = ".review.lock"
 BATCH_STATES = ("pending_review", "returned", "accepted")
 """States of the submissions whose rows other tables of the same batch may refer to: those that passed validation."""
 ASSOCIATED_DATA_PREFIX = "regsandbox-intake/1"
-COPY_CHUNK_BYTES = 1024 * 1024
 MAX_PAGE_SIZE = 200
 MAX_ROW_COMMENTS = 1000
 MAX_COMMENT_LENGTH = 2000
@@ -203,16 +200,6 @@ def submission_dir(settings: Settings, row: ReportSubmission) -> Path:
 def raw_associated_data(institution_code: str, raw_sm3: str) -> bytes:
     """Associated data binding an encrypted upload to its institution and to the SM3 digest stored in its row."""
     return f"{ASSOCIATED_DATA_PREFIX}|{institution_code}|{raw_sm3}".encode("ascii")
-
-
-def _copy_upload(stream: BinaryIO, target: Path) -> None:
-    """Copy the spooled upload to ``target`` (0600) in chunks, so memory does not grow with the file."""
-    stream.seek(0)
-    descriptor = os.open(target, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-    with os.fdopen(descriptor, "wb") as handle:
-        shutil.copyfileobj(stream, handle, COPY_CHUNK_BYTES)
-        handle.flush()
-        os.fsync(handle.fileno())
 
 
 def _relative(settings: Settings, path: Path) -> str:
@@ -562,32 +549,31 @@ def submit(
     work = Path(tempfile.mkdtemp(prefix=".upload-", dir=top))  # mode 0700
     final_dir: Path | None = None
     try:
-        source = work / "upload.source"
-        _copy_upload(stream, source)
+        stream.seek(0)
+        # The copy hashes (SM3) and screens the bytes as they pass, so nothing reads the file for that again.
+        received = receive_file(stream, work / "upload.source")
+        source = received.path
         text_columns = [item.code for item in template.fields if item.type in ("text", "code")]
-        staged: StagedFile = stage_file(source, original_name, template.file_layout(), work, sheet=template.code,
-                                        text_columns=text_columns)
-        errors = warnings = explained = 0
-        has_findings = False
-        field_values: dict[str, int] | None = None
-        # The upload is encrypted while it is validated, because the SM4 stream cipher and DuckDB
-        # both release the GIL. Leaving the block waits for the encryption, also when validation fails.
+        # The upload is encrypted while it is read and validated, because the SM4 stream cipher and
+        # DuckDB both release the GIL. Leaving the block waits for the encryption, also when reading fails.
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submission-encrypt") as encryption:
             encrypting = encryption.submit(encrypt_document, store, code, source, work / RAW_NAME,
-                                           raw_associated_data(code, staged.sm3))
-            if validate_staged is not None and ValidationContext is not None:
-                batch = _stage_batch(settings, store, code, batch_sources, work)
-                warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
-                context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
-                                            institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
-                result = validate_staged(staged, template, context, work / "validation", catalog=catalog())
-                os.replace(result.findings_path, work / FINDINGS_NAME)
-                errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
-                has_findings = True
-                field_values = dict(result.field_values)
+                                           raw_associated_data(code, received.sm3))
+            batch = _stage_batch(settings, store, code, batch_sources, work)
+            warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
+            context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
+                                        institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
+            staged = check_file(received, original_name, template, context, work, catalog=catalog(),
+                                text_columns=text_columns)
+            result = staged.result
+            os.replace(result.findings_path, work / FINDINGS_NAME)
+            errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
+            has_findings = True
+            field_values = dict(result.field_values)
         encrypted = encrypting.result()
-        for leftover in (source, staged.path):
-            leftover.unlink(missing_ok=True)
+        for leftover in (source, staged.staging_path):
+            if leftover is not None:
+                leftover.unlink(missing_ok=True)
         for folder in ("batch", "validation", "warehouse"):
             shutil.rmtree(work / folder, ignore_errors=True)
 

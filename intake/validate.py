@@ -1,8 +1,13 @@
-"""Validation of a staged report file against its template, entirely in DuckDB.
+"""Validation of a submitted report file against its template, in DuckDB.
 
 :func:`validate_staged` reads the text-only staging Parquet file that :func:`intake.reader.stage_file`
 wrote and checks every row against :meth:`Template.effective_rules`. Each rule becomes generated
-SQL; no Python code runs per data row. The steps:
+SQL; no Python code runs per data row. :func:`validate_text` checks a ``|`` text file in place,
+without a staging file, when :func:`intake.reader.direct_text` found its bytes fit for that; it
+reads the file in one parallel scan (see :class:`_TextRun`) and then runs the same steps over
+the columns it kept, with the same findings as staging the file would give. There the
+18-character check digits run as numpy functions over whole DuckDB vectors
+(:mod:`intake.check_digits`). The steps of :func:`validate_staged`:
 
 1. A view ``typed`` over the staging file adds, for every field, its typed value ``_v_<code>``:
    the text of text and code fields, a ``DECIMAL(38, scale)`` for numbers and a ``DATE`` for dates.
@@ -29,9 +34,12 @@ names) appear masked in every finding and message.
 from __future__ import annotations
 
 import functools
+import logging
 import re
+import threading
 import time
 import uuid
+from concurrent.futures import ThreadPoolExecutor, wait
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from datetime import date, timedelta
@@ -41,8 +49,11 @@ from typing import Any
 
 import duckdb
 import pyarrow as pa
+from pydantic import BaseModel
 
-from intake.reader import LINE_COLUMN, StagedFile
+from intake.check_digits import RESIDENT_ID_FUNCTION, USCC_FUNCTION
+from intake.check_digits import register as register_check_digits
+from intake.reader import LINE_COLUMN, DirectText, StagedFile
 from intake.template_model import (
     CHECKS,
     MULTI_VALUE_SEPARATOR,
@@ -73,7 +84,10 @@ __all__ = [
     "ValidationResult",
     "check_sql",
     "validate_staged",
+    "validate_text",
 ]
+
+logger = logging.getLogger(__name__)
 
 MASKED_CHECKS = frozenset({"resident_id", "bank_card", "mobile"})
 """Checks whose fields hold personal numbers: their values are always shown masked."""
@@ -104,6 +118,8 @@ INSTITUTION_RULE_PREFIX = "AUTO-INSTITUTION-"
 READER_RULE_KIND = "reader"
 INSTITUTION_RULE_KIND = "institution"
 
+STEP_WORKERS = 3
+"""Validation steps that run at the same time after the scan (see :func:`_execute`)."""
 DUCKDB_MEMORY_SHARE = 0.5
 """Share of ``ValidationContext.memory_limit`` given to DuckDB's buffer pool. On the 2 GB file of
 benchmarks/intake_validation.py --memory-check (2 cores), staging and validation with a 1GB budget
@@ -187,8 +203,9 @@ class ValidationResult:
     accepted_possible: bool
     """True when no finding is an error."""
     step_seconds: Mapping[str, float] = field(default_factory=dict)
-    """Wall-clock seconds of each step, in run order: connect, row_checks, unique_checks, reference_checks,
-    aggregate_checks, reader_findings, field_counts and write."""
+    """Wall-clock seconds of each step: connect (and scan, in place), then row_checks, unique_checks,
+    reference_checks, aggregate_checks, reader_findings and field_counts, which run side by side so
+    their seconds overlap, and write."""
     field_values: Mapping[str, int] = field(default_factory=dict)
     """Field code → rows whose value is non-empty, in template order. Empty means NULL, or blank
     after trimming for text fields: the reading of the not_null rule."""
@@ -293,11 +310,12 @@ def _org_checksum_ok(x: str) -> str:
     return f"(substr('0X987654321', (({total}) % 11) + 1, 1) = substr({compact}, 9, 1))"
 
 
-def _check_steps(check: str, x: str) -> list[tuple[str, str]]:
+def _check_steps(check: str, x: str, udf: bool = False) -> list[tuple[str, str]]:
     """Return the steps of a named check as (SQL condition that holds for a good value, Chinese reason).
 
     Every condition is safe on any text (no error for malformed input); the first failing step
-    names the problem.
+    names the problem. With ``udf`` the 18-character check digits call the functions of
+    :mod:`intake.check_digits`, which the connection must have registered.
     """
     if check == "resident_id":
         return [
@@ -308,7 +326,10 @@ def _check_steps(check: str, x: str) -> list[tuple[str, str]]:
                 f"(substr({x}, 7, 4) <> '0000' AND try_strptime(substr({x}, 7, 8), '%Y%m%d') IS NOT NULL)",
                 "'第 7 至 14 位的出生日期不是有效日期'",
             ),
-            (_ric_checksum_ok(x), "'末位校验码与前 17 位不符（GB 11643），号码可能抄错'"),
+            (
+                f"{RESIDENT_ID_FUNCTION}({x})" if udf else _ric_checksum_ok(x),
+                "'末位校验码与前 17 位不符（GB 11643），号码可能抄错'",
+            ),
         ]
     if check == "uscc":
         return [
@@ -317,7 +338,10 @@ def _check_steps(check: str, x: str) -> list[tuple[str, str]]:
                 _regex(x, "[0-9]{8}[0-9A-HJ-NP-RTUW-Y]{10}"),
                 "'前 8 位应为数字，其余为数字或大写字母（不含 I、O、S、V、Z）'",
             ),
-            (_uscc_checksum_ok(x), "'末位校验码与前 17 位不符（GB 32100），代码可能抄错'"),
+            (
+                f"{USCC_FUNCTION}({x})" if udf else _uscc_checksum_ok(x),
+                "'末位校验码与前 17 位不符（GB 32100），代码可能抄错'",
+            ),
         ]
     if check == "bank_card":
         return [
@@ -344,13 +368,13 @@ def _check_steps(check: str, x: str) -> list[tuple[str, str]]:
     raise ValueError(f"unknown check {check!r}")
 
 
-def check_sql(check: str, x: str) -> str:
+def check_sql(check: str, x: str, udf: bool = False) -> str:
     """Return a SQL boolean that is true when the text ``x`` (a SQL expression) passes the named check."""
-    return "(" + " AND ".join(condition for condition, _reason in _check_steps(check, x)) + ")"
+    return "(" + " AND ".join(condition for condition, _reason in _check_steps(check, x, udf)) + ")"
 
 
-def _check_reason_sql(check: str, x: str) -> str:
-    steps = _check_steps(check, x)
+def _check_reason_sql(check: str, x: str, udf: bool = False) -> str:
+    steps = _check_steps(check, x, udf)
     branches = " ".join(f"WHEN NOT ({condition}) THEN {reason}" for condition, reason in steps)
     return f"CASE {branches} ELSE '未通过检查' END"
 
@@ -361,9 +385,14 @@ def _check_reason_sql(check: str, x: str) -> str:
 class _FieldSql:
     """SQL expressions for the fields of one template over a relation with its raw text columns."""
 
-    def __init__(self, template: Template, masked: frozenset[str] = frozenset()) -> None:
+    def __init__(self, template: Template, masked: frozenset[str] = frozenset(), *,
+                 plain_edges: bool = False, udf: bool = False) -> None:
         self.template = template
         self.masked = masked
+        self.plain_edges = plain_edges
+        """No value starts with whitespace: a text value is blank only when it is empty."""
+        self.udf = udf
+        """Check digits call the functions of :mod:`intake.check_digits`."""
         self._mask_kinds: dict[str, str | None] = {}
 
     def item(self, code: str) -> TemplateField:
@@ -380,7 +409,7 @@ class _FieldSql:
     def present(self, code: str) -> str:
         item = self.item(code)
         raw = self.raw(code)
-        if item.type == "text":
+        if item.type == "text" and not self.plain_edges:
             return f"(coalesce(trim({raw}), '') <> '')"
         return f"(coalesce({raw}, '') <> '')"
 
@@ -493,7 +522,7 @@ class _FieldSql:
         return condition, message
 
     def _check_step(self, item: TemplateField, label: str, shown: str, check: str) -> tuple[str, str]:
-        condition = self.elements_ok(item.code, lambda x: check_sql(check, x))
+        condition = self.elements_ok(item.code, lambda x: check_sql(check, x, self.udf))
         description = CHECKS[check].split("：", 1)[0]
         if item.multi:
             message = (
@@ -502,7 +531,7 @@ class _FieldSql:
         else:
             message = (
                 f"{_lit(label + '“')} || {shown} || {_lit(f'”未通过{description}检查：')} || "
-                f"{_check_reason_sql(check, self.raw(item.code))} || {_lit('。请核对后更正。')}"
+                f"{_check_reason_sql(check, self.raw(item.code), self.udf)} || {_lit('。请核对后更正。')}"
             )
         return condition, message
 
@@ -882,7 +911,7 @@ def _operand_display(fields: _FieldSql, operand: Operand, context: ValidationCon
 
 
 _FINDINGS_TABLE = """
-CREATE TEMP TABLE findings (
+CREATE TABLE findings (
     line BIGINT, field_code VARCHAR, field_name VARCHAR, value VARCHAR, rule_id VARCHAR,
     rule_name VARCHAR, rule_kind VARCHAR, severity VARCHAR, explained BOOLEAN, message VARCHAR,
     sort_rule INTEGER, sort_field INTEGER
@@ -915,6 +944,8 @@ class _Run:
         self.field_order = {item.code: index for index, item in enumerate(template.fields)}
         self.period = _period_text(context.period_end)
         self.con: duckdb.DuckDBPyConnection | None = None
+        self._local = threading.local()  # the cursor of a step running in a worker thread
+        self._cursors: list[duckdb.DuckDBPyConnection] = []
 
     @property
     def catalog(self) -> TemplateCatalog:
@@ -924,7 +955,7 @@ class _Run:
 
     # setup
 
-    def connect(self) -> duckdb.DuckDBPyConnection:
+    def _open(self) -> duckdb.DuckDBPyConnection:
         temp_dir = self.work_dir / "duckdb-tmp"
         temp_dir.mkdir(parents=True, exist_ok=True)
         con = duckdb.connect(":memory:")
@@ -934,20 +965,54 @@ class _Run:
         con.execute("SET preserve_insertion_order = false")
         if self.context.threads is not None:
             con.execute(f"SET threads = {int(self.context.threads)}")
-        con.execute(
-            f"CREATE TEMP VIEW typed AS {self.fields.typed_select(f'read_parquet({_lit(str(self.staged.path))})')}"
-        )
         con.execute(_FINDINGS_TABLE)
         self.con = con
         return con
 
-    def sql(self, statement: str) -> None:
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        con = self._open()
+        con.execute(
+            f"CREATE VIEW typed AS {self.fields.typed_select(f'read_parquet({_lit(str(self.staged.path))})')}"
+        )
+        return con
+
+    def connection(self) -> duckdb.DuckDBPyConnection:
+        """Return the connection of the calling thread: a worker's own cursor, else the main connection."""
+        cursor = getattr(self._local, "con", None)
+        if cursor is not None:
+            return cursor
         assert self.con is not None
-        self.con.execute(statement)
+        return self.con
+
+    def in_cursor(self, step: Callable[[], Any]) -> Callable[[], Any]:
+        """Wrap ``step`` to run on a cursor of its own, so it can run beside the other steps."""
+
+        def run_step() -> Any:
+            assert self.con is not None
+            # A cursor is a new connection to the same database: it sees the tables, views and
+            # Python functions that the main connection created.
+            cursor = self.con.cursor()
+            self._cursors.append(cursor)
+            self._local.con = cursor
+            try:
+                return step()
+            finally:
+                self._local.con = None
+
+        run_step.__name__ = step.__name__
+        return run_step
+
+    def close(self) -> None:
+        for cursor in self._cursors:
+            cursor.close()
+        if self.con is not None:
+            self.con.close()
+
+    def sql(self, statement: str) -> None:
+        self.connection().execute(statement)
 
     def fetch(self, statement: str) -> list[tuple]:
-        assert self.con is not None
-        return self.con.sql(statement).fetchall()
+        return self.connection().sql(statement).fetchall()
 
     def explained_sql(self, severity: str) -> str:
         remark = self.template.remark_field
@@ -975,15 +1040,22 @@ class _Run:
         checks = _row_checks(self.template, self.fields, self.context, self.skipped)
         if not checks:
             return
+        self.collect_bad_rows(checks)
+        self.insert_row_findings(checks)
+
+    def collect_bad_rows(self, checks: Sequence[_RowCheck]) -> None:
+        """Keep the rows that fail at least one row check, with the raw text of every field, in table ``bad``."""
         raw_columns = ", ".join([_q(LINE_COLUMN), *(_q(item.code) for item in self.template.fields)])
         # One scan keeps the rows that fail any check, with the checks evaluated once in the filter.
         # Flags computed in a projection below the filter ran twice, because DuckDB copied them into the pushed-down filter.
         any_failure = " OR ".join(check.fail for check in checks)
-        self.sql(f"CREATE TEMP TABLE bad AS SELECT {raw_columns} FROM typed WHERE {any_failure}")
+        self.sql(f"CREATE TABLE bad AS SELECT {raw_columns} FROM typed WHERE {any_failure}")
+
+    def insert_row_findings(self, checks: Sequence[_RowCheck]) -> None:
         # The failing rows are few. One pass over them stores which checks failed, with the typed
         # values, so that each check's findings are a plain filter on its flag.
         flags = ", ".join(f"{check.fail} AS {_q(f'__fail_{index}')}" for index, check in enumerate(checks))
-        self.sql(f"CREATE TEMP TABLE bad_typed AS SELECT *, {flags} FROM ({self.fields.typed_select('bad')})")
+        self.sql(f"CREATE TABLE bad_typed AS SELECT *, {flags} FROM ({self.fields.typed_select('bad')})")
         parts = []
         for index, check in enumerate(checks):
             parts.append(
@@ -1015,7 +1087,7 @@ class _Run:
         when = _when_true(self.fields, rule.when, self.context)
         table = _q(f"dup_{number}")
         self.sql(
-            f"CREATE TEMP TABLE {table} AS SELECT {', '.join(keys)}, count(*) AS __n, min({_q(LINE_COLUMN)}) AS __first "
+            f"CREATE TABLE {table} AS SELECT {', '.join(keys)}, count(*) AS __n, min({_q(LINE_COLUMN)}) AS __first "
             f"FROM typed WHERE {present} AND {when} GROUP BY ALL HAVING count(*) > 1"
         )
         join = " AND ".join(f"t.{key} = d.{key}" for key in keys)
@@ -1046,7 +1118,7 @@ class _Run:
         table = _q(f"hist_{number}")
         if relation is not None:
             present = " AND ".join(f"coalesce({_q(code)}, '') <> ''" for code in rule.fields)
-            self.sql(f"CREATE TEMP VIEW {table} AS SELECT * FROM ({relation}) WHERE {present}")
+            self.sql(f"CREATE VIEW {table} AS SELECT * FROM ({relation}) WHERE {present}")
             count = len(self.fetch(f"SELECT 1 FROM {table} LIMIT 1"))
         if count == 0:
             self.skip(rule, f"未找到{self.template.name}以前期次已接受的数据，跨期唯一性检查未执行")
@@ -1089,12 +1161,12 @@ class _Run:
         if sources:
             present = " AND ".join(f"coalesce({alias}, '') <> ''" for alias in aliases)
             # A view, not a table: the anti-join below builds its hash table from it once.
-            self.sql(f"CREATE TEMP VIEW {table} AS SELECT * FROM ({' UNION ALL '.join(sources)}) WHERE {present}")
+            self.sql(f"CREATE VIEW {table} AS SELECT * FROM ({' UNION ALL '.join(sources)}) WHERE {present}")
         else:
             # Neither the batch nor the accepted data has the target table, so no referenced record
             # exists: every row that names one fails, and its message requests the target table.
             empty = ", ".join(f"NULL::VARCHAR AS {alias}" for alias in aliases)
-            self.sql(f"CREATE TEMP VIEW {table} AS SELECT {empty} WHERE false")
+            self.sql(f"CREATE VIEW {table} AS SELECT {empty} WHERE false")
         present = " AND ".join(self.fields.present(code) for code in rule.fields)
         when = _when_true(self.fields, rule.when, self.context)
         institution = self.template.institution_field
@@ -1105,7 +1177,7 @@ class _Run:
             code = rule.fields[0]
             missing = _q(f"missing_{number}")
             self.sql(
-                f"CREATE TEMP TABLE {missing} AS SELECT {_q(LINE_COLUMN)} AS __line, string_agg(e, ';') AS __missing "
+                f"CREATE TABLE {missing} AS SELECT {_q(LINE_COLUMN)} AS __line, string_agg(e, ';') AS __missing "
                 f"FROM (SELECT {_q(LINE_COLUMN)}, unnest(string_split({_q(code)}, ';')) AS e FROM typed "
                 f"WHERE {present} AND {when}) AS s ANTI JOIN {table} r ON r.k0 = s.e GROUP BY ALL"
             )
@@ -1345,10 +1417,10 @@ class _Run:
                 "sort_field": pa.array(field_sort, pa.int32()),
             }
         )
-        assert self.con is not None
-        self.con.register("reader_findings", table)
+        con = self.connection()
+        con.register("reader_findings", table)
         self.sql("INSERT INTO findings SELECT * FROM reader_findings")
-        self.con.unregister("reader_findings")
+        con.unregister("reader_findings")
 
     def field_counts(self) -> dict[str, int]:
         """Count the non-empty values of every field in one aggregate scan of the staging file."""
@@ -1380,6 +1452,188 @@ class _Run:
             if severity == "warning" and is_explained:
                 explained += number
         return target, counts, explained, rule_counts
+
+
+class _DirectTextRejected(Exception):
+    """Internal: DuckDB's reading of the text differs from the parser's; the file must be staged."""
+
+
+_MASK_BITS = 62
+"""Fields per BIGINT column of the direct scan's non-empty flags."""
+_UNIT_SEPARATOR = "chr(31)"
+"""Separator of the raw fields of a failing row in the direct scan. The byte screen of
+:func:`intake.reader.direct_text` rules out every control character but LF and CR, so no value contains it."""
+MIN_ROWS_PER_PART = 50_000
+"""Data lines per part of the direct scan below which fewer parts (and threads) are used."""
+
+
+def _field_codes_in(value: Any, codes: frozenset[str], found: set[str]) -> None:
+    """Add to ``found`` every string in ``value`` (a rule model, tuple, mapping…) that is one of ``codes``."""
+    if isinstance(value, str):
+        if value in codes:
+            found.add(value)
+    elif isinstance(value, BaseModel):
+        for name in type(value).model_fields:
+            _field_codes_in(getattr(value, name), codes, found)
+    elif isinstance(value, Mapping):
+        for key, item in value.items():
+            _field_codes_in(key, codes, found)
+            _field_codes_in(item, codes, found)
+    elif isinstance(value, (list, tuple, set, frozenset)):
+        for item in value:
+            _field_codes_in(item, codes, found)
+
+
+class _TextRun(_Run):
+    """Validation of a ``|`` text file read in place by DuckDB (:func:`validate_text`).
+
+    One scan parses the file in parts, each numbered by ``WITH ORDINALITY`` from its first line,
+    so the parts run on separate threads. It evaluates every row check and writes the table
+    ``scan``. For each row, that table has the line, the fields that the later steps read (keys,
+    references, measures, conditions, the remark) and flags of the non-empty fields. For a row
+    that fails a check, it also has the raw text of every field. The later steps read ``scan``
+    instead of parsing the file again.
+    """
+
+    def __init__(self, direct: DirectText, template: Template, context: ValidationContext, work_dir: Path,
+                 catalog: TemplateCatalog | None) -> None:
+        super().__init__(None, template, context, work_dir, catalog)  # type: ignore[arg-type]
+        self.direct = direct
+        self.fields = _FieldSql(template, masked_fields(template), plain_edges=direct.plain_edges, udf=True)
+        self.checks = _row_checks(template, self.fields, context, self.skipped)
+        self.codes = [item.code for item in template.fields]
+        self.normalised = [code for code in self.codes if code in template.file_layout().normalised]
+        self.rows = 0
+
+    def carried_codes(self) -> list[str]:
+        """Return the fields that the steps after the scan read, in template order."""
+        wanted = frozenset(self.codes)
+        found: set[str] = set()
+        for rule in self.template.effective_rules():
+            if isinstance(rule, (UniqueRule, ReferenceRule, ReconcileRule, FluctuationRule)):
+                _field_codes_in(rule, wanted, found)
+        for item in (self.template.remark_field, self.template.period_field, self.template.institution_field):
+            if item is not None:
+                found.add(item.code)
+        return [code for code in self.codes if code in found]
+
+    def unguarded_codes(self) -> list[str]:
+        """Return the normalised fields where a character other than ASCII may pass every row check.
+
+        A value of such a field could read differently after NFKC, so the scan tests it for
+        every row. In the other normalised fields an unconditional type or code list check
+        fails on any such character, so only the failing rows need that test.
+        """
+        guarded = set()
+        for check in self.checks:
+            if getattr(check.rule, "when", None) is not None:
+                continue
+            if check.rule.kind == "code_list" or (check.rule.kind == "format" and check.field.type in ("integer", "decimal", "date")):
+                guarded.add(check.field.code)
+        return [code for code in self.normalised if code not in guarded]
+
+    def source(self) -> str:
+        """Return SQL for the rows of the file (``_line`` and the raw fields), read in parts that run in parallel."""
+        from intake.reader import csv_source
+
+        direct = self.direct
+        threads = int(self.context.threads or self.fetch("SELECT current_setting('threads')")[0][0])
+        parts = max(1, min(threads, direct.lines // MIN_ROWS_PER_PART))
+        per_part = -(-direct.lines // parts)
+        values = []
+        for code in self.codes:
+            value = _q(code)
+            if code in self.normalised and not direct.plain_edges:
+                # The parser trims spaces in code, number and date fields, and the byte screen saw one at a field edge.
+                value = f"CASE WHEN {value} LIKE ' %' OR {value} LIKE '% ' THEN trim({value}, ' ') ELSE {value} END"
+            values.append(f"{value} AS {_q(code)}")
+        selects = []
+        for number in range(parts):
+            skip = direct.skip + number * per_part
+            selects.append(
+                f"(SELECT ordinality + {skip} AS {_q(LINE_COLUMN)}, {', '.join(values)} "
+                f"FROM {csv_source(direct.path, self.codes, skip)} WITH ORDINALITY LIMIT {per_part})"
+            )
+        return "(" + " UNION ALL ".join(selects) + ")"
+
+    def scan_present(self, code: str) -> str:
+        """Return SQL that is true when the field is non-empty, over the rows of :meth:`source`."""
+        if self.direct.plain_edges:
+            # DuckDB reads an empty field as NULL, and no field starts with whitespace, so the
+            # NULL test alone decides.
+            return f"({_q(code)} IS NOT NULL)"
+        return self.fields.present(code)
+
+    def connect(self) -> duckdb.DuckDBPyConnection:
+        con = self._open()
+        register_check_digits(con)
+        return con
+
+    def scan(self) -> None:
+        carried = self.carried_codes()
+        fail = " OR ".join(check.fail for check in self.checks) or "false"
+
+        masks = []
+        for start in range(0, len(self.codes), _MASK_BITS):
+            terms = " + ".join(
+                f"(CAST({self.scan_present(code)} AS BIGINT) << {bit})"
+                for bit, code in enumerate(self.codes[start : start + _MASK_BITS])
+            )
+            masks.append(f"{terms} AS {_q(f'__present_{start // _MASK_BITS}')}")
+        raw = f"concat_ws({_UNIT_SEPARATOR}, " + ", ".join(f"coalesce({_q(code)}, '')" for code in self.codes) + ")"
+        wide = " OR ".join(f"strlen({_q(code)}) <> length({_q(code)})" for code in self.unguarded_codes()) or "false"
+
+        columns = [
+            _q(LINE_COLUMN),
+            *(f"coalesce({_q(code)}, '') AS {_q(code)}" for code in carried),
+            *masks,
+            f"CASE WHEN __bad THEN {raw} END AS __raw",
+            "__bad",
+            f"coalesce({wide}, false) AS __wide",
+        ]
+        try:
+            self.sql(
+                f"CREATE TABLE scan AS SELECT {', '.join(columns)} "
+                f"FROM (SELECT *, ({fail}) AS __bad FROM ({self.fields.typed_select(self.source())}))"
+            )
+        except duckdb.OutOfMemoryException:
+            raise
+        except duckdb.Error as exc:  # invalid UTF-8, a line with too few fields, a line too long
+            raise _DirectTextRejected(f"DuckDB could not read the file: {exc}") from exc
+
+        rows, wide_rows = self.fetch("SELECT count(*), count(*) FILTER (WHERE __wide) FROM scan")[0]
+        if rows != self.direct.lines:
+            raise _DirectTextRejected(f"DuckDB read {rows} rows from {self.direct.lines} data lines")
+        if wide_rows:
+            raise _DirectTextRejected(f"{wide_rows} rows contain other than ASCII in a normalised field")
+
+        split = ", ".join(f"coalesce(__parts[{index + 1}], '') AS {_q(code)}" for index, code in enumerate(self.codes))
+        self.sql(
+            f"CREATE TABLE bad AS SELECT {_q(LINE_COLUMN)}, {split} FROM "
+            f"(SELECT {_q(LINE_COLUMN)}, string_split(__raw, {_UNIT_SEPARATOR}) AS __parts FROM scan WHERE __bad)"
+        )
+        if self.normalised:
+            other = " OR ".join(f"strlen({_q(code)}) <> length({_q(code)})" for code in self.normalised)
+            found = self.fetch(f"SELECT count(*) FROM bad WHERE {other}")[0][0]
+            if found:
+                raise _DirectTextRejected(f"{found} failing rows contain other than ASCII in a normalised field")
+        self.sql(f"CREATE VIEW typed AS {self.fields.typed_select('scan', carried)}")
+        self.rows = int(rows)
+
+    def row_checks(self) -> None:
+        if self.checks:
+            self.insert_row_findings(self.checks)
+
+    def reader_findings(self) -> None:
+        """Add nothing: the parser adds reader findings only for XLSX cells, and this file is text."""
+
+    def field_counts(self) -> dict[str, int]:
+        sums = ", ".join(
+            f"sum(({_q(f'__present_{index // _MASK_BITS}')} >> {index % _MASK_BITS}) & 1)"
+            for index in range(len(self.codes))
+        )
+        row = self.fetch(f"SELECT {sums} FROM scan")[0]
+        return {code: int(value or 0) for code, value in zip(self.codes, row, strict=True)}
 
 
 def memory_bytes(size: str) -> int:
@@ -1428,10 +1682,38 @@ def validate_staged(
     ``catalog`` resolves the templates that reconciliations refer to; the shipped catalog is
     loaded when it is not given. Raises :class:`ValidationError` when the check itself cannot run.
     """
+    run = _Run(staged, template, context, Path(work_dir), catalog)
+    return _execute(run, (run.connect,), lambda: staged.rows)
+
+
+def validate_text(
+    direct: DirectText,
+    template: Template,
+    context: ValidationContext,
+    work_dir: Path,
+    *,
+    catalog: TemplateCatalog | None = None,
+) -> ValidationResult | None:
+    """Validate a ``|`` text file in place, as :func:`validate_staged` validates its staging file.
+
+    ``direct`` comes from :func:`intake.reader.direct_text`. The findings, line numbers and
+    field counts are those of staging the file and validating the staging file. Returns None,
+    leaving no findings file, when DuckDB's reading differs from the parser's (it rejects a line,
+    skips a blank one, or a code, number or date field contains a character that NFKC could
+    change); the caller then stages the file. Raises :class:`ValidationError` as
+    :func:`validate_staged` does.
+    """
+    run = _TextRun(direct, template, context, Path(work_dir), catalog)
+    try:
+        return _execute(run, (run.connect, run.scan), lambda: run.rows)
+    except _DirectTextRejected as exc:
+        logger.info("validating %s through the staging file: %s", direct.path.name, exc)
+        return None
+
+
+def _execute(run: _Run, first_steps: Sequence[Callable[[], Any]], rows: Callable[[], int]) -> ValidationResult:
     started = time.perf_counter()
-    work_dir = Path(work_dir)
-    work_dir.mkdir(parents=True, exist_ok=True)
-    run = _Run(staged, template, context, work_dir, catalog)
+    run.work_dir.mkdir(parents=True, exist_ok=True)
     step_seconds: dict[str, float] = {}
 
     def timed(step: Callable[[], Any]) -> Any:
@@ -1440,11 +1722,20 @@ def validate_staged(
         step_seconds[step.__name__] = time.perf_counter() - step_started
         return result
 
+    template, context = run.template, run.context
+    # The steps after the first ones only read what those built and insert into ``findings``, so
+    # they run side by side, each on its own cursor. Each is a few DuckDB queries with serial parts
+    # (building a hash table, finishing an aggregate), which leave a core idle when run one by one.
+    later = (run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks, run.reader_findings,
+             run.field_counts)
     try:
-        for step in (run.connect, run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks,
-                     run.reader_findings):
+        for step in first_steps:
             timed(step)
-        field_values = timed(run.field_counts)
+        with ThreadPoolExecutor(max_workers=STEP_WORKERS, thread_name_prefix="validate-step") as pool:
+            futures = [pool.submit(timed, run.in_cursor(step)) for step in later]
+            wait(futures)
+            outcomes = [future.result() for future in futures]
+        field_values = outcomes[-1]
         path, counts, explained, rule_counts = timed(run.write)
     except duckdb.OutOfMemoryException as exc:
         raise ValidationError(
@@ -1457,18 +1748,17 @@ def validate_staged(
             f"按模板 {template.label} 校验文件时出错，校验未完成。请联系平台管理员，并提供模板代码和报送批次。",
         ) from exc
     finally:
-        if run.con is not None:
-            run.con.close()
+        run.close()
+    order = run.rule_order
     return ValidationResult(
         findings_path=path,
         counts=counts,
         explained_warnings=explained,
         rule_counts=rule_counts,
-        rows_checked=staged.rows,
+        rows_checked=rows(),
         seconds=time.perf_counter() - started,
-        skipped_rules=tuple(run.skipped),
+        skipped_rules=tuple(sorted(run.skipped, key=lambda rule: (order.get(rule.rule_id, -1), rule.rule_id))),
         accepted_possible=counts.get("error", 0) == 0,
         step_seconds=step_seconds,
         field_values=field_values,
     )
-

@@ -356,7 +356,7 @@ def test_failure_beside_encryption_stores_nothing(env: Env, monkeypatch: pytest.
 
     monkeypatch.setattr(submissions_module, "encrypt_document", encrypt)
     if broken == "validation":
-        monkeypatch.setattr(submissions_module, "validate_staged", validate)
+        monkeypatch.setattr(submissions_module, "check_file", validate)
     content = text_file("EAST_DGKHXXB", [customer_row(1, "20240831")])
 
     response = upload(env, "reporter_a", "EAST_DGKHXXB", "20240831", content)

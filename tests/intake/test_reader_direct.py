@@ -150,16 +150,6 @@ def test_direct_staging_line_numbers(tmp_path: Path) -> None:
 # --- validation of both staging files ------------------------------------------------------------
 
 
-@pytest.fixture(scope="module")
-def catalog() -> TemplateCatalog:
-    return TemplateCatalog.load()
-
-
-@pytest.fixture(scope="module")
-def loan(catalog: TemplateCatalog) -> Template:
-    return catalog.get("EAST_DGXDYWJJB")
-
-
 def _loan_rows() -> list[dict[str, str]]:
     return [
         loan_row(1),

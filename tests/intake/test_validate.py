@@ -16,7 +16,9 @@ import pytest
 from stdnum import luhn
 from stdnum.cn import ric, uscc
 
-from intake.reader import RowFinding, StagedFile, stage_file
+from intake.check import check_file
+from intake.check_digits import register as register_check_digits
+from intake.reader import RowFinding, StagedFile, read_received, stage_file
 from intake.template_model import Template, TemplateCatalog
 from intake.validate import (
     FINDINGS_SCHEMA,
@@ -33,16 +35,6 @@ PERIOD_START = date(2024, 1, 1)
 PERIOD_END = date(2024, 1, 31)
 PREVIOUS_PERIOD = "20231231"
 CUSTOMER_USCC = "91110000600037341L"
-
-
-@pytest.fixture(scope="module")
-def catalog() -> TemplateCatalog:
-    return TemplateCatalog.load()
-
-
-@pytest.fixture(scope="module")
-def loan(catalog: TemplateCatalog) -> Template:
-    return catalog.get("EAST_DGXDYWJJB")
 
 
 # --- building files ---------------------------------------------------------------------------
@@ -222,10 +214,30 @@ def by_rule(result: ValidationResult, rule_id: str) -> list[dict[str, Any]]:
     return [row for row in findings(result) if row["rule_id"] == rule_id]
 
 
+def comparable(result: ValidationResult) -> dict[str, Any]:
+    """Everything a validation result tells the reporter, for comparing two ways of reaching it."""
+    return {
+        "findings": findings(result),
+        "counts": dict(result.counts),
+        "explained": result.explained_warnings,
+        "rule_counts": dict(result.rule_counts),
+        "rows": result.rows_checked,
+        "skipped": result.skipped_rules,
+        "field_values": dict(result.field_values),
+    }
+
+
 def run(tmp_path: Path, template: Template, rows: list[dict[str, str]], ctx: ValidationContext,
         catalog: TemplateCatalog | None = None) -> ValidationResult:
+    """Validate through the staging file, and check that validating the text in place finds the same."""
     staged = stage(tmp_path, template, rows)
-    return validate_staged(staged, template, ctx, tmp_path / "work", catalog=catalog)
+    result = validate_staged(staged, template, ctx, tmp_path / "work", catalog=catalog)
+    name = f"{template.code}.txt"
+    checked = check_file(read_received(tmp_path / name), name, template, ctx, tmp_path / "in-place", catalog=catalog)
+    if template.file.delimiter == "|":
+        assert checked.staging_path is None, "a well-formed | file should be validated in place"
+    assert comparable(checked.result) == comparable(result)
+    return result
 
 
 @pytest.fixture
@@ -676,10 +688,17 @@ def _corrupt(rng: random.Random, value: str, alphabet: str) -> str:
 
 
 def _sql_results(check: str, values: list[str]) -> list[bool]:
+    """The check over ``values`` in SQL; asserts that the numpy check digits of intake.check_digits agree."""
     con = duckdb.connect()
     try:
+        register_check_digits(con)
         con.register("v", pa.table({"i": list(range(len(values))), "x": values}))
-        return [ok for _i, ok in con.sql(f"SELECT i, coalesce({check_sql(check, 'x')}, false) FROM v ORDER BY i").fetchall()]
+        results = {}
+        for udf in (False, True):
+            query = f"SELECT i, coalesce({check_sql(check, 'x', udf)}, false) FROM v ORDER BY i"
+            results[udf] = [ok for _i, ok in con.sql(query).fetchall()]
+        assert results[True] == results[False]
+        return results[False]
     finally:
         con.close()
 
