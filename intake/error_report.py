@@ -18,6 +18,8 @@ from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
+import pyarrow as pa
+import pyarrow.compute as pc
 import pyarrow.parquet as pq
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
@@ -35,6 +37,8 @@ BATCH_ROWS = 8_192
 XLSX_MAX_ROWS = 1_048_576
 """Rows of an Excel worksheet, the header row included."""
 SHEET_TITLE = "校验结果"
+FORMULA_START_PATTERN = "^[=+\\-@\t\r]"
+"""The starts that :func:`regsandbox_core.cells.escape_cell` escapes, as an RE2 pattern for Arrow."""
 
 
 @dataclass(frozen=True)
@@ -57,26 +61,41 @@ def waiver_for(waivers: Sequence[Waiver], rule_id: str | None, line: int | None,
     return None
 
 
-def _rows(findings_path: Path, waivers: Sequence[Waiver] = ()) -> Iterator[list[str]]:
-    """Yield every finding as a list of display texts, in file order, reading ``BATCH_ROWS`` at a time."""
+def _escaped(column: pa.Array) -> pa.Array:
+    """Apply :func:`regsandbox_core.cells.escape_cell` to every text of ``column`` (no NULLs) at once."""
+    formula = pc.match_substring_regex(column, FORMULA_START_PATTERN)
+    return pc.if_else(formula, pc.binary_join_element_wise("'", column, ""), column)
+
+
+def _display_columns(batch: pa.RecordBatch, waivers: Sequence[Waiver]) -> list[list[str]]:
+    """Return the display texts of a batch of findings, one list per report column, escaped."""
+    line = batch.column("line")
+    file_level = pc.fill_null(pc.equal(line, 0), True)
+    texts = [pc.if_else(file_level, FILE_LEVEL_LINE, pc.cast(line, pa.string()))]
+    for name in ("field_code", "field_name", "value", "rule_id", "rule_name"):
+        texts.append(pc.fill_null(batch.column(name), ""))
+    severity = pc.fill_null(batch.column("severity"), "")
+    for code, shown in SEVERITY_NAMES.items():
+        severity = pc.if_else(pc.equal(severity, code), shown, severity)
+    texts.append(severity)
+    texts.append(pc.if_else(pc.fill_null(batch.column("explained"), False), "是", "否"))
+    texts.append(pc.fill_null(batch.column("message"), ""))
+    columns = [_escaped(text).to_pylist() for text in texts]
+    if waivers:
+        raw = [batch.column(name).to_pylist() for name in ("rule_id", "line", "severity", "explained")]
+        waived = [waiver_for(waivers, *values) for values in zip(*raw)]
+        columns.append([escape_cell(f"已豁免：{waiver.reason}") if waiver else "" for waiver in waived])
+    else:
+        columns.append([""] * batch.num_rows)
+    return columns
+
+
+def _batches(findings_path: Path, waivers: Sequence[Waiver] = ()) -> Iterator[list[list[str]]]:
+    """Yield the findings in file order, ``BATCH_ROWS`` at a time, as columns of escaped display texts."""
     parquet = pq.ParquetFile(findings_path)
     try:
         for batch in parquet.iter_batches(batch_size=BATCH_ROWS, columns=list(COLUMNS)):
-            columns = [batch.column(name).to_pylist() for name in COLUMNS]
-            for line, code, name, value, rule_id, rule_name, severity, explained, message in zip(*columns):
-                waiver = waiver_for(waivers, rule_id, line, severity, explained)
-                yield [
-                    FILE_LEVEL_LINE if line is None or line == 0 else str(line),
-                    code or "",
-                    name or "",
-                    value or "",
-                    rule_id or "",
-                    rule_name or "",
-                    SEVERITY_NAMES.get(severity, severity or ""),
-                    "是" if explained else "否",
-                    message or "",
-                    f"已豁免：{waiver.reason}" if waiver else "",
-                ]
+            yield _display_columns(batch, waivers)
     finally:
         parquet.close()
 
@@ -98,15 +117,15 @@ def write_csv_report(findings_path: Path, target: Path, waivers: Sequence[Waiver
         with open(path, "w", encoding="utf-8-sig", newline="") as handle:
             writer = csv.writer(handle, lineterminator="\r\n")
             writer.writerow(HEADER)
-            for row in _rows(Path(findings_path), waivers):
-                writer.writerow([escape_cell(cell) for cell in row])
+            for columns in _batches(Path(findings_path), waivers):
+                writer.writerows(zip(*columns))
 
     return _replace_atomically(target, write)
 
 
 def _xlsx_text(value: str) -> str:
-    """Escape a formula start and drop control characters that XML, and so XLSX, cannot store."""
-    return ILLEGAL_CHARACTERS_RE.sub("\ufffd", escape_cell(value))
+    """Replace the control characters that XML, and so XLSX, cannot store (the text is already escaped)."""
+    return ILLEGAL_CHARACTERS_RE.sub("\ufffd", value)
 
 
 def write_xlsx_report(findings_path: Path, target: Path, waivers: Sequence[Waiver] = ()) -> Path:
@@ -124,11 +143,14 @@ def write_xlsx_report(findings_path: Path, target: Path, waivers: Sequence[Waive
         sheet = workbook.create_sheet(SHEET_TITLE)
         sheet.append(list(HEADER))
         written = 0
-        for row in _rows(Path(findings_path), waivers):
+        for columns in _batches(Path(findings_path), waivers):
+            for row in zip(*columns):
+                if written >= limit:
+                    break
+                sheet.append([_xlsx_text(cell) for cell in row])
+                written += 1
             if written >= limit:
                 break
-            sheet.append([_xlsx_text(cell) for cell in row])
-            written += 1
         if total > limit:
             sheet.append(
                 [
