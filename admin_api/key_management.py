@@ -40,6 +40,9 @@ KIND_NAMES = {
     "token": "令牌化密钥（HMAC-SM3）",
     "signing": "签名密钥（SM2）",
 }
+PLATFORM_TOKEN_KIND_NAME = "数据水印密钥（HMAC-SM3）"
+"""Name of the platform's own HMAC-SM3 key (``platform/token``): it derives the extract watermark
+key, while an institution's HMAC-SM3 key tokenises its data."""
 PLATFORM_NAME = "平台"
 UNREGISTERED_OWNER_NAME = "未登记的机构"
 REASON_MIN_LENGTH = 2
@@ -91,12 +94,19 @@ def check_target(request: Request, session: Session, caller: Principal, operatio
         ))
 
 
+def kind_name(owner: str, kind: str) -> str:
+    """Return the Chinese name of a key kind for its owner."""
+    if owner == "platform" and kind == "token":
+        return PLATFORM_TOKEN_KIND_NAME
+    return KIND_NAMES.get(kind, kind)
+
+
 def _describe(entry: dict[str, Any], names: dict[str, str]) -> KeyVersionOut:
     return KeyVersionOut(
         owner=entry["owner"],
         owner_name=names.get(entry["owner"], UNREGISTERED_OWNER_NAME),
         kind=entry["kind"],
-        kind_name=KIND_NAMES.get(entry["kind"], entry["kind"]),
+        kind_name=kind_name(entry["owner"], entry["kind"]),
         version=entry["version"],
         state=entry["state"],
         state_name=STATE_LABELS.get(entry["state"], entry["state"]),

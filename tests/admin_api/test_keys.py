@@ -154,6 +154,9 @@ def test_key_list_fields(env: Env) -> None:
     assert bank_a_data["kind_name"] == "数据加密密钥（SM4）"
     assert bank_a_data["public_key"] is None
     assert versions[("bank_a", "token", 1)]["kind_name"] == "令牌化密钥（HMAC-SM3）"
+    platform_token = [item for (owner, kind, _version), item in versions.items() if (owner, kind) == ("platform", "token")]
+    assert platform_token, "regsandbox init creates the platform's watermark key"
+    assert {item["kind_name"] for item in platform_token} == {"数据水印密钥（HMAC-SM3）"}
     assert {item["state_name"] for item in listing["keys"] if item["state"] == "active"} == {"启用"}
     assert set(bank_a_data) == {"owner", "owner_name", "kind", "kind_name", "version", "state", "state_name",
                                 "created_at", "activated_at", "deactivated_at", "revoked_at", "revoke_reason",
