@@ -75,8 +75,8 @@ USER_ID = SM2_DEFAULT_USER_ID.decode("ascii")
 SIGNATURE_SUFFIX = ".sig"
 
 KIND_LABELS = {
-    "extract_manifest": "数据抽取清单",
-    "extract_file": "数据抽取文件",
+    "extract_manifest": "数据提取清单",
+    "extract_file": "数据提取文件",
     "model_review": "模型评审意见",
     "notebook_approval": "笔记本审批",
     "report_manifest": "报告清单",

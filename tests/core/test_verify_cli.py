@@ -44,7 +44,7 @@ def test_valid_envelope_exit_0(data_dir: Path) -> None:
     result = run_verify(data_dir, str(data_dir.parent / "manifest.json"))
     assert result.returncode == 0, result.stderr
     assert "签名有效" in result.stdout
-    assert "extract_manifest（数据抽取清单）" in result.stdout
+    assert "extract_manifest（数据提取清单）" in result.stdout
     assert "row_count：1200" in result.stdout
     assert "files：列表，2 项" in result.stdout
     assert "platform/signing/v1" in result.stdout
@@ -69,7 +69,7 @@ def test_valid_file_with_sig_exit_0(data_dir: Path) -> None:
     extract = data_dir.parent / "applications.parquet"
     result = run_verify(data_dir, str(extract))
     assert result.returncode == 0, result.stderr
-    assert "extract_file（数据抽取文件）" in result.stdout
+    assert "extract_file（数据提取文件）" in result.stdout
     assert sm3_file(extract) in result.stdout
     assert f"{extract.stat().st_size} 字节" in result.stdout
 

@@ -158,7 +158,7 @@ def test_cli_verify_manifest(fresh_settings: Settings) -> None:
     valid = _run_verify(fresh_settings, manifest_path)
     assert valid.returncode == 0, valid.stderr
     assert "签名有效" in valid.stdout
-    assert "签名类型：extract_manifest（数据抽取清单）" in valid.stdout
+    assert "签名类型：extract_manifest（数据提取清单）" in valid.stdout
     assert "签名密钥：platform/signing/v1（SM2-SM3）" in valid.stdout
     assert "签名时间：" in valid.stdout
 
