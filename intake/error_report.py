@@ -75,8 +75,8 @@ def _display_columns(batch: pa.RecordBatch, waivers: Sequence[Waiver]) -> list[l
     for name in ("field_code", "field_name", "value", "rule_id", "rule_name"):
         texts.append(pc.fill_null(batch.column(name), ""))
     severity = pc.fill_null(batch.column("severity"), "")
-    for code, shown in SEVERITY_NAMES.items():
-        severity = pc.if_else(pc.equal(severity, code), shown, severity)
+    for code, label in SEVERITY_NAMES.items():
+        severity = pc.if_else(pc.equal(severity, code), label, severity)
     texts.append(severity)
     texts.append(pc.if_else(pc.fill_null(batch.column("explained"), False), "是", "否"))
     texts.append(pc.fill_null(batch.column("message"), ""))

@@ -151,3 +151,9 @@ def test_escape_cell_moved_to_core() -> None:
     assert spreadsheets.escape_cell is escape_cell
     assert escape_cell("=1") == "'=1"
     assert escape_cell("1=") == "1="
+
+
+def test_arrow_escape_matches_escape_cell() -> None:
+    values = ["=1+1", "+86", "-5", "@SUM(A1)", "\tx", "\rx", "a=b", "", "'=", " =1", "１", "中文"]
+    escaped = error_report._escaped(pa.array(values, pa.string())).to_pylist()
+    assert escaped == [escape_cell(value) for value in values]
