@@ -115,10 +115,13 @@ def phase_prepare(data_dir: Path, rows: int, customers: int) -> dict:
     import duckdb
 
     from intake.warehouse import load_submission
+    from extracts.policy import ensure_default_policy
     from regsandbox_core.platform_keys import ensure_platform_keys
 
     settings = _settings(data_dir)
     store = ensure_platform_keys(settings, [INSTITUTION], on_event=None)
+    # An operator approves a masking policy before the first build; builds never approve one.
+    ensure_default_policy(settings, store)
     staging = data_dir / "staging"
     staging.mkdir()
     per_period = rows // PERIODS

@@ -130,12 +130,15 @@ def _load(settings, store, staged: Path, code: str, template: str, rows: list[di
 
 
 def phase_prepare(data_dir: Path, institutions: int, customers: int, periods: int) -> dict:
+    from extracts.policy import ensure_default_policy
     from regsandbox_core.platform_keys import ensure_platform_keys
     from regsandbox_core.settings import Settings
 
     settings = Settings(data_dir=data_dir)
     codes = _codes(institutions)
     store = ensure_platform_keys(settings, codes, on_event=None)
+    # An operator approves a masking policy before the first build; builds never approve one.
+    ensure_default_policy(settings, store)
     pool = _pool(institutions, customers)
     staged = data_dir / "staged.parquet"
     started = time.perf_counter()

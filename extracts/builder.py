@@ -70,7 +70,7 @@ from extracts.masking import (
     select_sql,
     token_dictionary,
 )
-from extracts.policy import MaskingPolicy, PolicyNotApproved, ensure_default_policy, verified_policy
+from extracts.policy import MaskingPolicy, PolicyNotApproved, load_approved_policy, verified_policy
 from extracts.publish import (
     ExtractPermissions,
     build_lock,
@@ -704,8 +704,9 @@ def build_institution(
     ``policy`` must come from :func:`extracts.policy.load_approved_policy`, and its signature is
     verified again here, unless ``policy_verified`` is True: a caller that builds many
     institutions in one run and loaded ``policy`` at the start of that run passes True, so the
-    policy is verified once per run (as :func:`build_all` does). The default is the newest approved policy. When no policy is approved
-    yet, the shipped default policy is approved first. ``classes`` maps (template code, field code) to the
+    policy is verified once per run (as :func:`build_all` does). The default is the newest approved
+    policy; with none approved the build raises ``POLICY_NOT_APPROVED`` and never approves one
+    itself. ``classes`` maps (template code, field code) to the
     column's effective class (see :func:`catalog.classes.effective_class`). ``features`` is the
     cross-institution feature set of a run over many institutions (see :func:`build_all`); without
     it, this build lists the warehouse's inputs itself and computes the features only if they changed.
@@ -834,9 +835,14 @@ def _build_locked(settings: Settings, keystore: KeyStore, institution_code: str,
 
 
 def _verified(settings: Settings, keystore: KeyStore, policy: MaskingPolicy | None) -> MaskingPolicy:
-    """Return the policy after verifying its signature again, or the newest approved one."""
+    """Return the policy after verifying its signature again, or the newest approved one.
+
+    Without an approved policy this raises ``POLICY_NOT_APPROVED``. A build never approves a
+    policy itself, so every approval is a person's act: the console's four-eyes approval, or an
+    operator's ``python -m extracts policy approve``.
+    """
     if policy is None:
-        return ensure_default_policy(settings, keystore)
+        return load_approved_policy(settings, keystore)
     if policy.path is None or policy.signature_key is None:
         raise PolicyNotApproved(
             "POLICY_NOT_APPROVED",

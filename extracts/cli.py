@@ -36,7 +36,7 @@ def _parser(default_prefix: str) -> argparse.ArgumentParser:
                                      description="演示数据导入、脱敏策略审批、脱敏数据提取与泄露文件溯源。")
     commands = parser.add_subparsers(dest="command", required=True, metavar="命令")
     commands.add_parser("load-demo", help="把德国信贷演示数据（附合成的中国个人标识）写入数据仓库")
-    build = commands.add_parser("build", help="按已审批的脱敏策略为机构生成数据提取（未审批任何策略时先审批平台默认策略）")
+    build = commands.add_parser("build", help="按已审批的脱敏策略为机构生成数据提取（须先审批脱敏策略：policy approve 或管理控制台“脱敏策略”页）")
     build.add_argument("--institution", metavar="CODE", help="只生成该机构的提取，例如 bank_a；默认生成数据仓库中的全部机构")
     build.add_argument(
         "--unix-group-prefix",

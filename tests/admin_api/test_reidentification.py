@@ -32,6 +32,7 @@ from regsandbox_core.platform_keys import open_keystore
 from .conftest import BACKENDS, Env, backend_env
 from .helpers import audit_events, console_cookie
 from .test_console_keys import CHROMIUM, CHROMIUM_ARGS, served_admin_api  # noqa: F401 - fixture
+from tests.extract_setup import approve_shipped_policy
 
 PATH = "/api/v1/reidentification"
 CASE = "沪金稽〔2026〕15号"
@@ -48,6 +49,7 @@ def env(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFactory
 def warehouse(env: Env) -> dict[str, pl.DataFrame]:
     """Load the demo warehouse, build the extracts of bank_a and bank_b, and return their raw rows."""
     load_demo(env.settings)
+    approve_shipped_policy(env.settings)
     store = open_keystore(env.settings)
     raw = {}
     for code in ("bank_a", "bank_b"):

@@ -21,6 +21,7 @@ from regsandbox_core.crypto import keyed_token
 from regsandbox_core.files import write_private_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 
 @pytest.fixture(scope="session")
@@ -29,6 +30,7 @@ def demo_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     settings = Settings(data_dir=tmp_path_factory.mktemp("extracts-data"))
     load_demo(settings)
     ensure_platform_keys(settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(settings)
     for code in DEMO_INSTITUTIONS:
         build_extract(settings, code)
     return settings
@@ -58,6 +60,7 @@ def bare_settings(demo_parquet: dict[str, bytes], tmp_path: Path) -> Settings:
 def fresh_settings(bare_settings: Settings) -> Settings:
     """Settings of a new data dir with a new master key and key store, the demo warehouse encrypted under it, no extracts."""
     store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(bare_settings)
     for code in DEMO_INSTITUTIONS:
         assert migrate_plaintext_partition(bare_settings, store, code)
     return bare_settings

@@ -30,6 +30,7 @@ from regsandbox_core.crypto import keyed_token
 from regsandbox_core.keystore import KeyStore
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 BANKS = ("bank_a", "bank_b", "bank_c", "bank_d", "bank_e", "bank_f", "bank_g")
 PERIOD = date(2025, 3, 31)
@@ -132,6 +133,7 @@ def warehouse(tmp_path_factory: pytest.TempPathFactory) -> Path:
     data_dir.mkdir(mode=0o700)
     settings = Settings(data_dir=data_dir)
     store = ensure_platform_keys(settings, list(BANKS), on_event=None)
+    approve_shipped_policy(settings)
     submission_id = 100
     for bank in BANKS:
         for template, rows in _rows(bank).items():
@@ -430,6 +432,7 @@ def test_warehouse_without_guarantees(tmp_path: Path) -> None:
     data_dir.mkdir(mode=0o700)
     settings = Settings(data_dir=data_dir, extract_feature_min_contributors=2)
     store = ensure_platform_keys(settings, ["bank_a", "bank_b", "bank_c"], on_event=None)
+    approve_shipped_policy(settings)
     for number, bank in enumerate(("bank_a", "bank_b", "bank_c")):
         rows = _rows(bank)
         _load(settings, store, tmp_path, bank, CUSTOMERS, rows[CUSTOMERS], 10 + number)

@@ -29,6 +29,7 @@ from tests.extracts.conftest import masked_demo, watermarked
 from regsandbox_core.crypto import keyed_token, sm3_file
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 IDENTIFIERS = ("name", "id_number", "mobile")
@@ -293,6 +294,7 @@ def test_cli_load_and_build(tmp_path: Path) -> None:
     assert "已写入机构 bank_a 的演示申请数据 334 条" in loaded.stdout
 
     ensure_platform_keys(settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(settings)
     built = _run_cli(settings, "build", "--unix-group-prefix", "rst-no-such-")
     assert built.returncode == 0, built.stderr
     for code in DEMO_INSTITUTIONS:

@@ -19,6 +19,7 @@ from regsandbox_core.crypto import keyed_token
 from regsandbox_core.platform_keys import KeyStoreMissing, ensure_platform_keys, ensure_tokenisation_key, open_keystore
 from regsandbox_core.settings import Settings
 from regsandbox_core.signing import SignatureInvalid, verify_file
+from tests.extract_setup import approve_shipped_policy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 REGSANDBOX = str(Path(sys.executable).parent / "regsandbox")
@@ -96,6 +97,7 @@ def test_migration_keeps_tokens_of_plain_key(bare_settings: Settings, caplog: py
     caplog.set_level(logging.INFO, logger="regsandbox_core.platform_keys")
 
     store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS))
+    approve_shipped_policy(bare_settings)
     folder = build_extract(bare_settings, "bank_a")
 
     assert _tokens(folder).equals(_expected_tokens(bare_settings, "bank_a", plain_key))
@@ -112,6 +114,7 @@ def test_init_keys_idempotent(fresh_settings: Settings) -> None:
     store = open_keystore(fresh_settings)
     before = store.metadata()["keys"]
     ensure_platform_keys(fresh_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(fresh_settings)
     assert store.metadata()["keys"] == before
     assert sorted((entry["owner"], entry["kind"], entry["version"]) for entry in before) == [
         ("bank_a", "data", 1), ("bank_a", "token", 1), ("bank_b", "data", 1), ("bank_b", "token", 1),
@@ -123,6 +126,7 @@ def test_init_keys_idempotent(fresh_settings: Settings) -> None:
 def test_master_key_from_environment_no_file(bare_settings: Settings, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.setenv("REGSANDBOX_MASTER_KEY", "MDEyMzQ1Njc4OWFiY2RlZg==")
     ensure_platform_keys(bare_settings, ["bank_a"], on_event=None)
+    approve_shipped_policy(bare_settings)
     assert not (bare_settings.secrets_dir / "master.key").exists()
     assert build_extract(bare_settings, "bank_a").is_dir()
 

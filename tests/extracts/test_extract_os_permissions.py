@@ -23,6 +23,7 @@ import pytest
 from extracts.builder import build_extract
 from extracts.warehouse import warehouse_partition_file
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 # The interpreter of the running tests (the project's virtual environment), with this checkout's
@@ -83,6 +84,7 @@ def traversable_settings(demo_settings: Settings) -> Iterator[Settings]:
         for folder in (demo_settings.warehouse_dir, demo_settings.keys_dir, demo_settings.secrets_dir):
             shutil.copytree(folder, data_dir / folder.name)
         settings = Settings(data_dir=data_dir)
+        approve_shipped_policy(settings)
         yield settings
     finally:
         shutil.rmtree(data_dir)

@@ -28,6 +28,7 @@ from regsandbox_core.keystore import KeyStore
 from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
 from regsandbox_core.signing import verify_file
+from tests.extract_setup import approve_shipped_policy
 
 INSTITUTIONS = ("bank_a", "bank_b", "bank_c")
 JANUARY = date(2025, 1, 31)
@@ -111,6 +112,7 @@ def warehouse(tmp_path: Path) -> tuple[Settings, KeyStore, dict[str, list[dict[s
     data_dir.mkdir(mode=0o700)
     settings = Settings(data_dir=data_dir)
     store = ensure_platform_keys(settings, list(INSTITUTIONS), on_event=None)
+    approve_shipped_policy(settings)
     raw: dict[str, list[dict[str, str]]] = {}
     for offset, code in enumerate(INSTITUTIONS):
         customers = [_person(code, number) for number in range(6)]

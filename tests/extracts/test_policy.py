@@ -12,12 +12,15 @@ import pytest
 import yaml
 
 from catalog.classes import KINDS, SECURITY_LEVELS, ColumnClass, effective_class
+from extracts.builder import build_extract
+from extracts.demo_data import load_demo
 from extracts.policy import (
     DEFAULT_POLICY_FILE,
     PolicyInvalid,
     PolicyNotApproved,
     approve_policy,
     approved_path,
+    approved_versions,
     ensure_default_policy,
     load_approved_policy,
     load_policy,
@@ -284,3 +287,20 @@ def test_invalid_quasi_identifier_bands_rejected(tmp_path: Path) -> None:
 def test_policy_without_quasi_identifiers_loads(tmp_path: Path) -> None:
     document = _variant(lambda document: document.pop("quasi_identifiers"))
     assert load_policy(_write(tmp_path, document)).quasi_identifiers == ()
+
+
+def test_build_never_approves_a_policy(settings: Settings) -> None:
+    load_demo(settings)
+    ensure_platform_keys(settings, ["bank_a"], on_event=None)
+
+    with pytest.raises(PolicyNotApproved) as caught:
+        build_extract(settings, "bank_a")
+    assert caught.value.code == "POLICY_NOT_APPROVED"
+    assert approved_versions(settings) == []
+    assert not (settings.extracts_dir / "bank_a").exists()
+
+    command = _run_cli(settings, "build", "--institution", "bank_a")
+    assert command.returncode != 0
+    assert "没有已审批的脱敏策略" in command.stderr
+    assert "Traceback" not in command.stderr
+    assert approved_versions(settings) == []

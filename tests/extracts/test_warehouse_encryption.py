@@ -33,6 +33,7 @@ from regsandbox_core.documents import encrypt_document
 from regsandbox_core.keystore import KeyDestroyed, KeyRevoked
 from regsandbox_core.platform_keys import ensure_platform_keys, open_keystore
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 PROJECT_ROOT = Path(__file__).resolve().parents[2]
 
@@ -235,6 +236,7 @@ def test_build_migrates_plaintext_partition(bare_settings: Settings, demo_parque
     encrypted = warehouse_partition_file(bare_settings, "bank_b")
     assert warehouse_institutions(bare_settings) == list(DEMO_INSTITUTIONS)
     store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(bare_settings)
 
     folder = build_extract(bare_settings, "bank_b")
 
@@ -251,6 +253,7 @@ def test_build_migrates_plaintext_partition(bare_settings: Settings, demo_parque
 
 def test_migration_finishes_interrupted_run(bare_settings: Settings, demo_parquet: dict[str, bytes]) -> None:
     store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(bare_settings)
     write_partition(bare_settings, store, "bank_a", _plain_frame(demo_parquet, "bank_a"))
     plaintext = plaintext_partition_file(bare_settings, "bank_a")
     plaintext.write_bytes(demo_parquet["bank_a"])  # as left by a run stopped before the delete
@@ -262,6 +265,7 @@ def test_migration_finishes_interrupted_run(bare_settings: Settings, demo_parque
 
 def test_migration_mismatch_keeps_plaintext(bare_settings: Settings, demo_parquet: dict[str, bytes]) -> None:
     store = ensure_platform_keys(bare_settings, list(DEMO_INSTITUTIONS), on_event=None)
+    approve_shipped_policy(bare_settings)
     write_partition(bare_settings, store, "bank_a", _plain_frame(demo_parquet, "bank_b"))
     plaintext = plaintext_partition_file(bare_settings, "bank_a")
     plaintext.write_bytes(demo_parquet["bank_a"])

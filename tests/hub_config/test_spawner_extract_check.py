@@ -28,6 +28,7 @@ from regsandbox_core.secrets import ensure_platform_secrets, load_platform_secre
 from regsandbox_core.settings import PROJECT_ROOT, Settings, get_settings
 from regsandbox_core.sm import generate_sm2_keypair
 from tests.hub_config.extract_files import write_extract
+from tests.extract_setup import approve_shipped_policy
 
 
 class AuditRecorder(BaseHTTPRequestHandler):
@@ -63,6 +64,7 @@ def built_data(tmp_path_factory: pytest.TempPathFactory) -> Path:
     settings = Settings(data_dir=tmp_path_factory.mktemp("spawn-check"))
     load_demo(settings)
     ensure_platform_keys(settings, ["bank_a", "bank_b"], on_event=None)
+    approve_shipped_policy(settings)
     ensure_platform_secrets(settings)
     build_extract(settings, "bank_a")
     return settings.data_dir

@@ -12,6 +12,7 @@ from extracts.builder import build_extract
 from extracts.demo_data import load_demo
 from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.settings import Settings
+from tests.extract_setup import approve_shipped_policy
 
 
 @pytest.fixture(scope="session")
@@ -19,6 +20,7 @@ def kernel_settings(tmp_path_factory: pytest.TempPathFactory) -> Settings:
     settings = Settings(data_dir=tmp_path_factory.mktemp("kernel-data"))
     load_demo(settings)
     ensure_platform_keys(settings, ["bank_a", "bank_b"], on_event=None)
+    approve_shipped_policy(settings)
     build_extract(settings, "bank_a")
     build_extract(settings, "bank_b")
     return settings

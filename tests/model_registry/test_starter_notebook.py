@@ -18,6 +18,7 @@ from model_registry.sync import sync_permissions
 from regsandbox_core.platform_keys import ensure_platform_keys
 from regsandbox_core.secrets import mlflow_password
 from tests.model_registry.conftest import RunningMlflow
+from tests.extract_setup import approve_shipped_policy
 
 NOTEBOOK = Path(__file__).resolve().parents[2] / "notebooks" / "starter" / "pd_model_starter.ipynb"
 
@@ -43,6 +44,7 @@ def test_starter_notebook_registers_model(mlflow_server: RunningMlflow, tmp_path
     settings, secrets = mlflow_server.settings, mlflow_server.secrets
     load_demo(settings)
     ensure_platform_keys(settings, ["bank_a"], on_event=None)
+    approve_shipped_policy(settings)
     extract = build_extract(settings, "bank_a")
     sync_permissions(settings, secrets, USERS)
     output = tmp_path / "output.ipynb"
