@@ -24,7 +24,7 @@ USCC_FUNCTION = "rs_uscc_check_digit_ok"
 RESIDENT_ID_FUNCTION = "rs_resident_id_check_digit_ok"
 
 _WIDTH = 18
-_INVALID = -10_000  # value of a character outside the alphabet: no weighted sum can then match
+_INVALID = -10_000  # value of a character outside the alphabet, which makes the weighted sum negative
 _USCC_ALPHABET = "0123456789ABCDEFGHJKLMNPQRTUWXY"  # GB 32100-2015, 31 characters
 _USCC_WEIGHTS = np.array((1, 3, 9, 27, 19, 26, 16, 17, 20, 29, 25, 13, 8, 24, 10, 30, 28), dtype=np.int64)
 _RIC_WEIGHTS = np.array((7, 9, 10, 5, 8, 4, 2, 1, 6, 3, 7, 9, 10, 5, 8, 4, 2), dtype=np.int64)
@@ -66,7 +66,7 @@ def _result(array: pa.Array, rows: np.ndarray, good: np.ndarray) -> pa.Array:
 
 
 def uscc_ok(array: pa.Array) -> pa.Array:
-    """统一社会信用代码 (GB 32100-2015): the 18th character is the check character of the first 17."""
+    """Return whether each 统一社会信用代码 ends with the check character of its first 17 (GB 32100-2015)."""
     rows, matrix = _fixed_width(array)
     values = _USCC_VALUES[matrix]
     total = values[:, :17] @ _USCC_WEIGHTS
@@ -75,7 +75,7 @@ def uscc_ok(array: pa.Array) -> pa.Array:
 
 
 def resident_id_ok(array: pa.Array) -> pa.Array:
-    """居民身份证号码 (GB 11643-1999): the 18th character is the check character of the first 17 digits."""
+    """Return whether each 居民身份证号码 ends with the check character of its first 17 digits (GB 11643-1999)."""
     rows, matrix = _fixed_width(array)
     digits = _DIGIT_VALUES[matrix[:, :17]]
     total = digits @ _RIC_WEIGHTS

@@ -460,8 +460,8 @@ class _ByteScreen:
         starts[1:] = newlines[:-1] + 1
         widths = newlines - starts
         self.blank_lines += int(np.count_nonzero(widths == 0))
-        one = np.flatnonzero(widths == 1)
-        for index in one:  # a one-byte line is rare; it is blank when that byte is a CR
+        one_byte_lines = np.flatnonzero(widths == 1)
+        for index in one_byte_lines:  # rare, and blank only when that byte is a CR
             start = int(starts[index])
             byte = int(array[start]) if start >= 0 else self.last
             self.blank_lines += int(byte == _CR)

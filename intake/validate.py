@@ -989,8 +989,8 @@ class _Run:
 
         def run_step() -> Any:
             assert self.con is not None
-            # A cursor is a new connection to the same database: it sees the tables, views and
-            # Python functions that the main connection created.
+            # A cursor is a new connection to the same database, so it can use the tables, views
+            # and Python functions that the main connection created.
             cursor = self.con.cursor()
             self._cursors.append(cursor)
             self._local.con = cursor
@@ -1697,10 +1697,11 @@ def validate_text(
     """Validate a ``|`` text file in place, as :func:`validate_staged` validates its staging file.
 
     ``direct`` comes from :func:`intake.reader.direct_text`. The findings, line numbers and
-    field counts are those of staging the file and validating the staging file. Returns None,
-    leaving no findings file, when DuckDB's reading differs from the parser's (it rejects a line,
-    skips a blank one, or a code, number or date field contains a character that NFKC could
-    change); the caller then stages the file. Raises :class:`ValidationError` as
+    field counts are those of staging the file and validating the staging file.
+
+    Returns None, leaving no findings file, when DuckDB's reading differs from the parser's: it
+    rejects a line or skips a blank one, or a code, number or date field contains a character that
+    NFKC could change. The caller then stages the file. Raises :class:`ValidationError` as
     :func:`validate_staged` does.
     """
     run = _TextRun(direct, template, context, Path(work_dir), catalog)

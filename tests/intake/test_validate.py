@@ -215,7 +215,7 @@ def by_rule(result: ValidationResult, rule_id: str) -> list[dict[str, Any]]:
 
 
 def comparable(result: ValidationResult) -> dict[str, Any]:
-    """Everything a validation result tells the reporter, for comparing two ways of reaching it."""
+    """Return every part of a validation result that reaches the reporter, to compare two ways of validating."""
     return {
         "findings": findings(result),
         "counts": dict(result.counts),
