@@ -559,19 +559,22 @@ def submit(
         with ThreadPoolExecutor(max_workers=1, thread_name_prefix="submission-encrypt") as encryption:
             encrypting = encryption.submit(encrypt_document, store, code, source, work / RAW_NAME,
                                            raw_associated_data(code, received.sm3))
-            batch = _stage_batch(settings, store, code, batch_sources, work)
-            warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
-            context = ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
-                                        institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
-            staged = check_file(received, original_name, template, context, work, catalog=catalog(),
-                                text_columns=text_columns)
-            result = staged.result
+
+            def context() -> ValidationContext:
+                batch = _stage_batch(settings, store, code, batch_sources, work)
+                warehouse = decrypt_for_validation(settings, store, code, needs, work / "warehouse", accepted_ids)
+                return ValidationContext(period_end=period_end, period_start=period_start(template, period_end),
+                                         institution_identifiers=identifiers, batch=batch, warehouse=warehouse)
+
+            checked = check_file(received, original_name, template, context, work, catalog=catalog(),
+                                 text_columns=text_columns)
+            result = checked.result
             os.replace(result.findings_path, work / FINDINGS_NAME)
             errors, warnings, explained = result.errors, result.warnings, result.explained_warnings
             has_findings = True
             field_values = dict(result.field_values)
         encrypted = encrypting.result()
-        for leftover in (source, staged.staging_path):
+        for leftover in (source, checked.staging_path):
             if leftover is not None:
                 leftover.unlink(missing_ok=True)
         for folder in ("batch", "validation", "warehouse"):
@@ -589,9 +592,9 @@ def submit(
         row = ReportSubmission(
             institution_id=institution_id, template_code=template.code, template_version=template.version,
             template_digest=template.digest, period_end=period_end, version=version, state=state,
-            original_filename=original_name, file_type=staged.file_type, encoding=staged.encoding,
-            byte_size=staged.size, raw_sm3=staged.sm3, raw_path="", key_version=encrypted.version,
-            row_count=staged.rows, error_count=errors, warning_count=warnings, explained_warning_count=explained,
+            original_filename=original_name, file_type=checked.file_type, encoding=checked.encoding,
+            byte_size=checked.size, raw_sm3=checked.sm3, raw_path="", key_version=encrypted.version,
+            row_count=checked.rows, error_count=errors, warning_count=warnings, explained_warning_count=explained,
             submitted_by=submitter_id,
         )
         session.add(row)
@@ -607,14 +610,14 @@ def submit(
         row.findings_path = _relative(settings, target / FINDINGS_NAME) if has_findings else None
         session.add(SubmissionEvent(submission_id=row.id, from_state=None, to_state=state, actor=caller.username))
         if field_values is not None:
-            session.add(field_count_row(row.id, template, staged.rows, field_values))
+            session.add(field_count_row(row.id, template, checked.rows, field_values))
         previous = [] if draft else supersede_previous(session, row, caller)
 
         add_event(session, request, caller, "submissions.save_draft" if draft else "submissions.submit",
                   f"submission:{row.id}", "success", {
             "template": template.code, "template_version": template.version, "period_end": f"{period_end:%Y%m%d}",
-            "version": version, "state": state, "errors": errors, "warnings": warnings, "rows": staged.rows,
-            "sm3": staged.sm3, "key_version": encrypted.version,
+            "version": version, "state": state, "errors": errors, "warnings": warnings, "rows": checked.rows,
+            "sm3": checked.sm3, "key_version": encrypted.version,
             "superseded": [old.id for old in previous],
         })
         session.flush()

@@ -12,8 +12,9 @@ and field counts for the same file; only the time differs.
 
 from __future__ import annotations
 
+import functools
 import shutil
-from collections.abc import Collection
+from collections.abc import Callable, Collection
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -43,7 +44,7 @@ def check_file(
     received: ReceivedFile,
     original_name: str,
     template: Template,
-    context: ValidationContext,
+    context: ValidationContext | Callable[[], ValidationContext],
     work_dir: Path,
     *,
     catalog: TemplateCatalog | None = None,
@@ -55,19 +56,24 @@ def check_file(
     The staging file, when one is needed, and the findings go under ``work_dir``. Raises the
     reader's :class:`~intake.reader.IntakeFileError` for a file that cannot be read and the
     validator's :class:`~intake.validate.ValidationError`.
+
+    ``context`` may be a function that returns it. It is then called once, after the file passed
+    the byte screens or was staged, so a file that cannot be read fails before the caller gathers
+    the batch and warehouse data of the validation.
     """
+    resolve = functools.cache(context) if callable(context) else (lambda: context)
     work_dir = Path(work_dir)
     work_dir.mkdir(parents=True, exist_ok=True)
     layout = template.file_layout()
     direct = direct_text(received, original_name, layout, max_bytes)
     if direct is not None:
-        result = validate_text(direct, template, context, work_dir / VALIDATION_FOLDER, catalog=catalog)
+        result = validate_text(direct, template, resolve(), work_dir / VALIDATION_FOLDER, catalog=catalog)
         if result is not None:
             return CheckedFile(rows=result.rows_checked, encoding=direct.encoding, size=received.size,
                                sm3=received.sm3, file_type="text", staging_path=None, result=result)
         shutil.rmtree(work_dir / VALIDATION_FOLDER, ignore_errors=True)
     staged = stage_file(received.path, original_name, layout, work_dir, max_bytes=max_bytes, sheet=template.code,
                         text_columns=text_columns, sm3=received.sm3)
-    result = validate_staged(staged, template, context, work_dir / VALIDATION_FOLDER, catalog=catalog)
+    result = validate_staged(staged, template, resolve(), work_dir / VALIDATION_FOLDER, catalog=catalog)
     return CheckedFile(rows=staged.rows, encoding=staged.encoding, size=staged.size, sm3=staged.sm3,
                        file_type=staged.file_type, staging_path=staged.path, result=result)

@@ -207,3 +207,25 @@ def test_receive_file_hashes_and_screens(tmp_path: Path) -> None:
     assert (received.screen.newlines, received.screen.pipes, received.screen.edges) == (20_001, 20_001, 0)
     with pytest.raises(FileExistsError):
         receive_file(io.BytesIO(b"x"), received.path)
+
+
+def test_context_gathered_after_reading(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    """A context given as a function is built once, and only for a file that could be read."""
+    calls: list[int] = []
+
+    def gather() -> Any:
+        calls.append(1)
+        return context()
+
+    for name, data, expected_calls in (("empty.txt", b"", 0), ("loans.txt", _text(loan, tmp_path), 1),
+                                       ("gbk.txt", _text(loan, tmp_path).decode().encode("gb18030"), 1)):
+        calls.clear()
+        source = tmp_path / name
+        source.write_bytes(data)
+        work = tmp_path / f"work-{name}"
+        if expected_calls:
+            check_file(read_received(source), name, loan, gather, work, catalog=catalog)
+        else:
+            with pytest.raises(IntakeFileError):
+                check_file(read_received(source), name, loan, gather, work, catalog=catalog)
+        assert len(calls) == expected_calls, name
