@@ -104,11 +104,16 @@ def submissions_page(
 @router.get("/submissions/new", response_class=HTMLResponse)
 def upload_for_task(
     request: Request,
-    task: int = Query(ge=1, le=2**31 - 1),
+    task: int | None = Query(default=None, ge=1, le=2**31 - 1),
     session: Session = Depends(get_session),
     caller: Principal = Depends(require("submissions.submit", console=True)),
 ) -> Response:
-    """Open the upload form filled with the template and period of collection task ``task`` (the 上传报表 links)."""
+    """Open the upload form filled with the template and period of collection task ``task`` (the 上传报表 links).
+
+    Without ``task`` (a bookmark or a typed address) the empty upload form opens.
+    """
+    if task is None:
+        return RedirectResponse("/console/submissions#upload", status_code=303)
     try:
         detail = tasks.task_detail(session, request, caller, task)
     except RegsandboxError as error:

@@ -1195,7 +1195,12 @@ def _field_count_error(
             f"请在每行最后一个字段后加上“{mark}”后重新上传。",
             line=line,
         )
-    found = count - 1 if ends and rule != "forbidden" else count
+    # A final delimiter ends the line under "required", and under "allowed" when the line has
+    # too many fields even without it. On a short line it begins an empty last field, which counts.
+    if ends and (rule == "required" or (rule == "allowed" and count - 1 > width)):
+        found = count - 1
+    else:
+        found = count
     hints = []
     if rule == "forbidden" and ends and count == width + 1:
         hints.append(f"模板不允许行尾分隔符，请删除行末多余的“{mark}”。")
@@ -1216,7 +1221,8 @@ def _field_count_error(
         hints.append(f"请检查该行是否漏填或多填了分隔符“{mark}”。")
     return IntakeFileError(
         "ROW_FIELD_COUNT",
-        f"文件“{name}”第 {line} 行有 {found} 个字段，应为 {width} 个（分隔符为“{mark}”）。" + "".join(hints),
+        f"文件“{name}”第 {line} 行有 {found} 个字段，应为 {width} 个（分隔符为“{mark}”）。" + "".join(hints)
+        + "读取在此行停止，之后的行如有同样问题也请一并更正。",
         line=line,
     )
 

@@ -208,6 +208,7 @@ def test_upload_link_fills_task_form(env: Env) -> None:
     denied = reporter.get(f"/console/submissions/new?task={other}")
     missing = reporter.get("/console/submissions/new?task=999999")
     not_a_reporter = reviewer.get(f"/console/submissions/new?task={own}")
+    without_task = reporter.get("/console/submissions/new", follow_redirects=False)
 
     assert opened.status_code == 303
     assert opened.headers["location"] == f"/console/submissions?template={TEMPLATE}&period=20220831&version=1#upload"
@@ -220,6 +221,8 @@ def test_upload_link_fills_task_form(env: Env) -> None:
     assert missing.status_code == 404
     assert "报送任务 999999 不存在" in missing.text
     assert not_a_reporter.status_code == 403
+    assert without_task.status_code == 303
+    assert without_task.headers["location"] == "/console/submissions#upload"
 
 
 def test_institution_user_sees_own_target_only(env: Env) -> None:
