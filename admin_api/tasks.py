@@ -5,8 +5,9 @@ given either as institution codes or as institution types. The targets are resol
 institutions when the task is created and stored as :class:`~admin_api.models.ReportTaskTarget`
 rows, so later registry changes do not change an issued task.
 
-The state of a target is the state of the institution's newest non-superseded submission of the
-template and period (:mod:`admin_api.submissions`). A target is overdue (已逾期) when the deadline
+The state of a target is the state of the institution's current submission of the template and
+period (:mod:`admin_api.submissions`): its newest non-superseded version that passed validation,
+else its newest that failed. A target is overdue (已逾期) when the deadline
 passed without an accepted or pending submission. :func:`send_due_reminders` posts system messages
 to the reporters (报送人员) of targets that have not submitted, ``reminder_days`` days before the
 deadline and once after it; :class:`ReminderSender` runs it in a thread of admin_api.
@@ -22,7 +23,7 @@ from zoneinfo import ZoneInfo
 
 from fastapi import Request
 from pydantic import AwareDatetime, BaseModel, ConfigDict, Field
-from sqlalchemy import func, select
+from sqlalchemy import case, func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from admin_api.audit import add_event
@@ -61,7 +62,7 @@ _CHINA = ZoneInfo("Asia/Shanghai")
 
 
 def target_state_name(state: str) -> str:
-    """Return the Chinese name of a target state: its newest non-superseded submission's state, or 未报送."""
+    """Return the Chinese name of a target state: its current submission's state, or 未报送."""
     return TARGET_STATE_OVERRIDES.get(state) or SUBMISSION_STATES.get(state, state)
 
 
@@ -217,7 +218,12 @@ def first_submission_times(session: Session, task: ReportTask, institution_ids: 
 
 
 def _latest_submissions(session: Session, task: ReportTask, institution_ids: list[int]) -> dict[int, ReportSubmission]:
-    """Return the newest submitted, non-superseded submission of the task's template and period of each institution."""
+    """Return the current submission of the task's template and period of each institution.
+
+    That is the newest submitted, non-superseded version that passed validation, else the newest
+    that failed it. A version that fails validation does not supersede a pending, returned or
+    accepted one (:func:`admin_api.submissions.supersede_previous`), so that one stays current.
+    """
     if not institution_ids:
         return {}
     rows = session.scalars(
@@ -225,7 +231,7 @@ def _latest_submissions(session: Session, task: ReportTask, institution_ids: lis
             ReportSubmission.template_code == task.template_code, ReportSubmission.period_end == task.period_end,
             ReportSubmission.institution_id.in_(institution_ids),
             ReportSubmission.state.notin_(("superseded", "draft", "withdrawn")),  # drafts were never submitted
-        ).order_by(ReportSubmission.version)
+        ).order_by(case((ReportSubmission.state == "validation_failed", 0), else_=1), ReportSubmission.version)
     )
     return {row.institution_id: row for row in rows}
 

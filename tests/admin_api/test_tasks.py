@@ -153,6 +153,26 @@ def test_institution_user_own_tasks(env: Env) -> None:
     assert other["id"] not in [item["id"] for item in after.json()]
 
 
+def test_failed_upload_keeps_accepted_state(env: Env) -> None:
+    period = "20230831"
+    task = created(env, period_end=period, institution_codes=["bank_a"])
+    good = upload(env, "reporter_a", TEMPLATE, period, text_file(TEMPLATE, [customer_row(1, period)]))
+    assert good.status_code == 201, good.text
+    accepted = env.client.post(f"/api/v1/submissions/{good.json()['id']}/accept", headers=env.auth("reviewer"))
+    assert accepted.status_code == 200, accepted.text
+    bad_row = {**customer_row(1, period), "CLRQ": "20101301"}
+    failed = upload(env, "reporter_a", TEMPLATE, period, text_file(TEMPLATE, [bad_row]))
+    assert failed.status_code == 201, failed.text
+    assert failed.json()["state"] == "validation_failed"
+
+    regulator = env.client.get(f"/api/v1/tasks/{task['id']}", headers=env.auth("reviewer")).json()
+    own = env.client.get(f"/api/v1/tasks?period_end={period}", headers=env.auth("reporter_a")).json()
+
+    assert [item["state_name"] for item in regulator["targets"]] == ["审核通过"]
+    assert (regulator["submitted_count"], regulator["accepted_count"]) == (1, 1)
+    assert (own[0]["own_state"], own[0]["own_submission_id"]) == ("accepted", good.json()["id"])
+
+
 def test_overdue_flag(env: Env) -> None:
     period = "20230430"
     task = created(env, period_end=period, institution_codes=["bank_a", "bank_b"])
