@@ -563,12 +563,6 @@ def read_received(source: Path) -> ReceivedFile:
     return ReceivedFile(path=source, size=size, sm3=hasher.hexdigest(), screen=screen)
 
 
-def _sm3_and_screen(source: Path) -> tuple[str, _ByteScreen]:
-    """Return the SM3 digest of ``source`` and its byte counts, reading the file once."""
-    received = read_received(source)
-    return received.sm3, received.screen
-
-
 def _direct_head(source: Path, name: str, layout: FileLayout) -> tuple[bool, int] | None:
     """Screen the start of a ``|`` file for DuckDB: return (UTF-8 byte order mark, ``|`` in the header), or None.
 
@@ -743,9 +737,10 @@ def _stage_direct(source: Path, name: str, layout: FileLayout, size: int, target
     hasher = ThreadPoolExecutor(max_workers=1, thread_name_prefix="intake-sm3")
     accepted = False
     try:
-        hashed = hasher.submit(_sm3_and_screen, source)
+        hashed = hasher.submit(read_received, source)
         written = _direct_write(source, layout, skip, temp_path, target_dir)
-        digest, screen = hashed.result()
+        received = hashed.result()
+        digest, screen = received.sm3, received.screen
         if written is None:
             return None
         rows, non_ascii = written

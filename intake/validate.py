@@ -1507,11 +1507,11 @@ class _TextRun(_Run):
 
     def carried_codes(self) -> list[str]:
         """Return the fields that the steps after the scan read, in template order."""
-        wanted = frozenset(self.codes)
+        field_codes = frozenset(self.codes)
         found: set[str] = set()
         for rule in self.template.effective_rules():
             if isinstance(rule, (UniqueRule, ReferenceRule, ReconcileRule, FluctuationRule)):
-                _field_codes_in(rule, wanted, found)
+                _field_codes_in(rule, field_codes, found)
         for item in (self.template.remark_field, self.template.period_field, self.template.institution_field):
             if item is not None:
                 found.add(item.code)
