@@ -41,7 +41,7 @@ logger = logging.getLogger(__name__)
 CAPABILITY = "tokens.reidentify"
 ACTION = "tokens.reidentify"
 RATE_WINDOW = timedelta(hours=1)
-TOKEN_PATTERN = re.compile(r"^[0-9a-f]{64}$")
+TOKEN_PATTERN = re.compile(r"^[0-9a-f]{32}$")
 MIN_REASON_LENGTH = 4
 _CONTROL = re.compile(r"[\x00-\x1f\x7f]")
 
@@ -54,7 +54,7 @@ class ReidentificationIn(BaseModel):
     institution: str = Field(default="", max_length=32, description="机构代码，如 bank_a")
     table: str = Field(default="", max_length=64, description="数据提取中的表名或报表模板代码，如 applications")
     column: str = Field(default="", max_length=64, description="令牌化字段代码，如 id_number")
-    token: str = Field(default="", max_length=128, description="数据提取中的令牌：64 位十六进制")
+    token: str = Field(default="", max_length=128, description="数据提取中的令牌：32 位十六进制")
     case_number: str = Field(default="", max_length=64, description="案件编号，如 沪金稽〔2026〕15号")
     reason: str = Field(default="", max_length=500, description="反查理由")
     key_version: int | None = Field(default=None, ge=1, le=10_000,
@@ -110,7 +110,7 @@ def check_request(body: ReidentificationIn) -> ReidentificationIn:
         raise invalid("REASON_TOO_SHORT", f"反查理由“{reason}”过短，请至少写 {MIN_REASON_LENGTH} 个字，说明查看原始值的必要性。")
     token = body.token.strip().lower()
     if not TOKEN_PATTERN.match(token):
-        raise invalid("TOKEN_INVALID", f"令牌“{body.token.strip()[:80]}”格式无效：应为数据提取中的 64 位十六进制字符串"
+        raise invalid("TOKEN_INVALID", f"令牌“{body.token.strip()[:80]}”格式无效：应为数据提取中的 32 位十六进制字符串"
                                        "（0–9、a–f），请从数据提取中完整复制。")
     return ReidentificationIn(institution=institution, table=table, column=column, token=token,
                               case_number=case_number, reason=reason, key_version=body.key_version)

@@ -67,8 +67,9 @@ from extracts.masking import (
     merge_periods,
     parquet_options,
     quote_literal,
+    TokenDictionary,
+    copy_with_sm3,
     select_sql,
-    token_dictionary,
 )
 from extracts.policy import MaskingPolicy, PolicyNotApproved, load_approved_policy, verified_policy
 from extracts.publish import (
@@ -90,9 +91,9 @@ from extracts.sources import (
     SourcePartition,
     SourceTable,
     decrypt_demo,
-    decrypt_intake,
     demo_table,
     intake_tables,
+    iter_decrypted,
 )
 from extracts.warehouse import APPLICATIONS_TABLE, partition_key_label, warehouse_institutions
 from extracts.watermark import SCHEME as WATERMARK_SCHEME
@@ -329,39 +330,109 @@ def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
 # --- building one table ---------------------------------------------------------------------------
 
 
+@dataclass(frozen=True)
+class WrittenFile:
+    """A file and the SM3 of its content when it was written."""
+
+    path: Path
+    sm3: str
+    identity: tuple[int, int, int, int]
+
+    @staticmethod
+    def _identity(path: Path) -> tuple[int, int, int, int]:
+        status = path.stat()
+        return status.st_dev, status.st_ino, status.st_size, status.st_mtime_ns
+
+    @classmethod
+    def of(cls, path: Path, sm3: str) -> WrittenFile:
+        return cls(path, sm3, cls._identity(path))
+
+    def sm3_now(self) -> str:
+        """Return the SM3 of the file: the one from writing while the file was neither replaced nor changed since."""
+        # The watermark step replaces the file when it adds the data mark (a new inode).
+        if self._identity(self.path) == self.identity:
+            return self.sm3
+        return sm3_file(self.path)
+
+
+def _source_sql(files: list[Path]) -> str:
+    listing = "[" + ", ".join(quote_literal(str(path)) for path in files) + "]"
+    return f"read_parquet({listing}, union_by_name=true)"
+
+
+def _source_columns(con: duckdb.DuckDBPyConnection, table: SourceTable, files: list[Path]) -> list[str]:
+    """Return the columns of ``files``; raise when one of them is a column name the platform reserves."""
+    columns = [row[0] for row in con.sql(f"DESCRIBE SELECT * FROM {_source_sql(files)}").fetchall()]
+    clash = sorted(set(columns) & set(_RESERVED_COLUMNS))
+    if clash:
+        raise ExtractSourceColumnInvalid(
+            "EXTRACT_COLUMN_RESERVED",
+            f"表 {table.catalog_table} 含有平台保留的列名 {'、'.join(clash)}，无法生成数据提取。请联系平台管理员调整报表模板字段代码。",
+        )
+    return columns
+
+
+def _token_columns(table: SourceTable, columns: list[str], classes: ColumnClasses, policy: MaskingPolicy) -> list[str]:
+    return [plan.name for plan in _plan(table, columns, classes, policy) if plan.treatment == "token"]
+
+
+def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceTable, work_dir: Path,
+                          classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
+                          token_cache: dict[bytes, bytes]) -> tuple[list[Path], TokenDictionary]:
+    """Decrypt the partitions of ``table`` into ``work_dir`` and tokenise their token columns on the way.
+
+    Each decrypted partition's new values are tokenised while the next partition is decrypted
+    (:func:`extracts.sources.iter_decrypted`). In benchmarks/extract_build.py this hid most of
+    the HMAC-SM3 time behind the SM4 decryption.
+    """
+    files: list[Path] = []
+    tokens = TokenDictionary(token_key.key, token_cache)
+    con = duckdb.connect(":memory:")
+    try:
+        con.sql(f"SET temp_directory={quote_literal(str(work_dir / 'spill'))}")
+        for path in iter_decrypted(store, institution_code, table, work_dir):
+            files.append(path)
+            columns = _source_columns(con, table, [path])
+            tokens.add(con, _source_sql([path]), _token_columns(table, columns, classes, policy))
+    finally:
+        con.close()
+        tokens.close()
+    return files, tokens
+
+
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
-                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[str, bytes],
-                metadata: Mapping[str, str] | None = None) -> list[ColumnPlan]:
+                policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[bytes, bytes],
+                metadata: Mapping[str, str] | None = None, tokens: TokenDictionary | None = None,
+                ) -> tuple[list[ColumnPlan], WrittenFile]:
     """Write the masked table, with ``metadata`` as Parquet key-value metadata, to ``target`` in one DuckDB COPY.
 
-    Returns the column plans.
+    ``tokens`` holds the tokens of every value of the token columns in ``files`` when
+    :func:`_decrypt_and_tokenise` made them; without it they are computed here. Returns the column
+    plans and the file with its SM3 as written.
     """
     con = duckdb.connect(":memory:")
     try:
         # Spilled intermediate results contain raw values, so they stay in the private work folder.
         con.sql(f"SET temp_directory={quote_literal(str(work_dir / 'spill'))}")
-        file_list = "[" + ", ".join(quote_literal(str(path)) for path in files) + "]"
-        columns = [row[0] for row in con.sql(f"DESCRIBE SELECT * FROM read_parquet({file_list}, union_by_name=true)").fetchall()]
-        clash = sorted(set(columns) & set(_RESERVED_COLUMNS))
-        if clash:
-            raise ExtractSourceColumnInvalid(
-                "EXTRACT_COLUMN_RESERVED",
-                f"表 {table.catalog_table} 含有平台保留的列名 {'、'.join(clash)}，无法生成数据提取。请联系平台管理员调整报表模板字段代码。",
-            )
-        con.sql(f"CREATE VIEW source AS SELECT * FROM read_parquet({file_list}, union_by_name=true)")
+        columns = _source_columns(con, table, files)
+        con.sql(f"CREATE VIEW source AS SELECT * FROM {_source_sql(files)}")
         plans = _plan(table, columns, classes, policy)
-        token_columns = [plan.name for plan in plans if plan.treatment == "token"]
-        tokens = token_dictionary(con, "source", token_columns, token_key.key, token_cache)
-        con.register(TOKEN_TABLE, tokens)
+        if tokens is None:
+            tokens = TokenDictionary(token_key.key, token_cache)
+            try:
+                tokens.add(con, "source", [plan.name for plan in plans if plan.treatment == "token"])
+            finally:
+                tokens.close()
+        con.register(TOKEN_TABLE, tokens.table())
         # NOTE: DuckDB's hash joins for the tokens do not keep the rows' order, and sorting them
         # back took about 40 % of the masking time in benchmarks/extract_build.py, so a masked
         # table's row order is not the warehouse order. Unchanged inputs are not rebuilt, so a
         # published table still changes only when its inputs change.
         query = select_sql(plans, "source")
-        con.sql(f"COPY ({query}) TO {quote_literal(str(target))} ({parquet_options(metadata)})")
+        sm3 = copy_with_sm3(con, query, target, parquet_options(metadata), work_dir)
     finally:
         con.close()
-    return plans
+    return plans, WrittenFile.of(target, sm3)
 
 
 def describe_parquet(path: Path) -> tuple[list[dict[str, str]], int]:
@@ -497,7 +568,7 @@ def _write_json(document: dict, path: Path, permissions: ExtractPermissions) -> 
 
 
 def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, fingerprint: str,
-                 partitions: list[dict]) -> dict:
+                 partitions: list[dict], written: WrittenFile | None = None) -> dict:
     columns, row_count = describe_parquet(path)
     types = {column["name"]: column["type"] for column in columns}
     described = []
@@ -514,7 +585,7 @@ def _table_entry(table: SourceTable, plan_entries: list[dict], path: Path, finge
         "dropped_columns": [column for column in described if column["treatment"] == "drop"],
         "row_count": row_count,
         "size": path.stat().st_size,
-        "sm3": sm3_file(path),
+        "sm3": written.sm3_now() if written is not None and written.path == path else sm3_file(path),
         "fingerprint": fingerprint,
     }
 
@@ -534,8 +605,8 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
     work_root.mkdir(parents=True, exist_ok=True)
     _delete_stale_work_dirs(work_root)
     work_dir = Path(tempfile.mkdtemp(prefix=WORK_DIR_PREFIX, dir=work_root))
-    # Tokens already computed in this build (value -> token under this institution's key).
-    token_cache: dict[str, bytes] = {}
+    # Tokens already computed in this build (UTF-8 value -> token under this institution's key).
+    token_cache: dict[bytes, bytes] = {}
     try:
         for table in sources:
             target = build / f"{table.name}.parquet"
@@ -556,15 +627,15 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 continue
             metadata = watermark.parquet_metadata(table.name)
             if demo_file is not None:
-                plans = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key, token_cache,
-                                    metadata)
+                plans, written = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key,
+                                             token_cache, metadata)
                 plan_entries, periods = [plan.manifest_entry() for plan in plans], []
             else:
-                plan_entries, periods = _build_intake_table(store, institution_code, table, target, work_dir, classes,
-                                                            policy, token_key, inputs, token_cache, previous,
-                                                            previous_manifest, metadata)
+                plan_entries, periods, written = _build_intake_table(
+                    store, institution_code, table, target, work_dir, classes, policy, token_key, inputs, token_cache,
+                    previous, previous_manifest, metadata)
             table_watermark = watermark.mark_table(target, table.name, plan_entries)
-            entry = _table_entry(table, plan_entries, target, fingerprint, partitions)
+            entry = _table_entry(table, plan_entries, target, fingerprint, partitions, written)
             entry["inputs_sm3"] = _digest(inputs)
             entry["watermark"] = table_watermark
             entries.append(entry)
@@ -588,20 +659,24 @@ def _delete_stale_work_dirs(work_root: Path) -> None:
 
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
-                        token_cache: dict[str, bytes], previous: Path | None,
-                        previous_manifest: dict, metadata: Mapping[str, str]) -> tuple[list[dict], list[str]]:
+                        token_cache: dict[bytes, bytes], previous: Path | None,
+                        previous_manifest: dict, metadata: Mapping[str, str],
+                        ) -> tuple[list[dict], list[str], WrittenFile | None]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
     masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table,
     and only new or changed periods are decrypted and masked. Their rows follow the copied rows, so
-    a corrected period moves to the end of the table. Returns the column entries and the periods masked.
+    a corrected period moves to the end of the table. Returns the column entries, the periods masked
+    and, when the table was masked in one pass, its SM3 as written.
     """
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
-        files = decrypt_intake(store, institution_code, table, work_dir)
-        plans = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache, metadata)
-        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions]
+        files, tokens = _decrypt_and_tokenise(store, institution_code, table, work_dir, classes, policy, token_key,
+                                              token_cache)
+        plans, written = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache, metadata,
+                                     tokens)
+        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions], written
 
     prior_path, prior_entry = prior
     changed = tuple(item for item in table.partitions if item.manifest_entry() not in prior_entry["source"]["partitions"])
@@ -610,14 +685,16 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
                for column in prior_entry["columns"] + prior_entry["dropped_columns"]}
     changed_file = work_dir / f"{table.name}.changed.parquet"
     if changed:
-        files = decrypt_intake(store, institution_code, replace(table, partitions=changed), work_dir)
-        plans = _mask_table(table, files, changed_file, work_dir, classes, policy, token_key, token_cache)
+        files, tokens = _decrypt_and_tokenise(store, institution_code, replace(table, partitions=changed), work_dir,
+                                              classes, policy, token_key, token_cache)
+        plans, _written = _mask_table(table, files, changed_file, work_dir, classes, policy, token_key, token_cache,
+                                      tokens=tokens)
         for path in files:
             path.unlink(missing_ok=True)
         for plan in plans:
             entries.setdefault(plan.name, plan.manifest_entry())
     merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill", metadata)
-    return list(entries.values()), [item.period or "" for item in changed]
+    return list(entries.values()), [item.period or "" for item in changed], None
 
 
 def _digest(document: dict) -> str:

@@ -10,7 +10,7 @@ an error, so the treatment of a column never depends on rule order.
 Treatments and the kinds they fit:
 
 - ``drop``: the column is left out of the extract. Any kind. Mandatory for C3.
-- ``token``: HMAC-SM3 of the value under the institution's tokenisation key, as 64 hex digits.
+- ``token``: HMAC-SM3 of the value under the institution's tokenisation key, its first 128 bits as 32 hex digits.
   Any kind except ``auth_secret``.
 - ``partial_mask``: ``mobile`` keeps the first 3 and last 4 characters, ``resident_id`` and
   ``bank_card`` the first 6 and last 4, ``person_name`` the surname (two characters for the

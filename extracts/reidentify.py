@@ -214,7 +214,7 @@ def find_raw_value(settings: Settings, keystore: KeyStore, target: TokenColumn, 
                    key_versions: list[KeyVersion]) -> RawValue | None:
     """Return the raw value whose token under one of ``key_versions`` is ``token``, or None when none matches.
 
-    ``token`` is 64 lower-case hex characters. Partitions are read one at a time, and the search stops
+    ``token`` is the 16 bytes of a token (32 lower-case hex digits in an extract). Partitions are read one at a time, and the search stops
     at the first match. A partition that does not decrypt raises the key store's or stream's error.
 
     NOTE: each distinct value costs one HMAC-SM3 call from Python per key version. A token that

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 import io
 import re
-from collections.abc import Collection, Mapping
+from collections.abc import Collection, Iterator, Mapping
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -139,30 +140,58 @@ def decrypt_demo(settings: Settings, store: KeyStore, institution_code: str, wor
     return target, sm3_hex(data)
 
 
+def decrypt_partition(store: KeyStore, institution_code: str, table: SourceTable, partition: SourcePartition,
+                      work_dir: Path) -> Path:
+    """Decrypt one partition of an intake table into ``work_dir``; raise :class:`ExtractSourceError` on any failure."""
+    target = work_dir / f"{table.name}.{partition.period}.parquet"
+    associated = intake_warehouse.partition_associated_data(table.catalog_table, institution_code,
+                                                             partition.period or "")
+    try:
+        decrypt_document(store, institution_code, partition.path, target, associated)
+    except RegsandboxError as error:
+        target.unlink(missing_ok=True)
+        raise ExtractSourceError(
+            "EXTRACT_PARTITION_UNREADABLE",
+            f"报表 {table.catalog_table} {partition.period} 的数据仓库分区 {partition.path} 无法解密（{error.code}：{error.message}），"
+            "未生成数据提取，原有提取保持不变。请检查机构数据密钥状态，或重新审核通过该期报送。",
+        ) from error
+    except OSError as error:
+        target.unlink(missing_ok=True)
+        raise ExtractSourceError(
+            "EXTRACT_PARTITION_UNREADABLE",
+            f"无法读取数据仓库分区 {partition.path}（{error.strerror}），未生成数据提取，原有提取保持不变。",
+        ) from error
+    return target
+
+
 def decrypt_intake(store: KeyStore, institution_code: str, table: SourceTable, work_dir: Path) -> list[Path]:
     """Decrypt every partition of an intake table into ``work_dir``; raise :class:`ExtractSourceError` on any failure.
 
     Unlike a validation, which may skip a damaged period, an extract must not silently lose one.
     """
-    files = []
-    for partition in table.partitions:
-        target = work_dir / f"{table.name}.{partition.period}.parquet"
-        associated = intake_warehouse.partition_associated_data(table.catalog_table, institution_code,
-                                                                 partition.period or "")
+    return list(iter_decrypted(store, institution_code, table, work_dir))
+
+
+def iter_decrypted(store: KeyStore, institution_code: str, table: SourceTable, work_dir: Path) -> Iterator[Path]:
+    """Yield the decrypted file of each partition of ``table`` in order, decrypting the next one meanwhile.
+
+    A worker thread decrypts partition after partition, at most one ahead of the consumer, so the
+    caller's work on one file (which releases the GIL in DuckDB and hashes in Python) overlaps with
+    the decryption of the next. The first failure is raised when its partition is reached; the
+    files of partitions decrypted ahead stay in ``work_dir``, which the caller deletes.
+    """
+    partitions = list(table.partitions)
+    if not partitions:
+        return
+    with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-decrypt") as pool:
+        pending = pool.submit(decrypt_partition, store, institution_code, table, partitions[0], work_dir)
         try:
-            decrypt_document(store, institution_code, partition.path, target, associated)
-        except RegsandboxError as error:
-            target.unlink(missing_ok=True)
-            raise ExtractSourceError(
-                "EXTRACT_PARTITION_UNREADABLE",
-                f"报表 {table.catalog_table} {partition.period} 的数据仓库分区 {partition.path} 无法解密（{error.code}：{error.message}），"
-                "未生成数据提取，原有提取保持不变。请检查机构数据密钥状态，或重新审核通过该期报送。",
-            ) from error
-        except OSError as error:
-            target.unlink(missing_ok=True)
-            raise ExtractSourceError(
-                "EXTRACT_PARTITION_UNREADABLE",
-                f"无法读取数据仓库分区 {partition.path}（{error.strerror}），未生成数据提取，原有提取保持不变。",
-            ) from error
-        files.append(target)
-    return files
+            for following in partitions[1:]:
+                path = pending.result()
+                pending = pool.submit(decrypt_partition, store, institution_code, table, following, work_dir)
+                yield path
+            path = pending.result()
+        except BaseException:
+            pending.cancel()
+            raise
+        yield path

@@ -90,7 +90,7 @@ ROUTES = {
                           REGULATORS | {"data_steward", "reporter", "institution_admin"}, 200, scoped=True),
     "reidentify": Route("POST", "/api/v1/reidentification", frozenset({"regulator_reviewer"}), 422,
                         body={"institution": "bank_a", "table": "applications", "column": "id_number",
-                              "token": "0" * 64, "reason": "权限表：缺少案件编号"}),
+                              "token": "0" * 32, "reason": "权限表：缺少案件编号"}),
     "console.home": Route("GET", "/console/", ALL_USERS, 200, console=True),
     "console.data_quality": Route("GET", "/console/data-quality?institution={inst}",
                                   REGULATORS | {"data_steward", "reporter", "institution_admin"}, 200, console=True,

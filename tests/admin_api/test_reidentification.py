@@ -162,7 +162,7 @@ def test_not_grantable_to_institution_roles(env: Env) -> None:
 
 
 def test_anonymous_denied(env: Env) -> None:
-    response = lookup(env, None, token="0" * 64)
+    response = lookup(env, None, token="0" * 32)
 
     assert response.status_code == 401
     assert response.json()["code"] == "NOT_AUTHENTICATED"
@@ -188,7 +188,7 @@ def test_missing_field_rejected(env: Env, warehouse: dict[str, pl.DataFrame], fi
 
 def test_omitted_case_number_rejected(env: Env) -> None:
     response = env.client.post(PATH, headers=env.auth("reviewer"), json={
-        "institution": "bank_a", "table": "applications", "column": "id_number", "token": "a" * 64,
+        "institution": "bank_a", "table": "applications", "column": "id_number", "token": "a" * 32,
         "reason": REASON})
 
     assert response.status_code == 422
@@ -197,7 +197,7 @@ def test_omitted_case_number_rejected(env: Env) -> None:
 
 def test_unknown_token_not_found(env: Env, warehouse: dict[str, pl.DataFrame]) -> None:
     request_id = new_request_id()
-    token = secrets.token_hex(32)
+    token = secrets.token_hex(16)
 
     response = lookup(env, "reviewer", request_id, token=token)
 
@@ -228,11 +228,11 @@ def test_invalid_token_rejected(env: Env) -> None:
 
     assert response.status_code == 422
     assert response.json()["code"] == "TOKEN_INVALID"
-    assert "64 位十六进制" in response.json()["detail"]
+    assert "32 位十六进制" in response.json()["detail"]
 
 
 def test_untokenised_column_rejected(env: Env) -> None:
-    response = lookup(env, "reviewer", column="name", token="a" * 64)
+    response = lookup(env, "reviewer", column="name", token="a" * 32)
 
     assert response.status_code == 422
     assert response.json()["code"] == "COLUMN_NOT_TOKENISED"
@@ -240,7 +240,7 @@ def test_untokenised_column_rejected(env: Env) -> None:
 
 
 def test_unknown_table_rejected(env: Env) -> None:
-    response = lookup(env, "reviewer", table="loans", token="a" * 64)
+    response = lookup(env, "reviewer", table="loans", token="a" * 32)
 
     assert response.status_code == 404
     assert response.json()["code"] == "REIDENTIFY_TABLE_UNKNOWN"
@@ -248,14 +248,14 @@ def test_unknown_table_rejected(env: Env) -> None:
 
 
 def test_institution_without_extract_rejected(env: Env, warehouse: dict[str, pl.DataFrame]) -> None:
-    response = lookup(env, "reviewer", institution="bank_c", token="a" * 64)
+    response = lookup(env, "reviewer", institution="bank_c", token="a" * 32)
 
     assert response.status_code == 409
     assert response.json()["code"] == "EXTRACT_NOT_PUBLISHED"
 
 
 def test_unknown_institution_rejected(env: Env) -> None:
-    response = lookup(env, "reviewer", institution="zz_missing", token="a" * 64)
+    response = lookup(env, "reviewer", institution="zz_missing", token="a" * 32)
 
     assert response.status_code == 404
     assert response.json()["code"] == "INSTITUTION_NOT_FOUND"
@@ -350,7 +350,7 @@ def test_hourly_limit(env: Env, warehouse: dict[str, pl.DataFrame], monkeypatch:
     allowed = lookup(env, "reviewer", token=token)
     request_id = new_request_id()
     limited = lookup(env, "reviewer", request_id, token=token)
-    missing = lookup(env, "reviewer", token=secrets.token_hex(32))
+    missing = lookup(env, "reviewer", token=secrets.token_hex(16))
 
     assert allowed.status_code == 200, allowed.text
     assert limited.status_code == 429, limited.text

@@ -75,7 +75,7 @@ def test_extract_columns_mask_identifiers(demo_settings: Settings) -> None:
     assert frame.columns == _warehouse(demo_settings, "bank_a").columns
     assert frame["creditability"].sum() > 0
     for token in frame["id_number"].to_list():
-        assert len(token) == 64 and all(character in "0123456789abcdef" for character in token)
+        assert len(token) == 32 and all(character in "0123456789abcdef" for character in token)
     for name in frame["name"].to_list():
         surname = name.rstrip("*")
         assert len(surname) in (1, 2) and len(name) > len(surname), name

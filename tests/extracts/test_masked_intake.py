@@ -22,6 +22,7 @@ from extracts.builder import (
 )
 from extracts.policy import PolicyNotApproved, approve_policy, load_policy
 from extracts.publish import builds_dir
+from extracts.sources import ExtractSourceError, intake_tables
 from intake.warehouse import load_submission
 from regsandbox_core.crypto import keyed_token
 from regsandbox_core.keystore import KeyStore
@@ -447,6 +448,42 @@ def test_repeated_values_keep_row_count(warehouse, tmp_path: Path) -> None:
     february = [row for row in _table(settings, "bank_a", "test_dkxx") if row["_period"] == "20250228"]
     assert len(february) == 3
     assert len({row["ZJHM"] for row in february}) == 1
+
+
+def test_person_in_several_periods_has_one_token(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    february = [_loan("bank_a", number, "40") for number in (0, 1, 9)]
+    march = [_loan("bank_a", number, "50") for number in (1, 9)]
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, february, FEBRUARY, 51)
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, march, date(2025, 3, 31), 52)
+    build_institution(settings, "bank_a", classes=CLASSES)
+
+    key = store.current("bank_a", "token").key
+    loans = _table(settings, "bank_a", "test_dkxx")
+    assert len(loans) == 6 + 3 + 2
+    for row in loans:
+        number = int(row["HTH"][-5:])
+        assert row["ZJHM"] == keyed_token(key, _person("bank_a", number)["ZJHM"]), row
+    assert len({row["ZJHM"] for row in loans if row["HTH"].endswith("00001")}) == 1
+
+
+def test_damaged_partition_publishes_nothing(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 7, "123")], FEBRUARY, 53)
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 8, "456")], date(2025, 3, 31), 54)
+    (loans,) = [table for table in intake_tables(settings, "bank_a") if table.catalog_table == LOANS]
+    damaged = next(partition.path for partition in loans.partitions if partition.period == "20250228")
+    content = bytearray(damaged.read_bytes())
+    content[len(content) // 2] ^= 0x01
+    damaged.write_bytes(bytes(content))
+
+    with pytest.raises(ExtractSourceError) as caught:
+        build_institution(settings, "bank_a", classes=CLASSES)
+
+    assert caught.value.code == "EXTRACT_PARTITION_UNREADABLE"
+    assert "20250228" in caught.value.message and "原有提取保持不变" in caught.value.message
+    assert not extract_dir(settings, "bank_a").exists()
+    assert not list(settings.warehouse_dir.glob(".extract-work-*"))
 
 
 def test_stale_work_folder_deleted(warehouse) -> None:

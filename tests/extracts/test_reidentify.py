@@ -10,16 +10,17 @@ import polars as pl
 import pyarrow as pa
 import pytest
 
-from extracts.masking import distinct_text_values, token_dictionary, value_with_token
+from extracts.masking import TokenDictionary, distinct_text_values, token_dictionary, value_with_token
 from extracts.reidentify import ReidentifyError, find_raw_value, published_token_column, token_key_versions
 from extracts.warehouse import read_partition_bytes
+from regsandbox_core.crypto import TOKEN_SIZE, keyed_token
 from regsandbox_core.keystore import KIND_TOKEN
 from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 
 
 def test_search_matches_dictionary() -> None:
-    keys = [secrets.token_bytes(32), secrets.token_bytes(32)]
+    keys = [secrets.token_bytes(16), secrets.token_bytes(16)]
     con = duckdb.connect()
     con.register("part", pa.table({"amount": pa.array([12.5, None, 7.0, 12.5])}))
     values = distinct_text_values(con, "part", ["amount"])
@@ -28,7 +29,34 @@ def test_search_matches_dictionary() -> None:
     assert sorted(values) == ["12.5", "7.0"]
     for row in dictionary:
         assert value_with_token(values, keys, bytes.fromhex(row["token"])) == (row["value"], 1)
-    assert value_with_token(values, keys, secrets.token_bytes(32)) is None
+    assert value_with_token(values, keys, secrets.token_bytes(16)) is None
+
+
+def test_dictionary_added_in_parts_tokenises_each_value_once() -> None:
+    key = secrets.token_bytes(16)
+    other = secrets.token_bytes(16)
+    con = duckdb.connect()
+    con.register("first", pa.table({"id": ["A1", "B2", None, "A1"], "card": ["C3", "A1", "D4", None]}))
+    con.register("second", pa.table({"id": ["B2", "E5", "甲6"]}))
+    # A token computed under another key for E5 is in the cache passed to the first table only.
+    cache = {"E5".encode(): bytes(TOKEN_SIZE)}
+
+    fresh = TokenDictionary(key)
+    fresh.add(con, "first", ["id", "card"])
+    fresh.add(con, "second", ["id"])
+    fresh.add(con, "second", [])
+    table = fresh.table().to_pylist()
+
+    assert sorted(row["value"] for row in table) == ["A1", "B2", "C3", "D4", "E5", "甲6"]
+    assert all(row["token"] == keyed_token(key, row["value"]) for row in table)
+    assert all(len(row["token"]) == 2 * TOKEN_SIZE for row in table)
+
+    cached = TokenDictionary(other, cache)
+    cached.add(con, "second", ["id"])
+    rows = {row["value"]: row["token"] for row in cached.table().to_pylist()}
+    assert rows == {"B2": keyed_token(other, "B2"), "E5": "00" * TOKEN_SIZE, "甲6": keyed_token(other, "甲6")}
+    assert cache["B2".encode()] == bytes.fromhex(keyed_token(other, "B2"))
+    assert TokenDictionary(key).table().num_rows == 0
 
 
 def test_demo_extract_token_found(demo_settings: Settings) -> None:
@@ -44,7 +72,7 @@ def test_demo_extract_token_found(demo_settings: Settings) -> None:
     assert target.source_kind == "demo"
     assert [item.key_version for item in found] == [store.current("bank_b", KIND_TOKEN).version] * 3
     assert {item.value for item in found} <= set(raw["id_number"].to_list())
-    assert find_raw_value(demo_settings, store, target, secrets.token_hex(32), versions) is None
+    assert find_raw_value(demo_settings, store, target, secrets.token_hex(16), versions) is None
 
 
 def test_masked_column_not_searchable(demo_settings: Settings) -> None:

@@ -50,7 +50,7 @@ def test_table_matches_manifest(bank_a_dir: Path) -> None:
     assert frame.columns == [column["name"] for column in entry["columns"]]
     treatments = {column["name"]: column["treatment"] for column in entry["columns"]}
     assert (treatments["name"], treatments["id_number"], treatments["mobile"]) == ("partial_mask", "token", "partial_mask")
-    assert all(len(token) == 64 for token in frame["id_number"].to_list())
+    assert all(len(token) == 32 for token in frame["id_number"].to_list())
 
 
 def test_unknown_table_lists_available(bank_a_dir: Path) -> None:
