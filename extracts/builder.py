@@ -91,9 +91,9 @@ from extracts.sources import (
     SourcePartition,
     SourceTable,
     decrypt_demo,
+    decrypted_batches,
     demo_table,
     intake_tables,
-    iter_decrypted,
 )
 from extracts.warehouse import APPLICATIONS_TABLE, partition_key_label, warehouse_institutions
 from extracts.watermark import SCHEME as WATERMARK_SCHEME
@@ -381,19 +381,18 @@ def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceT
                           token_cache: dict[bytes, bytes]) -> tuple[list[Path], TokenDictionary]:
     """Decrypt the partitions of ``table`` into ``work_dir`` and tokenise their token columns on the way.
 
-    Each decrypted partition's new values are tokenised while the next partition is decrypted
-    (:func:`extracts.sources.iter_decrypted`). In benchmarks/extract_build.py this hid most of
+    The new values of each batch of decrypted partitions are tokenised while the next partitions
+    are decrypted (:func:`extracts.sources.decrypted_batches`). In benchmarks/extract_build.py this hid most of
     the HMAC-SM3 time behind the SM4 decryption.
     """
     files: list[Path] = []
-    tokens = TokenDictionary(token_key.key, token_cache)
+    tokens = TokenDictionary(token_key.key, token_cache, work_dir / "spill")
     con = duckdb.connect(":memory:")
     try:
-        con.sql(f"SET temp_directory={quote_literal(str(work_dir / 'spill'))}")
-        for path in iter_decrypted(store, institution_code, table, work_dir):
-            files.append(path)
-            columns = _source_columns(con, table, [path])
-            tokens.add(con, _source_sql([path]), _token_columns(table, columns, classes, policy))
+        for batch in decrypted_batches(store, institution_code, table, work_dir):
+            files.extend(batch)
+            columns = _source_columns(con, table, batch)
+            tokens.add(_source_sql(batch), _token_columns(table, columns, classes, policy))
     finally:
         con.close()
         tokens.close()
@@ -418,9 +417,9 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
         con.sql(f"CREATE VIEW source AS SELECT * FROM {_source_sql(files)}")
         plans = _plan(table, columns, classes, policy)
         if tokens is None:
-            tokens = TokenDictionary(token_key.key, token_cache)
+            tokens = TokenDictionary(token_key.key, token_cache, work_dir / "spill")
             try:
-                tokens.add(con, "source", [plan.name for plan in plans if plan.treatment == "token"])
+                tokens.add("source", [plan.name for plan in plans if plan.treatment == "token"], con)
             finally:
                 tokens.close()
         con.register(TOKEN_TABLE, tokens.table())
@@ -661,14 +660,14 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
                         token_cache: dict[bytes, bytes], previous: Path | None,
                         previous_manifest: dict, metadata: Mapping[str, str],
-                        ) -> tuple[list[dict], list[str], WrittenFile | None]:
+                        ) -> tuple[list[dict], list[str], WrittenFile]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
     masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table,
     and only new or changed periods are decrypted and masked. Their rows follow the copied rows, so
     a corrected period moves to the end of the table. Returns the column entries, the periods masked
-    and, when the table was masked in one pass, its SM3 as written.
+    and the table file with its SM3 as written.
     """
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
@@ -693,8 +692,8 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
             path.unlink(missing_ok=True)
         for plan in plans:
             entries.setdefault(plan.name, plan.manifest_entry())
-    merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir / "spill", metadata)
-    return list(entries.values()), [item.period or "" for item in changed], None
+    sm3 = merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir, metadata)
+    return list(entries.values()), [item.period or "" for item in changed], WrittenFile.of(target, sm3)
 
 
 def _digest(document: dict) -> str:

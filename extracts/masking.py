@@ -11,6 +11,7 @@ a mask or a generalisation, so the expressions also work on the typed columns of
 
 from __future__ import annotations
 
+import fcntl
 import os
 import secrets
 import threading
@@ -82,18 +83,28 @@ def _text(source: str) -> str:
     return f"CAST({source} AS VARCHAR)"
 
 
+def _trimmed(text: str) -> str:
+    """Return ``trim(text)``, calling trim() only for a value that starts or ends with a space.
+
+    trim() copies every value, which cost about 1 CPU second per 10,000,000 addresses here; the two
+    byte tests cost a quarter of that.
+    """
+    return f"CASE WHEN starts_with({text}, ' ') OR ends_with({text}, ' ') THEN trim({text}) ELSE {text} END"
+
+
 def _keep_ends(value: str, first: int, last: int) -> str:
     """Keep ``first`` leading and ``last`` trailing characters and star the middle; star all of a short value."""
     kept = first + last
+    tail = f" || right({value}, {last})" if last else ""
     return (f"CASE WHEN length({value}) > {kept} THEN left({value}, {first}) || repeat('*', length({value}) - {kept})"
-            f" || right({value}, {last}) ELSE repeat('*', length({value})) END")
+            f"{tail} ELSE repeat('*', length({value})) END")
 
 
 def _surname(value: str) -> str:
+    # The surname test comes first and once: testing it in each of the three places that need the
+    # surname's length made the name mask about 1.8× as dear (benchmarks/extract_build.py).
     compound = ", ".join(quote_literal(surname) for surname in COMPOUND_SURNAMES)
-    size = f"(CASE WHEN left({value}, 2) IN ({compound}) THEN 2 ELSE 1 END)"
-    return (f"CASE WHEN length({value}) > {size} THEN left({value}, {size}) || repeat('*', length({value}) - {size})"
-            f" ELSE repeat('*', length({value})) END")
+    return f"CASE WHEN left({value}, 2) IN ({compound}) THEN {_keep_ends(value, 2, 0)} ELSE {_keep_ends(value, 1, 0)} END"
 
 
 def _year(value: str) -> str:
@@ -105,9 +116,11 @@ def _city(value: str) -> str:
     # municipality such as 上海市 the city is the first unit. No match gives NULL, never the raw value.
     # The units may not contain district, county, road, street or house-number characters, so a
     # text without a city yields NULL instead of a street.
+    # The whole match is the result, so no capture group: asking RE2 for a group's bounds made
+    # the extraction about twice as dear (benchmarks/extract_build.py, 1,000,000 distinct addresses).
     unit = "[^省市区县路街号0-9]{2,}?"
-    pattern = f"^((?:{unit}(?:省|自治区))?{unit}(?:市|自治州|地区|盟))"
-    return f"NULLIF(regexp_extract({value}, {quote_literal(pattern)}, 1), '')"
+    pattern = f"^(?:{unit}(?:省|自治区))?{unit}(?:市|自治州|地区|盟)"
+    return f"NULLIF(regexp_extract({value}, {quote_literal(pattern)}), '')"
 
 
 def _amount(value: str) -> str:
@@ -146,7 +159,7 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None, *,
         return f"{source} AS {name}"
     if treatment == "token":
         return f"{token_alias}.token AS {name}"
-    value = value or f"trim({_text(source)})"
+    value = value or _trimmed(_text(source))
     kind = plan.column_class.kind
     if _uses_bands(plan):
         bands = plan.quasi_identifier.bands if plan.quasi_identifier is not None else plan.bands
@@ -159,7 +172,9 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None, *,
         expression = _year(value)
     else:
         expression = _city(value)
-    return f"CASE WHEN {value} IS NULL THEN NULL ELSE {expression} END AS {name}"
+    # Every expression above gives NULL for NULL. Wrapping it in CASE WHEN value IS NULL made the
+    # address generalisation about 1.6× as dear in benchmarks/extract_build.py.
+    return f"{expression} AS {name}"
 
 
 def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
@@ -180,11 +195,11 @@ def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
             joins.append(f"LEFT JOIN {TOKEN_TABLE} AS {alias} ON {alias}.value = {_text(source)}")
         elif plan.treatment != "drop" and not (plan.treatment == "keep" and plan.quasi_identifier is None):
             value_name = quote_identifier(f"{HELPER_PREFIX}v{index}")
-            inner.append(f"trim({_text(source)}) AS {value_name}")
+            inner.append(f"{_trimmed(_text(source))} AS {value_name}")
             value = f"src.{value_name}"
             if _uses_bands(plan):
                 amount_name = quote_identifier(f"{HELPER_PREFIX}n{index}")
-                inner.append(f"{_amount(f'trim({_text(source)})')} AS {amount_name}")
+                inner.append(f"{_amount(_trimmed(_text(source)))} AS {amount_name}")
                 amount = f"src.{amount_name}"
         expression = column_expression(plan, source, alias, value=value, amount=amount)
         if expression is not None:
@@ -193,16 +208,19 @@ def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
             f"{' '.join(joins)}")
 
 
-def distinct_text_array(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str]) -> pa.Array:
-    """Return every distinct non-null value of ``columns`` in ``relation`` as text (the text tokens are computed from)."""
+def _distinct_sql(relation: str, columns: list[str]) -> str:
     # DISTINCT as well as UNION: with one token column there is no UNION to remove repeated values,
     # and a repeated value in the dictionary would repeat rows in the join.
-    union = " UNION ".join(
+    return " UNION ".join(
         f"SELECT DISTINCT {_text(quote_identifier(column))} AS value FROM {relation} "
         f"WHERE {quote_identifier(column)} IS NOT NULL"
         for column in columns
     )
-    return con.sql(union).to_arrow_table().column("value").combine_chunks()
+
+
+def distinct_text_array(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str]) -> pa.Array:
+    """Return every distinct non-null value of ``columns`` in ``relation`` as text (the text tokens are computed from)."""
+    return con.sql(_distinct_sql(relation, columns)).to_arrow_table().column("value").combine_chunks()
 
 
 def distinct_text_values(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str]) -> list[str]:
@@ -247,36 +265,41 @@ class TokenDictionary:
     the next within a build, so a customer seen in several tables is tokenised once.
     """
 
-    def __init__(self, key: bytes, cache: dict[bytes, bytes] | None = None) -> None:
+    def __init__(self, key: bytes, cache: dict[bytes, bytes] | None = None, spill_dir: Path | None = None) -> None:
         self._keyed = crypto_hmac.HMAC(key, hashes.SM3())
         self._cache = {} if cache is None else cache
         self._values: list[pa.Array] = []
         self._tokens: list[pa.Array] = []
-        self._known = duckdb.connect(":memory:")
-        self._known.sql("CREATE TABLE known (value VARCHAR)")
+        # The values added so far live in a table of the dictionary's own connection. Spilled raw
+        # values may only go to a private folder, so without one the connection does not spill.
+        self._con = duckdb.connect(":memory:")
+        self._con.sql(f"SET temp_directory={quote_literal(str(spill_dir) if spill_dir else '')}")
+        self._con.sql("CREATE TABLE known (value VARCHAR)")
 
-    def add(self, con: duckdb.DuckDBPyConnection, relation: str, columns: list[str]) -> None:
-        """Add the distinct non-null values of ``columns`` in ``relation`` (on ``con``) not added before."""
+    def add(self, relation: str, columns: list[str], con: duckdb.DuckDBPyConnection | None = None) -> None:
+        """Add the distinct non-null values of ``columns`` in ``relation`` not added before.
+
+        ``relation`` is read on ``con``, or without it on the dictionary's own connection, which
+        then needs no copy of the values; there it must name files, such as ``read_parquet([...])``.
+        """
         if not columns:
             return
-        values = distinct_text_array(con, relation, columns)
-        if self._values:
-            # The values added so far live in a table of the dictionary's own connection.
-            self._known.register("batch", pa.table({"value": values}))
-            try:
-                values = self._known.sql("SELECT value FROM batch ANTI JOIN known USING (value)"
-                                         ).to_arrow_table().column("value").combine_chunks()
-            finally:
-                self._known.unregister("batch")
-        if len(values) == 0:
-            return
-        self._known.register("batch", pa.table({"value": values}))
+        if con is None:
+            distinct = _distinct_sql(relation, columns)
+        else:
+            self._con.register("incoming", pa.table({"value": distinct_text_array(con, relation, columns)}))
+            distinct = "SELECT value FROM incoming"
         try:
-            self._known.sql("INSERT INTO known SELECT value FROM batch")
+            self._con.sql(f"CREATE OR REPLACE TEMP TABLE batch AS SELECT value FROM ({distinct}) AS incoming_values "
+                          "ANTI JOIN known USING (value)")
         finally:
-            self._known.unregister("batch")
-        self._values.append(values)
-        self._tokens.append(_hex_strings(self._digests(values), len(values)))
+            if con is not None:
+                self._con.unregister("incoming")
+        self._con.sql("INSERT INTO known SELECT value FROM batch")
+        values = self._con.sql("SELECT value FROM batch").to_arrow_table().column("value").combine_chunks()
+        if len(values):
+            self._values.append(values)
+            self._tokens.append(_hex_strings(self._digests(values), len(values)))
 
     def _digests(self, values: pa.Array) -> bytes:
         """Return the tokens of ``values`` (distinct strings) as one buffer of :data:`TOKEN_SIZE`-byte tokens."""
@@ -306,7 +329,7 @@ class TokenDictionary:
 
     def close(self) -> None:
         """Free the table of values added; :meth:`table` still works."""
-        self._known.close()
+        self._con.close()
 
     def table(self) -> pa.Table:
         """Return the (value, token) table of every value added, each value once."""
@@ -323,7 +346,7 @@ def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: lis
     """
     dictionary = TokenDictionary(key, cache)
     try:
-        dictionary.add(con, relation, columns)
+        dictionary.add(relation, columns, con)
     finally:
         dictionary.close()
     return dictionary.table()
@@ -339,6 +362,7 @@ def parquet_options(metadata: Mapping[str, str] | None = None) -> str:
 
 
 _PIPE_CHUNK = 1 << 20
+_F_SETPIPE_SZ = getattr(fcntl, "F_SETPIPE_SZ", 1031)
 
 
 def copy_with_sm3(con: duckdb.DuckDBPyConnection, query: str, target: Path, options: str, pipe_dir: Path) -> str:
@@ -360,6 +384,10 @@ def copy_with_sm3(con: duckdb.DuckDBPyConnection, query: str, target: Path, opti
         reader = os.open(pipe, os.O_RDONLY | os.O_NONBLOCK)
         keeper = os.open(pipe, os.O_WRONLY | os.O_NONBLOCK)
         os.set_blocking(reader, True)
+        try:
+            fcntl.fcntl(reader, _F_SETPIPE_SZ, _PIPE_CHUNK)
+        except OSError:
+            pass
 
         def drain() -> None:
             hasher = hashes.Hash(hashes.SM3())
@@ -401,22 +429,24 @@ def copy_with_sm3(con: duckdb.DuckDBPyConnection, query: str, target: Path, opti
         pipe.unlink(missing_ok=True)
 
 
-def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, spill_dir: Path,
-                  metadata: Mapping[str, str] | None = None) -> None:
+def merge_periods(previous: Path, kept_periods: list[str], changed: Path | None, target: Path, work_dir: Path,
+                  metadata: Mapping[str, str] | None = None) -> str:
     """Write the rows of ``kept_periods`` (column ``_period``) of ``previous``, then all rows of ``changed``, to ``target``.
 
     One scan over both files with a filter keeps their order, because DuckDB preserves insertion
-    order (its default, set here explicitly), so no sort is needed.
+    order (its default, set here explicitly), so no sort is needed. ``work_dir`` is a private
+    folder for spilled rows and the pipe of :func:`copy_with_sm3`. Returns the SM3 of ``target``.
     """
     files = [previous] if changed is None else [previous, changed]
     listing = "[" + ", ".join(quote_literal(str(path)) for path in files) + "]"
     periods = ", ".join(quote_literal(period) for period in kept_periods) or "NULL"
     con = duckdb.connect(":memory:")
     try:
-        con.sql(f"SET temp_directory={quote_literal(str(spill_dir))}")
+        con.sql(f"SET temp_directory={quote_literal(str(work_dir / 'spill'))}")
         con.sql("SET preserve_insertion_order=true")
-        con.sql(f"COPY (SELECT * EXCLUDE (_extract_file) FROM read_parquet({listing}, union_by_name=true, "
-                f"filename='_extract_file') WHERE _extract_file <> {quote_literal(str(previous))} "
-                f"OR _period IN ({periods})) TO {quote_literal(str(target))} ({parquet_options(metadata)})")
+        query = (f"SELECT * EXCLUDE (_extract_file) FROM read_parquet({listing}, union_by_name=true, "
+                 f"filename='_extract_file') WHERE _extract_file <> {quote_literal(str(previous))} "
+                 f"OR _period IN ({periods})")
+        return copy_with_sm3(con, query, target, parquet_options(metadata), work_dir)
     finally:
         con.close()

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 import io
 import re
+from collections import deque
 from collections.abc import Collection, Iterator, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -169,29 +170,28 @@ def decrypt_intake(store: KeyStore, institution_code: str, table: SourceTable, w
 
     Unlike a validation, which may skip a damaged period, an extract must not silently lose one.
     """
-    return list(iter_decrypted(store, institution_code, table, work_dir))
+    return [path for batch in decrypted_batches(store, institution_code, table, work_dir) for path in batch]
 
 
-def iter_decrypted(store: KeyStore, institution_code: str, table: SourceTable, work_dir: Path) -> Iterator[Path]:
-    """Yield the decrypted file of each partition of ``table`` in order, decrypting the next one meanwhile.
+def decrypted_batches(store: KeyStore, institution_code: str, table: SourceTable,
+                      work_dir: Path) -> Iterator[list[Path]]:
+    """Yield the decrypted files of the partitions of ``table`` in order, in batches, while a worker thread decrypts the rest.
 
-    A worker thread decrypts partition after partition, at most one ahead of the consumer, so the
-    caller's work on one file (which releases the GIL in DuckDB and hashes in Python) overlaps with
-    the decryption of the next. The first failure is raised when its partition is reached; the
-    files of partitions decrypted ahead stay in ``work_dir``, which the caller deletes.
+    The worker decrypts one partition after another without waiting for the caller, so the
+    caller's work on a batch (DuckDB, which releases the GIL, and hashing in Python) overlaps with
+    the decryption of the partitions after it. Each batch holds the next file and every later one
+    already decrypted, so a caller that falls behind catches up with fewer, larger steps. All files
+    are written to ``work_dir`` anyway, so running ahead costs no memory. The first failure is
+    raised when its partition is reached; partitions not yet started are then cancelled, and
+    ``work_dir`` (which the caller deletes) keeps the files decrypted before.
     """
-    partitions = list(table.partitions)
-    if not partitions:
-        return
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-decrypt") as pool:
-        pending = pool.submit(decrypt_partition, store, institution_code, table, partitions[0], work_dir)
+        pending = deque(pool.submit(decrypt_partition, store, institution_code, table, partition, work_dir)
+                        for partition in table.partitions)
         try:
-            for following in partitions[1:]:
-                path = pending.result()
-                pending = pool.submit(decrypt_partition, store, institution_code, table, following, work_dir)
-                yield path
-            path = pending.result()
-        except BaseException:
-            pending.cancel()
-            raise
-        yield path
+            yield [pending.popleft().result()]
+            if pending:
+                yield [pending.popleft().result() for _ in range(len(pending))]
+        finally:
+            for future in pending:
+                future.cancel()

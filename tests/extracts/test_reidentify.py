@@ -42,9 +42,9 @@ def test_dictionary_added_in_parts_tokenises_each_value_once() -> None:
     cache = {"E5".encode(): bytes(TOKEN_SIZE)}
 
     fresh = TokenDictionary(key)
-    fresh.add(con, "first", ["id", "card"])
-    fresh.add(con, "second", ["id"])
-    fresh.add(con, "second", [])
+    fresh.add("first", ["id", "card"], con)
+    fresh.add("second", ["id"], con)
+    fresh.add("second", [], con)
     table = fresh.table().to_pylist()
 
     assert sorted(row["value"] for row in table) == ["A1", "B2", "C3", "D4", "E5", "甲6"]
@@ -52,7 +52,7 @@ def test_dictionary_added_in_parts_tokenises_each_value_once() -> None:
     assert all(len(row["token"]) == 2 * TOKEN_SIZE for row in table)
 
     cached = TokenDictionary(other, cache)
-    cached.add(con, "second", ["id"])
+    cached.add("second", ["id"], con)
     rows = {row["value"]: row["token"] for row in cached.table().to_pylist()}
     assert rows == {"B2": keyed_token(other, "B2"), "E5": "00" * TOKEN_SIZE, "甲6": keyed_token(other, "甲6")}
     assert cache["B2".encode()] == bytes.fromhex(keyed_token(other, "B2"))
