@@ -372,18 +372,21 @@ def _source_columns(con: duckdb.DuckDBPyConnection, table: SourceTable, files: l
     return columns
 
 
-def _token_columns(table: SourceTable, columns: list[str], classes: ColumnClasses, policy: MaskingPolicy) -> list[str]:
-    return [plan.name for plan in _plan(table, columns, classes, policy) if plan.treatment == "token"]
+def _may_carry(plan: ColumnPlan) -> bool:
+    """Return whether the column may carry a watermark's data mark: a kept amount (see extracts.watermark)."""
+    return plan.treatment == "keep" and plan.quasi_identifier is None and plan.column_class.kind == "amount"
 
 
 def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceTable, work_dir: Path,
                           classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion,
-                          token_cache: dict[bytes, bytes]) -> tuple[list[Path], TokenDictionary]:
+                          token_cache: dict[bytes, bytes], watermark: BuildWatermark | None = None,
+                          ) -> tuple[list[Path], TokenDictionary]:
     """Decrypt the partitions of ``table`` into ``work_dir`` and tokenise their token columns on the way.
 
     The new values of each batch of decrypted partitions are tokenised while the next partitions
-    are decrypted (:func:`extracts.sources.decrypted_batches`). In benchmarks/extract_build.py this hid most of
-    the HMAC-SM3 time behind the SM4 decryption.
+    are decrypted (:func:`extracts.sources.decrypted_batches`). In benchmarks/extract_build.py this
+    hid most of the HMAC-SM3 time behind the SM4 decryption. With ``watermark``, when a column may
+    carry its data mark, the tokens' bits are computed the same way.
     """
     files: list[Path] = []
     tokens = TokenDictionary(token_key.key, token_cache, work_dir / "spill")
@@ -391,8 +394,10 @@ def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceT
     try:
         for batch in decrypted_batches(store, institution_code, table, work_dir):
             files.extend(batch)
-            columns = _source_columns(con, table, batch)
-            tokens.add(_source_sql(batch), _token_columns(table, columns, classes, policy))
+            plans = _plan(table, _source_columns(con, table, batch), classes, policy)
+            if watermark is not None and any(_may_carry(plan) for plan in plans):
+                tokens.compute_bits(watermark.token_bits)
+            tokens.add(_source_sql(batch), [plan.name for plan in plans if plan.treatment == "token"])
     finally:
         con.close()
         tokens.close()
@@ -402,12 +407,15 @@ def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceT
 def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: Path, classes: ColumnClasses,
                 policy: MaskingPolicy, token_key: KeyVersion, token_cache: dict[bytes, bytes],
                 metadata: Mapping[str, str] | None = None, tokens: TokenDictionary | None = None,
-                ) -> tuple[list[ColumnPlan], WrittenFile]:
+                watermark: BuildWatermark | None = None) -> tuple[list[ColumnPlan], WrittenFile, dict | None]:
     """Write the masked table, with ``metadata`` as Parquet key-value metadata, to ``target`` in one DuckDB COPY.
 
     ``tokens`` holds the tokens of every value of the token columns in ``files`` when
-    :func:`_decrypt_and_tokenise` made them; without it they are computed here. Returns the column
-    plans and the file with its SM3 as written.
+    :func:`_decrypt_and_tokenise` made them; without it they are computed here. With ``watermark``
+    the data mark is written in the same COPY when the table's key is a token column (see
+    :meth:`BuildWatermark.plan_token_mark`), which spares writing the table a second time.
+    Returns the column plans, the file with its SM3 as written, and the watermark entry of the
+    table when its data mark was written, else None.
     """
     con = duckdb.connect(":memory:")
     try:
@@ -422,16 +430,23 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
                 tokens.add("source", [plan.name for plan in plans if plan.treatment == "token"], con)
             finally:
                 tokens.close()
-        con.register(TOKEN_TABLE, tokens.table())
+        token_table = tokens.table()
+        planned = None
+        if watermark is not None:
+            planned = watermark.plan_token_mark(con, "source", [plan.manifest_entry() for plan in plans])
+        if planned is not None and "bit" not in token_table.column_names:
+            token_table = token_table.append_column("bit", watermark.token_bits(token_table.column("token").combine_chunks()))
+        con.register(TOKEN_TABLE, token_table)
         # NOTE: DuckDB's hash joins for the tokens do not keep the rows' order, and sorting them
         # back took about 40 % of the masking time in benchmarks/extract_build.py, so a masked
         # table's row order is not the warehouse order. Unchanged inputs are not rebuilt, so a
         # published table still changes only when its inputs change.
-        query = select_sql(plans, "source")
+        query = select_sql(plans, "source", planned[1] if planned is not None else None)
         sm3 = copy_with_sm3(con, query, target, parquet_options(metadata), work_dir)
     finally:
         con.close()
-    return plans, WrittenFile.of(target, sm3)
+    applied = watermark.applied_entry(table.name, planned[0]) if planned is not None else None
+    return plans, WrittenFile.of(target, sm3), applied
 
 
 def describe_parquet(path: Path) -> tuple[list[dict[str, str]], int]:
@@ -626,14 +641,17 @@ def _build_tables(settings: Settings, store: KeyStore, institution_code: str, so
                 continue
             metadata = watermark.parquet_metadata(table.name)
             if demo_file is not None:
-                plans, written = _mask_table(table, [demo_file], target, work_dir, classes, policy, token_key,
-                                             token_cache, metadata)
+                plans, written, applied = _mask_table(table, [demo_file], target, work_dir, classes, policy,
+                                                      token_key, token_cache, metadata, watermark=watermark)
                 plan_entries, periods = [plan.manifest_entry() for plan in plans], []
             else:
-                plan_entries, periods, written = _build_intake_table(
+                plan_entries, periods, written, applied = _build_intake_table(
                     store, institution_code, table, target, work_dir, classes, policy, token_key, inputs, token_cache,
-                    previous, previous_manifest, metadata)
-            table_watermark = watermark.mark_table(target, table.name, plan_entries)
+                    previous, previous_manifest, metadata, watermark)
+            if applied is not None:
+                table_watermark = applied
+            else:
+                table_watermark = watermark.mark_table(target, table.name, plan_entries)
             entry = _table_entry(table, plan_entries, target, fingerprint, partitions, written)
             entry["inputs_sm3"] = _digest(inputs)
             entry["watermark"] = table_watermark
@@ -659,23 +677,25 @@ def _delete_stale_work_dirs(work_root: Path) -> None:
 def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTable, target: Path, work_dir: Path,
                         classes: ColumnClasses, policy: MaskingPolicy, token_key: KeyVersion, inputs: dict,
                         token_cache: dict[bytes, bytes], previous: Path | None,
-                        previous_manifest: dict, metadata: Mapping[str, str],
-                        ) -> tuple[list[dict], list[str], WrittenFile]:
+                        previous_manifest: dict, metadata: Mapping[str, str], watermark: BuildWatermark,
+                        ) -> tuple[list[dict], list[str], WrittenFile, dict | None]:
     """Write the masked intake table to ``target``, masking only the periods that changed since the last build.
 
     Without a previous table built from the same policy, token key and classes, all partitions are
     masked in one pass. Otherwise the rows of unchanged periods are copied from the previous table,
     and only new or changed periods are decrypted and masked. Their rows follow the copied rows, so
-    a corrected period moves to the end of the table. Returns the column entries, the periods masked
-    and the table file with its SM3 as written.
+    a corrected period moves to the end of the table. Returns the column entries, the periods masked,
+    the table file with its SM3 as written, and the table's watermark entry when the data mark was
+    written with the masking (a table masked in one pass), else None.
     """
     prior = _prior_table(previous, previous_manifest, table.name, _digest(inputs))
     if prior is None:
         files, tokens = _decrypt_and_tokenise(store, institution_code, table, work_dir, classes, policy, token_key,
-                                              token_cache)
-        plans, written = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache, metadata,
-                                     tokens)
-        return [plan.manifest_entry() for plan in plans], [item.period or "" for item in table.partitions], written
+                                              token_cache, watermark)
+        plans, written, applied = _mask_table(table, files, target, work_dir, classes, policy, token_key, token_cache,
+                                              metadata, tokens, watermark)
+        periods = [item.period or "" for item in table.partitions]
+        return [plan.manifest_entry() for plan in plans], periods, written, applied
 
     prior_path, prior_entry = prior
     changed = tuple(item for item in table.partitions if item.manifest_entry() not in prior_entry["source"]["partitions"])
@@ -686,14 +706,14 @@ def _build_intake_table(store: KeyStore, institution_code: str, table: SourceTab
     if changed:
         files, tokens = _decrypt_and_tokenise(store, institution_code, replace(table, partitions=changed), work_dir,
                                               classes, policy, token_key, token_cache)
-        plans, _written = _mask_table(table, files, changed_file, work_dir, classes, policy, token_key, token_cache,
-                                      tokens=tokens)
+        plans, _written, _applied = _mask_table(table, files, changed_file, work_dir, classes, policy, token_key,
+                                                token_cache, tokens=tokens)
         for path in files:
             path.unlink(missing_ok=True)
         for plan in plans:
             entries.setdefault(plan.name, plan.manifest_entry())
     sm3 = merge_periods(prior_path, kept, changed_file if changed else None, target, work_dir, metadata)
-    return list(entries.values()), [item.period or "" for item in changed], WrittenFile.of(target, sm3)
+    return list(entries.values()), [item.period or "" for item in changed], WrittenFile.of(target, sm3), None
 
 
 def _digest(document: dict) -> str:

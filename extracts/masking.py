@@ -15,7 +15,7 @@ import fcntl
 import os
 import secrets
 import threading
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -177,21 +177,51 @@ def column_expression(plan: ColumnPlan, source: str, token_alias: str | None, *,
     return f"{expression} AS {name}"
 
 
-def select_sql(plans: Iterable[ColumnPlan], relation: str) -> str:
+@dataclass(frozen=True)
+class CarrierMark:
+    """A kept column that :func:`select_sql` writes with a watermark's data mark in the same query.
+
+    Each row's bit is the ``bit`` column of the token table (:data:`TOKEN_TABLE`) row joined for
+    ``key_column``, a token column. ``helpers(carrier)`` returns the SQL of values that the inner
+    projection computes once per row from the carrier value. ``expression(carrier, bit, helpers)``
+    returns the SQL of the marked value from the SQL of the carrier value, the bit and the helper
+    columns. (The marked value refers to each helper several times inside a CASE, where DuckDB
+    computed it again for each reference.)
+    """
+
+    key_column: str
+    carrier: str
+    helpers: Callable[[str], list[str]]
+    expression: Callable[[str, str, list[str]], str]
+
+
+def select_sql(plans: Iterable[ColumnPlan], relation: str, mark: CarrierMark | None = None) -> str:
     """Return the SELECT of the masked table over ``relation`` with one token join per token column.
 
     An inner projection computes the trimmed text of every masked column once, and for bands its
     decimal value. The mask expressions above it refer to the value several times, so computing it
-    per reference cost about 3× the CPU time for bands in benchmarks/extract_build.py.
+    per reference cost about 3× the CPU time for bands in benchmarks/extract_build.py. With ``mark``
+    the carrier column is written marked, with the bit from its key column's token join.
     """
+    plans = list(plans)
+    aliases = {plan.name: f"t{index}" for index, plan in enumerate(plans) if plan.treatment == "token"}
     inner: list[str] = ["src.*"]
     expressions: list[str] = []
     joins: list[str] = []
     for index, plan in enumerate(plans):
         source = f"src.{quote_identifier(plan.name)}"
         alias = value = amount = None
+        if mark is not None and plan.name == mark.carrier:
+            helpers = []
+            for number, helper in enumerate(mark.helpers(source)):
+                helper_name = quote_identifier(f"{HELPER_PREFIX}c{index}_{number}")
+                inner.append(f"{helper} AS {helper_name}")
+                helpers.append(f"src.{helper_name}")
+            marked = mark.expression(source, aliases[mark.key_column] + ".bit", helpers)
+            expressions.append(f"{marked} AS {quote_identifier(plan.name)}")
+            continue
         if plan.treatment == "token":
-            alias = f"t{index}"
+            alias = aliases[plan.name]
             joins.append(f"LEFT JOIN {TOKEN_TABLE} AS {alias} ON {alias}.value = {_text(source)}")
         elif plan.treatment != "drop" and not (plan.treatment == "keep" and plan.quasi_identifier is None):
             value_name = quote_identifier(f"{HELPER_PREFIX}v{index}")
@@ -270,6 +300,8 @@ class TokenDictionary:
         self._cache = {} if cache is None else cache
         self._values: list[pa.Array] = []
         self._tokens: list[pa.Array] = []
+        self._bit_function: Callable[[pa.Array], pa.Array] | None = None
+        self._bits: list[pa.Array] = []
         # The values added so far live in a table of the dictionary's own connection. Spilled raw
         # values may only go to a private folder, so without one the connection does not spill.
         self._con = duckdb.connect(":memory:")
@@ -300,6 +332,19 @@ class TokenDictionary:
         if len(values):
             self._values.append(values)
             self._tokens.append(_hex_strings(self._digests(values), len(values)))
+            if self._bit_function is not None:
+                self._bits.append(self._bit_function(self._tokens[-1]))
+
+    def compute_bits(self, function: Callable[[pa.Array], pa.Array]) -> None:
+        """Give :meth:`table` a ``bit`` column: ``function(tokens)`` (int8) of the tokens added so far and of each later batch.
+
+        The bits of a watermark's data mark (:meth:`extracts.watermark.BuildWatermark.token_bits`) are
+        then computed batch by batch, while the next partitions are decrypted.
+        """
+        if self._bit_function is not None:
+            return  # Called for each batch: the first call's function stays.
+        self._bit_function = function
+        self._bits = [function(tokens) for tokens in self._tokens]
 
     def _digests(self, values: pa.Array) -> bytes:
         """Return the tokens of ``values`` (distinct strings) as one buffer of :data:`TOKEN_SIZE`-byte tokens."""
@@ -332,10 +377,11 @@ class TokenDictionary:
         self._con.close()
 
     def table(self) -> pa.Table:
-        """Return the (value, token) table of every value added, each value once."""
-        if not self._values:
-            return pa.table({"value": pa.array([], pa.string()), "token": pa.array([], pa.string())})
-        return pa.table({"value": pa.chunked_array(self._values), "token": pa.chunked_array(self._tokens)})
+        """Return the (value, token) table of every value added, each value once, and ``bit`` after :meth:`compute_bits`."""
+        columns = {"value": pa.chunked_array(self._values, pa.string()), "token": pa.chunked_array(self._tokens, pa.string())}
+        if self._bit_function is not None:
+            columns["bit"] = pa.chunked_array(self._bits, pa.int8())
+        return pa.table(columns)
 
 
 def token_dictionary(con: duckdb.DuckDBPyConnection, relation: str, columns: list[str], key: bytes,

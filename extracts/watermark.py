@@ -86,12 +86,13 @@ from decimal import Decimal, InvalidOperation
 from pathlib import Path
 
 import duckdb
+import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
 from cryptography.hazmat.primitives import hashes
 from cryptography.hazmat.primitives import hmac as crypto_hmac
 
-from extracts.masking import parquet_options, quote_identifier, quote_literal
+from extracts.masking import CarrierMark, parquet_options, quote_identifier, quote_literal
 from regsandbox_core.crypto import hmac_sm3
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.files import atomic_output, atomic_path, make_private_dirs
@@ -206,6 +207,21 @@ class KeyedBits:
             return self.institution_bit(institution, key_value)
         return self.build_bit(watermark_id, key_value)
 
+    def bits(self, institution: str, watermark_id: str, key_values: Iterable[bytes]) -> bytes:
+        """Return :meth:`bit` of each UTF-8 key value, one byte each, with less Python work per value."""
+        copy = self._mac.copy
+        role_prefix = b"role\x00"
+        prefixes = (f"institution\x00{institution}\x00".encode("utf-8"), f"build\x00{watermark_id}\x00".encode("utf-8"))
+        result = bytearray()
+        append = result.append
+        for value in key_values:
+            role = copy()
+            role.update(role_prefix + value)
+            mac = copy()
+            mac.update(prefixes[role.finalize()[0] & 1] + value)
+            append(mac.finalize()[0] & 1)
+        return bytes(result)
+
 
 def carrier_parity(text: str, scale: int) -> int | None:
     """Return the parity of the digit at ``10^-scale`` of a numeral's absolute value, or None for a non-numeral.
@@ -301,6 +317,49 @@ class BuildWatermark:
                     self.institution, self.id, spec.carrier, spec.key_column, spec.scale)
         return {"id": self.id, **spec.manifest_entry()}
 
+    def plan_token_mark(self, con: duckdb.DuckDBPyConnection, relation: str,
+                        columns: Sequence[dict]) -> tuple[CarrierSpec, CarrierMark] | None:
+        """Choose the carrier and key of a table before it is written from ``relation``, its unmasked rows.
+
+        A kept carrier has the same values in ``relation`` as in the table. A token column has as
+        many distinct values as its source column. So both are chosen as :meth:`mark_table` would
+        choose them in the written file. Returns None when the key is not a token column, which
+        happens only when the table has none: the caller then marks the written file with
+        :meth:`mark_table`. The bits come from the token table's ``bit`` column (:meth:`token_bits`).
+        """
+        types = dict(con.sql(f"SELECT column_name, column_type FROM (DESCRIBE SELECT * FROM {relation})").fetchall())
+        if _BIT_COLUMN in types:
+            raise WatermarkColumnReserved(
+                "WATERMARK_COLUMN_RESERVED",
+                f"数据表含有平台保留的列名 {_BIT_COLUMN}，无法生成数据提取。请联系平台管理员调整报表模板字段代码。",
+            )
+        tokens = {column["name"] for column in columns if column.get("treatment") == "token"}
+        if not tokens:
+            return None
+        # A token column is text in the written table, whatever its source type.
+        types.update({name: "VARCHAR" for name in tokens if name in types})
+        carrier, scale = _choose_carrier(con, types, columns, relation)
+        if carrier is None:
+            return None
+        key = _choose_key(con, types, columns, carrier, relation)
+        if key not in tokens:
+            return None
+        carrier_type = types[carrier]
+        return CarrierSpec(key, carrier, scale), CarrierMark(
+            key, carrier, lambda value: _mark_helpers(value, scale),
+            lambda value, bit, helpers: _marked_value(value, carrier_type, bit, *helpers))
+
+    def token_bits(self, tokens: pa.Array) -> pa.Array:
+        """Return the bit (int8) of each token as a row key, for the ``bit`` column of the token table."""
+        bits = KeyedBits(self.key).bits(self.institution, self.id, tokens.cast(pa.binary()).to_pylist())
+        return pa.array(np.frombuffer(bits, dtype=np.int8))
+
+    def applied_entry(self, table: str, spec: CarrierSpec) -> dict:
+        """Return the manifest entry of a table written with this watermark's data mark by ``spec``."""
+        logger.info("marked extract table %s of %s with watermark %s while masking it (carrier %s, key %s, scale %s)",
+                    table, self.institution, self.id, spec.carrier, spec.key_column, spec.scale)
+        return {"id": self.id, **spec.manifest_entry()}
+
     def _bits_table(self, con: duckdb.DuckDBPyConnection, spec: CarrierSpec) -> pa.Table:
         """Return the (key, bit) table of every distinct key value of rows with a carrier value."""
         key, carrier = quote_identifier(spec.key_column), quote_identifier(spec.carrier)
@@ -324,16 +383,16 @@ def _rewrite(con: duckdb.DuckDBPyConnection, path: Path, query: str, metadata: d
 
 def _choose_spec(con: duckdb.DuckDBPyConnection, types: dict[str, str], columns: Sequence[dict]) -> CarrierSpec | None:
     """Return the carrier and key of a table, or None when no column qualifies as carrier or key."""
-    carrier, scale = _choose_carrier(con, types, columns)
+    carrier, scale = _choose_carrier(con, types, columns, "source")
     if carrier is None:
         return None
-    key = _choose_key(con, types, columns, carrier)
+    key = _choose_key(con, types, columns, carrier, "source")
     return None if key is None else CarrierSpec(key, carrier, scale)
 
 
-def _choose_carrier(con: duckdb.DuckDBPyConnection, types: dict[str, str],
-                    columns: Sequence[dict]) -> tuple[str | None, int]:
-    """Return the kept amount column with the most numeral values whose one unit is <= 0.1 % of its median."""
+def _choose_carrier(con: duckdb.DuckDBPyConnection, types: dict[str, str], columns: Sequence[dict],
+                    relation: str) -> tuple[str | None, int]:
+    """Return the kept amount column of ``relation`` with the most numeral values whose one unit is <= 0.1 % of its median."""
     best: tuple[int, str, int] | None = None
     for column in columns:
         name = column["name"]
@@ -342,7 +401,7 @@ def _choose_carrier(con: duckdb.DuckDBPyConnection, types: dict[str, str],
         text = f"CAST({quote_identifier(name)} AS VARCHAR)"
         decimals = f"CASE WHEN strpos({text}, '.') > 0 THEN length({text}) - strpos({text}, '.') ELSE 0 END"
         numerals, scale, median = con.sql(
-            f"SELECT count(*), min({decimals}), median(abs(CAST({text} AS DOUBLE))) FROM source "
+            f"SELECT count(*), min({decimals}), median(abs(CAST({text} AS DOUBLE))) FROM {relation} "
             f"WHERE regexp_matches({text}, {quote_literal(_NUMERAL)})").fetchall()[0]
         if not numerals:
             continue
@@ -357,8 +416,8 @@ def _choose_carrier(con: duckdb.DuckDBPyConnection, types: dict[str, str],
 
 
 def _choose_key(con: duckdb.DuckDBPyConnection, types: dict[str, str], columns: Sequence[dict],
-                carrier: str) -> str | None:
-    """Return the token column with the most distinct values, else the text or integer column with the most."""
+                carrier: str, relation: str) -> str | None:
+    """Return the token column of ``relation`` with the most distinct values, else the text or integer column with the most."""
     def usable(column: dict) -> bool:
         name = column["name"]
         if name == carrier or name not in types or column.get("treatment") == "drop":
@@ -371,23 +430,36 @@ def _choose_key(con: duckdb.DuckDBPyConnection, types: dict[str, str], columns: 
     if not candidates:
         return None
     counts = con.sql("SELECT " + ", ".join(f"approx_count_distinct({quote_identifier(name)})" for name in candidates)
-                     + " FROM source").fetchall()[0]
+                     + f" FROM {relation}").fetchall()[0]
     best = max(range(len(candidates)), key=lambda index: (counts[index], -index))
     return candidates[best] if counts[best] > 1 else None
+
+
+def _mark_helpers(value: str, scale: int) -> list[str]:
+    """Return the SQL of the carrier's text, the position of its digit at ``10^-scale`` and that digit."""
+    text = f"CAST({value} AS VARCHAR)"
+    integer_digits = f"(CASE WHEN strpos({text}, '.') > 0 THEN strpos({text}, '.') - 1 ELSE length({text}) END)"
+    position = f"({integer_digits} + {scale + (1 if scale else 0)})"
+    return [text, position, f"TRY_CAST(substr({text}, {position}, 1) AS INTEGER)"]
+
+
+def _marked_value(value: str, carrier_type: str, bit: str, text: str, position: str, digit: str) -> str:
+    """Return the SQL of the carrier ``value`` with its digit at the position ``position`` of ``text`` set to the parity of ``bit``.
+
+    ``text``, ``position`` and ``digit`` are the SQL of :func:`_mark_helpers`, or of columns that hold it.
+    """
+    marked = (f"CAST(left({text}, {position} - 1) || CAST({digit} - {digit} % 2 + {bit} AS VARCHAR)"
+              f" || substr({text}, {position} + 1) AS {carrier_type})")
+    condition = (f"{bit} IS NOT NULL AND regexp_matches({text}, {quote_literal(_NUMERAL)}) "
+                 f"AND length({text}) >= {position}")
+    return f"CASE WHEN {condition} THEN {marked} ELSE {value} END"
 
 
 def _marked_sql(spec: CarrierSpec, carrier_type: str) -> str:
     """Return the SELECT that sets the carrier digit at ``10^-scale`` to the parity of each row's bit."""
     carrier = quote_identifier(spec.carrier)
-    text = f"CAST(src.{carrier} AS VARCHAR)"
-    integer_digits = f"(CASE WHEN strpos({text}, '.') > 0 THEN strpos({text}, '.') - 1 ELSE length({text}) END)"
-    position = f"({integer_digits} + {spec.scale + (1 if spec.scale else 0)})"
-    digit = f"CAST(substr({text}, {position}, 1) AS INTEGER)"
-    marked = (f"CAST(left({text}, {position} - 1) || CAST({digit} - {digit} % 2 + bits.bit AS VARCHAR)"
-              f" || substr({text}, {position} + 1) AS {carrier_type})")
-    condition = (f"bits.bit IS NOT NULL AND regexp_matches({text}, {quote_literal(_NUMERAL)}) "
-                 f"AND length({text}) >= {position}")
-    return (f"SELECT src.* REPLACE (CASE WHEN {condition} THEN {marked} ELSE src.{carrier} END AS {carrier}) "
+    marked = _marked_value(f"src.{carrier}", carrier_type, "bits.bit", *_mark_helpers(f"src.{carrier}", spec.scale))
+    return (f"SELECT src.* REPLACE ({marked} AS {carrier}) "
             f"FROM source AS src LEFT JOIN {_BITS_TABLE} AS bits "
             f"ON bits.key = CAST(src.{quote_identifier(spec.key_column)} AS VARCHAR)")
 

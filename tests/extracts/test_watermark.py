@@ -15,20 +15,24 @@ import polars as pl
 import pyarrow.parquet as pq
 import pytest
 
+from extracts import watermark as watermark_module
 from extracts.builder import build_institution, extract_dir
 from extracts.demo_data import DEMO_INSTITUTIONS
 from extracts.warehouse import read_partition
 from extracts.watermark import (
     METADATA_KEY,
     BuildWatermark,
+    KeyedBits,
     WatermarkKeyMissing,
     WatermarkRegistryInvalid,
     binomial_tail,
+    carrier_parity,
     identify_file,
     register_build,
     registry_dir,
 )
 from regsandbox_core.crypto import sm3_file
+from regsandbox_core.keystore import KeyVersion
 from regsandbox_core.platform_keys import open_keystore
 from regsandbox_core.settings import Settings
 from tests.extracts.conftest import masked_demo
@@ -303,6 +307,36 @@ def test_intake_tables_carry_their_ids(warehouse, tmp_path: Path) -> None:
     assert result.build is not None and result.build["build_id"] == first.build_id
 
 
+def test_full_build_marks_while_masking(warehouse, monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, _store, _raw = warehouse
+    rewrites: list[Path] = []
+    original = watermark_module._rewrite
+
+    def counting_rewrite(con, path, query, metadata):
+        rewrites.append(path)
+        return original(con, path, query, metadata)
+
+    monkeypatch.setattr(watermark_module, "_rewrite", counting_rewrite)
+    build_institution(settings, "bank_a", classes=CLASSES)
+    manifest = _manifest(settings, "bank_a")
+    loans = next(table for table in manifest["tables"] if table["name"] == "test_dkxx")
+    folder = extract_dir(settings, "bank_a")
+
+    # The loan table (token ZJHM, kept amount YE) got its data mark in the masking COPY.
+    assert loans["watermark"] == {"id": manifest["watermark"]["id"], "key_column": "ZJHM", "carrier": "YE",
+                                  "scale": 2, "max_change": "0.01"}
+    assert rewrites == []
+    assert sm3_file(folder / "test_dkxx.parquet") == loans["sm3"]
+    bits = KeyedBits(open_keystore(settings).current("platform", "token"))
+    marked = pl.read_parquet(folder / "test_dkxx.parquet")
+    assert marked.height == 6
+    for token, balance in zip(marked["ZJHM"].to_list(), marked["YE"].to_list()):
+        assert carrier_parity(balance, 2) == bits.bit("bank_a", manifest["watermark"]["id"], token), (token, balance)
+    result = _identify(settings, folder / "test_dkxx.parquet")
+    assert result.institution == "bank_a"
+    assert result.build is not None and result.build["build_id"] == manifest["build_id"]
+
+
 def _loan_table(path: Path, carrier_type: str) -> tuple[list[dict], list[str]]:
     """Write 600 loan rows with a text, decimal or integer balance and return their column entries and balances."""
     balances = [f"{10000 + number * 37}.{number % 100:02d}" for number in range(600)]
@@ -426,3 +460,14 @@ def test_cli_missing_file(demo_settings: Settings, tmp_path: Path) -> None:
     assert "IDENTIFY_FILE_NOT_FOUND" in result.stderr
     assert "absent.parquet" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+def test_bits_of_many_keys_match_bit() -> None:
+    key = KeyVersion("platform", "token", 1, bytes(range(32)))
+    bits = KeyedBits(key)
+    values = ["", "a", "甲乙", "0" * 32, "3f" * 16, *(f"{number:032x}" for number in range(200))]
+
+    many = bits.bits("bank_a", "wm1-0123456789abcdef", [value.encode("utf-8") for value in values])
+
+    assert list(many) == [bits.bit("bank_a", "wm1-0123456789abcdef", value) for value in values]
+    assert set(many) == {0, 1}
