@@ -308,8 +308,8 @@ def _report(arguments: argparse.Namespace, results: dict, load_before: tuple, lo
         f"- Command: `.venv/bin/python benchmarks/extract_rebuild.py --institutions {arguments.institutions} "
         f"--customers {arguments.customers} --periods {arguments.periods}`",
         f"- Date: {results['date']}",
-        f"- Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after the run. Other work "
-        "(test runs of other developers) shared the machine, so the figures are from one loaded run, not a best of several.",
+        f"- Load average (1 min) {load_before[0]:.1f} before and {load_after[0]:.1f} after the run. The figures are "
+        "from one run, not a best of several.",
         "",
         f"The warehouse holds {count} institutions × 4 templates × {arguments.periods} monthly periods = "
         f"{prepare['partitions']:,} encrypted partitions with {total_rows:,} rows. Rows per institution and period: "
