@@ -389,8 +389,10 @@ def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceT
     carry its data mark, the tokens' bits are computed the same way.
     """
     files: list[Path] = []
-    tokens = TokenDictionary(token_key.key, token_cache, work_dir / "spill")
     con = duckdb.connect(":memory:")
+    # Spilled intermediate results contain raw values, so they stay in the private work folder.
+    con.sql(f"SET temp_directory={quote_literal(str(work_dir / 'spill'))}")
+    tokens = TokenDictionary(token_key.key, con, token_cache)
     try:
         for batch in decrypted_batches(store, institution_code, table, work_dir):
             files.extend(batch)
@@ -399,8 +401,8 @@ def _decrypt_and_tokenise(store: KeyStore, institution_code: str, table: SourceT
                 tokens.compute_bits(watermark.token_bits)
             tokens.add(_source_sql(batch), [plan.name for plan in plans if plan.treatment == "token"])
     finally:
-        con.close()
         tokens.close()
+        con.close()
     return files, tokens
 
 
@@ -425,9 +427,9 @@ def _mask_table(table: SourceTable, files: list[Path], target: Path, work_dir: P
         con.sql(f"CREATE VIEW source AS SELECT * FROM {_source_sql(files)}")
         plans = _plan(table, columns, classes, policy)
         if tokens is None:
-            tokens = TokenDictionary(token_key.key, token_cache, work_dir / "spill")
+            tokens = TokenDictionary(token_key.key, con, token_cache)
             try:
-                tokens.add("source", [plan.name for plan in plans if plan.treatment == "token"], con)
+                tokens.add("source", [plan.name for plan in plans if plan.treatment == "token"])
             finally:
                 tokens.close()
         token_table = tokens.table()

@@ -41,22 +41,22 @@ def test_dictionary_added_in_parts_tokenises_each_value_once() -> None:
     # A token computed under another key for E5 is in the cache passed to the first table only.
     cache = {"E5".encode(): bytes(TOKEN_SIZE)}
 
-    fresh = TokenDictionary(key)
-    fresh.add("first", ["id", "card"], con)
-    fresh.add("second", ["id"], con)
-    fresh.add("second", [], con)
+    fresh = TokenDictionary(key, con)
+    fresh.add("first", ["id", "card"])
+    fresh.add("second", ["id"])
+    fresh.add("second", [])
     table = fresh.table().to_pylist()
 
     assert sorted(row["value"] for row in table) == ["A1", "B2", "C3", "D4", "E5", "甲6"]
     assert all(row["token"] == keyed_token(key, row["value"]) for row in table)
     assert all(len(row["token"]) == 2 * TOKEN_SIZE for row in table)
 
-    cached = TokenDictionary(other, cache)
-    cached.add("second", ["id"], con)
+    cached = TokenDictionary(other, con, cache)
+    cached.add("second", ["id"])
     rows = {row["value"]: row["token"] for row in cached.table().to_pylist()}
     assert rows == {"B2": keyed_token(other, "B2"), "E5": "00" * TOKEN_SIZE, "甲6": keyed_token(other, "甲6")}
     assert cache["B2".encode()] == bytes.fromhex(keyed_token(other, "B2"))
-    assert TokenDictionary(key).table().num_rows == 0
+    assert TokenDictionary(key, con).table().num_rows == 0
 
 
 def test_demo_extract_token_found(demo_settings: Settings) -> None:
