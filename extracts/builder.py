@@ -99,7 +99,7 @@ from extracts.warehouse import APPLICATIONS_TABLE, partition_key_label, warehous
 from extracts.watermark import SCHEME as WATERMARK_SCHEME
 from extracts.watermark import BuildWatermark, active_watermark_key, register_build
 from intake.warehouse import PERIOD_COLUMN
-from regsandbox_core.crypto import sm3_file, sm3_hex
+from regsandbox_core.crypto import TOKEN_SCHEME, sm3_file, sm3_hex
 from regsandbox_core.errors import RegsandboxError
 from regsandbox_core.files import atomic_output
 from regsandbox_core.keystore import KIND_SIGNING, KIND_TOKEN, PLATFORM_OWNER, KeyStore, KeyVersion, NoActiveKey
@@ -319,7 +319,7 @@ def _inputs(table: SourceTable, classes: ColumnClasses, policy: MaskingPolicy, t
     )
     # "unclassified": tables built before unclassified columns were rejected are masked again once.
     return {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "classes": table_classes,
-            "unclassified": "rejected", "watermark": WATERMARK_SCHEME}
+            "unclassified": "rejected", "watermark": WATERMARK_SCHEME, "token": TOKEN_SCHEME}
 
 
 def _fingerprint(inputs: dict, partitions: list[dict]) -> str:
@@ -546,6 +546,7 @@ def _build_feature_table(features: CrossInstitutionFeatures, institution_code: s
         )
     plans = features.column_plans(classes, policy)
     inputs = {"format": MANIFEST_FORMAT, "policy": policy.sm3, "token_key": token_key.label, "watermark": WATERMARK_SCHEME,
+              "token": TOKEN_SCHEME,
               **features.fingerprint_inputs(plans)}
     fingerprint = _digest(inputs)
     reused = _reuse(previous, previous_manifest, FEATURES_TABLE, fingerprint, target)

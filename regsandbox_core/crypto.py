@@ -40,6 +40,11 @@ as the least to keep. Written as 32 hex digits. A collision among 10^9 values ha
 10^-21, and extracts store and join half the bytes of the full digest."""
 
 
+TOKEN_SCHEME = "hmac-sm3-128-hex"
+"""Name of the token format of :func:`keyed_token`. Extract tables record it among their inputs, so a
+table with tokens of another format (64 hex digits before 2026-12-05) is masked again, never merged."""
+
+
 def keyed_token(key: bytes, value: str) -> str:
     """Return the token of a personal identifier: HMAC-SM3 under the institution's key, truncated to :data:`TOKEN_SIZE` bytes, hex.
 

@@ -319,6 +319,25 @@ def test_new_period_rebuilds_only_its_table(warehouse, tmp_path: Path) -> None:
     assert first.folder.is_dir()
 
 
+def test_other_token_format_masks_every_table_again(warehouse, tmp_path: Path,
+                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    settings, store, _raw = warehouse
+    # A build made when tokens had another format (as 64 hex digits before 2026-12-05).
+    monkeypatch.setattr("extracts.builder.TOKEN_SCHEME", "hmac-sm3-256-hex")
+    build_institution(settings, "bank_a", classes=CLASSES)
+    monkeypatch.undo()
+    _load(settings, store, tmp_path, "bank_a", LOANS, LOAN_FIELDS, [_loan("bank_a", 7, "123")], FEBRUARY, 31)
+
+    outcome = build_institution(settings, "bank_a", classes=CLASSES)
+
+    # The loans are masked again in full instead of merged with the table of the older format.
+    rebuilt = {table.name: (table.rebuilt, table.periods_rebuilt) for table in outcome.tables}
+    assert rebuilt == {"test_khxx": (True, ("20250131",)), "test_dkxx": (True, ("20250131", "20250228"))}
+    key = store.current("bank_a", "token").key
+    assert {row["ZJHM"] for row in _table(settings, "bank_a", "test_dkxx")} == {
+        keyed_token(key, _person("bank_a", number)["ZJHM"]) for number in (0, 1, 2, 3, 4, 5, 7)}
+
+
 def test_changed_class_rebuilds_table(warehouse) -> None:
     settings, _store, _raw = warehouse
     build_institution(settings, "bank_a", classes=CLASSES)
