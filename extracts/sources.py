@@ -175,21 +175,23 @@ def decrypt_intake(store: KeyStore, institution_code: str, table: SourceTable, w
 
 def decrypted_batches(store: KeyStore, institution_code: str, table: SourceTable,
                       work_dir: Path) -> Iterator[list[Path]]:
-    """Yield the decrypted files of the partitions of ``table`` in order, in batches, while a worker thread decrypts the rest.
+    """Yield the decrypted file of the first partition of ``table``, then those of all others, in order.
 
-    The worker decrypts one partition after another without waiting for the caller, so the
-    caller's work on a batch (DuckDB, which releases the GIL, and hashing in Python) overlaps with
-    the decryption of the partitions after it. Each batch holds the next file and every later one
-    already decrypted, so a caller that falls behind catches up with fewer, larger steps. All files
-    are written to ``work_dir`` anyway, so running ahead costs no memory. The first failure is
-    raised when its partition is reached; partitions not yet started are then cancelled, and
-    ``work_dir`` (which the caller deletes) keeps the files decrypted before.
+    A worker thread decrypts one partition after another without waiting for the caller. So the
+    caller's work on the first file (DuckDB, which releases the GIL, and hashing in Python)
+    overlaps with the decryption of the others. The first partition usually holds most of a
+    table's distinct customers, and one step for all the others cost less than one per partition
+    in benchmarks/extract_build.py. All files are written to ``work_dir`` anyway, so running ahead
+    costs no memory. The first failure is raised when its batch is reached; partitions not yet
+    started are then cancelled, and ``work_dir`` (which the caller deletes) keeps the files
+    decrypted before.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-decrypt") as pool:
         pending = deque(pool.submit(decrypt_partition, store, institution_code, table, partition, work_dir)
                         for partition in table.partitions)
         try:
-            yield [pending.popleft().result()]
+            if pending:
+                yield [pending.popleft().result()]
             if pending:
                 yield [pending.popleft().result() for _ in range(len(pending))]
         finally:

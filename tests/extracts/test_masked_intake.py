@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from dataclasses import replace
 from datetime import date
 from pathlib import Path
 
@@ -22,7 +23,7 @@ from extracts.builder import (
 )
 from extracts.policy import PolicyNotApproved, approve_policy, load_policy
 from extracts.publish import builds_dir
-from extracts.sources import ExtractSourceError, intake_tables
+from extracts.sources import ExtractSourceError, decrypt_intake, intake_tables
 from intake.warehouse import load_submission
 from regsandbox_core.crypto import keyed_token
 from regsandbox_core.keystore import KeyStore
@@ -520,3 +521,10 @@ def test_stale_work_folder_deleted(warehouse) -> None:
     assert not stale.exists()
     assert recent.is_dir()
     assert sorted(path.name for path in settings.warehouse_dir.glob(".extract-work-*")) == [".extract-work-running"]
+
+
+def test_table_without_partitions_decrypts_nothing(warehouse, tmp_path: Path) -> None:
+    settings, store, _raw = warehouse
+    (loans,) = [table for table in intake_tables(settings, "bank_a") if table.catalog_table == LOANS]
+    assert decrypt_intake(store, "bank_a", replace(loans, partitions=()), tmp_path) == []
+    assert [path.name for path in decrypt_intake(store, "bank_a", loans, tmp_path)] == ["test_dkxx.20250131.parquet"]
