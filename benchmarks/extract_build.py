@@ -339,13 +339,13 @@ def _report(arguments: argparse.Namespace, results: dict, load_before: tuple, lo
         "around expressions that keep NULL anyway, no capture group in the address pattern, and one test for "
         "a compound surname instead of three. On 10,000,000 own addresses the address generalisation went from "
         "4.1 to about 1.9 CPU seconds, the read included.",
-        "  - From earlier sessions: each masked column's trimmed text, and a band's decimal value, are computed "
+        "  - Already in the 50 % figure: each masked column's trimmed text, and a band's decimal value, are computed "
         "once in an inner projection; the tokens' hex strings are built in Arrow from one buffer.",
         f"- (b′) reaches {rows / carrier['seconds'] / bare_rate:.0%} of (a). When a kept amount column qualifies as "
         f"carrier ({carrier['carrier']} here) and the key is a token column, the masking COPY writes the data mark "
         "too. It costs two HMAC-SM3 per token in Python (computed batch by batch during the decryption), a scan "
-        "of the carrier for its scale and median, and the marked value in the COPY. Before this session the "
-        "watermark step wrote such a table a second time: (b′) took 36.4 s (35 %) in the run before the change. "
+        "of the carrier for its scale and median, and the marked value in the COPY. Before the data mark moved "
+        "into the COPY, the watermark step wrote such a table a second time: (b′) took 36.4 s (35 %) in that run. "
         "A table merged from the previous build and changed periods is still marked after it is written.",
         "- The rebuild of one changed period for 400 institutions is measured in the section `extract_rebuild`.",
         "- The rebuild masks one period but copies the nine unchanged periods from the previous table, which "
