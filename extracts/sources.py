@@ -179,9 +179,9 @@ def decrypted_batches(store: KeyStore, institution_code: str, table: SourceTable
 
     A worker thread decrypts one partition after another without waiting for the caller. So the
     caller's work on the first file (DuckDB, which releases the GIL, and hashing in Python)
-    overlaps with the decryption of the others. The first partition usually holds most of a
-    table's distinct customers, and one step for all the others cost less than one per partition
-    in benchmarks/extract_build.py. All files are written to ``work_dir`` anyway, so running ahead
+    overlaps with the decryption of the others. The first partition usually contains most of a
+    table's distinct customers. One step for all the others cost less than one per partition in
+    benchmarks/extract_build.py. All files are written to ``work_dir`` anyway, so running ahead
     costs no memory. The first failure is raised when its batch is reached; partitions not yet
     started are then cancelled, and ``work_dir`` (which the caller deletes) keeps the files
     decrypted before.

@@ -501,7 +501,8 @@ def test_damaged_partition_publishes_nothing(warehouse, tmp_path: Path) -> None:
         build_institution(settings, "bank_a", classes=CLASSES)
 
     assert caught.value.code == "EXTRACT_PARTITION_UNREADABLE"
-    assert "20250228" in caught.value.message and "原有提取保持不变" in caught.value.message
+    assert "20250228" in caught.value.message
+    assert "原有提取保持不变" in caught.value.message
     assert not extract_dir(settings, "bank_a").exists()
     assert not list(settings.warehouse_dir.glob(".extract-work-*"))
 
