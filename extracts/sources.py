@@ -182,9 +182,9 @@ def decrypted_batches(store: KeyStore, institution_code: str, table: SourceTable
     overlaps with the decryption of the others. The first partition usually contains most of a
     table's distinct customers. One step for all the others cost less than one per partition in
     benchmarks/extract_build.py. All files are written to ``work_dir`` anyway, so running ahead
-    costs no memory. The first failure is raised when its batch is reached; partitions not yet
-    started are then cancelled, and ``work_dir`` (which the caller deletes) keeps the files
-    decrypted before.
+    costs no memory. The first failure is raised when its batch is reached. Partitions not yet
+    started are then cancelled. The files decrypted before stay in ``work_dir``, which the caller
+    deletes.
     """
     with ThreadPoolExecutor(max_workers=1, thread_name_prefix="extract-decrypt") as pool:
         pending = deque(pool.submit(decrypt_partition, store, institution_code, table, partition, work_dir)

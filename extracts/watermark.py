@@ -365,9 +365,8 @@ class BuildWatermark:
         key, carrier = quote_identifier(spec.key_column), quote_identifier(spec.carrier)
         values = con.sql(f"SELECT DISTINCT CAST({key} AS VARCHAR) AS key FROM source "
                          f"WHERE {key} IS NOT NULL AND {carrier} IS NOT NULL").to_arrow_table().column("key").to_pylist()
-        bits = KeyedBits(self.key)
-        return pa.table({"key": pa.array(values, pa.string()),
-                         "bit": pa.array([bits.bit(self.institution, self.id, value) for value in values], pa.int8())})
+        bits = KeyedBits(self.key).bits(self.institution, self.id, [value.encode("utf-8") for value in values])
+        return pa.table({"key": pa.array(values, pa.string()), "bit": pa.array(np.frombuffer(bits, dtype=np.int8))})
 
 
 def _has_metadata(path: Path, metadata: dict[str, str]) -> bool:
