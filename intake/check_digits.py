@@ -7,9 +7,10 @@ functions here compute the same test with numpy over a whole DuckDB vector (Arro
 time, for about a quarter of that. :func:`register` adds them to a connection, and the
 validator's direct scan of a text file uses them.
 
-Each function returns true exactly when the SQL test would for a value of 18 ASCII characters
-of the code's alphabet. The validator always tests the length and pattern first, so for other
-values the result only has to be false or NULL, never an error.
+Each check digit function returns true exactly when the SQL test would for a value of 18 ASCII
+characters of the code's alphabet. The validator tests the length and pattern first, so for other
+values the result only has to be false or NULL, never an error. :data:`USCC_VALID_FUNCTION` tests
+the pattern as well, so a scan needs neither a length test nor a regular expression before it.
 """
 
 from __future__ import annotations
@@ -18,9 +19,12 @@ import duckdb
 import numpy as np
 import pyarrow as pa
 
-__all__ = ["RESIDENT_ID_FUNCTION", "USCC_FUNCTION", "register", "resident_id_ok", "uscc_ok"]
+__all__ = [
+    "RESIDENT_ID_FUNCTION", "USCC_FUNCTION", "USCC_VALID_FUNCTION", "register", "resident_id_ok", "uscc_ok", "uscc_valid",
+]
 
 USCC_FUNCTION = "rs_uscc_check_digit_ok"
+USCC_VALID_FUNCTION = "rs_uscc_valid"
 RESIDENT_ID_FUNCTION = "rs_resident_id_check_digit_ok"
 
 _WIDTH = 18
@@ -74,6 +78,20 @@ def uscc_ok(array: pa.Array) -> pa.Array:
     return _result(array, rows, good)
 
 
+def uscc_valid(array: pa.Array) -> pa.Array:
+    """Return whether each value matches ``[0-9]{8}[0-9A-HJ-NP-RTUW-Y]{10}`` and ends with its check character.
+
+    Any other value, a text of other than 18 bytes included, gives false (NULL for NULL).
+    """
+    rows, matrix = _fixed_width(array)
+    values = _USCC_VALUES[matrix]
+    values[:, :8] = _DIGIT_VALUES[matrix[:, :8]]
+    # One character outside its alphabet adds at most -10,000; all the others at most 30 × 305.
+    total = values[:, :17] @ _USCC_WEIGHTS
+    good = (total >= 0) & (values[:, 17] == (31 - total % 31) % 31)
+    return _result(array, rows, good)
+
+
 def resident_id_ok(array: pa.Array) -> pa.Array:
     """Return whether each 居民身份证号码 ends with the check character of its first 17 digits (GB 11643-1999)."""
     rows, matrix = _fixed_width(array)
@@ -85,6 +103,7 @@ def resident_id_ok(array: pa.Array) -> pa.Array:
 
 def register(con: duckdb.DuckDBPyConnection) -> None:
     """Add the check digit functions to ``con`` (VARCHAR → BOOLEAN, NULL for NULL)."""
-    for name, function in ((USCC_FUNCTION, uscc_ok), (RESIDENT_ID_FUNCTION, resident_id_ok)):
+    for name, function in ((USCC_FUNCTION, uscc_ok), (USCC_VALID_FUNCTION, uscc_valid),
+                           (RESIDENT_ID_FUNCTION, resident_id_ok)):
         con.create_function(name, function, [duckdb.sqltype("VARCHAR")], duckdb.sqltype("BOOLEAN"),
                             type="arrow", side_effects=False)

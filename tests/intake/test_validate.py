@@ -729,7 +729,13 @@ def test_uscc_sql_matches_stdnum() -> None:
         valid.append(body + uscc.calc_check_digit(body))
     values = valid + [_corrupt(rng, value, alphabet + "IOSVZ") for value in valid]
     values += ["91110000600037341L", "91110000600037341l", "A1110000600037341L", ""]
-    expected = [uscc.is_valid(value) and value == value.upper() and " " not in value and "-" not in value for value in values]
+    # a letter among the first 8 characters with a matching check character; 18 bytes that are not 18 characters
+    letter_body = "9111000A600037341"
+    values += [letter_body + uscc.calc_check_digit(letter_body), "é110000600037341L", "９1110000600037341L"]
+    expected = [
+        uscc.is_valid(value) and value.isascii() and value == value.upper() and " " not in value and "-" not in value
+        for value in values
+    ]
     assert _sql_results("uscc", values) == expected
     assert sum(expected) >= 1500
 
