@@ -1631,6 +1631,7 @@ class _TextRun(_Run):
 
     def scan(self) -> None:
         carried = self.carried_codes()
+        pre_typed = {code for code in carried if self.template.field(code).type in ("integer", "decimal", "date")}
         fail = " OR ".join(check.fail for check in self.scan_checks) or "false"
 
         masks = []
@@ -1656,6 +1657,8 @@ class _TextRun(_Run):
         columns = [
             _q(LINE_COLUMN),
             *(f"coalesce({_q(code)}, '') AS {_q(code)}" for code in carried),
+            # The scan computed their typed values for its checks; keeping them spares the later steps a second parse.
+            *(self.fields.typed(code) for code in carried if code in pre_typed),
             *masks,
             f"CASE WHEN __bad THEN {raw} END AS __raw",
             *failed,
@@ -1690,7 +1693,7 @@ class _TextRun(_Run):
             found = self.fetch(f"SELECT count(*) FROM bad WHERE {other}")[0][0]
             if found:
                 raise _DirectTextRejected(f"{found} failing rows contain other than ASCII in a normalised field")
-        self.sql(f"CREATE VIEW typed AS {self.fields.typed_select('scan', carried)}")
+        self.sql(f"CREATE VIEW typed AS {self.fields.typed_select('scan', [c for c in carried if c not in pre_typed])}")
         self.rows = int(rows)
 
     def row_checks(self) -> None:
@@ -1737,15 +1740,14 @@ class _TextRun(_Run):
         sums = [
             f"sum(({_q(f'__present_{index // _MASK_BITS}')} >> {index % _MASK_BITS}) & 1)" for index in range(len(flagged))
         ]
-        empty = [f"count(*) FILTER (WHERE {self.fields.empty(code)})" for code in self.codes if code not in counted]
-        values = dict(zip(flagged, self.fetch(f"SELECT count(*), {', '.join(sums)} FROM scan")[0][1:], strict=True)) \
-            if flagged else {}
-        if empty:
-            row = self.fetch(f"SELECT {', '.join(empty)} FROM bad")[0]
-            missing = iter(row)
-            for code in self.codes:
-                if code not in counted:
-                    values[code] = self.rows - next(missing)
+        values: dict[str, int] = {}
+        if flagged:
+            values.update(zip(flagged, self.fetch(f"SELECT {', '.join(sums)} FROM scan")[0], strict=True))
+        required = [code for code in self.codes if code not in counted]
+        if required:
+            empty = ", ".join(f"count(*) FILTER (WHERE {self.fields.empty(code)})" for code in required)
+            row = self.fetch(f"SELECT {empty} FROM bad")[0]
+            values.update((code, self.rows - missing) for code, missing in zip(required, row, strict=True))
         return {code: int(values[code] or 0) for code in self.codes}
 
 
