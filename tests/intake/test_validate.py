@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import csv
+import itertools
 import random
 from collections.abc import Iterable, Mapping
 from datetime import date
@@ -24,6 +25,9 @@ from intake.validate import (
     FINDINGS_SCHEMA,
     ValidationContext,
     ValidationResult,
+    _date_sql,
+    _multi_codes_pattern,
+    _part_sizes,
     check_sql,
     memory_bytes,
     validate_staged,
@@ -754,6 +758,65 @@ def test_bank_card_sql_matches_luhn() -> None:
 def test_mobile_sql() -> None:
     values = ["13812345678", "19912345678", "12812345678", "1381234567", "138123456789", "2381234567a", ""]
     assert _sql_results("mobile", values) == [True, True, False, False, False, False, False]
+
+
+def _differing(values: list[str], fast: str, exact: str) -> list[tuple[str, bool, bool]]:
+    """Return the values of ``values`` (column ``x``) where the SQL tests ``fast`` and ``exact`` disagree."""
+    con = duckdb.connect()
+    try:
+        con.register("v", pa.table({"x": values}))
+        return con.sql(
+            f"SELECT x, coalesce({fast}, false) AS a, coalesce({exact}, false) AS b FROM v WHERE a <> b"
+        ).fetchall()
+    finally:
+        con.close()
+
+
+def test_date_sql_matches_digit_pattern() -> None:
+    # try_strptime accepts some texts other than 8 digits ("2026113 "); none of them passes the byte
+    # length test unless whitespace is at an edge, which parsing and the byte screen rule out.
+    others = [" ", "\t", "+", "-", ".", ",", ":", "/", "T", "e", "_", "\u00a0", "é", "１", "\u3000"]
+    values = set()
+    for base in ("20261130", "20240229", "20230229", "00000101", "99999999"):
+        for count in (1, 2):
+            for positions in itertools.combinations(range(8), count):
+                for chars in itertools.product(others, repeat=count):
+                    text = list(base)
+                    for position, char in zip(positions, chars, strict=True):
+                        text[position] = char
+                    values.add("".join(text))
+        for cut in range(1, 8):
+            values.update({base[:cut], base[:cut] + " " + base[cut:], base[:cut] + base[cut + 1 :], base + base[:cut]})
+    values = sorted(value for value in values if value == value.strip())
+    assert len(values) > 25_000
+    exact = "(regexp_full_match(x, '[0-9]{8}') AND try_strptime(x, '%Y%m%d') IS NOT NULL)"
+    assert _differing(values, f"({_date_sql('x')} IS NOT NULL)", exact) == []
+
+
+def test_multi_code_pattern_matches_split() -> None:
+    codes = ["01", "02", "a.b", "(x)", "中", "09"]
+    pattern = _multi_codes_pattern(codes)
+    assert pattern is not None
+    pieces = [*codes, "", "03", "a", "ab", "0", "010", "a.bb", "x"]
+    values = sorted({";".join(parts) for count in (1, 2, 3) for parts in itertools.product(pieces, repeat=count)})
+    allowed = ", ".join("'" + code + "'" for code in codes)
+    split = f"list_bool_and(list_transform(string_split(x, ';'), lambda e: coalesce(e IN ({allowed}), false)))"
+    escaped = pattern.replace("'", "''")
+    assert _differing(values, f"regexp_full_match(x, '{escaped}')", split) == []
+    assert _multi_codes_pattern(["01", "0;2"]) is None
+    assert _multi_codes_pattern([]) is None
+
+
+def test_part_sizes_balance_skipping() -> None:
+    assert _part_sizes(1_000_000, 1, 0.1) == [1_000_000]
+    two = _part_sizes(1_000_000, 2, 0.1)
+    assert sum(two) == 1_000_000
+    # each part costs its lines plus a tenth of the lines it skips
+    assert abs(two[0] - (two[1] + 0.1 * two[0])) <= 2
+    four = _part_sizes(1_000_003, 4, 0.1)
+    assert sum(four) == 1_000_003
+    assert four == sorted(four, reverse=True)
+    assert _part_sizes(3, 3, 0.1) == [1, 1, 1]
 
 
 def test_memory_bytes_units() -> None:
