@@ -1609,10 +1609,13 @@ class _TextRun(_Run):
         """
         guarded = set()
         for check in self.checks:
-            if getattr(check.rule, "when", None) is not None:
+            rule, item = check.rule, check.field
+            if getattr(rule, "when", None) is not None:
                 continue
-            if check.rule.kind == "code_list" or (check.rule.kind == "format" and check.field.type in ("integer", "decimal", "date")):
-                guarded.add(check.field.code)
+            if rule.kind == "code_list" or (rule.kind == "format" and item.type in ("integer", "decimal", "date")):
+                guarded.add(item.code)
+            elif rule.kind == "format" and _format_needs_ascii(rule, item):
+                guarded.add(item.code)
         return [code for code in self.normalised if code not in guarded]
 
     def source(self) -> str:
@@ -1773,6 +1776,71 @@ class _TextRun(_Run):
             row = self.fetch(f"SELECT {empty} FROM bad")[0]
             values.update((code, self.rows - missing) for code, missing in zip(required, row, strict=True))
         return {code: int(values[code] or 0) for code in self.codes}
+
+
+def _format_needs_ascii(rule: FormatRule, item: TemplateField) -> bool:
+    """Return whether every value that passes the format rule ``rule`` on ``item`` is ASCII.
+
+    True when the rule applies a named check (all of them take ASCII digits and letters) or a
+    pattern that matches ASCII only (:func:`_ascii_only_pattern`).
+    """
+    if rule.pattern is not None or rule.check is not None:
+        patterns, check = [rule.pattern], rule.check
+    elif item.format is not None:
+        patterns, check = [item.format.pattern], item.format.check
+    else:
+        return False
+    return check is not None or any(pattern is not None and _ascii_only_pattern(pattern) for pattern in patterns)
+
+
+def _ascii_only_pattern(pattern: str) -> bool:
+    """Return whether every text that RE2 fully matches with ``pattern`` is ASCII (False when unsure).
+
+    Parses the pattern with Python's ``re`` parser, whose syntax RE2 shares for these constructs.
+    It accepts ASCII literals, character classes of ASCII characters, ranges and ``\\d``, ``\\w``,
+    ``\\s`` (ASCII only in RE2), anchors, groups, alternation and repetition, without case folding.
+    Anything else, such as ``.`` or a negated class, matches other characters too.
+    """
+    import re._constants as constants  # noqa: PLC0415
+    import re._parser as parser  # noqa: PLC0415
+
+    ascii_categories = {constants.CATEGORY_DIGIT, constants.CATEGORY_WORD, constants.CATEGORY_SPACE}
+
+    def ascii_items(items: Any) -> bool:
+        for op, value in items:
+            if op is constants.LITERAL:
+                if value > 127:
+                    return False
+            elif op is constants.IN:
+                for class_op, class_value in value:
+                    if class_op is constants.LITERAL and class_value <= 127:
+                        continue
+                    if class_op is constants.RANGE and class_value[1] <= 127:
+                        continue
+                    if class_op is constants.CATEGORY and class_value in ascii_categories:
+                        continue
+                    return False
+            elif op is constants.AT:
+                continue
+            elif op is constants.SUBPATTERN:
+                # Case folding lets an ASCII letter match a non-ASCII one in RE2 (k and the Kelvin sign).
+                if value[1] & constants.SRE_FLAG_IGNORECASE or not ascii_items(value[-1]):
+                    return False
+            elif op in (constants.MAX_REPEAT, constants.MIN_REPEAT, constants.POSSESSIVE_REPEAT):
+                if not ascii_items(value[-1]):
+                    return False
+            elif op is constants.BRANCH:
+                if not all(ascii_items(branch) for branch in value[1]):
+                    return False
+            else:
+                return False
+        return True
+
+    try:
+        parsed = parser.parse(pattern)
+    except (re.error, RecursionError, TypeError, ValueError):
+        return False
+    return not parsed.state.flags & constants.SRE_FLAG_IGNORECASE and ascii_items(parsed)
 
 
 def _part_sizes(lines: int, parts: int, skip_share: float) -> list[int]:

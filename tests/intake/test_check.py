@@ -108,6 +108,9 @@ CASES = [
     ("full_width_code", lambda data, loan: _with_field(data, 3, _field_index(loan, "BZ"), "ＣＮＹ".encode()), STAGED),
     ("full_width_semicolon_in_codes",
      lambda data, loan: _with_field(data, 3, _field_index(loan, "DBFS"), "02；03".encode()), STAGED),
+    # DKTXHY is guarded by its ASCII-only pattern, not by a type or code list
+    ("full_width_letter_in_pattern_field",
+     lambda data, loan: _with_field(data, 3, _field_index(loan, "DKTXHY"), "Ｃ".encode()), STAGED),
     ("ideographic_space_after_date",
      lambda data, loan: _with_field(data, 3, _field_index(loan, "DKFFRQ"), "20230115\u3000".encode()), STAGED),
     ("gbk_name", lambda data, loan: data.decode().encode("gb18030"), STAGED),

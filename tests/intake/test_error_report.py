@@ -76,6 +76,23 @@ def test_csv_report(tmp_path: Path, sample: Path) -> None:
     assert not list(tmp_path.glob(".*tmp"))
 
 
+def test_csv_writers_write_same_bytes(tmp_path: Path) -> None:
+    # DuckDB writes the rows without waivers and the csv module with them: both must give the same file
+    values = ["", "a,b", 'say "hi"', "line\nbreak", "cr\r", " lead", "=1+1", "-", "中文,“引号”", "\t"]
+    source = findings_file(
+        tmp_path / "findings.parquet",
+        [finding(None, value=None, message="", severity="warning")]
+        + [finding(number + 2, value=value, message=value or "x", explained=number % 2 == 0)
+           for number, value in enumerate(values)],
+    )
+    fast = write_csv_report(source, tmp_path / "fast.csv").read_bytes()
+    unused_waiver = Waiver("R-OTHER", None, "不适用")
+    python = write_csv_report(source, tmp_path / "python.csv", [unused_waiver]).read_bytes()
+    assert fast == python
+    assert read_csv(tmp_path / "fast.csv")[3][3] == "a,b"
+    assert not list(tmp_path.glob("*.rows"))
+
+
 def test_xlsx_report_is_text_and_escaped(tmp_path: Path, sample: Path) -> None:
     path = write_xlsx_report(sample, tmp_path / "report.xlsx")
     workbook = openpyxl.load_workbook(path)

@@ -25,6 +25,7 @@ from intake.validate import (
     FINDINGS_SCHEMA,
     ValidationContext,
     ValidationResult,
+    _ascii_only_pattern,
     _date_sql,
     _multi_codes_pattern,
     _part_sizes,
@@ -805,6 +806,25 @@ def test_multi_code_pattern_matches_split() -> None:
     assert _differing(values, f"regexp_full_match(x, '{escaped}')", split) == []
     assert _multi_codes_pattern(["01", "0;2"]) is None
     assert _multi_codes_pattern([]) is None
+
+
+def test_ascii_only_pattern() -> None:
+    ascii_only = ["^[A-T]([0-9]{2,4})?$", "[A-Z][0-9]{4}[A-Z][0-9]{9}", r"\d{3}|x", r"[\w-]+", "k"]
+    other = [".*", "[^0-9]+", "(?:x|中)", r"\D", "[a-zé]", r"\p{Han}", "(?i)k", "(?i:s)"]
+    assert [_ascii_only_pattern(pattern) for pattern in ascii_only] == [True] * len(ascii_only)
+    assert [_ascii_only_pattern(pattern) for pattern in other] == [False] * len(other)
+    # what RE2 matches: case folding reaches the Kelvin sign, and \d, \w are ASCII
+    con = duckdb.connect()
+    try:
+        texts = ["\u212a", "３", "Ｃ", "é", "٣", "\u017f"]
+        for pattern in ascii_only:
+            escaped = pattern.replace("'", "''")
+            for text in texts:
+                for value in (text, "C" + text, text * 3):
+                    assert not con.sql(f"SELECT regexp_full_match('{value}', '{escaped}')").fetchall()[0][0]
+        assert con.sql("SELECT regexp_full_match('\u212a', '(?i)k')").fetchall()[0][0]
+    finally:
+        con.close()
 
 
 def test_part_sizes_balance_skipping() -> None:
