@@ -205,8 +205,7 @@ class ValidationResult:
     step_seconds: Mapping[str, float] = field(default_factory=dict)
     """Wall-clock seconds of each step: connect (and scan, in place), then row_checks, unique_checks,
     reference_checks, aggregate_checks, reader_findings and field_counts, which run side by side so
-    their seconds overlap, and write. unique_checks and reference_checks add up the steps of their
-    rules, one per rule, which may also overlap."""
+    their seconds overlap, and write."""
     field_values: Mapping[str, int] = field(default_factory=dict)
     """Field code → rows whose value is non-empty, in template order. Empty means NULL, or blank
     after trimming for text fields: the reading of the not_null rule."""
@@ -1132,22 +1131,14 @@ class _Run:
         if parts:
             self.sql("INSERT INTO findings " + " UNION ALL ".join(parts))
 
-    def rule_steps(self, kind: type) -> list[Callable[[], None]]:
-        """Return one step per uniqueness or reference rule, each named after the step that runs them all."""
-        steps = []
+    def unique_checks(self) -> None:
         for number, rule in enumerate(self.template.effective_rules()):
-            if not isinstance(rule, kind):
+            if not isinstance(rule, UniqueRule):
                 continue
-            if isinstance(rule, UniqueRule):
-                check = self._history_unique if rule.scope == "history" else self._file_unique
-                name = "unique_checks"
+            if rule.scope == "history":
+                self._history_unique(rule, number)
             else:
-                check = self._reference
-                name = "reference_checks"
-            step = functools.partial(check, rule, number)
-            step.__name__ = name  # type: ignore[attr-defined]
-            steps.append(step)
-        return steps
+                self._file_unique(rule, number)
 
     def _key_description(self, codes: Sequence[str]) -> tuple[str, str]:
         """Chinese names of key fields and the SQL showing their values."""
@@ -1212,6 +1203,10 @@ class _Run:
         rows = f"(SELECT t.* FROM typed t SEMI JOIN {table} h ON {join} WHERE {present} AND {when})"
         self.sql("INSERT INTO findings " + self._insert(rows, rule, item, self.fields.shown(item.code), message))
 
+    def reference_checks(self) -> None:
+        for number, rule in enumerate(self.template.effective_rules()):
+            if isinstance(rule, ReferenceRule):
+                self._reference(rule, number)
 
     def _reference(self, rule: ReferenceRule, number: int) -> None:
         target_code = rule.target.template
@@ -1939,40 +1934,26 @@ def _execute(run: _Run, first_steps: Sequence[Callable[[], Any]], rows: Callable
     started = time.perf_counter()
     run.work_dir.mkdir(parents=True, exist_ok=True)
     step_seconds: dict[str, float] = {}
-    step_lock = threading.Lock()
 
     def timed(step: Callable[[], Any]) -> Any:
         step_started = time.perf_counter()
         result = step()
-        elapsed = time.perf_counter() - step_started
-        with step_lock:  # the steps of one name (one per rule) may end at the same time
-            step_seconds[step.__name__] = step_seconds.get(step.__name__, 0.0) + elapsed
+        step_seconds[step.__name__] = time.perf_counter() - step_started
         return result
 
     template, context = run.template, run.context
     # The steps after the first ones only read what those built and insert into ``findings``, so
     # they run side by side, each on its own cursor. Each is a few DuckDB queries with serial parts
     # (building a hash table, finishing an aggregate), which leave a core idle when run one by one.
-    # Each uniqueness and reference rule is a step of its own, so that the workers end at about the
-    # same time, and the joins over all rows start first.
-    later = (
-        *run.rule_steps(UniqueRule), *run.rule_steps(ReferenceRule), run.aggregate_checks, run.row_checks,
-        run.reader_findings, run.field_counts,
-    )
+    later = (run.row_checks, run.unique_checks, run.reference_checks, run.aggregate_checks, run.reader_findings,
+             run.field_counts)
     try:
         for step in first_steps:
             timed(step)
-        # The workers share the cores, so each query gets its share of DuckDB's threads: on 2 cores,
-        # one thread per query took about 0.15 CPU s less than two for the same steps (1,000,000 rows).
-        threads = int(run.fetch("SELECT current_setting('threads')")[0][0])
-        run.sql(f"SET threads = {max(1, threads // STEP_WORKERS)}")
-        try:
-            with ThreadPoolExecutor(max_workers=STEP_WORKERS, thread_name_prefix="validate-step") as pool:
-                futures = [pool.submit(timed, run.in_cursor(step)) for step in later]
-                wait(futures)
-                outcomes = [future.result() for future in futures]
-        finally:
-            run.sql(f"SET threads = {threads}")
+        with ThreadPoolExecutor(max_workers=STEP_WORKERS, thread_name_prefix="validate-step") as pool:
+            futures = [pool.submit(timed, run.in_cursor(step)) for step in later]
+            wait(futures)
+            outcomes = [future.result() for future in futures]
         field_values = outcomes[-1]
         path, counts, explained, rule_counts = timed(run.write)
     except duckdb.OutOfMemoryException as exc:
