@@ -33,6 +33,7 @@ names) appear masked in every finding and message.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import logging
 import re
@@ -427,9 +428,12 @@ class _FieldSql:
     """SQL expressions for the fields of one template over a relation with its raw text columns."""
 
     def __init__(self, template: Template, masked: frozenset[str] = frozenset(), *,
-                 plain_edges: bool = False, null_empty: bool = False, udf: bool = False) -> None:
+                 plain_edges: bool = False, null_empty: bool = False, udf: bool = False,
+                 known_dates: Mapping[str, date] | None = None) -> None:
         self.template = template
         self.masked = masked
+        self.known_dates = dict(known_dates or {})
+        """Field code → the date that nearly every row holds (the period end): parsed once, not per row."""
         self.plain_edges = plain_edges or null_empty
         """No value starts with whitespace: a text value is blank only when it is empty."""
         self.null_empty = null_empty
@@ -494,7 +498,11 @@ class _FieldSql:
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, 0)) END"
         if item.type == "decimal":
             return f"CASE WHEN {ok} THEN CAST({raw} AS DECIMAL(38, {item.scale or 0})) END"
-        return f"CAST({_date_sql(raw)} AS DATE)"
+        typed = f"CAST({_date_sql(raw)} AS DATE)"
+        known = self.known_dates.get(code)
+        if known is None:
+            return typed
+        return f"CASE WHEN {raw} = {_lit(_period_text(known))} THEN {_date_literal(_period_text(known))} ELSE {typed} END"
 
     def typed_select(self, source: str, codes: Iterable[str] | None = None) -> str:
         """``SELECT *, typed values FROM source``; the optimizer drops the typed values a query does not use."""
@@ -1575,13 +1583,32 @@ class _TextRun(_Run):
         self.checks = _row_checks(template, self.fields, context, self.skipped)
         # The scan reads the file itself, where an empty field is NULL, but the tables after it hold ''.
         # So the scan's checks test for NULL (the same rows fail), and the steps after it use self.checks.
+        period = template.period_field
         scan_fields = _FieldSql(template, masked_fields(template), plain_edges=direct.plain_edges,
-                                null_empty=direct.plain_edges, udf=True)
+                                null_empty=direct.plain_edges, udf=True,
+                                known_dates={period.code: context.period_end} if period else None)
         self.scan_fields = scan_fields
-        self.scan_checks = _row_checks(template, scan_fields, context, [])
+        self.scan_checks = [self._with_known_values(check) for check in _row_checks(template, scan_fields, context, [])]
         self.codes = [item.code for item in template.fields]
         self.normalised = [code for code in self.codes if code in template.file_layout().normalised]
         self.rows = 0
+
+    def _with_known_values(self, check: _RowCheck) -> _RowCheck:
+        """Return ``check`` with its format test decided once for the institution's own identifiers.
+
+        Nearly every row of the institution field holds one of them. For such a row the test
+        becomes the same test on a literal, which DuckDB's optimizer folds to a constant, so the
+        pattern runs only on the other rows.
+        """
+        institution = self.template.institution_field
+        identifiers = sorted(self.context.institution_identifiers)
+        if institution is None or check.field.code != institution.code or check.rule.kind != "format" or not identifiers:
+            return check
+        column = _q(institution.code)
+        branches = " ".join(
+            f"WHEN {column} = {_lit(value)} THEN {check.fail.replace(column, _lit(value))}" for value in identifiers
+        )
+        return dataclasses.replace(check, fail=f"(CASE {branches} ELSE {check.fail} END)")
 
     def carried_codes(self) -> list[str]:
         """Return the fields that the steps after the scan read, in template order."""

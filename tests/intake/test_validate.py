@@ -489,6 +489,17 @@ def test_other_institution_row(tmp_path: Path, loan: Template, catalog: Template
     assert "其他机构" in rows[0]["message"]
 
 
+def test_own_identifier_in_wrong_format(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    # the scan decides the format of the own identifiers once; a malformed one still fails on every row
+    malformed = "b0001h111000001"
+    loans = [loan_row(1, JRXKZH=malformed), loan_row(2, JRXKZH=malformed), loan_row(3, JRXKZH=LICENSE)]
+    batch = batch_for(tmp_path, catalog, loans)
+    result = run(tmp_path, loan, loans, context(batch, institution_identifiers=frozenset({malformed, LICENSE})), catalog)
+    rows = [row for row in findings(result) if row["field_code"] == "JRXKZH" and row["rule_kind"] == "format"]
+    assert [row["line"] for row in rows] == [2, 3]
+    assert by_rule(result, "AUTO-INSTITUTION-JRXKZH") == []
+
+
 def test_explained_warning(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
     loans = [loan_row(1, SJLL="26.5"), loan_row(2, SJLL="25", BEIZ="经总行批准的特殊定价")]
     batch = batch_for(tmp_path, catalog, loans)
