@@ -719,6 +719,11 @@ def _profile_lines(best: dict) -> list[str]:
         "fails get a part in the statement that writes the findings: 0.08 s against 0.28 s for that step.",
         "  - The typed values of the measure and condition fields that the later steps read (借据余额, dates) "
         "are kept from the scan instead of being parsed again.",
+        "  - The format of the institution field (金融许可证号) is decided once for the institution's own "
+        "identifiers, and the date of the period field (采集日期) once for the period end, which nearly every "
+        "row contains: together about 0.12 CPU s and 0.06 s of the scan.",
+        "  - The CSV report's rows are written by DuckDB instead of pyarrow and the csv module, with the same "
+        "bytes: 0.07 s instead of 0.13 s for the report.",
         "",
         "Approaches measured in such probes and not adopted:",
         "",

@@ -433,7 +433,7 @@ class _FieldSql:
         self.template = template
         self.masked = masked
         self.known_dates = dict(known_dates or {})
-        """Field code → the date that nearly every row holds (the period end): parsed once, not per row."""
+        """Field code → the date that nearly every row contains (the period end): parsed once, not per row."""
         self.plain_edges = plain_edges or null_empty
         """No value starts with whitespace: a text value is blank only when it is empty."""
         self.null_empty = null_empty
@@ -1596,7 +1596,7 @@ class _TextRun(_Run):
     def _with_known_values(self, check: _RowCheck) -> _RowCheck:
         """Return ``check`` with its format test decided once for the institution's own identifiers.
 
-        Nearly every row of the institution field holds one of them. For such a row the test
+        In nearly every row the institution field contains one of them. For such a row the test
         becomes the same test on a literal, which DuckDB's optimizer folds to a constant, so the
         pattern runs only on the other rows.
         """
