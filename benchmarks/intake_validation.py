@@ -720,8 +720,8 @@ def _profile_lines(best: dict) -> list[str]:
         "  - The typed values of the measure and condition fields that the later steps read (借据余额, dates) "
         "are kept from the scan instead of being parsed again.",
         "  - The format of the institution field (金融许可证号) is decided once for the institution's own "
-        "identifiers, and the date of the period field (采集日期) once for the period end, which nearly every "
-        "row contains: together about 0.12 CPU s and 0.06 s of the scan.",
+        "identifiers. The date of the period field (采集日期) is parsed once for the period end. Nearly every "
+        "row contains these values, which saves about 0.12 CPU s and 0.06 s of the scan.",
         "  - The CSV report's rows are written by DuckDB instead of pyarrow and the csv module, with the same "
         "bytes: 0.07 s instead of 0.13 s for the report.",
         "",

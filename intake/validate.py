@@ -284,8 +284,8 @@ def _multi_codes_pattern(codes: Iterable[str]) -> str | None:
     codes = list(codes)
     if not codes or any(MULTI_VALUE_SEPARATOR in value for value in codes):
         return None
-    one = "(?:" + "|".join(_re2_literal(value) for value in codes) + ")"
-    return f"{one}(?:{_re2_literal(MULTI_VALUE_SEPARATOR)}{one})*"
+    any_code = "(?:" + "|".join(_re2_literal(value) for value in codes) + ")"
+    return f"{any_code}(?:{_re2_literal(MULTI_VALUE_SEPARATOR)}{any_code})*"
 
 
 def _date_sql(expr: str) -> str:

@@ -785,8 +785,8 @@ def _differing(values: list[str], fast: str, exact: str) -> list[tuple[str, bool
 
 
 def test_date_sql_matches_digit_pattern() -> None:
-    # try_strptime accepts some texts other than 8 digits ("2026113 "); none of them passes the byte
-    # length test unless whitespace is at an edge, which parsing and the byte screen rule out.
+    # try_strptime accepts some texts other than 8 digits, such as "2026113 ". Each of them has
+    # whitespace at an edge, which parsing and the byte screen rule out.
     others = [" ", "\t", "+", "-", ".", ",", ":", "/", "T", "e", "_", "\u00a0", "é", "１", "\u3000"]
     values = set()
     for base in ("20261130", "20240229", "20230229", "00000101", "99999999"):
