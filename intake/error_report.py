@@ -26,6 +26,7 @@ import pyarrow.parquet as pq
 from openpyxl import Workbook
 from openpyxl.cell.cell import ILLEGAL_CHARACTERS_RE
 
+from intake.reader import _sql_text
 from regsandbox_core.cells import escape_cell
 from regsandbox_core.files import atomic_path
 
@@ -177,9 +178,6 @@ def _write_csv_rows_duckdb(findings_path: Path, path: Path) -> None:
         con.close()
         body.unlink(missing_ok=True)
 
-
-def _sql_text(text: str) -> str:
-    return "'" + text.replace("'", "''") + "'"
 
 
 def _xlsx_text(value: str) -> str:

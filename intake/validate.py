@@ -1126,7 +1126,7 @@ class _Run:
 
     def insert_flagged_findings(self, checks: Sequence[_RowCheck], relation: str, flag: Callable[[int], str],
                                 indexes: Iterable[int] | None = None) -> None:
-        """Insert the findings of the checks (those at ``indexes``) from the rows of ``relation`` where ``flag(index)`` holds."""
+        """Insert the findings of the checks (those at ``indexes``) from the rows of ``relation`` where ``flag(index)`` is true."""
         parts = []
         for index in range(len(checks)) if indexes is None else indexes:
             check = checks[index]
@@ -1532,7 +1532,7 @@ class _DirectTextRejected(Exception):
 
 
 _MASK_BITS = 62
-"""Fields per BIGINT column of the direct scan's non-empty flags."""
+"""Flags per BIGINT column of the direct scan's bit columns (non-empty fields, failed checks)."""
 _UNIT_SEPARATOR = "chr(31)"
 """Separator of the raw fields of a failing row in the direct scan. The byte screen of
 :func:`intake.reader.direct_text` rules out every control character but LF and CR, so no value contains it."""
@@ -1545,6 +1545,23 @@ A part reads and discards the lines before its first one (``read_csv``'s ``skip`
 1,000,000-line file of benchmarks/intake_validation.py, one thread of DuckDB 2.0 skipped a line
 in 0.24 µs, and the scan took about 3 CPU µs per line with the 借据表 template's checks. A template
 with fewer checks makes the share larger, so an estimate a little above 0.08 is used."""
+
+
+def _bit_words(prefix: str, conditions: Sequence[str]) -> list[tuple[str, str]]:
+    """Return (column name, SQL) pairs that pack the boolean ``conditions`` into BIGINT bits, ``_MASK_BITS`` per column."""
+    words = []
+    for start in range(0, len(conditions), _MASK_BITS):
+        sums = " + ".join(
+            f"(CAST({condition} AS BIGINT) << {bit})"
+            for bit, condition in enumerate(conditions[start : start + _MASK_BITS])
+        )
+        words.append((f"{prefix}_{start // _MASK_BITS}", sums))
+    return words
+
+
+def _bit_sql(prefix: str, index: int) -> str:
+    """Return SQL for bit ``index`` (0 or 1) of the columns that :func:`_bit_words` named after ``prefix``."""
+    return f"(({_q(f'{prefix}_{index // _MASK_BITS}')} >> {index % _MASK_BITS}) & 1)"
 
 
 def _field_codes_in(value: Any, codes: frozenset[str], found: set[str]) -> None:
@@ -1683,24 +1700,17 @@ class _TextRun(_Run):
         pre_typed = {code for code in carried if self.template.field(code).type in ("integer", "decimal", "date")}
         fail = " OR ".join(check.fail for check in self.scan_checks) or "false"
 
-        masks = []
-        flagged = self.flagged_codes()
-        for start in range(0, len(flagged), _MASK_BITS):
-            terms = " + ".join(
-                f"(CAST({self.scan_present(code)} AS BIGINT) << {bit})"
-                for bit, code in enumerate(flagged[start : start + _MASK_BITS])
-            )
-            masks.append(f"{terms} AS {_q(f'__present_{start // _MASK_BITS}')}")
+        masks = [
+            f"{sums} AS {_q(name)}"
+            for name, sums in _bit_words("__present", [self.scan_present(code) for code in self.flagged_codes()])
+        ]
         raw = f"concat_ws({_UNIT_SEPARATOR}, " + ", ".join(f"coalesce({_q(code)}, '')" for code in self.codes) + ")"
         # Which checks a failing row fails, as bits: evaluated again for those rows only (CASE), so
         # that the messages need not evaluate all the checks over table ``bad`` a second time.
-        failed = []
-        for start in range(0, len(self.scan_checks), _MASK_BITS):
-            terms = " + ".join(
-                f"(CAST({check.fail} AS BIGINT) << {bit})"
-                for bit, check in enumerate(self.scan_checks[start : start + _MASK_BITS])
-            )
-            failed.append(f"CASE WHEN __bad THEN {terms} END AS {_q(f'__failed_{start // _MASK_BITS}')}")
+        failed = [
+            f"CASE WHEN __bad THEN {sums} END AS {_q(name)}"
+            for name, sums in _bit_words("__failed", [check.fail for check in self.scan_checks])
+        ]
         wide = " OR ".join(f"strlen({_q(code)}) <> length({_q(code)})" for code in self.unguarded_codes()) or "false"
 
         columns = [
@@ -1731,7 +1741,7 @@ class _TextRun(_Run):
             raise _DirectTextRejected(f"{wide_rows} rows contain other than ASCII in a normalised field")
 
         split = ", ".join(f"coalesce(__parts[{index + 1}], '') AS {_q(code)}" for index, code in enumerate(self.codes))
-        failed = ", ".join(_q(f"__failed_{index}") for index in range(-(-len(self.scan_checks) // _MASK_BITS)))
+        failed = ", ".join(_q(name) for name, _sums in _bit_words("__failed", [check.fail for check in self.scan_checks]))
         self.sql(
             f"CREATE TABLE bad AS SELECT {_q(LINE_COLUMN)}, {split}{', ' + failed if failed else ''} FROM "
             f"(SELECT {_q(LINE_COLUMN)}, string_split(__raw, {_UNIT_SEPARATOR}) AS __parts"
@@ -1751,9 +1761,8 @@ class _TextRun(_Run):
         # The typed values once for the few failing rows; the scan's bits record which checks each fails.
         # Only the checks that some row fails get a part in the statement. With a part for every check
         # of the benchmark's template, DuckDB took about as long to plan the statement as to run it.
-        words = -(-len(self.checks) // _MASK_BITS)
-        ors = ", ".join(f"bit_or({_q(f'__failed_{word}')})" for word in range(words))
-        seen = self.fetch(f"SELECT {ors} FROM bad")[0]
+        words = [name for name, _sums in _bit_words("__failed", [check.fail for check in self.checks])]
+        seen = self.fetch(f"SELECT {', '.join(f'bit_or({_q(name)})' for name in words)} FROM bad")[0]
         failing = [index for index in range(len(self.checks)) if (seen[index // _MASK_BITS] or 0) >> (index % _MASK_BITS) & 1]
         if not failing:
             return
@@ -1763,7 +1772,7 @@ class _TextRun(_Run):
         self.insert_flagged_findings(
             self.checks,
             "bad_typed",
-            lambda index: f"(({_q(f'__failed_{index // _MASK_BITS}')} >> {index % _MASK_BITS}) & 1) = 1",
+            lambda index: f"{_bit_sql('__failed', index)} = 1",
             failing,
         )
 
@@ -1787,7 +1796,7 @@ class _TextRun(_Run):
         flagged = self.flagged_codes()
         counted = {code: index for index, code in enumerate(flagged)}
         sums = [
-            f"sum(({_q(f'__present_{index // _MASK_BITS}')} >> {index % _MASK_BITS}) & 1)" for index in range(len(flagged))
+            f"sum({_bit_sql('__present', index)})" for index in range(len(flagged))
         ]
         values: dict[str, int] = {}
         if flagged:
