@@ -1586,10 +1586,10 @@ class _TextRun(_Run):
 
     One scan parses the file in parts, each numbered by ``WITH ORDINALITY`` from its first line,
     so the parts run on separate threads. It evaluates every row check and writes the table
-    ``scan``. For each row, that table has the line, the fields that the later steps read (keys,
-    references, measures, conditions, the remark) and flags of the non-empty fields. For a row
-    that fails a check, it also has the raw text of every field. The later steps read ``scan``
-    instead of parsing the file again.
+    ``scan``. For each row, that table has the line, the text of the keys that the later steps
+    join on, the typed values of the measures and conditions they read, and flags of the
+    non-empty fields. For a row that fails a check, it also has the raw text of every field. The
+    later steps read ``scan`` (through the view ``typed``) instead of parsing the file again.
     """
 
     def __init__(self, direct: DirectText, template: Template, context: ValidationContext, work_dir: Path,
@@ -1627,17 +1627,44 @@ class _TextRun(_Run):
         )
         return dataclasses.replace(check, fail=f"(CASE {branches} ELSE {check.fail} END)")
 
-    def carried_codes(self) -> list[str]:
-        """Return the fields that the steps after the scan read, in template order."""
+    def _later_codes(self) -> tuple[set[str], set[str]]:
+        """Return the fields that the rules of the steps after the scan name, and those of them that are keys.
+
+        Keys (the fields of uniqueness and reference rules) are joined on and shown in messages.
+        The other fields are read as typed values or tested for being empty: measures and conditions.
+        """
         field_codes = frozenset(self.codes)
-        found: set[str] = set()
+        named: set[str] = set()
+        keys: set[str] = set()
         for rule in self.template.effective_rules():
             if isinstance(rule, (UniqueRule, ReferenceRule, ReconcileRule, FluctuationRule)):
-                _field_codes_in(rule, field_codes, found)
-        for item in (self.template.remark_field, self.template.period_field, self.template.institution_field):
-            if item is not None:
-                found.add(item.code)
-        return [code for code in self.codes if code in found]
+                _field_codes_in(rule, field_codes, named)
+            if isinstance(rule, (UniqueRule, ReferenceRule)):
+                keys.update(rule.fields)
+        return named, keys
+
+    def presence_codes(self) -> list[str]:
+        """Return the fields that the steps after the scan only test for being empty or read as typed values.
+
+        These are the number and date fields that the later rules name other than as keys, and
+        the remark field, whose filling decides whether a warning is explained. The scan keeps
+        their non-empty flags (and the typed values, :meth:`scan`) instead of their text: storing
+        three such texts cost the scan about 0.4 CPU seconds on 1,000,000 rows.
+        """
+        named, keys = self._later_codes()
+        remark = self.template.remark_field
+        wanted = {
+            code for code in named - keys if self.template.field(code).type in ("integer", "decimal", "date")
+        }
+        if remark is not None and remark.code not in named:
+            wanted.add(remark.code)
+        return [code for code in self.codes if code in wanted]
+
+    def carried_codes(self) -> list[str]:
+        """Return the fields whose text the steps after the scan read, in template order."""
+        named, _keys = self._later_codes()
+        presence = set(self.presence_codes())
+        return [code for code in self.codes if code in named and code not in presence]
 
     def unguarded_codes(self) -> list[str]:
         """Return the normalised fields where a character other than ASCII may pass every row check.
@@ -1697,7 +1724,11 @@ class _TextRun(_Run):
 
     def scan(self) -> None:
         carried = self.carried_codes()
-        pre_typed = {code for code in carried if self.template.field(code).type in ("integer", "decimal", "date")}
+        presence = self.presence_codes()
+        pre_typed = [
+            code for code in self.codes
+            if code in {*carried, *presence} and self.template.field(code).type in ("integer", "decimal", "date")
+        ]
         fail = " OR ".join(check.fail for check in self.scan_checks) or "false"
 
         masks = [
@@ -1705,22 +1736,15 @@ class _TextRun(_Run):
             for name, sums in _bit_words("__present", [self.scan_present(code) for code in self.flagged_codes()])
         ]
         raw = f"concat_ws({_UNIT_SEPARATOR}, " + ", ".join(f"coalesce({_q(code)}, '')" for code in self.codes) + ")"
-        # Which checks a failing row fails, as bits: evaluated again for those rows only (CASE), so
-        # that the messages need not evaluate all the checks over table ``bad`` a second time.
-        failed = [
-            f"CASE WHEN __bad THEN {sums} END AS {_q(name)}"
-            for name, sums in _bit_words("__failed", [check.fail for check in self.scan_checks])
-        ]
         wide = " OR ".join(f"strlen({_q(code)}) <> length({_q(code)})" for code in self.unguarded_codes()) or "false"
 
         columns = [
             _q(LINE_COLUMN),
             *(f"coalesce({_q(code)}, '') AS {_q(code)}" for code in carried),
             # The scan computed their typed values for its checks; keeping them spares the later steps a second parse.
-            *(self.fields.typed(code) for code in carried if code in pre_typed),
+            *(self.fields.typed(code) for code in pre_typed),
             *masks,
             f"CASE WHEN __bad THEN {raw} END AS __raw",
-            *failed,
             "__bad",
             f"coalesce({wide}, false) AS __wide",
         ]
@@ -1741,34 +1765,44 @@ class _TextRun(_Run):
             raise _DirectTextRejected(f"{wide_rows} rows contain other than ASCII in a normalised field")
 
         split = ", ".join(f"coalesce(__parts[{index + 1}], '') AS {_q(code)}" for index, code in enumerate(self.codes))
-        failed = ", ".join(_q(name) for name, _sums in _bit_words("__failed", [check.fail for check in self.scan_checks]))
         self.sql(
-            f"CREATE TABLE bad AS SELECT {_q(LINE_COLUMN)}, {split}{', ' + failed if failed else ''} FROM "
-            f"(SELECT {_q(LINE_COLUMN)}, string_split(__raw, {_UNIT_SEPARATOR}) AS __parts"
-            f"{', ' + failed if failed else ''} FROM scan WHERE __bad)"
+            f"CREATE TABLE bad AS SELECT {_q(LINE_COLUMN)}, {split} FROM "
+            f"(SELECT {_q(LINE_COLUMN)}, string_split(__raw, {_UNIT_SEPARATOR}) AS __parts FROM scan WHERE __bad)"
         )
         if self.normalised:
             other = " OR ".join(f"strlen({_q(code)}) <> length({_q(code)})" for code in self.normalised)
             found = self.fetch(f"SELECT count(*) FROM bad WHERE {other}")[0][0]
             if found:
                 raise _DirectTextRejected(f"{found} failing rows contain other than ASCII in a normalised field")
-        self.sql(f"CREATE VIEW typed AS {self.fields.typed_select('scan', [c for c in carried if c not in pre_typed])}")
+        # A field of presence_codes() has no text in ``scan``: the view gives it '1' when it is non-empty and ''
+        # when it is empty, which is all that the steps after the scan read of it.
+        flagged = self.flagged_codes()
+        stand_ins = ", ".join(
+            f"CASE WHEN {_bit_sql('__present', flagged.index(code))} = 1 THEN '1' ELSE '' END AS {_q(code)}"
+            for code in presence
+        )
+        source = f"(SELECT *, {stand_ins} FROM scan)" if stand_ins else "scan"
+        self.sql(
+            f"CREATE VIEW typed AS {self.fields.typed_select(source, [c for c in carried if c not in pre_typed])}"
+        )
         self.rows = int(rows)
 
     def row_checks(self) -> None:
         if not self.checks:
             return
-        # The typed values once for the few failing rows; the scan's bits record which checks each fails.
-        # Only the checks that some row fails get a part in the statement. With a part for every check
-        # of the benchmark's template, DuckDB took about as long to plan the statement as to run it.
-        words = [name for name, _sums in _bit_words("__failed", [check.fail for check in self.checks])]
-        seen = self.fetch(f"SELECT {', '.join(f'bit_or({_q(name)})' for name in words)} FROM bad")[0]
+        # The scan kept the failing rows without saying which checks they fail: evaluating the checks
+        # again for these few rows costs less than storing bits for them in the scan (0.07 s against
+        # about 0.6 CPU s on 1,000,000 rows; DuckDB's CASE over the rare failing rows still paid
+        # for every chunk). The bits and the typed values are stored once for the messages.
+        words = _bit_words("__failed", [check.fail for check in self.checks])
+        bits = ", ".join(f"{sums} AS {_q(name)}" for name, sums in words)
+        self.sql(f"CREATE TABLE bad_typed AS SELECT *, {bits} FROM ({self.fields.typed_select('bad')})")
+        seen = self.fetch(f"SELECT {', '.join(f'bit_or({_q(name)})' for name, _sums in words)} FROM bad_typed")[0]
         failing = [index for index in range(len(self.checks)) if (seen[index // _MASK_BITS] or 0) >> (index % _MASK_BITS) & 1]
         if not failing:
             return
-        texts = [self.checks[index].message + self.checks[index].value for index in failing]
-        typed = [code for code in self.codes if any(self.fields.typed(code) in text for text in texts)]
-        self.sql(f"CREATE TABLE bad_typed AS {self.fields.typed_select('bad', typed)}")
+        # Only the checks that some row fails get a part in the statement. With a part for every check
+        # of the benchmark's template, DuckDB took about as long to plan the statement as to run it.
         self.insert_flagged_findings(
             self.checks,
             "bad_typed",
@@ -1785,11 +1819,12 @@ class _TextRun(_Run):
         An unconditional not_null check fails every row where its field is empty, so such a
         row is in table ``bad`` with its text, and :meth:`field_counts` counts the empty values
         there. Flags for the other fields cost the scan about 0.01 CPU seconds per field and 1,000,000 rows.
+        The fields of :meth:`presence_codes` are flagged even when required: the flag replaces their text.
         """
         required = {
             check.field.code for check in self.checks
             if check.rule.kind == "not_null" and getattr(check.rule, "when", None) is None
-        }
+        } - set(self.presence_codes())
         return [code for code in self.codes if code not in required]
 
     def field_counts(self) -> dict[str, int]:
