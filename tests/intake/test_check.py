@@ -21,7 +21,9 @@ from intake.reader import IntakeFileError, _ByteScreen, direct_text, read_receiv
 from intake.template_model import Template, TemplateCatalog
 from intake.validate import validate_staged
 from regsandbox_core.crypto import sm3_file
-from tests.intake.test_validate import batch_for, comparable, context, loan_row, write_text
+from tests.intake.test_validate import (
+    PREVIOUS_PERIOD, batch_for, comparable, context, loan_row, warehouse_file, write_text,
+)
 
 IN_PLACE, STAGED = "in place", "staging file"
 
@@ -142,6 +144,18 @@ def test_bad_input_same_error(tmp_path: Path, loan: Template, catalog: TemplateC
         assert path_taken is None
 
 
+def _in_place_as_staged(tmp_path: Path, source: Path, loan: Template, ctx: Any, catalog: TemplateCatalog) -> Any:
+    """Validate ``source`` in place and through its staging file; assert the in-place path and equal results."""
+    checked = check_file(read_received(source), source.name, loan, ctx, tmp_path / "checked", catalog=catalog)
+    assert checked.staging_path is None
+    folder = tmp_path / "staged"
+    folder.mkdir()
+    result = validate_staged(stage_file(source, source.name, loan.file_layout(), folder), loan, ctx,
+                             tmp_path / "validated", catalog=catalog)
+    assert comparable(checked.result) == comparable(result)
+    return result
+
+
 def test_parts_number_lines_in_file_order(tmp_path: Path, loan: Template, catalog: TemplateCatalog,
                                           monkeypatch: pytest.MonkeyPatch) -> None:
     """Several parts, each numbered from its first line, give every finding its own line."""
@@ -151,15 +165,36 @@ def test_parts_number_lines_in_file_order(tmp_path: Path, loan: Template, catalo
     source = tmp_path / "loans.txt"
     source.write_bytes(data)
     ctx = context(batch_for(tmp_path, catalog, rows), threads=3)
-    checked = check_file(read_received(source), "loans.txt", loan, ctx, tmp_path / "checked", catalog=catalog)
-    assert checked.staging_path is None
-    folder = tmp_path / "staged"
-    folder.mkdir()
-    result = validate_staged(stage_file(source, "loans.txt", loan.file_layout(), folder), loan, ctx,
-                             tmp_path / "validated", catalog=catalog)
-    assert comparable(checked.result) == comparable(result)
+    result = _in_place_as_staged(tmp_path, source, loan, ctx, catalog)
     bad_lines = sorted(row["line"] for row in comparable(result)["findings"] if row["rule_id"] == "R-JJ-005")
     assert bad_lines == [number + 1 for number in range(5, 61, 5)]
+
+
+def test_later_rules_over_flagged_fields(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
+    """The in-place scan keeps flags, not text, of 借据余额, 贷款发放日期 and 备注; the later rules still agree.
+
+    The history rule's warning is explained by a filled remark, and the aggregates count an
+    invalid and an empty balance, as over the staging file.
+    """
+    rows = [
+        loan_row(1, DKFFRQ="20240105", BEIZ="借据展期后沿用原借据号"),
+        loan_row(2, DKFFRQ="20240106"),
+        loan_row(3, JJYE="12x.00"),
+        loan_row(4, JJYE=""),
+        loan_row(5),
+    ]
+    source = tmp_path / "loans.txt"
+    source.write_bytes(_text(loan, tmp_path, rows))
+    earlier = [loan_row(1), loan_row(2)]
+    warehouse = {"EAST_DGXDYWJJB": [warehouse_file(tmp_path / "earlier.parquet", loan, earlier, PREVIOUS_PERIOD)]}
+    ctx = context(batch_for(tmp_path, catalog, rows), warehouse)
+    result = _in_place_as_staged(tmp_path, source, loan, ctx, catalog)
+    history = [row for row in comparable(result)["findings"] if row["rule_id"] == "R-JJ-004"]
+    assert [(row["line"], row["explained"]) for row in history] == [(2, True), (3, False)]
+    skipped = {rule.rule_id: rule.reason for rule in result.skipped_rules}
+    assert "有 1 行" in skipped["R-JJ-020"]
+    assert result.field_values["JJYE"] == 4
+    assert result.field_values["BEIZ"] == 1
 
 
 def test_direct_text_screens(tmp_path: Path, loan: Template) -> None:
