@@ -713,7 +713,7 @@ def _profile_lines(best: dict) -> list[str]:
         "the regular expression and the check digit one after another.",
         "  - Counting `length()` only for a text longer than its limit in bytes.",
         "  - Non-empty flags only for fields that may be empty, and for the fields whose text the scan does not "
-        "keep (next but one): an empty field with an unconditional not_null rule makes its row fail, so such "
+        "keep (see below). An empty field with an unconditional not_null rule makes its row fail, so such "
         "fields are counted in the failing rows.",
         "  - Which checks a failing row fails is evaluated after the scan, over the failing rows only, and "
         "stored as bits: 0.07 s for 16,796 rows. Storing the bits in the scan instead, under `CASE WHEN` the "
