@@ -179,7 +179,6 @@ def _write_csv_rows_duckdb(findings_path: Path, path: Path) -> None:
         body.unlink(missing_ok=True)
 
 
-
 def _xlsx_text(value: str) -> str:
     """Replace the control characters that XML, and so XLSX, cannot store (the text is already escaped)."""
     return ILLEGAL_CHARACTERS_RE.sub("\ufffd", value)

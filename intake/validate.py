@@ -1775,8 +1775,10 @@ class _TextRun(_Run):
             found = self.fetch(f"SELECT count(*) FROM bad WHERE {other}")[0][0]
             if found:
                 raise _DirectTextRejected(f"{found} failing rows contain other than ASCII in a normalised field")
-        # A field of presence_codes() has no text in ``scan``: the view gives it '1' when it is non-empty and ''
+        # A field of presence_codes() has no text in ``scan``. The view gives it '1' when it is non-empty and ''
         # when it is empty, which is all that the steps after the scan read of it.
+        # NOTE: a later step that showed such a field's value would show '1'.
+        # Such a field belongs in the keys of _later_codes().
         flagged = self.flagged_codes()
         stand_ins = ", ".join(
             f"CASE WHEN {_bit_sql('__present', flagged.index(code))} = 1 THEN '1' ELSE '' END AS {_q(code)}"

@@ -144,8 +144,12 @@ def test_bad_input_same_error(tmp_path: Path, loan: Template, catalog: TemplateC
         assert path_taken is None
 
 
-def _in_place_as_staged(tmp_path: Path, source: Path, loan: Template, ctx: Any, catalog: TemplateCatalog) -> Any:
-    """Validate ``source`` in place and through its staging file; assert the in-place path and equal results."""
+def _in_place_as_staged(tmp_path: Path, source: Path, loan: Template, ctx: validate.ValidationContext,
+                        catalog: TemplateCatalog) -> validate.ValidationResult:
+    """Validate ``source`` in place and through its staging file, and return the staging file's result.
+
+    Asserts that ``check_file`` took the in-place path and that both results are equal.
+    """
     checked = check_file(read_received(source), source.name, loan, ctx, tmp_path / "checked", catalog=catalog)
     assert checked.staging_path is None
     folder = tmp_path / "staged"
@@ -171,7 +175,7 @@ def test_parts_number_lines_in_file_order(tmp_path: Path, loan: Template, catalo
 
 
 def test_later_rules_over_flagged_fields(tmp_path: Path, loan: Template, catalog: TemplateCatalog) -> None:
-    """The in-place scan keeps flags, not text, of 借据余额, 贷款发放日期 and 备注; the later rules still agree.
+    """Check the later rules over 借据余额, 贷款发放日期 and 备注, which the in-place scan keeps as flags.
 
     The history rule's warning is explained by a filled remark, and the aggregates count an
     invalid and an empty balance, as over the staging file.
